@@ -1,0 +1,14 @@
+//! Domain types shared by every Tern service.
+//!
+//! These are the platform's own types; protobuf messages (tern-proto) and REST bodies are
+//! converted to and from them at the edges, so business code never depends on a wire format.
+
+mod error;
+mod model;
+mod payload;
+mod time;
+
+pub use error::{ErrorCode, ValidationError};
+pub use model::{Device, DeviceId, NewDevice, Tenant, TenantId, validate_labels, validate_name};
+pub use payload::{DecodedTelemetry, decode_telemetry};
+pub use time::now_ms;

@@ -1,0 +1,95 @@
+//! The event log: the durable, replayable stream between the bridge and everything downstream.
+//!
+//! Producers append batches and get an answer only once the batch is durable; consumers read as a
+//! named group from the group's committed offsets, so a restarted consumer resumes where it left
+//! off (at-least-once; consumers write idempotently by message id). Records with the same key go
+//! to the same partition and keep their order, like Kafka.
+//!
+//! Implementations: [`EmbeddedLog`] (fjall on local disk, for `tern up`). Every implementation must
+//! pass the [`conformance`] suite.
+
+pub mod conformance;
+mod embedded;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use thiserror::Error;
+
+pub use embedded::{EmbeddedLog, EmbeddedLogConfig};
+
+/// One record to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The stream, e.g. `telemetry`. Topic names are 1..=64 characters of `[a-z0-9._-]`.
+    pub topic: String,
+    /// Decides the partition: records with equal keys keep their relative order.
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+/// Where a record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Position {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// A record read by a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    pub topic: String,
+    pub position: Position,
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+#[derive(Debug, Error)]
+pub enum LogError {
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("event log storage failed: {0}")]
+    Storage(String),
+    #[error("event log is closed")]
+    Closed,
+}
+
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends a batch and returns each record's position once all of them are durable.
+    async fn append(&self, records: Vec<Record>) -> Result<Vec<Position>, LogError>;
+
+    /// A consumer for `group` on `topic`, starting at the group's committed offsets.
+    async fn consumer(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError>;
+}
+
+#[async_trait]
+pub trait Consumer: Send {
+    /// Up to `max` records after this consumer's cursor, waiting up to `wait` when none are ready.
+    /// Returns an empty batch when nothing arrived in time.
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<Consumed>, LogError>;
+
+    /// Marks `positions` (and everything before them in their partitions) as done for the group.
+    async fn commit(&mut self, positions: &[Position]) -> Result<(), LogError>;
+
+    /// Records appended but not yet committed by this group, summed over partitions.
+    async fn lag(&self) -> Result<u64, LogError>;
+}
+
+/// Validates a topic or group name so that it can be embedded in storage keys unambiguously.
+pub(crate) fn validate_name(field: &'static str, name: &str) -> Result<(), LogError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(LogError::Invalid {
+            field,
+            reason: format!("{name:?} must be 1..=64 characters of [a-z0-9._-]"),
+        })
+    }
+}

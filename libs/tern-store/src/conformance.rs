@@ -1,0 +1,241 @@
+//! The conformance suite every [`Store`] implementation must pass. Each check takes an `open`
+//! function that opens (or reopens) the store kept under a directory, and a fresh directory.
+//! [`store_conformance_tests!`](crate::store_conformance_tests) makes one test per check.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::{Point, RangeQuery, RawEvent, Store, StoreError, WriteBatch};
+
+/// Opens the store under a directory; opening it again after dropping it must see the same data.
+pub type Open = dyn Fn(&Path) -> Arc<dyn Store>;
+
+fn point(tenant: &str, device: &str, metric: &str, ts_ms: i64, value: f64, id: &str) -> Point {
+    Point {
+        tenant: tenant.into(),
+        device: device.into(),
+        metric: metric.into(),
+        ts_ms,
+        value,
+        message_id: id.into(),
+    }
+}
+
+fn range(tenant: &str, device: &str, from_ms: i64, to_ms: i64) -> RangeQuery {
+    RangeQuery {
+        tenant: tenant.into(),
+        device: device.into(),
+        from_ms,
+        to_ms,
+        limit: 1000,
+        descending: false,
+    }
+}
+
+fn event(device: &str, ts_ms: i64, id: &str, payload: &'static [u8]) -> RawEvent {
+    RawEvent {
+        tenant: "t".into(),
+        device: device.into(),
+        ts_ms,
+        message_id: id.into(),
+        kind: "event".into(),
+        topic: "event".into(),
+        content_type: "text/plain".into(),
+        payload: Bytes::from_static(payload),
+    }
+}
+
+async fn write_points(store: &dyn Store, points: Vec<Point>) {
+    store
+        .write(WriteBatch {
+            points,
+            events: vec![],
+        })
+        .await
+        .expect("write");
+}
+
+pub async fn range_queries_respect_bounds_order_and_limit(open: &Open, dir: &Path) {
+    let store = open(dir);
+    let points = (0..10)
+        .map(|i| point("t", "d", "temp", 1000 + i * 10, i as f64, &format!("m{i}")))
+        .collect();
+    write_points(store.as_ref(), points).await;
+    write_points(store.as_ref(), vec![point("t", "d", "hum", 1005, 50.0, "x")]).await;
+
+    let got = store.points(&range("t", "d", 1020, 1050), "temp").await.expect("query");
+    let times: Vec<i64> = got.iter().map(|p| p.ts_ms).collect();
+    assert_eq!(times, vec![1020, 1030, 1040], "from inclusive, to exclusive, other metrics excluded");
+    assert_eq!(got[0].value, 2.0);
+    assert_eq!(got[0].metric, "temp");
+
+    let mut newest_two = range("t", "d", i64::MIN, i64::MAX);
+    newest_two.limit = 2;
+    newest_two.descending = true;
+    let got = store.points(&newest_two, "temp").await.expect("query");
+    assert_eq!(got.iter().map(|p| p.ts_ms).collect::<Vec<_>>(), vec![1090, 1080]);
+
+    let negative = store.points(&range("t", "d", -100, 0), "temp").await.expect("query");
+    assert!(negative.is_empty());
+}
+
+pub async fn rewriting_a_message_is_idempotent(open: &Open, dir: &Path) {
+    let store = open(dir);
+    for _ in 0..3 {
+        write_points(store.as_ref(), vec![point("t", "d", "temp", 5, 1.5, "same")]).await;
+        store
+            .write(WriteBatch {
+                points: vec![],
+                events: vec![event("d", 5, "same-event", b"x")],
+            })
+            .await
+            .expect("write");
+    }
+    write_points(store.as_ref(), vec![point("t", "d", "temp", 5, 1.5, "other")]).await;
+    let all = range("t", "d", i64::MIN, i64::MAX);
+    assert_eq!(store.points(&all, "temp").await.expect("query").len(), 2);
+    assert_eq!(store.events(&all).await.expect("query").len(), 1);
+}
+
+pub async fn latest_values_only_move_forward(open: &Open, dir: &Path) {
+    let store = open(dir);
+    write_points(
+        store.as_ref(),
+        vec![point("t", "d", "temp", 200, 2.0, "a"), point("t", "d", "hum", 100, 40.0, "b")],
+    )
+    .await;
+    // An older, late-arriving sample must not replace the latest value.
+    write_points(store.as_ref(), vec![point("t", "d", "temp", 150, 1.0, "c")]).await;
+    write_points(store.as_ref(), vec![point("t", "d", "hum", 300, 45.0, "d")]).await;
+    let mut latest = store.latest("t", "d").await.expect("latest");
+    latest.sort_by(|a, b| a.metric.cmp(&b.metric));
+    assert_eq!(latest.len(), 2);
+    assert_eq!((latest[0].metric.as_str(), latest[0].ts_ms, latest[0].value), ("hum", 300, 45.0));
+    assert_eq!((latest[1].metric.as_str(), latest[1].ts_ms, latest[1].value), ("temp", 200, 2.0));
+    assert!(store.latest("t", "other").await.expect("latest").is_empty());
+}
+
+pub async fn tenants_and_devices_do_not_bleed(open: &Open, dir: &Path) {
+    let store = open(dir);
+    write_points(
+        store.as_ref(),
+        vec![
+            point("t1", "d", "m", 1, 1.0, "a"),
+            point("t10", "d", "m", 1, 10.0, "b"),
+            point("t1", "d1", "m", 1, 11.0, "c"),
+        ],
+    )
+    .await;
+    let got = store.points(&range("t1", "d", i64::MIN, i64::MAX), "m").await.expect("query");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].value, 1.0);
+    assert_eq!(store.latest("t1", "d").await.expect("latest").len(), 1);
+}
+
+pub async fn events_round_trip(open: &Open, dir: &Path) {
+    let store = open(dir);
+    store
+        .write(WriteBatch {
+            points: vec![],
+            events: vec![event("d", 10, "e1", b"\x00\xffbinary"), event("d", 20, "e2", b"two")],
+        })
+        .await
+        .expect("write");
+    let got = store.events(&range("t", "d", 0, 15)).await.expect("query");
+    assert_eq!(got, vec![event("d", 10, "e1", b"\x00\xffbinary")]);
+}
+
+pub async fn data_survives_reopen(open: &Open, dir: &Path) {
+    {
+        let store = open(dir);
+        write_points(store.as_ref(), vec![point("t", "d", "temp", 1, 1.0, "a")]).await;
+        store
+            .put_record("device", "t/d", Bytes::from_static(b"{}"))
+            .await
+            .expect("put");
+    }
+    let store = open(dir);
+    let all = range("t", "d", i64::MIN, i64::MAX);
+    assert_eq!(store.points(&all, "temp").await.expect("query").len(), 1);
+    assert_eq!(store.latest("t", "d").await.expect("latest").len(), 1);
+    assert!(store.get_record("device", "t/d").await.expect("get").is_some());
+}
+
+pub async fn records_crud_and_paged_listing(open: &Open, dir: &Path) {
+    let store = open(dir);
+    for key in ["a/1", "a/2", "a/3", "ab/1", "b/1"] {
+        store
+            .put_record("device", key, Bytes::from(key.to_string()))
+            .await
+            .expect("put");
+    }
+    store.put_record("tenant", "a/9", Bytes::new()).await.expect("put");
+    assert_eq!(
+        store.get_record("device", "a/2").await.expect("get"),
+        Some(Bytes::from_static(b"a/2"))
+    );
+    let keys = |v: Vec<(String, Bytes)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    let page1 = store.list_records("device", "a/", None, 2).await.expect("list");
+    assert_eq!(keys(page1), vec!["a/1", "a/2"]);
+    let page2 = store.list_records("device", "a/", Some("a/2"), 2).await.expect("list");
+    assert_eq!(keys(page2), vec!["a/3"], "prefix `a/` excludes `ab/` and other kinds");
+    assert!(store.delete_record("device", "a/2").await.expect("delete"));
+    assert!(!store.delete_record("device", "a/2").await.expect("delete"));
+    assert_eq!(store.get_record("device", "a/2").await.expect("get"), None);
+    store.put_record("device", "a/1", Bytes::from_static(b"new")).await.expect("put");
+    assert_eq!(
+        store.get_record("device", "a/1").await.expect("get"),
+        Some(Bytes::from_static(b"new"))
+    );
+}
+
+pub async fn invalid_keys_are_refused(open: &Open, dir: &Path) {
+    let store = open(dir);
+    let err = store
+        .write(WriteBatch {
+            points: vec![point("t", "d", "bad\0metric", 1, 1.0, "a")],
+            events: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid { field: "metric", .. }), "{err}");
+    let err = store
+        .write(WriteBatch {
+            points: vec![point("t", "d", "m", 1, f64::NAN, "a")],
+            events: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid { field: "value", .. }), "{err}");
+    assert!(store.points(&range("t", "d", 0, 1), "m").await.expect("query").is_empty());
+}
+
+/// Expands to one `#[tokio::test]` per conformance check, for `fn open(&Path) -> Arc<dyn Store>`.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($open:ident) => {
+        mod store_conformance {
+            $crate::store_conformance_tests!(@tests $open;
+                range_queries_respect_bounds_order_and_limit,
+                rewriting_a_message_is_idempotent,
+                latest_values_only_move_forward,
+                tenants_and_devices_do_not_bleed,
+                events_round_trip,
+                data_survives_reopen,
+                records_crud_and_paged_listing,
+                invalid_keys_are_refused,
+            );
+        }
+    };
+    (@tests $open:ident; $($check:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let dir = tempfile::tempdir().expect("tempdir");
+                $crate::conformance::$check(&super::$open, dir.path()).await;
+            }
+        )*
+    };
+}

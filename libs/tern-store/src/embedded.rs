@@ -1,0 +1,348 @@
+//! The embedded store on fjall (one directory, four keyspaces: points, latest, events, records).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use crate::keys::{component, decode_ts, encode_ts, prefix};
+use crate::{LatestValue, Point, RangeQuery, RawEvent, Store, StoreError, WriteBatch};
+
+struct Inner {
+    db: Database,
+    points: Keyspace,
+    latest: Keyspace,
+    events: Keyspace,
+    records: Keyspace,
+    /// Serialises writes, so the read-modify-write of latest values cannot interleave.
+    write_lock: Mutex<()>,
+}
+
+/// The embedded store used by `tern up`.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+impl EmbeddedStore {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = Database::builder(dir).open().map_err(storage)?;
+        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(storage);
+        let inner = Inner {
+            points: keyspace("points")?,
+            latest: keyspace("latest")?,
+            events: keyspace("events")?,
+            records: keyspace("records")?,
+            db,
+            write_lock: Mutex::new(()),
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Storage(format!("store task failed: {e}")))?
+    }
+}
+
+fn series_prefix(tenant: &str, device: &str, metric: &str) -> Result<Vec<u8>, StoreError> {
+    Ok(prefix(&[
+        component("tenant", tenant)?,
+        component("device", device)?,
+        component("metric", metric)?,
+    ]))
+}
+
+fn device_prefix(tenant: &str, device: &str) -> Result<Vec<u8>, StoreError> {
+    Ok(prefix(&[component("tenant", tenant)?, component("device", device)?]))
+}
+
+fn record_key(kind: &str, key: &str) -> Result<Vec<u8>, StoreError> {
+    let mut k = prefix(&[component("kind", kind)?]);
+    k.extend_from_slice(component("key", key)?.as_bytes());
+    Ok(k)
+}
+
+fn with_ts(mut prefix: Vec<u8>, ts_ms: i64, suffix: &str) -> Vec<u8> {
+    prefix.extend_from_slice(&encode_ts(ts_ms));
+    prefix.extend_from_slice(suffix.as_bytes());
+    prefix
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if batch.points.is_empty() && batch.events.is_empty() {
+            return Ok(());
+        }
+        self.run(move |inner| {
+            let _guard = inner
+                .write_lock
+                .lock()
+                .map_err(|_| StoreError::Storage("store write lock poisoned".into()))?;
+            let mut write = inner.db.batch();
+            // Newest value per series in this batch, to merge with what is stored.
+            let mut newest: std::collections::HashMap<Vec<u8>, (i64, f64)> = Default::default();
+            for p in &batch.points {
+                let series = series_prefix(&p.tenant, &p.device, &p.metric)?;
+                component("message_id", &p.message_id)?;
+                if !p.value.is_finite() {
+                    return Err(StoreError::Invalid {
+                        field: "value",
+                        reason: "must be a finite number".into(),
+                    });
+                }
+                write.insert(
+                    &inner.points,
+                    with_ts(series.clone(), p.ts_ms, &p.message_id),
+                    p.value.to_be_bytes().to_vec(),
+                );
+                let slot = newest.entry(series).or_insert((p.ts_ms, p.value));
+                if p.ts_ms >= slot.0 {
+                    *slot = (p.ts_ms, p.value);
+                }
+            }
+            for (series, (ts, value)) in newest {
+                let stored_ts = inner
+                    .latest
+                    .get(&series)
+                    .map_err(storage)?
+                    .and_then(|v| decode_ts(&v[..8.min(v.len())]));
+                if stored_ts.is_none_or(|stored| ts >= stored) {
+                    let mut v = encode_ts(ts).to_vec();
+                    v.extend_from_slice(&value.to_be_bytes());
+                    write.insert(&inner.latest, series, v);
+                }
+            }
+            for e in &batch.events {
+                component("message_id", &e.message_id)?;
+                let key = with_ts(device_prefix(&e.tenant, &e.device)?, e.ts_ms, &e.message_id);
+                write.insert(&inner.events, key, encode_event(e));
+            }
+            write.commit().map_err(storage)?;
+            inner.db.persist(PersistMode::SyncData).map_err(storage)
+        })
+        .await
+    }
+
+    async fn points(&self, query: &RangeQuery, metric: &str) -> Result<Vec<Point>, StoreError> {
+        let series = series_prefix(&query.tenant, &query.device, metric)?;
+        let query = query.clone();
+        let metric = metric.to_string();
+        self.run(move |inner| {
+            let start = with_ts(series.clone(), query.from_ms, "");
+            let end = with_ts(series.clone(), query.to_ms, "");
+            let mut out = Vec::new();
+            let range = inner.points.range(start..end);
+            let iter: Box<dyn Iterator<Item = fjall::Guard>> = if query.descending {
+                Box::new(range.rev())
+            } else {
+                Box::new(range)
+            };
+            for guard in iter.take(query.limit) {
+                let (key, value) = guard.into_inner().map_err(storage)?;
+                let rest = &key[series.len()..];
+                let ts_ms = decode_ts(&rest[..8]).ok_or_else(corrupt)?;
+                let value: [u8; 8] = value.as_ref().try_into().map_err(|_| corrupt())?;
+                out.push(Point {
+                    tenant: query.tenant.clone(),
+                    device: query.device.clone(),
+                    metric: metric.clone(),
+                    ts_ms,
+                    value: f64::from_be_bytes(value),
+                    message_id: String::from_utf8_lossy(&rest[8..]).into_owned(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn latest(&self, tenant: &str, device: &str) -> Result<Vec<LatestValue>, StoreError> {
+        let device_prefix = device_prefix(tenant, device)?;
+        self.run(move |inner| {
+            let mut out = Vec::new();
+            for guard in inner.latest.prefix(&device_prefix) {
+                let (key, value) = guard.into_inner().map_err(storage)?;
+                let metric = &key[device_prefix.len()..key.len() - 1];
+                if value.len() != 16 {
+                    return Err(corrupt());
+                }
+                let number: [u8; 8] = value[8..].try_into().map_err(|_| corrupt())?;
+                out.push(LatestValue {
+                    metric: String::from_utf8_lossy(metric).into_owned(),
+                    ts_ms: decode_ts(&value[..8]).ok_or_else(corrupt)?,
+                    value: f64::from_be_bytes(number),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn events(&self, query: &RangeQuery) -> Result<Vec<RawEvent>, StoreError> {
+        let device_prefix = device_prefix(&query.tenant, &query.device)?;
+        let query = query.clone();
+        self.run(move |inner| {
+            let start = with_ts(device_prefix.clone(), query.from_ms, "");
+            let end = with_ts(device_prefix.clone(), query.to_ms, "");
+            let range = inner.events.range(start..end);
+            let iter: Box<dyn Iterator<Item = fjall::Guard>> = if query.descending {
+                Box::new(range.rev())
+            } else {
+                Box::new(range)
+            };
+            let mut out = Vec::new();
+            for guard in iter.take(query.limit) {
+                let (key, value) = guard.into_inner().map_err(storage)?;
+                let rest = &key[device_prefix.len()..];
+                let ts_ms = decode_ts(&rest[..8]).ok_or_else(corrupt)?;
+                let message_id = String::from_utf8_lossy(&rest[8..]).into_owned();
+                out.push(decode_event(&query.tenant, &query.device, ts_ms, message_id, &value)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_record(&self, kind: &str, key: &str, value: Bytes) -> Result<(), StoreError> {
+        let key = record_key(kind, key)?;
+        self.run(move |inner| {
+            inner.records.insert(key, value.to_vec()).map_err(storage)?;
+            inner.db.persist(PersistMode::SyncData).map_err(storage)
+        })
+        .await
+    }
+
+    async fn get_record(&self, kind: &str, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let key = record_key(kind, key)?;
+        self.run(move |inner| {
+            Ok(inner
+                .records
+                .get(key)
+                .map_err(storage)?
+                .map(|v| Bytes::copy_from_slice(&v)))
+        })
+        .await
+    }
+
+    async fn delete_record(&self, kind: &str, key: &str) -> Result<bool, StoreError> {
+        let key = record_key(kind, key)?;
+        self.run(move |inner| {
+            let existed = inner.records.contains_key(&key).map_err(storage)?;
+            if existed {
+                inner.records.remove(key).map_err(storage)?;
+                inner.db.persist(PersistMode::SyncData).map_err(storage)?;
+            }
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn list_records(
+        &self,
+        kind: &str,
+        prefix_str: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Bytes)>, StoreError> {
+        let kind_prefix = prefix(&[component("kind", kind)?]);
+        let mut scan_prefix = kind_prefix.clone();
+        scan_prefix.extend_from_slice(prefix_str.as_bytes());
+        let mut start = scan_prefix.clone();
+        if let Some(after) = after {
+            // Keys never contain NUL, so `after 0x00` is the smallest key strictly after `after`.
+            let mut after_key = kind_prefix.clone();
+            after_key.extend_from_slice(after.as_bytes());
+            after_key.push(0);
+            start = start.max(after_key);
+        }
+        self.run(move |inner| {
+            let mut out = Vec::new();
+            for guard in inner.records.range(start..) {
+                if out.len() >= limit {
+                    break;
+                }
+                let (key, value) = guard.into_inner().map_err(storage)?;
+                if !key.starts_with(&scan_prefix) {
+                    break;
+                }
+                let name = String::from_utf8_lossy(&key[kind_prefix.len()..]).into_owned();
+                out.push((name, Bytes::copy_from_slice(&value)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// Events are stored as length-prefixed fields: kind, topic, content type, then the payload.
+fn encode_event(e: &RawEvent) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + e.kind.len() + e.topic.len() + e.content_type.len() + e.payload.len());
+    for field in [&e.kind, &e.topic, &e.content_type] {
+        out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
+    out.extend_from_slice(&e.payload);
+    out
+}
+
+fn decode_event(
+    tenant: &str,
+    device: &str,
+    ts_ms: i64,
+    message_id: String,
+    mut bytes: &[u8],
+) -> Result<RawEvent, StoreError> {
+    let mut fields = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let len: [u8; 4] = bytes.get(..4).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?;
+        let len = u32::from_be_bytes(len) as usize;
+        let field = bytes.get(4..4 + len).ok_or_else(corrupt)?;
+        fields.push(String::from_utf8_lossy(field).into_owned());
+        bytes = &bytes[4 + len..];
+    }
+    let content_type = fields.pop().unwrap_or_default();
+    let topic = fields.pop().unwrap_or_default();
+    let kind = fields.pop().unwrap_or_default();
+    Ok(RawEvent {
+        tenant: tenant.to_string(),
+        device: device.to_string(),
+        ts_ms,
+        message_id,
+        kind,
+        topic,
+        content_type,
+        payload: Bytes::copy_from_slice(bytes),
+    })
+}
+
+fn storage(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+fn corrupt() -> StoreError {
+    StoreError::Storage("corrupt entry in the store".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn open(dir: &Path) -> Arc<dyn Store> {
+        Arc::new(EmbeddedStore::open(dir).expect("open store"))
+    }
+
+    crate::store_conformance_tests!(open);
+}
