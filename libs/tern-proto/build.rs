@@ -3,9 +3,9 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = "../../proto";
-    let files = ["event.proto", "registry.proto", "identity.proto"]
-        .map(|f| format!("{root}/tern/v1/{f}"));
-    tonic_prost_build::configure().compile_protos(&files, &[root])?;
+    let files =
+        ["event.proto", "registry.proto", "identity.proto"].map(|f| format!("{root}/tern/v1/{f}"));
+    tonic_prost_build::configure().compile_protos(&files, &[root.to_string()])?;
     println!("cargo:rerun-if-changed={root}");
     Ok(())
 }

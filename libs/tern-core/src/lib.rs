@@ -9,6 +9,8 @@ mod payload;
 mod time;
 
 pub use error::{ErrorCode, ValidationError};
-pub use model::{Device, DeviceId, NewDevice, Tenant, TenantId, validate_labels, validate_name};
+pub use model::{
+    Caller, Device, DeviceId, NewDevice, Tenant, TenantId, validate_labels, validate_name,
+};
 pub use payload::{DecodedTelemetry, decode_telemetry};
 pub use time::now_ms;

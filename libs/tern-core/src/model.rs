@@ -10,7 +10,9 @@ use crate::ValidationError;
 macro_rules! uuid_id {
     ($name:ident, $field:literal) => {
         #[doc = concat!("Identifier of a ", $field, " (a UUID).")]
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+        )]
         #[serde(transparent)]
         pub struct $name(pub Uuid);
 
@@ -29,7 +31,10 @@ macro_rules! uuid_id {
             type Err = ValidationError;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 Uuid::parse_str(s).map(Self).map_err(|_| {
-                    ValidationError::new(concat!($field, "_id"), format!("expected a UUID, got {s:?}"))
+                    ValidationError::new(
+                        concat!($field, "_id"),
+                        format!("expected a UUID, got {s:?}"),
+                    )
                 })
             }
         }
@@ -44,6 +49,25 @@ macro_rules! uuid_id {
 
 uuid_id!(TenantId, "tenant");
 uuid_id!(DeviceId, "device");
+
+/// Who is calling an API: decided by identity, checked by every service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The platform operator: every tenant.
+    Operator,
+    /// An API token of one tenant.
+    Tenant(TenantId),
+}
+
+impl Caller {
+    /// Whether this caller may act on `tenant`.
+    pub fn may_access(&self, tenant: TenantId) -> bool {
+        match self {
+            Self::Operator => true,
+            Self::Tenant(own) => *own == tenant,
+        }
+    }
+}
 
 /// An organisation using the platform; every other record belongs to exactly one tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,7 +155,9 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Validati
         if value.len() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {
             return Err(ValidationError::new(
                 format!("labels.{key}"),
-                format!("label values are at most {MAX_LABEL_VALUE_LEN} bytes without control characters"),
+                format!(
+                    "label values are at most {MAX_LABEL_VALUE_LEN} bytes without control characters"
+                ),
             ));
         }
     }
@@ -176,6 +202,9 @@ mod tests {
         let mut labels = BTreeMap::from([("site".to_string(), "berlin".to_string())]);
         assert!(validate_labels(&labels).is_ok());
         labels.insert("bad key".into(), "v".into());
-        assert_eq!(validate_labels(&labels).unwrap_err().field, "labels.bad key");
+        assert_eq!(
+            validate_labels(&labels).unwrap_err().field,
+            "labels.bad key"
+        );
     }
 }

@@ -56,10 +56,14 @@ mod tests {
 
     #[test]
     fn decodes_numbers_and_timestamp() {
-        let t = decode_telemetry(br#"{"temp": 21.5, "on": true, "label": "x", "ts": 1700000000000}"#)
-            .unwrap();
+        let t =
+            decode_telemetry(br#"{"temp": 21.5, "on": true, "label": "x", "ts": 1700000000000}"#)
+                .unwrap();
         assert_eq!(t.device_time_ms, Some(1_700_000_000_000));
-        assert_eq!(t.metrics, vec![("on".to_string(), 1.0), ("temp".to_string(), 21.5)]);
+        assert_eq!(
+            t.metrics,
+            vec![("on".to_string(), 1.0), ("temp".to_string(), 21.5)]
+        );
     }
 
     #[test]

@@ -56,13 +56,20 @@ pub async fn appended_records_are_consumed(open: &Open, dir: &Path) {
         .await
         .expect("append");
     assert_eq!(positions.len(), 3);
-    assert_eq!(positions[0].partition, positions[2].partition, "same key, same partition");
+    assert_eq!(
+        positions[0].partition, positions[2].partition,
+        "same key, same partition"
+    );
     assert!(positions[0].offset < positions[2].offset);
     let mut got = drain(log.as_ref(), "g", "telemetry").await;
     got.sort();
     assert_eq!(
         got,
-        vec![("a".into(), "1".into()), ("a".into(), "3".into()), ("b".into(), "2".into())]
+        vec![
+            ("a".into(), "1".into()),
+            ("a".into(), "3".into()),
+            ("b".into(), "2".into())
+        ]
     );
 }
 
@@ -86,7 +93,10 @@ pub async fn order_is_kept_per_key(open: &Open, dir: &Path) {
     }
     let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
     for (key, value) in drain(log.as_ref(), "g", "t").await {
-        per_key.entry(key).or_default().push(value.parse().expect("number"));
+        per_key
+            .entry(key)
+            .or_default()
+            .push(value.parse().expect("number"));
     }
     assert_eq!(per_key.len(), 12);
     for (key, values) in per_key {
@@ -97,10 +107,14 @@ pub async fn order_is_kept_per_key(open: &Open, dir: &Path) {
 pub async fn appends_survive_reopen(open: &Open, dir: &Path) {
     {
         let log = open(dir);
-        log.append(vec![record("t", "k", "before")]).await.expect("append");
+        log.append(vec![record("t", "k", "before")])
+            .await
+            .expect("append");
     }
     let log = open(dir);
-    log.append(vec![record("t", "k", "after")]).await.expect("append");
+    log.append(vec![record("t", "k", "after")])
+        .await
+        .expect("append");
     assert_eq!(
         drain(log.as_ref(), "g", "t").await,
         vec![("k".into(), "before".into()), ("k".into(), "after".into())],
@@ -116,20 +130,25 @@ pub async fn groups_resume_from_committed_offsets(open: &Open, dir: &Path) {
         let mut consumer = log.consumer("g", "t").await.expect("consumer");
         let first = consumer.poll(2, WAIT).await.expect("poll");
         assert_eq!(first.len(), 2);
-        consumer
-            .commit(&[first[1].position])
-            .await
-            .expect("commit");
+        consumer.commit(&[first[1].position]).await.expect("commit");
         // Read but not committed: must be delivered again.
         let uncommitted = consumer.poll(1, WAIT).await.expect("poll");
         assert_eq!(uncommitted.len(), 1);
         assert_eq!(consumer.lag().await.expect("lag"), 3);
     }
     let log = open(dir);
-    let resumed: Vec<String> = drain(log.as_ref(), "g", "t").await.into_iter().map(|(_, v)| v).collect();
+    let resumed: Vec<String> = drain(log.as_ref(), "g", "t")
+        .await
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
     assert_eq!(resumed, vec!["2", "3", "4"]);
     let other_group = drain(log.as_ref(), "other", "t").await;
-    assert_eq!(other_group.len(), 5, "another group starts from the beginning");
+    assert_eq!(
+        other_group.len(),
+        5,
+        "another group starts from the beginning"
+    );
 }
 
 pub async fn poll_wakes_up_on_append(open: &Open, dir: &Path) {
@@ -139,10 +158,15 @@ pub async fn poll_wakes_up_on_append(open: &Open, dir: &Path) {
         let log = log.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            log.append(vec![record("t", "k", "late")]).await.expect("append");
+            log.append(vec![record("t", "k", "late")])
+                .await
+                .expect("append");
         })
     };
-    let batch = consumer.poll(10, Duration::from_secs(10)).await.expect("poll");
+    let batch = consumer
+        .poll(10, Duration::from_secs(10))
+        .await
+        .expect("poll");
     producer.await.expect("producer");
     assert_eq!(batch.len(), 1);
     assert_eq!(batch[0].value, Bytes::from_static(b"late"));
@@ -150,17 +174,32 @@ pub async fn poll_wakes_up_on_append(open: &Open, dir: &Path) {
 
 pub async fn topics_are_separate(open: &Open, dir: &Path) {
     let log = open(dir);
-    log.append(vec![record("telemetry", "k", "t"), record("event", "k", "e")])
-        .await
-        .expect("append");
-    assert_eq!(drain(log.as_ref(), "g", "telemetry").await, vec![("k".into(), "t".into())]);
-    assert_eq!(drain(log.as_ref(), "g", "event").await, vec![("k".into(), "e".into())]);
+    log.append(vec![
+        record("telemetry", "k", "t"),
+        record("event", "k", "e"),
+    ])
+    .await
+    .expect("append");
+    assert_eq!(
+        drain(log.as_ref(), "g", "telemetry").await,
+        vec![("k".into(), "t".into())]
+    );
+    assert_eq!(
+        drain(log.as_ref(), "g", "event").await,
+        vec![("k".into(), "e".into())]
+    );
 }
 
 pub async fn bad_names_are_refused(open: &Open, dir: &Path) {
     let log = open(dir);
-    let err = log.append(vec![record("Bad Topic", "k", "v")]).await.unwrap_err();
-    assert!(matches!(err, LogError::Invalid { field: "topic", .. }), "{err}");
+    let err = log
+        .append(vec![record("Bad Topic", "k", "v")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LogError::Invalid { field: "topic", .. }),
+        "{err}"
+    );
     assert!(log.consumer("", "t").await.is_err());
 }
 

@@ -401,7 +401,11 @@ fn encode_record(key: &[u8], value: &[u8]) -> Vec<u8> {
 
 fn decode_record(stored: &[u8]) -> Result<(Bytes, Bytes), LogError> {
     let corrupt = || LogError::Storage("corrupt record in the event log".into());
-    let len_bytes: [u8; 4] = stored.get(..4).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?;
+    let len_bytes: [u8; 4] = stored
+        .get(..4)
+        .ok_or_else(corrupt)?
+        .try_into()
+        .map_err(|_| corrupt())?;
     let key_len = u32::from_be_bytes(len_bytes) as usize;
     let key = stored.get(4..4 + key_len).ok_or_else(corrupt)?;
     let value = &stored[4 + key_len..];
@@ -451,7 +455,10 @@ mod tests {
         config.partitions = 0;
         assert!(matches!(
             EmbeddedLog::open(config),
-            Err(LogError::Invalid { field: "partitions", .. })
+            Err(LogError::Invalid {
+                field: "partitions",
+                ..
+            })
         ));
     }
 }

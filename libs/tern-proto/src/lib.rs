@@ -12,3 +12,28 @@ pub use tonic;
 
 /// Default gRPC port of `tern up`.
 pub const DEFAULT_GRPC_PORT: u16 = 50051;
+
+use tern_core::ErrorCode;
+
+/// The one mapping from Tern's error codes to gRPC status codes.
+pub fn status_from(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
+    let grpc = match code {
+        ErrorCode::BadRequest => tonic::Code::InvalidArgument,
+        ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
+        ErrorCode::Forbidden => tonic::Code::PermissionDenied,
+        ErrorCode::NotFound => tonic::Code::NotFound,
+        ErrorCode::Conflict => tonic::Code::AlreadyExists,
+        ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorCode::Unavailable => tonic::Code::Unavailable,
+        ErrorCode::Internal => tonic::Code::Internal,
+    };
+    tonic::Status::new(grpc, message)
+}
+
+/// The authenticated caller of a gRPC request, put there by the authentication layer.
+pub fn caller<T>(req: &tonic::Request<T>) -> Result<tern_core::Caller, tonic::Status> {
+    req.extensions()
+        .get::<tern_core::Caller>()
+        .copied()
+        .ok_or_else(|| tonic::Status::unauthenticated("no credentials"))
+}

@@ -63,11 +63,22 @@ pub async fn range_queries_respect_bounds_order_and_limit(open: &Open, dir: &Pat
         .map(|i| point("t", "d", "temp", 1000 + i * 10, i as f64, &format!("m{i}")))
         .collect();
     write_points(store.as_ref(), points).await;
-    write_points(store.as_ref(), vec![point("t", "d", "hum", 1005, 50.0, "x")]).await;
+    write_points(
+        store.as_ref(),
+        vec![point("t", "d", "hum", 1005, 50.0, "x")],
+    )
+    .await;
 
-    let got = store.points(&range("t", "d", 1020, 1050), "temp").await.expect("query");
+    let got = store
+        .points(&range("t", "d", 1020, 1050), "temp")
+        .await
+        .expect("query");
     let times: Vec<i64> = got.iter().map(|p| p.ts_ms).collect();
-    assert_eq!(times, vec![1020, 1030, 1040], "from inclusive, to exclusive, other metrics excluded");
+    assert_eq!(
+        times,
+        vec![1020, 1030, 1040],
+        "from inclusive, to exclusive, other metrics excluded"
+    );
     assert_eq!(got[0].value, 2.0);
     assert_eq!(got[0].metric, "temp");
 
@@ -75,16 +86,26 @@ pub async fn range_queries_respect_bounds_order_and_limit(open: &Open, dir: &Pat
     newest_two.limit = 2;
     newest_two.descending = true;
     let got = store.points(&newest_two, "temp").await.expect("query");
-    assert_eq!(got.iter().map(|p| p.ts_ms).collect::<Vec<_>>(), vec![1090, 1080]);
+    assert_eq!(
+        got.iter().map(|p| p.ts_ms).collect::<Vec<_>>(),
+        vec![1090, 1080]
+    );
 
-    let negative = store.points(&range("t", "d", -100, 0), "temp").await.expect("query");
+    let negative = store
+        .points(&range("t", "d", -100, 0), "temp")
+        .await
+        .expect("query");
     assert!(negative.is_empty());
 }
 
 pub async fn rewriting_a_message_is_idempotent(open: &Open, dir: &Path) {
     let store = open(dir);
     for _ in 0..3 {
-        write_points(store.as_ref(), vec![point("t", "d", "temp", 5, 1.5, "same")]).await;
+        write_points(
+            store.as_ref(),
+            vec![point("t", "d", "temp", 5, 1.5, "same")],
+        )
+        .await;
         store
             .write(WriteBatch {
                 points: vec![],
@@ -93,7 +114,11 @@ pub async fn rewriting_a_message_is_idempotent(open: &Open, dir: &Path) {
             .await
             .expect("write");
     }
-    write_points(store.as_ref(), vec![point("t", "d", "temp", 5, 1.5, "other")]).await;
+    write_points(
+        store.as_ref(),
+        vec![point("t", "d", "temp", 5, 1.5, "other")],
+    )
+    .await;
     let all = range("t", "d", i64::MIN, i64::MAX);
     assert_eq!(store.points(&all, "temp").await.expect("query").len(), 2);
     assert_eq!(store.events(&all).await.expect("query").len(), 1);
@@ -103,7 +128,10 @@ pub async fn latest_values_only_move_forward(open: &Open, dir: &Path) {
     let store = open(dir);
     write_points(
         store.as_ref(),
-        vec![point("t", "d", "temp", 200, 2.0, "a"), point("t", "d", "hum", 100, 40.0, "b")],
+        vec![
+            point("t", "d", "temp", 200, 2.0, "a"),
+            point("t", "d", "hum", 100, 40.0, "b"),
+        ],
     )
     .await;
     // An older, late-arriving sample must not replace the latest value.
@@ -112,8 +140,14 @@ pub async fn latest_values_only_move_forward(open: &Open, dir: &Path) {
     let mut latest = store.latest("t", "d").await.expect("latest");
     latest.sort_by(|a, b| a.metric.cmp(&b.metric));
     assert_eq!(latest.len(), 2);
-    assert_eq!((latest[0].metric.as_str(), latest[0].ts_ms, latest[0].value), ("hum", 300, 45.0));
-    assert_eq!((latest[1].metric.as_str(), latest[1].ts_ms, latest[1].value), ("temp", 200, 2.0));
+    assert_eq!(
+        (latest[0].metric.as_str(), latest[0].ts_ms, latest[0].value),
+        ("hum", 300, 45.0)
+    );
+    assert_eq!(
+        (latest[1].metric.as_str(), latest[1].ts_ms, latest[1].value),
+        ("temp", 200, 2.0)
+    );
     assert!(store.latest("t", "other").await.expect("latest").is_empty());
 }
 
@@ -128,7 +162,10 @@ pub async fn tenants_and_devices_do_not_bleed(open: &Open, dir: &Path) {
         ],
     )
     .await;
-    let got = store.points(&range("t1", "d", i64::MIN, i64::MAX), "m").await.expect("query");
+    let got = store
+        .points(&range("t1", "d", i64::MIN, i64::MAX), "m")
+        .await
+        .expect("query");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].value, 1.0);
     assert_eq!(store.latest("t1", "d").await.expect("latest").len(), 1);
@@ -139,7 +176,10 @@ pub async fn events_round_trip(open: &Open, dir: &Path) {
     store
         .write(WriteBatch {
             points: vec![],
-            events: vec![event("d", 10, "e1", b"\x00\xffbinary"), event("d", 20, "e2", b"two")],
+            events: vec![
+                event("d", 10, "e1", b"\x00\xffbinary"),
+                event("d", 20, "e2", b"two"),
+            ],
         })
         .await
         .expect("write");
@@ -160,7 +200,13 @@ pub async fn data_survives_reopen(open: &Open, dir: &Path) {
     let all = range("t", "d", i64::MIN, i64::MAX);
     assert_eq!(store.points(&all, "temp").await.expect("query").len(), 1);
     assert_eq!(store.latest("t", "d").await.expect("latest").len(), 1);
-    assert!(store.get_record("device", "t/d").await.expect("get").is_some());
+    assert!(
+        store
+            .get_record("device", "t/d")
+            .await
+            .expect("get")
+            .is_some()
+    );
 }
 
 pub async fn records_crud_and_paged_listing(open: &Open, dir: &Path) {
@@ -171,20 +217,36 @@ pub async fn records_crud_and_paged_listing(open: &Open, dir: &Path) {
             .await
             .expect("put");
     }
-    store.put_record("tenant", "a/9", Bytes::new()).await.expect("put");
+    store
+        .put_record("tenant", "a/9", Bytes::new())
+        .await
+        .expect("put");
     assert_eq!(
         store.get_record("device", "a/2").await.expect("get"),
         Some(Bytes::from_static(b"a/2"))
     );
     let keys = |v: Vec<(String, Bytes)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
-    let page1 = store.list_records("device", "a/", None, 2).await.expect("list");
+    let page1 = store
+        .list_records("device", "a/", None, 2)
+        .await
+        .expect("list");
     assert_eq!(keys(page1), vec!["a/1", "a/2"]);
-    let page2 = store.list_records("device", "a/", Some("a/2"), 2).await.expect("list");
-    assert_eq!(keys(page2), vec!["a/3"], "prefix `a/` excludes `ab/` and other kinds");
+    let page2 = store
+        .list_records("device", "a/", Some("a/2"), 2)
+        .await
+        .expect("list");
+    assert_eq!(
+        keys(page2),
+        vec!["a/3"],
+        "prefix `a/` excludes `ab/` and other kinds"
+    );
     assert!(store.delete_record("device", "a/2").await.expect("delete"));
     assert!(!store.delete_record("device", "a/2").await.expect("delete"));
     assert_eq!(store.get_record("device", "a/2").await.expect("get"), None);
-    store.put_record("device", "a/1", Bytes::from_static(b"new")).await.expect("put");
+    store
+        .put_record("device", "a/1", Bytes::from_static(b"new"))
+        .await
+        .expect("put");
     assert_eq!(
         store.get_record("device", "a/1").await.expect("get"),
         Some(Bytes::from_static(b"new"))
@@ -200,7 +262,16 @@ pub async fn invalid_keys_are_refused(open: &Open, dir: &Path) {
         })
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::Invalid { field: "metric", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::Invalid {
+                field: "metric",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = store
         .write(WriteBatch {
             points: vec![point("t", "d", "m", 1, f64::NAN, "a")],
@@ -208,8 +279,17 @@ pub async fn invalid_keys_are_refused(open: &Open, dir: &Path) {
         })
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::Invalid { field: "value", .. }), "{err}");
-    assert!(store.points(&range("t", "d", 0, 1), "m").await.expect("query").is_empty());
+    assert!(
+        matches!(err, StoreError::Invalid { field: "value", .. }),
+        "{err}"
+    );
+    assert!(
+        store
+            .points(&range("t", "d", 0, 1), "m")
+            .await
+            .expect("query")
+            .is_empty()
+    );
 }
 
 /// Expands to one `#[tokio::test]` per conformance check, for `fn open(&Path) -> Arc<dyn Store>`.

@@ -29,7 +29,10 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = Database::builder(dir).open().map_err(storage)?;
-        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(storage);
+        let keyspace = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(storage)
+        };
         let inner = Inner {
             points: keyspace("points")?,
             latest: keyspace("latest")?,
@@ -63,7 +66,10 @@ fn series_prefix(tenant: &str, device: &str, metric: &str) -> Result<Vec<u8>, St
 }
 
 fn device_prefix(tenant: &str, device: &str) -> Result<Vec<u8>, StoreError> {
-    Ok(prefix(&[component("tenant", tenant)?, component("device", device)?]))
+    Ok(prefix(&[
+        component("tenant", tenant)?,
+        component("device", device)?,
+    ]))
 }
 
 fn record_key(kind: &str, key: &str) -> Result<Vec<u8>, StoreError> {
@@ -207,7 +213,13 @@ impl Store for EmbeddedStore {
                 let rest = &key[device_prefix.len()..];
                 let ts_ms = decode_ts(&rest[..8]).ok_or_else(corrupt)?;
                 let message_id = String::from_utf8_lossy(&rest[8..]).into_owned();
-                out.push(decode_event(&query.tenant, &query.device, ts_ms, message_id, &value)?);
+                out.push(decode_event(
+                    &query.tenant,
+                    &query.device,
+                    ts_ms,
+                    message_id,
+                    &value,
+                )?);
             }
             Ok(out)
         })
@@ -287,7 +299,9 @@ impl Store for EmbeddedStore {
 
 /// Events are stored as length-prefixed fields: kind, topic, content type, then the payload.
 fn encode_event(e: &RawEvent) -> Vec<u8> {
-    let mut out = Vec::with_capacity(12 + e.kind.len() + e.topic.len() + e.content_type.len() + e.payload.len());
+    let mut out = Vec::with_capacity(
+        12 + e.kind.len() + e.topic.len() + e.content_type.len() + e.payload.len(),
+    );
     for field in [&e.kind, &e.topic, &e.content_type] {
         out.extend_from_slice(&(field.len() as u32).to_be_bytes());
         out.extend_from_slice(field.as_bytes());
@@ -305,7 +319,11 @@ fn decode_event(
 ) -> Result<RawEvent, StoreError> {
     let mut fields = Vec::with_capacity(3);
     for _ in 0..3 {
-        let len: [u8; 4] = bytes.get(..4).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?;
+        let len: [u8; 4] = bytes
+            .get(..4)
+            .ok_or_else(corrupt)?
+            .try_into()
+            .map_err(|_| corrupt())?;
         let len = u32::from_be_bytes(len) as usize;
         let field = bytes.get(4..4 + len).ok_or_else(corrupt)?;
         fields.push(String::from_utf8_lossy(field).into_owned());

@@ -1,1 +1,21 @@
+//! Identity: who a device or an API caller is.
+//!
+//! - Devices get a short-lived access token (a JWT signed with Ed25519, verified locally by the
+//!   bridge) and a long-lived, revocable refresh token that is exchanged (and rotated) for new
+//!   access tokens.
+//! - API callers use opaque API tokens bound to one tenant; the operator token that `tern up`
+//!   creates on first start may manage every tenant.
+//!
+//! Opaque tokens are random 256-bit secrets; only their SHA-256 is stored, which is safe for
+//! secrets of that entropy (argon2 is for low-entropy passwords, which arrive with the user
+//! directory). Lookups go by that hash, so no stored secret is ever compared byte by byte.
 
+mod error;
+mod grpc;
+mod identity;
+mod keys;
+mod secrets;
+
+pub use error::IdentityError;
+pub use grpc::{IdentityGrpc, grpc_auth};
+pub use identity::{ApiToken, DevicePrincipal, DeviceTokens, Identity, IdentityConfig};

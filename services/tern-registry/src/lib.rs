@@ -1,1 +1,13 @@
+//! The device registry: tenants and the devices they own.
+//!
+//! Tenants and devices can be referred to by id or by name (names are unique: tenant names
+//! platform-wide, device names within their tenant), so people can type `acme` and `boiler-1`
+//! while programs use UUIDs. Records live in the [`Store`](tern_store::Store) as JSON.
 
+mod error;
+mod grpc;
+mod registry;
+
+pub use error::RegistryError;
+pub use grpc::RegistryGrpc;
+pub use registry::{Registry, validate_tenant_name};

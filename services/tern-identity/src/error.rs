@@ -1,0 +1,33 @@
+use tern_core::{ErrorCode, ValidationError};
+use tern_registry::RegistryError;
+use tern_store::StoreError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum IdentityError {
+    /// Deliberately vague towards the caller: which check failed is logged, not returned.
+    #[error("invalid or expired credentials")]
+    Unauthenticated,
+    #[error("this token may not {0}")]
+    Forbidden(String),
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("identity storage: {0}")]
+    Storage(#[from] StoreError),
+    #[error("signing keys: {0}")]
+    Keys(String),
+}
+
+impl IdentityError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Unauthenticated => ErrorCode::Unauthenticated,
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::Invalid(_) => ErrorCode::BadRequest,
+            Self::Registry(e) => e.code(),
+            Self::Storage(_) | Self::Keys(_) => ErrorCode::Internal,
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The `tern.v1.Identity` gRPC service over [`Identity`].
+
+use std::sync::Arc;
+
+use tern_core::Caller;
+use tern_core::{DeviceId, TenantId};
+use tern_proto::tonic::{Request, Response, Status};
+use tern_proto::v1::{self, identity_server};
+use tern_proto::{caller, status_from};
+
+use crate::{DeviceTokens, Identity, IdentityError};
+
+#[derive(Clone)]
+pub struct IdentityGrpc {
+    identity: Arc<Identity>,
+}
+
+impl IdentityGrpc {
+    pub fn new(identity: Arc<Identity>) -> Self {
+        Self { identity }
+    }
+
+    pub fn into_server(self) -> identity_server::IdentityServer<Self> {
+        identity_server::IdentityServer::new(self)
+    }
+}
+
+fn status(e: IdentityError) -> Status {
+    status_from(e.code(), e.to_string())
+}
+
+fn operator_only(caller: Caller) -> Result<(), Status> {
+    match caller {
+        Caller::Operator => Ok(()),
+        Caller::Tenant(_) => Err(Status::permission_denied(
+            "this call needs the operator token",
+        )),
+    }
+}
+
+impl IdentityGrpc {
+    /// Resolves the tenant of a request for its caller (tenant tokens reach only their own).
+    async fn tenant_id<T>(&self, req: &Request<T>, reference: &str) -> Result<String, Status> {
+        let tenant = self
+            .identity
+            .registry()
+            .tenant_for(caller(req)?, reference)
+            .await
+            .map_err(|e| status(e.into()))?;
+        Ok(tenant.id.to_string())
+    }
+}
+
+fn tokens_out(t: DeviceTokens) -> v1::DeviceTokens {
+    v1::DeviceTokens {
+        access_token: t.access_token,
+        access_token_expires_at_ms: t.access_token_expires_at_ms,
+        refresh_token: t.refresh_token,
+    }
+}
+
+#[tonic::async_trait]
+impl identity_server::Identity for IdentityGrpc {
+    async fn issue_device_tokens(
+        &self,
+        req: Request<v1::IssueDeviceTokensRequest>,
+    ) -> Result<Response<v1::DeviceTokens>, Status> {
+        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
+        let req = req.into_inner();
+        let tokens = self
+            .identity
+            .issue_device_tokens(&tenant, &req.device_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(tokens_out(tokens)))
+    }
+
+    async fn refresh_device_token(
+        &self,
+        req: Request<v1::RefreshDeviceTokenRequest>,
+    ) -> Result<Response<v1::DeviceTokens>, Status> {
+        operator_only(caller(&req)?)?;
+        let tokens = self
+            .identity
+            .refresh_device_tokens(&req.into_inner().refresh_token)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(tokens_out(tokens)))
+    }
+
+    async fn revoke_device_tokens(
+        &self,
+        req: Request<v1::RevokeDeviceTokensRequest>,
+    ) -> Result<Response<v1::RevokeDeviceTokensResponse>, Status> {
+        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
+        let req = req.into_inner();
+        let tenant = TenantId::parse(&tenant).map_err(|e| status(e.into()))?;
+        let device = DeviceId::parse(&req.device_id).map_err(|e| status(e.into()))?;
+        let revoked = self
+            .identity
+            .revoke_device_tokens(tenant, device)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::RevokeDeviceTokensResponse { revoked }))
+    }
+
+    async fn verify_device_token(
+        &self,
+        req: Request<v1::VerifyDeviceTokenRequest>,
+    ) -> Result<Response<v1::DevicePrincipal>, Status> {
+        operator_only(caller(&req)?)?;
+        let p = self
+            .identity
+            .verify_device_token(&req.into_inner().access_token)
+            .map_err(status)?;
+        Ok(Response::new(v1::DevicePrincipal {
+            tenant_id: p.tenant_id.to_string(),
+            device_id: p.device_id.to_string(),
+            expires_at_ms: p.expires_at_ms,
+        }))
+    }
+
+    async fn create_api_token(
+        &self,
+        req: Request<v1::CreateApiTokenRequest>,
+    ) -> Result<Response<v1::ApiToken>, Status> {
+        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
+        let req = req.into_inner();
+        let t = self
+            .identity
+            .create_api_token(&tenant, &req.name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::ApiToken {
+            id: t.id,
+            tenant_id: t.tenant_id.to_string(),
+            name: t.name,
+            token: t.token.unwrap_or_default(),
+            created_at_ms: t.created_at_ms,
+        }))
+    }
+}
+
+/// Authenticates every gRPC call by its `authorization: Bearer <token>` metadata (an API or
+/// operator token) and hands the [`Caller`](tern_core::Caller) to the handlers as a request
+/// extension. Calls without valid credentials never reach a handler.
+pub async fn grpc_auth(
+    axum::extract::State(identity): axum::extract::State<Arc<Identity>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let token = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let Some(token) = token else {
+        return Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+            .into_http();
+    };
+    match identity.authenticate_api(&token).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => status(e).into_http(),
+    }
+}

@@ -1,0 +1,547 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, Header, Validation};
+use serde::{Deserialize, Serialize};
+use tern_core::{Caller, DeviceId, TenantId, ValidationError, now_ms, validate_name};
+use tern_registry::Registry;
+use tern_store::Store;
+
+use crate::IdentityError;
+use crate::keys::SigningKey;
+use crate::secrets::{new_token, token_hash};
+
+const ISSUER: &str = "tern";
+const DEVICE_AUDIENCE: &str = "tern-device";
+const REFRESH_TOKEN: &str = "refresh_token";
+const DEVICE_REFRESH_TOKEN: &str = "device_refresh_token";
+const API_TOKEN: &str = "api_token";
+const OPERATOR_TOKEN: &str = "operator_token";
+
+/// Settings of the identity service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Lifetime of device access tokens. Short, because they are verified without a lookup.
+    pub device_access_token_ttl_secs: u64,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            device_access_token_ttl_secs: 3600,
+        }
+    }
+}
+
+/// A device's credentials, as issued. The refresh token is only ever shown here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceTokens {
+    pub tenant_id: TenantId,
+    pub device_id: DeviceId,
+    pub access_token: String,
+    pub access_token_expires_at_ms: i64,
+    pub refresh_token: String,
+}
+
+/// Who a verified device access token speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevicePrincipal {
+    pub tenant_id: TenantId,
+    pub device_id: DeviceId,
+    pub expires_at_ms: i64,
+}
+
+/// An API token's record; `token` is only set in the response that created it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: String,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub created_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct AccessClaims {
+    iss: String,
+    aud: String,
+    sub: String,
+    tid: String,
+    iat: i64,
+    exp: i64,
+    jti: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RefreshRecord {
+    tenant_id: TenantId,
+    device_id: DeviceId,
+    created_at_ms: i64,
+}
+
+pub struct Identity {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    key: SigningKey,
+    config: IdentityConfig,
+}
+
+impl Identity {
+    pub async fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        config: IdentityConfig,
+    ) -> Result<Self, IdentityError> {
+        if config.device_access_token_ttl_secs == 0 {
+            return Err(ValidationError::new(
+                "identity.device_access_token_ttl_secs",
+                "must be at least 1",
+            )
+            .into());
+        }
+        let key = SigningKey::load_or_create(&store).await?;
+        Ok(Self {
+            store,
+            registry,
+            key,
+            config,
+        })
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Makes sure an operator token exists. On first start it is written to `path` (mode 0600)
+    /// and only its hash is kept; the secret never appears in logs.
+    pub async fn ensure_operator_token(&self, path: &Path) -> Result<(), IdentityError> {
+        if !self
+            .store
+            .list_records(OPERATOR_TOKEN, "", None, 1)
+            .await?
+            .is_empty()
+        {
+            return Ok(());
+        }
+        let token = new_token("tern_op_")?;
+        write_secret_file(path, &token)
+            .map_err(|e| IdentityError::Keys(format!("cannot write {}: {e}", path.display())))?;
+        self.store
+            .put_record(
+                OPERATOR_TOKEN,
+                &token_hash(&token),
+                now_ms().to_string().into_bytes().into(),
+            )
+            .await?;
+        tracing::info!(path = %path.display(), "created the operator token");
+        Ok(())
+    }
+
+    /// Issues an access token and a refresh token to a registered, enabled device.
+    pub async fn issue_device_tokens(
+        &self,
+        tenant: &str,
+        device: &str,
+    ) -> Result<DeviceTokens, IdentityError> {
+        let device = self.registry.device(tenant, device).await?;
+        if device.disabled {
+            return Err(IdentityError::Forbidden(
+                "obtain tokens for a disabled device".into(),
+            ));
+        }
+        let refresh_token = new_token("tern_rt_")?;
+        let hash = token_hash(&refresh_token);
+        let record = RefreshRecord {
+            tenant_id: device.tenant_id,
+            device_id: device.id,
+            created_at_ms: now_ms(),
+        };
+        self.store
+            .put_record(REFRESH_TOKEN, &hash, json(&record))
+            .await?;
+        self.store
+            .put_record(
+                DEVICE_REFRESH_TOKEN,
+                &format!("{}/{}/{hash}", device.tenant_id, device.id),
+                Default::default(),
+            )
+            .await?;
+        let (access_token, expires) = self.sign_access_token(device.tenant_id, device.id)?;
+        Ok(DeviceTokens {
+            tenant_id: device.tenant_id,
+            device_id: device.id,
+            access_token,
+            access_token_expires_at_ms: expires,
+            refresh_token,
+        })
+    }
+
+    /// Exchanges a refresh token for new tokens; the old refresh token stops working.
+    pub async fn refresh_device_tokens(
+        &self,
+        refresh_token: &str,
+    ) -> Result<DeviceTokens, IdentityError> {
+        let hash = token_hash(refresh_token);
+        let Some(bytes) = self.store.get_record(REFRESH_TOKEN, &hash).await? else {
+            tracing::info!("refresh with an unknown or revoked token");
+            return Err(IdentityError::Unauthenticated);
+        };
+        let record: RefreshRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| IdentityError::Keys(format!("corrupt refresh token record: {e}")))?;
+        self.delete_refresh_token(record.tenant_id, record.device_id, &hash)
+            .await?;
+        self.issue_device_tokens(&record.tenant_id.to_string(), &record.device_id.to_string())
+            .await
+    }
+
+    /// Revokes every refresh token of a device; returns how many there were.
+    pub async fn revoke_device_tokens(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+    ) -> Result<u32, IdentityError> {
+        let prefix = format!("{tenant}/{device}/");
+        let mut revoked = 0;
+        loop {
+            let page = self
+                .store
+                .list_records(DEVICE_REFRESH_TOKEN, &prefix, None, 500)
+                .await?;
+            if page.is_empty() {
+                return Ok(revoked);
+            }
+            for (key, _) in page {
+                let hash = &key[prefix.len()..];
+                self.delete_refresh_token(tenant, device, hash).await?;
+                revoked += 1;
+            }
+        }
+    }
+
+    async fn delete_refresh_token(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+        hash: &str,
+    ) -> Result<(), IdentityError> {
+        self.store.delete_record(REFRESH_TOKEN, hash).await?;
+        self.store
+            .delete_record(DEVICE_REFRESH_TOKEN, &format!("{tenant}/{device}/{hash}"))
+            .await?;
+        Ok(())
+    }
+
+    /// Verifies a device access token's signature, issuer, audience and expiry. Whether the
+    /// device still exists and is enabled is for the caller to check against the registry.
+    pub fn verify_device_token(&self, token: &str) -> Result<DevicePrincipal, IdentityError> {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_audience(&[DEVICE_AUDIENCE]);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = 0;
+        let data =
+            jsonwebtoken::decode::<AccessClaims>(token.as_bytes(), &self.key.decoding, &validation)
+                .map_err(|e| {
+                    tracing::debug!(error = %e, "device token rejected");
+                    IdentityError::Unauthenticated
+                })?;
+        let claims = data.claims;
+        let tenant_id = TenantId::parse(&claims.tid).map_err(|_| IdentityError::Unauthenticated)?;
+        let device_id = DeviceId::parse(&claims.sub).map_err(|_| IdentityError::Unauthenticated)?;
+        Ok(DevicePrincipal {
+            tenant_id,
+            device_id,
+            expires_at_ms: claims.exp.saturating_mul(1000),
+        })
+    }
+
+    fn sign_access_token(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+    ) -> Result<(String, i64), IdentityError> {
+        let now = now_ms() / 1000;
+        let exp = now + self.config.device_access_token_ttl_secs as i64;
+        let claims = AccessClaims {
+            iss: ISSUER.into(),
+            aud: DEVICE_AUDIENCE.into(),
+            sub: device.to_string(),
+            tid: tenant.to_string(),
+            iat: now,
+            exp,
+            jti: uuid::Uuid::new_v4().to_string(),
+        };
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.key.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &self.key.encoding)
+            .map_err(|e| IdentityError::Keys(format!("cannot sign a token: {e}")))?;
+        Ok((token, exp * 1000))
+    }
+
+    /// Creates an API token for a tenant; the secret is returned once.
+    pub async fn create_api_token(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<ApiToken, IdentityError> {
+        validate_name("name", name)?;
+        let tenant = self.registry.tenant(tenant).await?;
+        let token = new_token("tern_api_")?;
+        let record = ApiToken {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant_id: tenant.id,
+            name: name.to_string(),
+            created_at_ms: now_ms(),
+            token: None,
+        };
+        self.store
+            .put_record(API_TOKEN, &token_hash(&token), json(&record))
+            .await?;
+        Ok(ApiToken {
+            token: Some(token),
+            ..record
+        })
+    }
+
+    /// Authenticates an API caller by its bearer token.
+    pub async fn authenticate_api(&self, token: &str) -> Result<Caller, IdentityError> {
+        let hash = token_hash(token);
+        if token.starts_with("tern_op_")
+            && self
+                .store
+                .get_record(OPERATOR_TOKEN, &hash)
+                .await?
+                .is_some()
+        {
+            return Ok(Caller::Operator);
+        }
+        if token.starts_with("tern_api_") {
+            if let Some(bytes) = self.store.get_record(API_TOKEN, &hash).await? {
+                let record: ApiToken = serde_json::from_slice(&bytes)
+                    .map_err(|e| IdentityError::Keys(format!("corrupt API token record: {e}")))?;
+                return Ok(Caller::Tenant(record.tenant_id));
+            }
+        }
+        Err(IdentityError::Unauthenticated)
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> bytes::Bytes {
+    serde_json::to_vec(value).unwrap_or_default().into()
+}
+
+fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    writeln!(file, "{secret}")?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use tern_core::NewDevice;
+    use tern_store::EmbeddedStore;
+
+    use super::*;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        registry: Arc<Registry>,
+        identity: Identity,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        let registry = Arc::new(Registry::new(store.clone()));
+        let identity = Identity::new(store, registry.clone(), IdentityConfig::default())
+            .await
+            .expect("identity");
+        registry.create_tenant("acme").await.expect("tenant");
+        registry.create_tenant("globex").await.expect("tenant");
+        registry
+            .create_device(
+                "acme",
+                NewDevice {
+                    name: "d1".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("device");
+        Fixture {
+            _dir: dir,
+            registry,
+            identity,
+        }
+    }
+
+    #[tokio::test]
+    async fn device_tokens_verify_and_tampering_is_refused() {
+        let f = fixture().await;
+        let tokens = f
+            .identity
+            .issue_device_tokens("acme", "d1")
+            .await
+            .expect("issue");
+        let principal = f
+            .identity
+            .verify_device_token(&tokens.access_token)
+            .expect("verify");
+        assert_eq!(
+            (principal.tenant_id, principal.device_id),
+            (tokens.tenant_id, tokens.device_id)
+        );
+        assert!(principal.expires_at_ms > now_ms());
+
+        let mut tampered = tokens.access_token.clone();
+        let last = tampered.pop().expect("char");
+        tampered.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(matches!(
+            f.identity.verify_device_token(&tampered),
+            Err(IdentityError::Unauthenticated)
+        ));
+        assert!(f.identity.verify_device_token("not-a-jwt").is_err());
+        assert!(
+            f.identity
+                .verify_device_token(&tokens.refresh_token)
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn tokens_of_another_key_are_refused() {
+        let a = fixture().await;
+        let b = fixture().await;
+        let tokens = a
+            .identity
+            .issue_device_tokens("acme", "d1")
+            .await
+            .expect("issue");
+        assert!(
+            b.identity
+                .verify_device_token(&tokens.access_token)
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn refresh_rotates_and_revoke_ends_the_family() {
+        let f = fixture().await;
+        let first = f
+            .identity
+            .issue_device_tokens("acme", "d1")
+            .await
+            .expect("issue");
+        let second = f
+            .identity
+            .refresh_device_tokens(&first.refresh_token)
+            .await
+            .expect("refresh");
+        assert_ne!(second.refresh_token, first.refresh_token);
+        assert!(
+            matches!(
+                f.identity.refresh_device_tokens(&first.refresh_token).await,
+                Err(IdentityError::Unauthenticated)
+            ),
+            "a rotated refresh token is spent"
+        );
+        f.identity
+            .issue_device_tokens("acme", "d1")
+            .await
+            .expect("second family");
+        let revoked = f
+            .identity
+            .revoke_device_tokens(first.tenant_id, first.device_id)
+            .await
+            .expect("revoke");
+        assert_eq!(revoked, 2);
+        assert!(
+            f.identity
+                .refresh_device_tokens(&second.refresh_token)
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_devices_get_no_tokens() {
+        let f = fixture().await;
+        let err = f
+            .identity
+            .issue_device_tokens("globex", "d1")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tern_core::ErrorCode::NotFound);
+        f.registry
+            .delete_device("acme", "d1")
+            .await
+            .expect("delete");
+        assert!(f.identity.issue_device_tokens("acme", "d1").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn api_tokens_are_bound_to_their_tenant_and_operator_token_is_written_once() {
+        let f = fixture().await;
+        let api = f
+            .identity
+            .create_api_token("acme", "grafana")
+            .await
+            .expect("create");
+        let secret = api.token.clone().expect("secret shown once");
+        let acme = f.registry.tenant("acme").await.expect("tenant");
+        let globex = f.registry.tenant("globex").await.expect("tenant");
+        let caller = f.identity.authenticate_api(&secret).await.expect("auth");
+        assert_eq!(caller, Caller::Tenant(acme.id));
+        assert!(caller.may_access(acme.id) && !caller.may_access(globex.id));
+        assert!(f.identity.authenticate_api("tern_api_wrong").await.is_err());
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("admin.token");
+        f.identity
+            .ensure_operator_token(&path)
+            .await
+            .expect("operator");
+        let op = std::fs::read_to_string(&path)
+            .expect("read")
+            .trim()
+            .to_string();
+        assert_eq!(
+            f.identity.authenticate_api(&op).await.expect("auth"),
+            Caller::Operator
+        );
+        std::fs::remove_file(&path).expect("remove");
+        f.identity
+            .ensure_operator_token(&path)
+            .await
+            .expect("again");
+        assert!(!path.exists(), "an existing operator token is not replaced");
+        #[cfg(unix)]
+        {
+            // Checked on a fresh file: only the owner may read the secret.
+            let g = fixture().await;
+            let p2 = dir.path().join("second.token");
+            g.identity
+                .ensure_operator_token(&p2)
+                .await
+                .expect("operator");
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&p2).expect("meta").permissions().mode() & 0o777,
+                0o600
+            );
+        }
+    }
+}

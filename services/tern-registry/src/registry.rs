@@ -1,0 +1,506 @@
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tern_core::{
+    Caller, Device, DeviceId, NewDevice, Tenant, TenantId, ValidationError, now_ms, validate_name,
+};
+use tern_store::Store;
+use tokio::sync::Mutex;
+
+use crate::RegistryError;
+
+const TENANT: &str = "tenant";
+const TENANT_NAME: &str = "tenant_name";
+const DEVICE: &str = "device";
+const DEVICE_NAME: &str = "device_name";
+const DEVICE_HARDWARE_ID: &str = "device_hwid";
+const PAGE: usize = 1000;
+
+/// Tenant names are slugs (`acme`, `acme-eu`) so they fit in URLs and topic namespaces; they
+/// may not look like a UUID, so a reference is unambiguously a name or an id.
+pub fn validate_tenant_name(name: &str) -> Result<(), ValidationError> {
+    let slug = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !slug {
+        return Err(ValidationError::new(
+            "name",
+            "tenant names are 1..=63 characters of a-z, 0-9 and '-', not starting or ending with '-'",
+        ));
+    }
+    if TenantId::parse(name).is_ok() {
+        return Err(ValidationError::new(
+            "name",
+            "tenant names may not be UUIDs",
+        ));
+    }
+    Ok(())
+}
+
+/// The registry over a store. Writes are serialised so that uniqueness checks (names,
+/// hardware ids) and their index records cannot race.
+pub struct Registry {
+    store: Arc<dyn Store>,
+    write_lock: Mutex<()>,
+}
+
+impl Registry {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            write_lock: Mutex::new(()),
+        }
+    }
+
+    pub async fn create_tenant(&self, name: &str) -> Result<Tenant, RegistryError> {
+        validate_tenant_name(name)?;
+        let _guard = self.write_lock.lock().await;
+        if self.store.get_record(TENANT_NAME, name).await?.is_some() {
+            return Err(RegistryError::Conflict(format!(
+                "a tenant named {name:?} already exists"
+            )));
+        }
+        let tenant = Tenant {
+            id: TenantId::random(),
+            name: name.to_string(),
+            created_at_ms: now_ms(),
+        };
+        let id = tenant.id.to_string();
+        self.put(TENANT, &id, &tenant).await?;
+        self.store
+            .put_record(TENANT_NAME, name, id.into_bytes().into())
+            .await?;
+        Ok(tenant)
+    }
+
+    /// Finds a tenant by id or name.
+    pub async fn tenant(&self, reference: &str) -> Result<Tenant, RegistryError> {
+        let id = match TenantId::parse(reference) {
+            Ok(id) => id.to_string(),
+            Err(_) => match self.store.get_record(TENANT_NAME, reference).await? {
+                Some(id) => String::from_utf8_lossy(&id).into_owned(),
+                None => return Err(RegistryError::NotFound(format!("tenant {reference:?}"))),
+            },
+        };
+        self.get(TENANT, &id)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("tenant {reference:?}")))
+    }
+
+    /// Resolves a tenant reference for a caller. A tenant-scoped caller is refused any other
+    /// tenant before a lookup, so it learns nothing about which other tenants exist.
+    pub async fn tenant_for(
+        &self,
+        caller: Caller,
+        reference: &str,
+    ) -> Result<Tenant, RegistryError> {
+        match caller {
+            Caller::Operator => self.tenant(reference).await,
+            Caller::Tenant(own) => {
+                let tenant = self.tenant(&own.to_string()).await?;
+                if reference == tenant.name || TenantId::parse(reference).ok() == Some(own) {
+                    Ok(tenant)
+                } else {
+                    Err(RegistryError::Forbidden(format!(
+                        "this token is not valid for tenant {reference:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    pub async fn list_tenants(&self) -> Result<Vec<Tenant>, RegistryError> {
+        self.list(TENANT, "").await
+    }
+
+    /// Deletes an empty tenant; a tenant that still has devices is refused.
+    pub async fn delete_tenant(&self, reference: &str) -> Result<Tenant, RegistryError> {
+        let tenant = self.tenant(reference).await?;
+        let _guard = self.write_lock.lock().await;
+        let prefix = format!("{}/", tenant.id);
+        if !self
+            .store
+            .list_records(DEVICE, &prefix, None, 1)
+            .await?
+            .is_empty()
+        {
+            return Err(RegistryError::FailedPrecondition(format!(
+                "tenant {:?} still has devices; delete them first",
+                tenant.name
+            )));
+        }
+        self.store
+            .delete_record(TENANT, &tenant.id.to_string())
+            .await?;
+        self.store.delete_record(TENANT_NAME, &tenant.name).await?;
+        Ok(tenant)
+    }
+
+    pub async fn create_device(
+        &self,
+        tenant: &str,
+        new: NewDevice,
+    ) -> Result<Device, RegistryError> {
+        new.validate()?;
+        let tenant = self.tenant(tenant).await?;
+        if DeviceId::parse(&new.name).is_ok() {
+            return Err(ValidationError::new("name", "device names may not be UUIDs").into());
+        }
+        let _guard = self.write_lock.lock().await;
+        let name_key = format!("{}/{}", tenant.id, new.name);
+        if self
+            .store
+            .get_record(DEVICE_NAME, &name_key)
+            .await?
+            .is_some()
+        {
+            return Err(RegistryError::Conflict(format!(
+                "a device named {:?} already exists in tenant {:?}",
+                new.name, tenant.name
+            )));
+        }
+        let hardware_key = new
+            .hardware_id
+            .as_ref()
+            .map(|hw| format!("{}/{hw}", tenant.id));
+        if let Some(key) = &hardware_key {
+            if self
+                .store
+                .get_record(DEVICE_HARDWARE_ID, key)
+                .await?
+                .is_some()
+            {
+                return Err(RegistryError::Conflict(format!(
+                    "a device with hardware id {:?} already exists in tenant {:?}",
+                    new.hardware_id.unwrap_or_default(),
+                    tenant.name
+                )));
+            }
+        }
+        let device = Device {
+            id: DeviceId::random(),
+            tenant_id: tenant.id,
+            name: new.name,
+            labels: new.labels,
+            hardware_id: new.hardware_id,
+            created_at_ms: now_ms(),
+            disabled: false,
+        };
+        let id = device.id.to_string();
+        self.put(DEVICE, &format!("{}/{id}", tenant.id), &device)
+            .await?;
+        self.store
+            .put_record(DEVICE_NAME, &name_key, id.clone().into_bytes().into())
+            .await?;
+        if let Some(key) = hardware_key {
+            self.store
+                .put_record(DEVICE_HARDWARE_ID, &key, id.into_bytes().into())
+                .await?;
+        }
+        Ok(device)
+    }
+
+    /// Finds a device of a tenant by id or name.
+    pub async fn device(&self, tenant: &str, reference: &str) -> Result<Device, RegistryError> {
+        let tenant = self.tenant(tenant).await?;
+        self.device_of(tenant.id, reference).await
+    }
+
+    /// Like [`Registry::device`] for a tenant already resolved (the hot path of the bridge).
+    pub async fn device_of(
+        &self,
+        tenant: TenantId,
+        reference: &str,
+    ) -> Result<Device, RegistryError> {
+        let id = match DeviceId::parse(reference) {
+            Ok(id) => id.to_string(),
+            Err(_) => {
+                validate_name("device", reference)?;
+                match self
+                    .store
+                    .get_record(DEVICE_NAME, &format!("{tenant}/{reference}"))
+                    .await?
+                {
+                    Some(id) => String::from_utf8_lossy(&id).into_owned(),
+                    None => return Err(RegistryError::NotFound(format!("device {reference:?}"))),
+                }
+            }
+        };
+        self.get(DEVICE, &format!("{tenant}/{id}"))
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("device {reference:?}")))
+    }
+
+    pub async fn list_devices(&self, tenant: &str) -> Result<Vec<Device>, RegistryError> {
+        let tenant = self.tenant(tenant).await?;
+        self.list(DEVICE, &format!("{}/", tenant.id)).await
+    }
+
+    pub async fn delete_device(
+        &self,
+        tenant: &str,
+        reference: &str,
+    ) -> Result<Device, RegistryError> {
+        let device = self.device(tenant, reference).await?;
+        let _guard = self.write_lock.lock().await;
+        let t = device.tenant_id;
+        self.store
+            .delete_record(DEVICE, &format!("{t}/{}", device.id))
+            .await?;
+        self.store
+            .delete_record(DEVICE_NAME, &format!("{t}/{}", device.name))
+            .await?;
+        if let Some(hw) = &device.hardware_id {
+            self.store
+                .delete_record(DEVICE_HARDWARE_ID, &format!("{t}/{hw}"))
+                .await?;
+        }
+        Ok(device)
+    }
+
+    async fn put<T: Serialize>(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), RegistryError> {
+        self.store.put_record(kind, key, to_bytes(value)).await?;
+        Ok(())
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        kind: &str,
+        key: &str,
+    ) -> Result<Option<T>, RegistryError> {
+        match self.store.get_record(kind, key).await? {
+            None => Ok(None),
+            Some(bytes) => decode(key, &bytes).map(Some),
+        }
+    }
+
+    async fn list<T: DeserializeOwned>(
+        &self,
+        kind: &str,
+        prefix: &str,
+    ) -> Result<Vec<T>, RegistryError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list_records(kind, prefix, after.as_deref(), PAGE)
+                .await?;
+            let full = page.len() == PAGE;
+            for (key, bytes) in page {
+                out.push(decode(&key, &bytes)?);
+                after = Some(key);
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// JSON for a record; serialising our own plain structs cannot fail.
+fn to_bytes<T: Serialize>(value: &T) -> bytes::Bytes {
+    serde_json::to_vec(value).unwrap_or_default().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tern_store::EmbeddedStore;
+
+    use super::*;
+
+    fn registry() -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path()).expect("store");
+        (dir, Registry::new(Arc::new(store)))
+    }
+
+    fn new_device(name: &str, hardware_id: Option<&str>) -> NewDevice {
+        NewDevice {
+            name: name.into(),
+            labels: BTreeMap::from([("site".into(), "berlin".into())]),
+            hardware_id: hardware_id.map(Into::into),
+        }
+    }
+
+    #[tokio::test]
+    async fn tenants_are_found_by_id_or_name_and_names_are_unique() {
+        let (_dir, registry) = registry();
+        let acme = registry.create_tenant("acme").await.expect("create");
+        assert_eq!(registry.tenant("acme").await.expect("by name"), acme);
+        assert_eq!(
+            registry.tenant(&acme.id.to_string()).await.expect("by id"),
+            acme
+        );
+        assert!(matches!(
+            registry.create_tenant("acme").await,
+            Err(RegistryError::Conflict(_))
+        ));
+        assert!(matches!(
+            registry.create_tenant("Acme Corp").await,
+            Err(RegistryError::Invalid(_))
+        ));
+        let uuid_like = TenantId::random().to_string();
+        assert!(matches!(
+            registry.create_tenant(&uuid_like).await,
+            Err(RegistryError::Invalid(_))
+        ));
+        assert!(matches!(
+            registry.tenant("nope").await,
+            Err(RegistryError::NotFound(_))
+        ));
+        registry.create_tenant("globex").await.expect("create");
+        let names: Vec<String> = registry
+            .list_tenants()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn tenant_scoped_callers_see_only_their_tenant() {
+        let (_dir, registry) = registry();
+        let acme = registry.create_tenant("acme").await.expect("create");
+        let globex = registry.create_tenant("globex").await.expect("create");
+        let caller = Caller::Tenant(acme.id);
+        assert_eq!(
+            registry.tenant_for(caller, "acme").await.expect("own"),
+            acme
+        );
+        assert_eq!(
+            registry
+                .tenant_for(caller, &acme.id.to_string())
+                .await
+                .expect("own"),
+            acme
+        );
+        for other in ["globex", &globex.id.to_string(), "does-not-exist"] {
+            assert!(matches!(
+                registry.tenant_for(caller, other).await,
+                Err(RegistryError::Forbidden(_))
+            ));
+        }
+        assert_eq!(
+            registry
+                .tenant_for(Caller::Operator, "globex")
+                .await
+                .expect("operator"),
+            globex
+        );
+    }
+
+    #[tokio::test]
+    async fn devices_belong_to_one_tenant() {
+        let (_dir, registry) = registry();
+        registry.create_tenant("acme").await.expect("create");
+        registry.create_tenant("globex").await.expect("create");
+        let boiler = registry
+            .create_device("acme", new_device("boiler-1", Some("SN-1")))
+            .await
+            .expect("create");
+        assert_eq!(
+            registry.device("acme", "boiler-1").await.expect("by name"),
+            boiler
+        );
+        assert_eq!(
+            registry
+                .device("acme", &boiler.id.to_string())
+                .await
+                .expect("by id"),
+            boiler
+        );
+        // The same id under another tenant is not visible.
+        assert!(matches!(
+            registry.device("globex", &boiler.id.to_string()).await,
+            Err(RegistryError::NotFound(_))
+        ));
+        // Names and hardware ids are unique per tenant, not globally.
+        assert!(matches!(
+            registry
+                .create_device("acme", new_device("boiler-1", None))
+                .await,
+            Err(RegistryError::Conflict(_))
+        ));
+        assert!(matches!(
+            registry
+                .create_device("acme", new_device("boiler-2", Some("SN-1")))
+                .await,
+            Err(RegistryError::Conflict(_))
+        ));
+        registry
+            .create_device("globex", new_device("boiler-1", Some("SN-1")))
+            .await
+            .expect("other tenant");
+        assert_eq!(registry.list_devices("acme").await.expect("list").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn deleting_frees_names_and_tenants_with_devices_are_kept() {
+        let (_dir, registry) = registry();
+        registry.create_tenant("acme").await.expect("create");
+        registry
+            .create_device("acme", new_device("boiler-1", Some("SN-1")))
+            .await
+            .expect("create");
+        assert!(matches!(
+            registry.delete_tenant("acme").await,
+            Err(RegistryError::FailedPrecondition(_))
+        ));
+        registry
+            .delete_device("acme", "boiler-1")
+            .await
+            .expect("delete");
+        assert!(matches!(
+            registry.device("acme", "boiler-1").await,
+            Err(RegistryError::NotFound(_))
+        ));
+        registry
+            .create_device("acme", new_device("boiler-1", Some("SN-1")))
+            .await
+            .expect("name reusable");
+        registry
+            .delete_device("acme", "boiler-1")
+            .await
+            .expect("delete");
+        registry.delete_tenant("acme").await.expect("empty tenant");
+        assert!(registry.list_tenants().await.expect("list").is_empty());
+        registry
+            .create_tenant("acme")
+            .await
+            .expect("tenant name reusable");
+    }
+
+    #[tokio::test]
+    async fn bad_input_names_the_field() {
+        let (_dir, registry) = registry();
+        registry.create_tenant("acme").await.expect("create");
+        let mut bad = new_device("ok", None);
+        bad.labels.insert("bad key".into(), "x".into());
+        match registry.create_device("acme", bad).await {
+            Err(RegistryError::Invalid(e)) => assert_eq!(e.field, "labels.bad key"),
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+}
