@@ -1,1 +1,102 @@
+//! The broker bridge: the device-facing MQTT endpoint.
+//!
+//! This first cut speaks MQTT 3.1.1 over TCP: devices authenticate with their id and access
+//! token, publish `telemetry` and `event` with QoS 0, 1 or 2, and get their PUBACK (PUBREC)
+//! only after the message is durable in the event log. Publishes from one connection are
+//! appended concurrently and acknowledged in order, so a device that pipelines QoS 1 messages
+//! is not held to one fsync per message.
 
+mod config;
+mod connection;
+mod envelope;
+mod metrics;
+mod sessions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tern_eventlog::EventLog;
+use tern_identity::Identity;
+use tern_registry::Registry;
+use tern_runtime::{MetricsRegistry, Shutdown};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+pub use config::BridgeConfig;
+pub use envelope::{EVENT_TOPIC, TELEMETRY_TOPIC};
+
+use crate::metrics::BridgeMetrics;
+use crate::sessions::Sessions;
+
+/// Everything a connection needs, shared by all connections.
+pub struct Bridge {
+    config: BridgeConfig,
+    identity: Arc<Identity>,
+    registry: Arc<Registry>,
+    log: Arc<dyn EventLog>,
+    metrics: BridgeMetrics,
+    sessions: Sessions,
+}
+
+impl Bridge {
+    pub fn new(
+        config: BridgeConfig,
+        identity: Arc<Identity>,
+        registry: Arc<Registry>,
+        log: Arc<dyn EventLog>,
+        metrics: &MetricsRegistry,
+    ) -> Self {
+        Self {
+            config,
+            identity,
+            registry,
+            log,
+            metrics: BridgeMetrics::register(metrics),
+            sessions: Sessions::default(),
+        }
+    }
+
+    /// Accepts MQTT connections until `shutdown` is cancelled, then stops accepting, lets every
+    /// connection finish acknowledging what it has already received, and returns.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        let tracker = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(self.config.max_connections));
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                self.metrics.refused_connections.inc();
+                tracing::warn!(%peer, limit = self.config.max_connections, "connection limit reached; refusing");
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let bridge = self.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                connection::run(bridge, stream, peer, shutdown).await;
+                drop(permit);
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+        tracing::info!("MQTT listener stopped");
+    }
+}
+
+/// Binds the MQTT listener (separately from serving, so callers learn the address first).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

@@ -1,0 +1,315 @@
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tern_eventlog::{Consumed, Consumer, EventLog, LogError};
+use tern_proto::v1::{Event, EventKind};
+use tern_runtime::{MetricsRegistry, Shutdown};
+use tern_store::{Point, RawEvent, Store, StoreError, WriteBatch};
+
+use crate::metrics::{IngestMetrics, StreamLabel};
+
+/// The consumer group of the ingest pipeline.
+pub const INGEST_GROUP: &str = "analytics-ingest";
+const STREAMS: [&str; 2] = ["telemetry", "event"];
+const BATCH: usize = 512;
+const POLL_WAIT: Duration = Duration::from_millis(500);
+
+pub struct Ingest {
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn Store>,
+    metrics: IngestMetrics,
+}
+
+/// The store writes for one envelope: one point per decoded metric, or one raw event.
+pub fn event_to_writes(event: Event, out: &mut WriteBatch) {
+    let ts_ms = if event.device_time_ms > 0 {
+        event.device_time_ms
+    } else {
+        event.ingest_time_ms
+    };
+    if !event.metrics.is_empty() {
+        for metric in event.metrics {
+            out.points.push(Point {
+                tenant: event.tenant_id.clone(),
+                device: event.device_id.clone(),
+                metric: metric.name,
+                ts_ms,
+                value: metric.value,
+                message_id: event.message_id.clone(),
+            });
+        }
+        return;
+    }
+    let kind = match EventKind::try_from(event.kind) {
+        Ok(EventKind::Event) => "event",
+        Ok(EventKind::Lifecycle) => "lifecycle",
+        _ => "telemetry",
+    };
+    out.events.push(RawEvent {
+        tenant: event.tenant_id,
+        device: event.device_id,
+        ts_ms,
+        message_id: event.message_id,
+        kind: kind.to_string(),
+        topic: event.topic,
+        content_type: event.content_type,
+        payload: event.payload.into(),
+    });
+}
+
+impl Ingest {
+    pub fn new(log: Arc<dyn EventLog>, store: Arc<dyn Store>, metrics: &MetricsRegistry) -> Self {
+        Self {
+            log,
+            store,
+            metrics: IngestMetrics::register(metrics),
+        }
+    }
+
+    /// Consumes every stream until `shutdown`; the batch in hand is finished and committed first.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), LogError> {
+        let this = Arc::new(self);
+        let mut tasks = Vec::new();
+        for stream in STREAMS {
+            let consumer = this.log.consumer(INGEST_GROUP, stream).await?;
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                this.consume(stream, consumer, shutdown).await
+            }));
+        }
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "ingest task failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        stream: &'static str,
+        mut consumer: Box<dyn Consumer>,
+        shutdown: Shutdown,
+    ) {
+        let label = StreamLabel {
+            stream: stream.to_string(),
+        };
+        loop {
+            let batch = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                batch = consumer.poll(BATCH, POLL_WAIT) => batch,
+            };
+            let records = match batch {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::error!(stream, error = %e, "cannot read the event log; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if records.is_empty() {
+                continue;
+            }
+            self.metrics
+                .records
+                .get_or_create(&label)
+                .inc_by(records.len() as u64);
+            let positions: Vec<_> = records.iter().map(|r| r.position).collect();
+            // Commit only what is stored; if shutdown interrupted the retries, nothing is
+            // committed and the batch is read again after restart.
+            if !self.store_durably(stream, records, &shutdown).await {
+                return;
+            }
+            if let Err(e) = consumer.commit(&positions).await {
+                tracing::error!(stream, error = %e, "offset commit failed; the batch will be replayed");
+            }
+            if let Ok(lag) = consumer.lag().await {
+                self.metrics.lag.get_or_create(&label).set(lag as i64);
+            }
+        }
+    }
+
+    /// Writes a batch, retrying storage failures with backoff. Records that cannot be stored at
+    /// all (undecodable, or refused as invalid) are logged and skipped so they cannot block the
+    /// stream. Returns false only when shutdown interrupted the retries.
+    async fn store_durably(
+        &self,
+        stream: &'static str,
+        records: Vec<Consumed>,
+        shutdown: &Shutdown,
+    ) -> bool {
+        let label = StreamLabel {
+            stream: stream.to_string(),
+        };
+        let mut batch = WriteBatch::default();
+        for record in &records {
+            match Event::decode(record.value.as_ref()) {
+                Ok(event) => event_to_writes(event, &mut batch),
+                Err(e) => {
+                    tracing::error!(stream, offset = record.position.offset, error = %e, "undecodable envelope skipped");
+                    self.metrics.skipped.get_or_create(&label).inc();
+                }
+            }
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            match self.store.write(batch.clone()).await {
+                Ok(()) => {
+                    self.metrics
+                        .store_write_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.points.inc_by(batch.points.len() as u64);
+                    self.metrics.events.inc_by(batch.events.len() as u64);
+                    return true;
+                }
+                Err(StoreError::Invalid { .. }) => {
+                    self.store_one_by_one(&label, batch).await;
+                    return true;
+                }
+                Err(e) => {
+                    tracing::error!(stream, error = %e, "store write failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return false,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn store_one_by_one(&self, label: &StreamLabel, batch: WriteBatch) {
+        let singles = batch
+            .points
+            .into_iter()
+            .map(|p| WriteBatch {
+                points: vec![p],
+                events: vec![],
+            })
+            .chain(batch.events.into_iter().map(|e| WriteBatch {
+                points: vec![],
+                events: vec![e],
+            }));
+        for single in singles {
+            if let Err(e) = self.store.write(single).await {
+                tracing::error!(stream = %label.stream, error = %e, "record refused by the store; skipped");
+                self.metrics.skipped.get_or_create(label).inc();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, Record};
+    use tern_proto::v1::Metric;
+    use tern_store::{EmbeddedStore, RangeQuery};
+
+    use super::*;
+
+    fn envelope(id: &str, metrics: Vec<(&str, f64)>, payload: &[u8]) -> Event {
+        Event {
+            tenant_id: "t".into(),
+            device_id: "d".into(),
+            kind: EventKind::Telemetry as i32,
+            message_id: id.into(),
+            device_time_ms: 0,
+            ingest_time_ms: 1_000,
+            content_type: "application/json".into(),
+            payload: payload.to_vec(),
+            metrics: metrics
+                .into_iter()
+                .map(|(n, v)| Metric {
+                    name: n.into(),
+                    value: v,
+                })
+                .collect(),
+            trace_context: Default::default(),
+            topic: "telemetry".into(),
+        }
+    }
+
+    fn all() -> RangeQuery {
+        RangeQuery {
+            tenant: "t".into(),
+            device: "d".into(),
+            from_ms: i64::MIN,
+            to_ms: i64::MAX,
+            limit: 100,
+            descending: false,
+        }
+    }
+
+    #[test]
+    fn metrics_become_points_and_the_rest_raw_events() {
+        let mut batch = WriteBatch::default();
+        let mut with_ts = envelope("m1", vec![("temp", 21.5), ("hum", 40.0)], b"{}");
+        with_ts.device_time_ms = 500;
+        event_to_writes(with_ts, &mut batch);
+        event_to_writes(envelope("m2", vec![], b"hello"), &mut batch);
+        assert_eq!(batch.points.len(), 2);
+        assert_eq!(batch.points[0].ts_ms, 500, "the device timestamp wins");
+        assert_eq!(batch.events.len(), 1);
+        assert_eq!(
+            batch.events[0].ts_ms, 1_000,
+            "ingest time when the device sent none"
+        );
+        assert_eq!(batch.events[0].kind, "telemetry");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ingest_stores_commits_and_skips_poison_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log: Arc<dyn EventLog> = Arc::new(
+            EmbeddedLog::open(EmbeddedLogConfig::new(dir.path().join("log"))).expect("log"),
+        );
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("store")).expect("store"));
+        let good = envelope("m1", vec![("temp", 21.5)], b"{}");
+        log.append(vec![
+            Record {
+                topic: "telemetry".into(),
+                key: "k".into(),
+                value: b"\xff not protobuf".to_vec().into(),
+            },
+            Record {
+                topic: "telemetry".into(),
+                key: "k".into(),
+                value: good.encode_to_vec().into(),
+            },
+            // Replayed message: stored once.
+            Record {
+                topic: "telemetry".into(),
+                key: "k".into(),
+                value: good.encode_to_vec().into(),
+            },
+        ])
+        .await
+        .expect("append");
+
+        let shutdown = Shutdown::new();
+        let ingest = Ingest::new(log.clone(), store.clone(), &MetricsRegistry::default());
+        let task = tokio::spawn(ingest.run(shutdown.clone()));
+        let mut lag = u64::MAX;
+        for _ in 0..100 {
+            let consumer = log
+                .consumer(INGEST_GROUP, "telemetry")
+                .await
+                .expect("consumer");
+            lag = consumer.lag().await.expect("lag");
+            if lag == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        shutdown.cancel();
+        task.await.expect("join").expect("run");
+        assert_eq!(lag, 0, "everything committed, the poison record included");
+        let points = store.points(&all(), "temp").await.expect("points");
+        assert_eq!(points.len(), 1);
+        assert_eq!(points[0].value, 21.5);
+    }
+}

@@ -1,0 +1,27 @@
+use serde::{Deserialize, Serialize};
+
+/// Settings of the MQTT endpoint (`[mqtt]` in the config file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BridgeConfig {
+    /// Largest packet accepted, in bytes (remaining length); bigger ones close the connection.
+    pub max_packet_size: usize,
+    /// Connections beyond this are refused at accept.
+    pub max_connections: usize,
+    /// A client must send CONNECT within this many seconds of opening the connection.
+    pub connect_timeout_secs: u64,
+    /// Publishes received but not yet durable, per connection; beyond this the bridge stops
+    /// reading from that connection (TCP back-pressure) instead of buffering without bound.
+    pub max_inflight: usize,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 256 * 1024,
+            max_connections: 100_000,
+            connect_timeout_secs: 10,
+            max_inflight: 64,
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! One MQTT connection: CONNECT and authentication, then the packet loop.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
+    SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
+use tern_core::{DeviceId, TenantId};
+use tern_eventlog::{LogError, Position};
+use tern_proto::v1::EventKind;
+use tern_runtime::Shutdown;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout, timeout_at};
+use tracing::Instrument;
+
+use crate::Bridge;
+use crate::envelope::record;
+use crate::metrics::{KindLabel, ReasonLabel};
+
+/// A received publish (or a reply that must keep its place in the order of acknowledgements),
+/// waiting for its durable append.
+struct Pending {
+    append: Option<JoinHandle<Result<Vec<Position>, LogError>>>,
+    reply: Option<Packet>,
+    received: Instant,
+}
+
+/// Why a connection ended; becomes a metric label and a log field.
+#[derive(Debug, Clone, Copy)]
+enum Close {
+    ClientDisconnect,
+    ClientClosed,
+    KeepaliveExpired,
+    TakenOver,
+    ServerShutdown,
+    ProtocolError,
+    UnsupportedTopic,
+    AppendFailed,
+    WriteFailed,
+}
+
+impl Close {
+    fn label(self) -> &'static str {
+        match self {
+            Self::ClientDisconnect => "client_disconnect",
+            Self::ClientClosed => "client_closed",
+            Self::KeepaliveExpired => "keepalive_expired",
+            Self::TakenOver => "session_taken_over",
+            Self::ServerShutdown => "server_shutdown",
+            Self::ProtocolError => "protocol_error",
+            Self::UnsupportedTopic => "unsupported_topic",
+            Self::AppendFailed => "append_failed",
+            Self::WriteFailed => "write_failed",
+        }
+    }
+
+    fn is_error(self) -> bool {
+        matches!(
+            self,
+            Self::ProtocolError | Self::UnsupportedTopic | Self::AppendFailed | Self::WriteFailed
+        )
+    }
+}
+
+struct Connection {
+    bridge: Arc<Bridge>,
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    inbox: BytesMut,
+    outbox: BytesMut,
+}
+
+pub(crate) async fn run(
+    bridge: Arc<Bridge>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: Shutdown,
+) {
+    let span = tracing::info_span!("mqtt", %peer, tenant = tracing::field::Empty, device = tracing::field::Empty);
+    async move {
+        let (reader, writer) = stream.into_split();
+        let mut conn = Connection {
+            bridge,
+            reader,
+            writer,
+            inbox: BytesMut::with_capacity(4096),
+            outbox: BytesMut::with_capacity(64),
+        };
+        let Some((tenant, device, keepalive)) = conn.handshake().await else {
+            return;
+        };
+        let span = tracing::Span::current();
+        span.record("tenant", tracing::field::display(tenant));
+        span.record("device", tracing::field::display(device));
+        let bridge = conn.bridge.clone();
+        bridge.metrics.connections_total.inc();
+        bridge.metrics.connections.inc();
+        let session = bridge.sessions.claim(tenant, device);
+        tracing::info!(keepalive, "device connected");
+        let close = conn
+            .serve(tenant, device, keepalive, &session.closed, &shutdown)
+            .await;
+        bridge.metrics.connections.dec();
+        if close.is_error() {
+            bridge
+                .metrics
+                .closed_on_error
+                .get_or_create(&ReasonLabel {
+                    reason: close.label(),
+                })
+                .inc();
+        }
+        tracing::info!(reason = close.label(), "device disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+impl Connection {
+    /// Reads the next complete packet. Cancel-safe: bytes read so far stay in `inbox`.
+    async fn read_packet(&mut self) -> Result<Option<Packet>, CodecError> {
+        loop {
+            match Packet::read(&mut self.inbox, self.bridge.config.max_packet_size) {
+                Ok(packet) => return Ok(Some(packet)),
+                Err(CodecError::InsufficientBytes(_)) => {
+                    if self.reader.read_buf(&mut self.inbox).await? == 0 {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn send(&mut self, packet: &Packet) -> Result<(), CodecError> {
+        self.outbox.clear();
+        packet.write(&mut self.outbox, usize::MAX)?;
+        self.writer.write_all(&self.outbox).await?;
+        self.bridge.metrics.packets_out.inc();
+        Ok(())
+    }
+
+    /// Waits for CONNECT and authenticates it. Returns the device and keepalive on success; on
+    /// failure the CONNACK refusal (where one is due) has been sent and the caller closes.
+    async fn handshake(&mut self) -> Option<(TenantId, DeviceId, u16)> {
+        let limit = Duration::from_secs(self.bridge.config.connect_timeout_secs);
+        let connect = match timeout(limit, self.read_packet()).await {
+            Err(_) => return self.refuse_silently("connect_timeout"),
+            Ok(Ok(None)) => return None,
+            Ok(Ok(Some(Packet::Connect(connect)))) => connect,
+            Ok(Ok(Some(other))) => {
+                tracing::info!(packet = ?packet_name(&other), "first packet was not CONNECT");
+                return self.refuse_silently("not_connect");
+            }
+            Ok(Err(CodecError::InvalidProtocolLevel(level))) => {
+                tracing::info!(level, "unsupported MQTT protocol level");
+                return self
+                    .refuse(
+                        ConnectReturnCode::RefusedProtocolVersion,
+                        "protocol_version",
+                    )
+                    .await;
+            }
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "malformed CONNECT");
+                return self.refuse_silently("malformed_connect");
+            }
+        };
+        self.authenticate(connect).await
+    }
+
+    async fn authenticate(&mut self, connect: Connect) -> Option<(TenantId, DeviceId, u16)> {
+        use ConnectReturnCode::*;
+        if connect.protocol != Protocol::V4 {
+            return self
+                .refuse(RefusedProtocolVersion, "protocol_version")
+                .await;
+        }
+        let Some(login) = connect.login else {
+            tracing::info!("CONNECT without credentials");
+            return self.refuse(BadUserNamePassword, "no_credentials").await;
+        };
+        let Ok(device_id) = DeviceId::parse(&login.username) else {
+            tracing::info!("CONNECT username is not a device id");
+            return self.refuse(BadUserNamePassword, "bad_username").await;
+        };
+        if !connect.client_id.is_empty() && connect.client_id != login.username {
+            tracing::info!(client_id = %connect.client_id, "client id differs from the device id");
+            return self.refuse(BadClientId, "bad_client_id").await;
+        }
+        let principal = match self.bridge.identity.verify_device_token(&login.password) {
+            Ok(p) if p.device_id == device_id => p,
+            Ok(_) => {
+                tracing::info!(%device_id, "token belongs to another device");
+                return self
+                    .refuse(BadUserNamePassword, "token_device_mismatch")
+                    .await;
+            }
+            Err(_) => {
+                tracing::info!(%device_id, "invalid or expired token");
+                return self.refuse(BadUserNamePassword, "bad_token").await;
+            }
+        };
+        match self
+            .bridge
+            .registry
+            .device_of(principal.tenant_id, &device_id.to_string())
+            .await
+        {
+            Ok(device) if !device.disabled => {}
+            Ok(_) => {
+                tracing::info!(%device_id, "device is disabled");
+                return self.refuse(NotAuthorized, "device_disabled").await;
+            }
+            Err(e) => {
+                tracing::info!(%device_id, error = %e, "device not in the registry");
+                return self.refuse(NotAuthorized, "unknown_device").await;
+            }
+        }
+        self.send(&Packet::ConnAck(ConnAck::new(Success, false)))
+            .await
+            .ok()?;
+        Some((principal.tenant_id, device_id, connect.keep_alive))
+    }
+
+    async fn refuse<T>(&mut self, code: ConnectReturnCode, reason: &'static str) -> Option<T> {
+        let _ = self.send(&Packet::ConnAck(ConnAck::new(code, false))).await;
+        let _ = self.writer.shutdown().await;
+        self.refuse_silently(reason)
+    }
+
+    fn refuse_silently<T>(&self, reason: &'static str) -> Option<T> {
+        self.bridge
+            .metrics
+            .connect_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        None
+    }
+
+    /// The packet loop of an authenticated connection.
+    async fn serve(
+        &mut self,
+        tenant: TenantId,
+        device: DeviceId,
+        keepalive: u16,
+        taken_over: &Shutdown,
+        shutdown: &Shutdown,
+    ) -> Close {
+        // MQTT 3.1.1 3.1.2.10: the server disconnects after 1.5 keepalive periods of silence.
+        let grace = (keepalive > 0).then(|| Duration::from_millis(u64::from(keepalive) * 1500));
+        let far_future = Duration::from_secs(365 * 24 * 3600);
+        let mut deadline = Instant::now() + grace.unwrap_or(far_future);
+        let mut inflight: VecDeque<Pending> = VecDeque::new();
+        // QoS 2 packet ids received and not yet released (PUBREL), for exactly-once.
+        let mut qos2: HashSet<u16> = HashSet::new();
+        let max_inflight = self.bridge.config.max_inflight.max(1);
+
+        let close = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Close::ServerShutdown,
+                _ = taken_over.cancelled() => break Close::TakenOver,
+                done = next_done(&mut inflight), if !inflight.is_empty() => {
+                    if let Err(close) = self.acknowledge(done).await {
+                        break close;
+                    }
+                }
+                read = timeout_at(deadline, self.read_packet()), if inflight.len() < max_inflight => {
+                    let packet = match read {
+                        Err(_) => break Close::KeepaliveExpired,
+                        Ok(Ok(None)) => break Close::ClientClosed,
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, "malformed packet; closing");
+                            break Close::ProtocolError;
+                        }
+                        Ok(Ok(Some(packet))) => packet,
+                    };
+                    deadline = Instant::now() + grace.unwrap_or(far_future);
+                    match self.handle(packet, tenant, device, &mut inflight, &mut qos2).await {
+                        Ok(true) => {}
+                        Ok(false) => break Close::ClientDisconnect,
+                        Err(close) => break close,
+                    }
+                }
+            }
+        };
+        // Whatever was received is acknowledged once durable, even when closing.
+        while !inflight.is_empty() {
+            let done = next_done(&mut inflight).await;
+            if self.acknowledge(done).await.is_err() {
+                break;
+            }
+        }
+        let _ = self.writer.shutdown().await;
+        close
+    }
+
+    /// Sends the reply of a finished pending entry; a failed append closes the connection
+    /// without an acknowledgement, so the device sends the message again.
+    async fn acknowledge(&mut self, done: (Pending, Result<(), String>)) -> Result<(), Close> {
+        let (pending, result) = done;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "event log append failed; closing so the device retries");
+            return Err(Close::AppendFailed);
+        }
+        if pending.append.is_some() {
+            self.bridge
+                .metrics
+                .append_seconds
+                .observe(pending.received.elapsed().as_secs_f64());
+        }
+        if let Some(reply) = pending.reply {
+            self.send(&reply).await.map_err(|_| Close::WriteFailed)?;
+        }
+        Ok(())
+    }
+
+    /// Handles one packet; `Ok(false)` is a clean DISCONNECT.
+    async fn handle(
+        &mut self,
+        packet: Packet,
+        tenant: TenantId,
+        device: DeviceId,
+        inflight: &mut VecDeque<Pending>,
+        qos2: &mut HashSet<u16>,
+    ) -> Result<bool, Close> {
+        let immediate = |reply: Packet| Pending {
+            append: None,
+            reply: Some(reply),
+            received: Instant::now(),
+        };
+        match packet {
+            Packet::Publish(publish) => {
+                if publish.qos == QoS::ExactlyOnce && qos2.contains(&publish.pkid) {
+                    // A resent QoS 2 publish: already stored (or being stored); answer again
+                    // in order without storing twice.
+                    inflight.push_back(immediate(Packet::PubRec(PubRec::new(publish.pkid))));
+                    return Ok(true);
+                }
+                let pending = self.accept_publish(publish, tenant, device, qos2)?;
+                inflight.push_back(pending);
+            }
+            Packet::PubRel(rel) => {
+                qos2.remove(&rel.pkid);
+                inflight.push_back(immediate(Packet::PubComp(PubComp::new(rel.pkid))));
+            }
+            Packet::Subscribe(subscribe) => {
+                // Subscriptions arrive with the full broker; until then every filter is refused
+                // with the failure return code MQTT 3.1.1 defines for that (0x80).
+                tracing::info!(
+                    filters = subscribe.filters.len(),
+                    "subscriptions are not available yet; refused"
+                );
+                let codes = vec![SubscribeReasonCode::Failure; subscribe.filters.len()];
+                inflight.push_back(immediate(Packet::SubAck(SubAck::new(
+                    subscribe.pkid,
+                    codes,
+                ))));
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                inflight.push_back(immediate(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))));
+            }
+            Packet::PingReq => {
+                self.send(&Packet::PingResp)
+                    .await
+                    .map_err(|_| Close::WriteFailed)?;
+            }
+            Packet::Disconnect => return Ok(false),
+            other => {
+                tracing::info!(
+                    packet = packet_name(&other),
+                    "unexpected packet from a client; closing"
+                );
+                return Err(Close::ProtocolError);
+            }
+        }
+        Ok(true)
+    }
+
+    fn accept_publish(
+        &self,
+        publish: Publish,
+        tenant: TenantId,
+        device: DeviceId,
+        qos2: &mut HashSet<u16>,
+    ) -> Result<Pending, Close> {
+        let kind = match publish.topic.as_str() {
+            "telemetry" => EventKind::Telemetry,
+            "event" => EventKind::Event,
+            topic => {
+                tracing::info!(
+                    topic,
+                    "publish to a topic this bridge does not serve yet; closing"
+                );
+                return Err(Close::UnsupportedTopic);
+            }
+        };
+        let metrics = &self.bridge.metrics;
+        metrics
+            .messages_in
+            .get_or_create(&KindLabel {
+                kind: if kind == EventKind::Event {
+                    "event"
+                } else {
+                    "telemetry"
+                },
+            })
+            .inc();
+        metrics.bytes_in.inc_by(publish.payload.len() as u64);
+        let reply = match publish.qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(publish.pkid))),
+            QoS::ExactlyOnce => {
+                qos2.insert(publish.pkid);
+                Some(Packet::PubRec(PubRec::new(publish.pkid)))
+            }
+        };
+        let rec = record(tenant, device, kind, &publish.topic, publish.payload);
+        let log = self.bridge.log.clone();
+        Ok(Pending {
+            append: Some(tokio::spawn(async move { log.append(vec![rec]).await })),
+            reply,
+            received: Instant::now(),
+        })
+    }
+}
+
+/// Waits for the oldest pending entry (acknowledgements go out in the order received).
+async fn next_done(inflight: &mut VecDeque<Pending>) -> (Pending, Result<(), String>) {
+    let result = match inflight.front_mut().and_then(|p| p.append.as_mut()) {
+        Some(handle) => match handle.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        None => Ok(()),
+    };
+    let pending = inflight
+        .pop_front()
+        .expect("next_done is only polled with entries");
+    (pending, result)
+}
+
+fn packet_name(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect => "DISCONNECT",
+    }
+}

@@ -1,0 +1,109 @@
+//! Turning an accepted device message into the event-log envelope (`tern.v1.Event`).
+
+use bytes::Bytes;
+use prost::Message;
+use tern_core::{DeviceId, TenantId, decode_telemetry, now_ms};
+use tern_eventlog::Record;
+use tern_proto::v1::{Event, EventKind, Metric};
+
+/// Event-log topic of numeric and other telemetry.
+pub const TELEMETRY_TOPIC: &str = "telemetry";
+/// Event-log topic of discrete device events.
+pub const EVENT_TOPIC: &str = "event";
+
+/// Builds the log record: keyed by tenant/device so each device's messages stay in order.
+pub(crate) fn record(
+    tenant: TenantId,
+    device: DeviceId,
+    kind: EventKind,
+    topic: &str,
+    payload: Bytes,
+) -> Record {
+    let decoded = decode_telemetry(&payload);
+    let content_type =
+        if decoded.is_some() || serde_json::from_slice::<serde::de::IgnoredAny>(&payload).is_ok() {
+            "application/json"
+        } else {
+            "application/octet-stream"
+        };
+    let (device_time_ms, metrics) = match decoded {
+        Some(t) => (
+            t.device_time_ms.unwrap_or(0),
+            t.metrics
+                .into_iter()
+                .map(|(name, value)| Metric { name, value })
+                .collect(),
+        ),
+        None => (0, Vec::new()),
+    };
+    let event = Event {
+        tenant_id: tenant.to_string(),
+        device_id: device.to_string(),
+        kind: kind as i32,
+        message_id: uuid::Uuid::new_v4().to_string(),
+        device_time_ms,
+        ingest_time_ms: now_ms(),
+        content_type: content_type.to_string(),
+        payload: payload.to_vec(),
+        metrics,
+        trace_context: Default::default(),
+        topic: topic.to_string(),
+    };
+    let log_topic = match kind {
+        EventKind::Event => EVENT_TOPIC,
+        _ => TELEMETRY_TOPIC,
+    };
+    Record {
+        topic: log_topic.to_string(),
+        key: Bytes::from(format!("{tenant}/{device}")),
+        value: Bytes::from(event.encode_to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_telemetry_is_decoded_into_the_envelope() {
+        let (t, d) = (TenantId::random(), DeviceId::random());
+        let r = record(
+            t,
+            d,
+            EventKind::Telemetry,
+            "telemetry",
+            Bytes::from_static(br#"{"temp":21.5,"ts":5}"#),
+        );
+        assert_eq!(r.topic, "telemetry");
+        assert_eq!(r.key, Bytes::from(format!("{t}/{d}")));
+        let e = Event::decode(r.value).expect("decode");
+        assert_eq!(e.content_type, "application/json");
+        assert_eq!(e.device_time_ms, 5);
+        assert_eq!(
+            e.metrics,
+            vec![Metric {
+                name: "temp".into(),
+                value: 21.5
+            }]
+        );
+        assert_eq!(e.tenant_id, t.to_string());
+        assert!(uuid::Uuid::parse_str(&e.message_id).is_ok());
+    }
+
+    #[test]
+    fn other_payloads_are_kept_raw() {
+        let (t, d) = (TenantId::random(), DeviceId::random());
+        let r = record(
+            t,
+            d,
+            EventKind::Event,
+            "event",
+            Bytes::from_static(b"\x01\x02door open"),
+        );
+        assert_eq!(r.topic, "event");
+        let e = Event::decode(r.value).expect("decode");
+        assert_eq!(e.content_type, "application/octet-stream");
+        assert!(e.metrics.is_empty());
+        assert_eq!(e.payload, b"\x01\x02door open");
+    }
+}

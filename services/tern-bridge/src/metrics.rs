@@ -1,0 +1,86 @@
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tern_runtime::MetricsRegistry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Bridge metrics; labels are bounded (no tenant or device ids, which are unbounded).
+#[derive(Clone)]
+pub(crate) struct BridgeMetrics {
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    pub refused_connections: Counter,
+    pub connect_failures: Family<ReasonLabel, Counter>,
+    pub closed_on_error: Family<ReasonLabel, Counter>,
+    pub messages_in: Family<KindLabel, Counter>,
+    pub bytes_in: Counter,
+    pub packets_out: Counter,
+    pub append_seconds: Histogram,
+}
+
+impl BridgeMetrics {
+    pub fn register(registry: &MetricsRegistry) -> Self {
+        let m = Self {
+            connections: Gauge::default(),
+            connections_total: Counter::default(),
+            refused_connections: Counter::default(),
+            connect_failures: Family::default(),
+            closed_on_error: Family::default(),
+            messages_in: Family::default(),
+            bytes_in: Counter::default(),
+            packets_out: Counter::default(),
+            append_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        };
+        registry.register("tern_bridge", |r| {
+            r.register(
+                "connections",
+                "Open MQTT connections",
+                m.connections.clone(),
+            );
+            r.register(
+                "connections_accepted",
+                "MQTT connections authenticated",
+                m.connections_total.clone(),
+            );
+            r.register(
+                "connections_refused",
+                "Connections refused at the connection limit",
+                m.refused_connections.clone(),
+            );
+            r.register(
+                "connect_failures",
+                "CONNECT attempts refused, by reason",
+                m.connect_failures.clone(),
+            );
+            r.register(
+                "closed_on_error",
+                "Connections closed for a protocol or client error",
+                m.closed_on_error.clone(),
+            );
+            r.register(
+                "messages_in",
+                "Device messages accepted, by kind",
+                m.messages_in.clone(),
+            );
+            r.register("bytes_in", "Payload bytes accepted", m.bytes_in.clone());
+            r.register("packets_out", "MQTT packets sent", m.packets_out.clone());
+            r.register(
+                "log_append_seconds",
+                "Time from receipt to durable in the event log",
+                m.append_seconds.clone(),
+            );
+        });
+        m
+    }
+}
