@@ -12,7 +12,14 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 /// `TERN_` variables that belong to the CLI, not to the server configuration.
-const CLI_ENV_VARS: &[&str] = &["server", "tenant", "token", "output", "config"];
+const CLI_ENV_VARS: &[&str] = &[
+    "server",
+    "tenant",
+    "token",
+    "token_file",
+    "output",
+    "config",
+];
 
 #[derive(Debug, Error)]
 pub enum ConfigError {

@@ -1,1 +1,67 @@
+//! The REST API at the edge (`/api/v1`), plus `/healthz`, `/readyz` and `/metrics`.
+//!
+//! Every `/api/v1` route except the device token refresh needs `Authorization: Bearer <token>`:
+//! an API token (one tenant) or the operator token (every tenant). Errors are JSON,
+//! `{"error": {"code", "message", "field"?}}`, with the status that fits the failure.
 
+mod auth;
+mod error;
+mod extract;
+mod observe;
+mod routes;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use tern_identity::Identity;
+use tern_registry::Registry;
+use tern_runtime::MetricsRegistry;
+use tern_store::Store;
+
+pub use error::ApiError;
+
+/// Shared state of the HTTP edge.
+pub struct Gateway {
+    registry: Arc<Registry>,
+    identity: Arc<Identity>,
+    store: Arc<dyn Store>,
+    metrics: MetricsRegistry,
+    http_metrics: observe::HttpMetrics,
+    ready: AtomicBool,
+}
+
+impl Gateway {
+    pub fn new(
+        registry: Arc<Registry>,
+        identity: Arc<Identity>,
+        store: Arc<dyn Store>,
+        metrics: &MetricsRegistry,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            identity,
+            store,
+            http_metrics: observe::HttpMetrics::register(metrics),
+            metrics: metrics.clone(),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// `/readyz` answers 200 only between `set_ready(true)` (everything started) and shutdown.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// The HTTP router; serve it with `axum::serve`.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    routes::router(gateway.clone()).layer(axum::middleware::from_fn_with_state(
+        gateway,
+        observe::observe,
+    ))
+}

@@ -1,0 +1,451 @@
+//! Route table and handlers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use tern_core::{Caller, Device, ErrorCode, NewDevice, Tenant, now_ms};
+use tern_identity::{ApiToken, DeviceTokens};
+use tern_store::RangeQuery;
+
+use crate::auth::Authenticated;
+use crate::extract::{ApiJson, ApiQuery};
+use crate::{ApiError, Gateway};
+
+type Shared = State<Arc<Gateway>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+const DEFAULT_LIMIT: usize = 1000;
+const MAX_LIMIT: usize = 10_000;
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
+    let tenant = "/api/v1/tenants/{tenant}";
+    let device = "/api/v1/tenants/{tenant}/devices/{device}";
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/tenants", post(create_tenant).get(list_tenants))
+        .route(tenant, get(get_tenant).delete(delete_tenant))
+        .route(
+            &format!("{tenant}/devices"),
+            post(create_device).get(list_devices),
+        )
+        .route(&format!("{tenant}/api-tokens"), post(create_api_token))
+        .route(device, get(get_device).delete(delete_device))
+        .route(
+            &format!("{device}/tokens"),
+            post(issue_device_tokens).delete(revoke_device_tokens),
+        )
+        .route(&format!("{device}/telemetry"), get(telemetry))
+        .route(&format!("{device}/telemetry/latest"), get(latest))
+        .route(&format!("{device}/events"), get(events))
+        .route("/api/v1/token/refresh", post(refresh_device_tokens))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .with_state(gateway)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(gateway): Shared) -> impl IntoResponse {
+    if gateway.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(gateway): Shared) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        gateway.metrics.render(),
+    )
+}
+
+fn operator_only(caller: Caller) -> ApiResult<()> {
+    match caller {
+        Caller::Operator => Ok(()),
+        Caller::Tenant(_) => Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "managing tenants needs the operator token",
+        )),
+    }
+}
+
+// === tenants ===
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenant {
+    name: String,
+}
+
+async fn create_tenant(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    ApiJson(body): ApiJson<CreateTenant>,
+) -> ApiResult<(StatusCode, Json<Tenant>)> {
+    operator_only(caller)?;
+    let tenant = gw.registry.create_tenant(&body.name).await?;
+    tracing::info!(tenant = %tenant.id, name = %tenant.name, "tenant created");
+    Ok((StatusCode::CREATED, Json(tenant)))
+}
+
+async fn list_tenants(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+) -> ApiResult<Json<Vec<Tenant>>> {
+    let tenants = match caller {
+        Caller::Operator => gw.registry.list_tenants().await?,
+        Caller::Tenant(own) => vec![gw.registry.tenant(&own.to_string()).await?],
+    };
+    Ok(Json(tenants))
+}
+
+async fn get_tenant(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Tenant>> {
+    Ok(Json(gw.registry.tenant_for(caller, &tenant).await?))
+}
+
+async fn delete_tenant(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+) -> ApiResult<StatusCode> {
+    operator_only(caller)?;
+    let tenant = gw.registry.delete_tenant(&tenant).await?;
+    tracing::info!(tenant = %tenant.id, "tenant deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// === devices ===
+
+async fn create_device(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<NewDevice>,
+) -> ApiResult<(StatusCode, Json<Device>)> {
+    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    let device = gw
+        .registry
+        .create_device(&tenant.id.to_string(), body)
+        .await?;
+    tracing::info!(tenant = %tenant.id, device = %device.id, "device created");
+    Ok((StatusCode::CREATED, Json(device)))
+}
+
+async fn list_devices(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Vec<Device>>> {
+    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    Ok(Json(
+        gw.registry.list_devices(&tenant.id.to_string()).await?,
+    ))
+}
+
+/// Resolves the tenant (for the caller) and the device of a device route.
+async fn device_for(gw: &Gateway, caller: Caller, tenant: &str, device: &str) -> ApiResult<Device> {
+    let tenant = gw.registry.tenant_for(caller, tenant).await?;
+    Ok(gw.registry.device_of(tenant.id, device).await?)
+}
+
+async fn get_device(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device)): Path<(String, String)>,
+) -> ApiResult<Json<Device>> {
+    Ok(Json(device_for(&gw, caller, &tenant, &device).await?))
+}
+
+async fn delete_device(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    gw.identity
+        .revoke_device_tokens(device.tenant_id, device.id)
+        .await?;
+    gw.registry
+        .delete_device(&device.tenant_id.to_string(), &device.id.to_string())
+        .await?;
+    tracing::info!(tenant = %device.tenant_id, device = %device.id, "device deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// === credentials ===
+
+async fn issue_device_tokens(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device)): Path<(String, String)>,
+) -> ApiResult<(StatusCode, Json<DeviceTokens>)> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    let tokens = gw
+        .identity
+        .issue_device_tokens(&device.tenant_id.to_string(), &device.id.to_string())
+        .await?;
+    tracing::info!(tenant = %device.tenant_id, device = %device.id, "device tokens issued");
+    Ok((StatusCode::CREATED, Json(tokens)))
+}
+
+#[derive(Serialize)]
+struct Revoked {
+    revoked: u32,
+}
+
+async fn revoke_device_tokens(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device)): Path<(String, String)>,
+) -> ApiResult<Json<Revoked>> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    let revoked = gw
+        .identity
+        .revoke_device_tokens(device.tenant_id, device.id)
+        .await?;
+    tracing::info!(tenant = %device.tenant_id, device = %device.id, revoked, "device refresh tokens revoked");
+    Ok(Json(Revoked { revoked }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Refresh {
+    refresh_token: String,
+}
+
+/// A device exchanges its refresh token for new tokens; the refresh token is the credential.
+async fn refresh_device_tokens(
+    State(gw): Shared,
+    ApiJson(body): ApiJson<Refresh>,
+) -> ApiResult<Json<DeviceTokens>> {
+    Ok(Json(
+        gw.identity
+            .refresh_device_tokens(&body.refresh_token)
+            .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateApiToken {
+    name: String,
+}
+
+async fn create_api_token(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<CreateApiToken>,
+) -> ApiResult<(StatusCode, Json<ApiToken>)> {
+    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    let token = gw
+        .identity
+        .create_api_token(&tenant.id.to_string(), &body.name)
+        .await?;
+    tracing::info!(tenant = %tenant.id, token_id = %token.id, "API token created");
+    Ok((StatusCode::CREATED, Json(token)))
+}
+
+// === data ===
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RangeParams {
+    metric: Option<String>,
+    /// Milliseconds since the epoch, inclusive; default 24 hours ago.
+    from: Option<i64>,
+    /// Milliseconds since the epoch, exclusive; default unbounded.
+    to: Option<i64>,
+    limit: Option<usize>,
+    /// `asc` (default) or `desc`.
+    order: Option<String>,
+}
+
+impl RangeParams {
+    fn query(&self, device: &Device) -> ApiResult<RangeQuery> {
+        let from_ms = self.from.unwrap_or_else(|| now_ms() - DAY_MS);
+        let to_ms = self.to.unwrap_or(i64::MAX);
+        if from_ms >= to_ms {
+            return Err(ApiError::bad_request("from", "`from` must be before `to`"));
+        }
+        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
+        if limit == 0 || limit > MAX_LIMIT {
+            return Err(ApiError::bad_request(
+                "limit",
+                format!("`limit` must be 1..={MAX_LIMIT}"),
+            ));
+        }
+        let descending = match self.order.as_deref() {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    "order",
+                    format!("`order` must be asc or desc, not {other:?}"),
+                ));
+            }
+        };
+        Ok(RangeQuery {
+            tenant: device.tenant_id.to_string(),
+            device: device.id.to_string(),
+            from_ms,
+            to_ms,
+            limit,
+            descending,
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct Sample {
+    ts: i64,
+    value: f64,
+}
+
+#[derive(Serialize)]
+struct Series {
+    device_id: String,
+    metric: String,
+    points: Vec<Sample>,
+}
+
+async fn telemetry(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device)): Path<(String, String)>,
+    ApiQuery(params): ApiQuery<RangeParams>,
+) -> ApiResult<Json<Series>> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    let metric = params
+        .metric
+        .clone()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::bad_request("metric", "query parameter `metric` is required"))?;
+    let query = params.query(&device)?;
+    let points = gw.store.points(&query, &metric).await?;
+    Ok(Json(Series {
+        device_id: device.id.to_string(),
+        metric,
+        points: points
+            .into_iter()
+            .map(|p| Sample {
+                ts: p.ts_ms,
+                value: p.value,
+            })
+            .collect(),
+    }))
+}
+
+#[derive(Serialize)]
+struct Latest {
+    device_id: String,
+    values: BTreeMap<String, Sample>,
+}
+
+async fn latest(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device)): Path<(String, String)>,
+) -> ApiResult<Json<Latest>> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    let values = gw
+        .store
+        .latest(&device.tenant_id.to_string(), &device.id.to_string())
+        .await?
+        .into_iter()
+        .map(|v| {
+            (
+                v.metric,
+                Sample {
+                    ts: v.ts_ms,
+                    value: v.value,
+                },
+            )
+        })
+        .collect();
+    Ok(Json(Latest {
+        device_id: device.id.to_string(),
+        values,
+    }))
+}
+
+#[derive(Serialize)]
+struct EventOut {
+    ts: i64,
+    message_id: String,
+    kind: String,
+    topic: String,
+    content_type: String,
+    /// The payload as text when it is UTF-8, otherwise absent (see `payload_base64`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_base64: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Events {
+    device_id: String,
+    events: Vec<EventOut>,
+}
+
+async fn events(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device)): Path<(String, String)>,
+    ApiQuery(params): ApiQuery<RangeParams>,
+) -> ApiResult<Json<Events>> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    if params.metric.is_some() {
+        return Err(ApiError::bad_request(
+            "metric",
+            "`metric` applies to telemetry, not events",
+        ));
+    }
+    let stored = gw.store.events(&params.query(&device)?).await?;
+    let events = stored
+        .into_iter()
+        .map(|e| {
+            let (payload, payload_base64) = match String::from_utf8(e.payload.to_vec()) {
+                Ok(text) => (Some(text), None),
+                Err(_) => (
+                    None,
+                    Some(base64::engine::general_purpose::STANDARD.encode(&e.payload)),
+                ),
+            };
+            EventOut {
+                ts: e.ts_ms,
+                message_id: e.message_id,
+                kind: e.kind,
+                topic: e.topic,
+                content_type: e.content_type,
+                payload,
+                payload_base64,
+            }
+        })
+        .collect();
+    Ok(Json(Events {
+        device_id: device.id.to_string(),
+        events,
+    }))
+}

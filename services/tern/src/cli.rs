@@ -1,0 +1,137 @@
+//! Command-line interface. Conventions every command keeps: `--server URL` (env `TERN_SERVER`),
+//! `--tenant ID|NAME` (env `TERN_TENANT`), human-readable output by default and
+//! `--output json` for scripts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Tern IoT platform: run it (`tern up`) and manage it"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// URL of a running Tern server's HTTP API.
+    #[arg(
+        long,
+        global = true,
+        env = "TERN_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// Tenant to act on, by id or name.
+    #[arg(long, global = true, env = "TERN_TENANT")]
+    pub tenant: Option<String>,
+    /// API or operator token. Without one, the operator token file is used.
+    #[arg(long, global = true, env = "TERN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the token, used when --token is not given (`tern up` writes the operator
+    /// token to data/admin.token on first start).
+    #[arg(
+        long,
+        global = true,
+        env = "TERN_TOKEN_FILE",
+        default_value = "data/admin.token"
+    )]
+    pub token_file: PathBuf,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run every service in one process on embedded storage.
+    Up(UpArgs),
+    /// Manage tenants (needs the operator token).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage devices of a tenant.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Issue credentials.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args, Default)]
+pub struct UpArgs {
+    /// TOML configuration file (see docs/configuration.md).
+    #[arg(long, env = "TERN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the event log, the store and the operator token live [default: ./data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// MQTT port [default: 1883].
+    #[arg(long)]
+    pub mqtt_port: Option<u16>,
+    /// HTTP port: REST API, health and metrics [default: 8080].
+    #[arg(long)]
+    pub http_port: Option<u16>,
+    /// gRPC port [default: 50051].
+    #[arg(long)]
+    pub grpc_port: Option<u16>,
+    /// Address to listen on [default: 0.0.0.0].
+    #[arg(long)]
+    pub bind: Option<std::net::IpAddr>,
+}
+
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant; names are lowercase slugs such as `acme`.
+    Create { name: String },
+    /// List tenants.
+    List,
+    /// Show one tenant.
+    Show { tenant: String },
+    /// Delete a tenant that has no devices.
+    Delete { tenant: String },
+}
+
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// Register a device.
+    Create {
+        name: String,
+        /// A label `key=value`; repeat for more.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Manufacturer identity (serial number, MAC, IMEI), unique within the tenant.
+        #[arg(long)]
+        hardware_id: Option<String>,
+    },
+    /// List the tenant's devices.
+    List,
+    /// Show one device (by id or name).
+    Show { device: String },
+    /// Delete a device and revoke its credentials.
+    Delete { device: String },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Issue an access token (the MQTT password) and a refresh token to a device.
+    Device { device: String },
+    /// Create an API token for the tenant.
+    Api {
+        /// What the token is for.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+}

@@ -1,0 +1,218 @@
+//! The admin CLI: each command is one call to a running server's REST API.
+
+use anyhow::{Context, bail};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::cli::{Command, DeviceCommand, Global, TenantCommand, TokenCommand};
+use crate::output;
+
+struct Client {
+    http: reqwest::Client,
+    server: String,
+    token: String,
+}
+
+impl Client {
+    fn new(global: &Global) -> anyhow::Result<Self> {
+        let token = match &global.token {
+            Some(token) => token.clone(),
+            None => std::fs::read_to_string(&global.token_file)
+                .with_context(|| {
+                    format!(
+                        "no token: pass --token (or TERN_TOKEN), or run where {} exists (--token-file)",
+                        global.token_file.display()
+                    )
+                })?
+                .trim()
+                .to_string(),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Self {
+            http,
+            server: global.server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.server);
+        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.with_context(|| {
+            format!(
+                "cannot reach the Tern server at {} (is `tern up` running? see --server)",
+                self.server
+            )
+        })?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .context("cannot read the server's response")?;
+        if status == StatusCode::NO_CONTENT {
+            return Ok(Value::Null);
+        }
+        let value: Value = serde_json::from_str(&text).with_context(|| {
+            format!("the server answered {status} with a body that is not JSON")
+        })?;
+        if !status.is_success() {
+            let message = value["error"]["message"]
+                .as_str()
+                .unwrap_or("request failed");
+            bail!("{message} ({status})");
+        }
+        Ok(value)
+    }
+}
+
+fn tenant(global: &Global) -> anyhow::Result<&str> {
+    global
+        .tenant
+        .as_deref()
+        .context("this command needs a tenant: pass --tenant ID|NAME or set TERN_TENANT")
+}
+
+/// `key=value` labels from the command line.
+fn parse_labels(labels: &[String]) -> anyhow::Result<serde_json::Map<String, Value>> {
+    labels
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), Value::String(v.to_string()))),
+            _ => bail!("--label expects KEY=VALUE, got {l:?}"),
+        })
+        .collect()
+}
+
+const TENANT_FIELDS: &[&str] = &["id", "name", "created_at_ms"];
+const DEVICE_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "tenant_id",
+    "labels",
+    "hardware_id",
+    "disabled",
+];
+
+pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
+    let client = Client::new(&global)?;
+    let out = global.output;
+    match command {
+        Command::Up(_) => unreachable!("`tern up` is dispatched in main"),
+        Command::Tenant(cmd) => match cmd {
+            TenantCommand::Create { name } => {
+                let t = client
+                    .call(
+                        Method::POST,
+                        "/api/v1/tenants",
+                        Some(json!({ "name": name })),
+                    )
+                    .await?;
+                output::record(out, &t, TENANT_FIELDS);
+            }
+            TenantCommand::List => {
+                let list = client.call(Method::GET, "/api/v1/tenants", None).await?;
+                output::table(out, &list, &["id", "name"]);
+            }
+            TenantCommand::Show { tenant } => {
+                let t = client
+                    .call(
+                        Method::GET,
+                        &format!("/api/v1/tenants/{}", seg(&tenant)),
+                        None,
+                    )
+                    .await?;
+                output::record(out, &t, TENANT_FIELDS);
+            }
+            TenantCommand::Delete { tenant } => {
+                client
+                    .call(
+                        Method::DELETE,
+                        &format!("/api/v1/tenants/{}", seg(&tenant)),
+                        None,
+                    )
+                    .await?;
+                if out == crate::cli::Output::Human {
+                    println!("deleted tenant {tenant}");
+                }
+            }
+        },
+        Command::Device(cmd) => {
+            let base = format!("/api/v1/tenants/{}/devices", seg(tenant(&global)?));
+            match cmd {
+                DeviceCommand::Create {
+                    name,
+                    labels,
+                    hardware_id,
+                } => {
+                    let body = json!({ "name": name, "labels": parse_labels(&labels)?, "hardware_id": hardware_id });
+                    let d = client.call(Method::POST, &base, Some(body)).await?;
+                    output::record(out, &d, DEVICE_FIELDS);
+                }
+                DeviceCommand::List => {
+                    let list = client.call(Method::GET, &base, None).await?;
+                    output::table(out, &list, &["id", "name", "labels", "hardware_id"]);
+                }
+                DeviceCommand::Show { device } => {
+                    let d = client
+                        .call(Method::GET, &format!("{base}/{}", seg(&device)), None)
+                        .await?;
+                    output::record(out, &d, DEVICE_FIELDS);
+                }
+                DeviceCommand::Delete { device } => {
+                    client
+                        .call(Method::DELETE, &format!("{base}/{}", seg(&device)), None)
+                        .await?;
+                    if out == crate::cli::Output::Human {
+                        println!("deleted device {device}");
+                    }
+                }
+            }
+        }
+        Command::Token(cmd) => {
+            let tenant = seg(tenant(&global)?);
+            match cmd {
+                TokenCommand::Device { device } => {
+                    let path = format!("/api/v1/tenants/{tenant}/devices/{}/tokens", seg(&device));
+                    let t = client.call(Method::POST, &path, None).await?;
+                    output::record(
+                        out,
+                        &t,
+                        &[
+                            "device_id",
+                            "access_token",
+                            "access_token_expires_at_ms",
+                            "refresh_token",
+                        ],
+                    );
+                }
+                TokenCommand::Api { name } => {
+                    let path = format!("/api/v1/tenants/{tenant}/api-tokens");
+                    let t = client
+                        .call(Method::POST, &path, Some(json!({ "name": name })))
+                        .await?;
+                    output::record(out, &t, &["id", "name", "tenant_id", "token"]);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encodes one path segment (device names may contain spaces or slashes).
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,196 @@
+//! The configuration of `tern up`: defaults here, then the TOML file, `TERN_...` environment
+//! variables and flags (docs/configuration.md lists every key).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tern_bridge::BridgeConfig;
+use tern_identity::IdentityConfig;
+use tern_runtime::logging::LogFormat;
+
+use crate::cli::UpArgs;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpConfig {
+    /// Directory of the event log, the store and the operator token.
+    pub data_dir: PathBuf,
+    /// Address every listener binds to.
+    pub bind: IpAddr,
+    pub mqtt_port: u16,
+    pub http_port: u16,
+    pub grpc_port: u16,
+    /// Seconds to wait for connections and consumers to drain on SIGINT/SIGTERM.
+    pub shutdown_timeout_secs: u64,
+    pub log: LogConfig,
+    pub mqtt: BridgeConfig,
+    pub identity: IdentityConfig,
+    pub eventlog: EventLogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `info,tern_bridge=debug`; `RUST_LOG` wins over it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventLogConfig {
+    /// Partitions per stream; fixed once the log has data.
+    pub partitions: u32,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            mqtt_port: 1883,
+            http_port: 8080,
+            grpc_port: tern_proto::DEFAULT_GRPC_PORT,
+            shutdown_timeout_secs: 30,
+            log: LogConfig::default(),
+            mqtt: BridgeConfig::default(),
+            identity: IdentityConfig::default(),
+            eventlog: EventLogConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for EventLogConfig {
+    fn default() -> Self {
+        Self { partitions: 4 }
+    }
+}
+
+/// The flags of `tern up` that override configuration keys; unset flags are skipped.
+#[derive(Serialize)]
+struct Flags<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<&'a PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bind: Option<IpAddr>,
+}
+
+impl UpConfig {
+    pub fn load(args: &UpArgs) -> anyhow::Result<Self> {
+        let flags = Flags {
+            data_dir: args.data_dir.as_ref(),
+            mqtt_port: args.mqtt_port,
+            http_port: args.http_port,
+            grpc_port: args.grpc_port,
+            bind: args.bind,
+        };
+        let config: Self = tern_runtime::load_config(args.config.as_deref(), &flags)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that serde's types cannot express; errors name the key.
+    fn validate(&self) -> anyhow::Result<()> {
+        let problems = [
+            (self.mqtt.max_packet_size < 64 || self.mqtt.max_packet_size > 268_435_455)
+                .then_some("`mqtt.max_packet_size` must be 64..=268435455 bytes (the MQTT limit)"),
+            (self.mqtt.max_connections == 0).then_some("`mqtt.max_connections` must be at least 1"),
+            (self.mqtt.connect_timeout_secs == 0)
+                .then_some("`mqtt.connect_timeout_secs` must be at least 1"),
+            (self.mqtt.max_inflight == 0).then_some("`mqtt.max_inflight` must be at least 1"),
+            (self.eventlog.partitions == 0 || self.eventlog.partitions > 1024)
+                .then_some("`eventlog.partitions` must be 1..=1024"),
+            (self.identity.device_access_token_ttl_secs == 0)
+                .then_some("`identity.device_access_token_ttl_secs` must be at least 1"),
+        ];
+        let problems: Vec<&str> = problems.into_iter().flatten().collect();
+        if let Some(first) = problems.first() {
+            anyhow::bail!(
+                "invalid configuration: {}",
+                if problems.len() == 1 {
+                    first.to_string()
+                } else {
+                    problems.join("; ")
+                }
+            );
+        }
+        let ports = [
+            ("mqtt_port", self.mqtt_port),
+            ("http_port", self.http_port),
+            ("grpc_port", self.grpc_port),
+        ];
+        for (i, (a, pa)) in ports.iter().enumerate() {
+            for (b, pb) in &ports[i + 1..] {
+                if pa == pb && *pa != 0 {
+                    anyhow::bail!("invalid configuration: `{a}` and `{b}` are both {pa}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ports() {
+        let c = UpConfig::default();
+        assert_eq!((c.mqtt_port, c.http_port, c.grpc_port), (1883, 8080, 50051));
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        c.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn the_example_config_is_the_defaults() {
+        // deploy/config/tern.toml documents every key; it must parse and stay equal to the
+        // defaults, so the documentation cannot drift from the code.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/config/tern.toml");
+        let text = std::fs::read_to_string(path).expect("example config");
+        let parsed: UpConfig = figment::Figment::new()
+            .merge(figment::providers::Serialized::defaults(UpConfig::default()))
+            .merge(<figment::providers::Toml as figment::providers::Format>::string(&text))
+            .extract()
+            .expect("example parses");
+        assert_eq!(
+            serde_json::to_value(parsed).expect("json"),
+            serde_json::to_value(UpConfig::default()).expect("json")
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let mut c = UpConfig::default();
+        c.mqtt.max_packet_size = 1;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("mqtt.max_packet_size")
+        );
+        let mut c = UpConfig::default();
+        c.grpc_port = c.http_port;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("http_port") && err.contains("grpc_port"),
+            "{err}"
+        );
+    }
+}

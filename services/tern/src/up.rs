@@ -1,0 +1,139 @@
+//! `tern up`: every service in one process on embedded storage.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tern_analytics::Ingest;
+use tern_bridge::Bridge;
+use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog};
+use tern_gateway::Gateway;
+use tern_identity::{Identity, IdentityGrpc, grpc_auth};
+use tern_registry::{Registry, RegistryGrpc};
+use tern_runtime::{MetricsRegistry, Shutdown, logging, shutdown_signal};
+use tern_store::{EmbeddedStore, Store};
+use tokio::net::TcpListener;
+
+use crate::cli::UpArgs;
+use crate::config::UpConfig;
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let config = UpConfig::load(&args)?;
+    logging::init(&config.log.level, config.log.format);
+
+    let data = &config.data_dir;
+    std::fs::create_dir_all(data).with_context(|| {
+        format!(
+            "cannot create the data directory {} (`data_dir`)",
+            data.display()
+        )
+    })?;
+    let log: Arc<dyn EventLog> = Arc::new(
+        EmbeddedLog::open(EmbeddedLogConfig {
+            partitions: config.eventlog.partitions,
+            ..EmbeddedLogConfig::new(data.join("log"))
+        })
+        .with_context(|| {
+            format!(
+                "cannot open the event log in {}",
+                data.join("log").display()
+            )
+        })?,
+    );
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&data.join("store")).with_context(|| {
+            format!("cannot open the store in {}", data.join("store").display())
+        })?);
+    let metrics = MetricsRegistry::default();
+    let registry = Arc::new(Registry::new(store.clone()));
+    let identity =
+        Arc::new(Identity::new(store.clone(), registry.clone(), config.identity.clone()).await?);
+    identity
+        .ensure_operator_token(&data.join("admin.token"))
+        .await?;
+
+    let mqtt_listener = listen(&config, config.mqtt_port, "mqtt_port").await?;
+    let http_listener = listen(&config, config.http_port, "http_port").await?;
+    let grpc_listener = listen(&config, config.grpc_port, "grpc_port").await?;
+    let (mqtt_addr, http_addr, grpc_addr) = (
+        mqtt_listener.local_addr()?,
+        http_listener.local_addr()?,
+        grpc_listener.local_addr()?,
+    );
+
+    // Stopped in this order on shutdown: devices first, then consumers, then the APIs.
+    let stop_bridge = Shutdown::new();
+    let stop_ingest = Shutdown::new();
+    let stop_apis = Shutdown::new();
+
+    let bridge = Arc::new(Bridge::new(
+        config.mqtt.clone(),
+        identity.clone(),
+        registry.clone(),
+        log.clone(),
+        &metrics,
+    ));
+    let bridge_task = tokio::spawn(bridge.serve(mqtt_listener, stop_bridge.clone()));
+
+    let ingest = Ingest::new(log.clone(), store.clone(), &metrics);
+    let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
+
+    let gateway = Gateway::new(registry.clone(), identity.clone(), store.clone(), &metrics);
+    let http = axum::serve(http_listener, tern_gateway::router(gateway.clone()))
+        .with_graceful_shutdown(stop_apis.clone().cancelled_owned());
+    let http_task = tokio::spawn(async move { http.await });
+
+    let grpc_router =
+        tonic::service::Routes::new(RegistryGrpc::new(registry.clone()).into_server())
+            .add_service(IdentityGrpc::new(identity.clone()).into_server())
+            .into_axum_router()
+            .layer(axum::middleware::from_fn_with_state(
+                identity.clone(),
+                grpc_auth,
+            ));
+    let grpc = axum::serve(grpc_listener, grpc_router)
+        .with_graceful_shutdown(stop_apis.clone().cancelled_owned());
+    let grpc_task = tokio::spawn(async move { grpc.await });
+
+    gateway.set_ready(true);
+    tracing::info!(
+        mqtt = %mqtt_addr, http = %http_addr, grpc = %grpc_addr, data_dir = %data.display(),
+        "Tern is up"
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; draining");
+    gateway.set_ready(false);
+    let deadline = Duration::from_secs(config.shutdown_timeout_secs);
+    let drained = tokio::time::timeout(deadline, async {
+        stop_bridge.cancel();
+        let _ = bridge_task.await;
+        stop_ingest.cancel();
+        if let Ok(Err(e)) = ingest_task.await {
+            tracing::error!(error = %e, "ingest stopped with an error");
+        }
+        stop_apis.cancel();
+        let _ = http_task.await;
+        let _ = grpc_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            timeout_secs = config.shutdown_timeout_secs,
+            "drain timed out; exiting anyway"
+        );
+    }
+    // Dropping the last handles syncs and closes the log and the store.
+    drop((gateway, identity, registry, store));
+    tokio::task::spawn_blocking(move || drop(log)).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn listen(config: &UpConfig, port: u16, key: &str) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::new(config.bind, port);
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (`{key}`)"))
+}
