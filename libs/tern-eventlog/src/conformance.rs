@@ -5,6 +5,9 @@
 //! directory. [`eventlog_conformance_tests!`](crate::eventlog_conformance_tests) turns the suite
 //! into one `#[tokio::test]` per check.
 
+// Test support: a failed expectation is the point of a panic here.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;

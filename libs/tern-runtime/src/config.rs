@@ -86,6 +86,8 @@ fn describe(errors: figment::Error) -> ConfigError {
 }
 
 #[cfg(test)]
+// figment's test Jail fixes the closure's error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use serde::Deserialize;
 

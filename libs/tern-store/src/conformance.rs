@@ -2,6 +2,9 @@
 //! function that opens (or reopens) the store kept under a directory, and a fresh directory.
 //! [`store_conformance_tests!`](crate::store_conformance_tests) makes one test per check.
 
+// Test support: a failed expectation is the point of a panic here.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 

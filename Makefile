@@ -1,0 +1,51 @@
+# Tern: `make run` starts the all-in-one platform, `make test` runs every test.
+# Targets install what they need on a fresh Debian machine that has the Rust toolchain.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+# Builds are cached outside the clone, so a fresh checkout does not rebuild every dependency.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/tern/target
+CARGO ?= cargo
+# Debian packages: protoc for the gRPC contracts, mosquitto clients and jq for the tests and the
+# README quickstart.
+APT_PACKAGES := protobuf-compiler mosquitto-clients jq
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+.PHONY: deps
+deps: ## Install the system packages the build and the tests need (idempotent, quiet)
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+
+.PHONY: build
+build: deps ## Build the release binary into bin/tern
+	$(CARGO) build --release --locked -p tern
+	@mkdir -p bin && cp "$(CARGO_TARGET_DIR)/release/tern" bin/tern
+	@echo "built bin/tern"
+
+.PHONY: run
+run: build ## Run every service in one process on embedded storage (data in ./data)
+	bin/tern up
+
+.PHONY: lint
+lint: deps ## Formatting and clippy with warnings as errors
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+.PHONY: test
+test: lint ## Lint, then every unit, conformance and end-to-end test
+	$(CARGO) test --locked --workspace
+
+.PHONY: clean
+clean: ## Remove build output and bin/ (not ./data)
+	$(CARGO) clean
+	rm -rf bin

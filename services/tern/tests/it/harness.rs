@@ -1,0 +1,343 @@
+//! Starting and stopping `tern up`, running the CLI, and MQTT helpers.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
+/// Upper bound for anything the tests wait on (start-up, ingest); a bound, not a measurement.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `tern up` in its own data directory.
+pub struct Tern {
+    pub dir: tempfile::TempDir,
+    pub mqtt_port: u16,
+    pub http_port: u16,
+    pub grpc_port: u16,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Tern {
+    pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    /// Starts with extra `TERN_...` environment (configuration overrides).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let mut tern = Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            mqtt_port: free_port(),
+            http_port: free_port(),
+            grpc_port: free_port(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+        };
+        tern.spawn();
+        tern
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tern.log"))
+            .expect("log file");
+        let child = Command::new(TERN)
+            .args(["up", "--bind", "127.0.0.1"])
+            .args(["--data-dir", self.data_dir().to_str().expect("utf-8 path")])
+            .args(["--mqtt-port", &self.mqtt_port.to_string()])
+            .args(["--http-port", &self.http_port.to_string()])
+            .args(["--grpc-port", &self.grpc_port.to_string()])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tern up");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + PATIENCE;
+        let url = format!("{}/readyz", self.http());
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "tern up exited during start-up with {status}; log:\n{}",
+                    self.log()
+                );
+            }
+            if probe_status(&url).ok() == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("tern up did not become ready; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tern.log")).unwrap_or_default()
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Sends SIGTERM and waits for the process; returns whether it exited with 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.stop(), "clean exit expected; log:\n{}", self.log());
+        self.start_again();
+    }
+
+    /// Starts the server again on the same ports and data after [`Tern::stop`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "stop the server first");
+        self.spawn();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("running")
+    }
+
+    /// Runs the CLI against this server with the operator token file.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(TERN)
+            .args(args)
+            .env("TERN_SERVER", self.http())
+            .env("TERN_TOKEN_FILE", self.data_dir().join("admin.token"))
+            .env_remove("TERN_TOKEN")
+            .env_remove("TERN_TENANT")
+            .output()
+            .expect("run the CLI")
+    }
+
+    /// Runs the CLI with `--output json` and parses the result; panics with stderr on failure.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "tern {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+
+    pub fn operator_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin.token"))
+            .expect("operator token")
+            .trim()
+            .to_string()
+    }
+
+    /// Creates tenant `tenant` with device `device`; returns (device id, access token, API token).
+    pub fn provision(&self, tenant: &str, device: &str) -> Provisioned {
+        if !self.cli(&["tenant", "show", tenant]).status.success() {
+            self.cli_json(&["tenant", "create", tenant]);
+        }
+        let d = self.cli_json(&[
+            "device",
+            "create",
+            device,
+            "--tenant",
+            tenant,
+            "--label",
+            "site=test",
+        ]);
+        let tokens = self.cli_json(&["token", "device", device, "--tenant", tenant]);
+        let api = self.cli_json(&["token", "api", "--tenant", tenant, "--name", "tests"]);
+        Provisioned {
+            tenant: tenant.to_string(),
+            device_id: d["id"].as_str().expect("id").to_string(),
+            access_token: tokens["access_token"]
+                .as_str()
+                .expect("access token")
+                .to_string(),
+            api_token: api["token"].as_str().expect("api token").to_string(),
+        }
+    }
+
+    /// GET a REST path with a bearer token; returns status and JSON body.
+    pub async fn get(&self, token: &str, path: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.http()))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the device has at least `n` points of `metric`; returns them.
+    pub async fn wait_points(&self, p: &Provisioned, metric: &str, n: usize) -> Vec<Value> {
+        let path = format!(
+            "/api/v1/tenants/{}/devices/{}/telemetry?metric={metric}&from=0&limit=10000",
+            p.tenant, p.device_id
+        );
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (status, body) = self.get(&p.api_token, &path).await;
+            assert_eq!(status, 200, "{body}");
+            let points = body["points"].as_array().cloned().unwrap_or_default();
+            if points.len() >= n || Instant::now() > deadline {
+                return points;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Tern {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub struct Provisioned {
+    pub tenant: String,
+    pub device_id: String,
+    pub access_token: String,
+    pub api_token: String,
+}
+
+/// A connected rumqttc client; the event loop is driven by [`Mqtt::poll`] or a spawned task.
+pub struct Mqtt {
+    pub client: AsyncClient,
+    pub events: EventLoop,
+}
+
+impl Mqtt {
+    pub fn options(port: u16, device_id: &str, token: &str) -> MqttOptions {
+        let mut options = MqttOptions::new(device_id, "127.0.0.1", port);
+        options.set_credentials(device_id, token);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        options
+    }
+
+    /// Connects and waits for CONNACK; the error is the refusal.
+    pub async fn connect(options: MqttOptions) -> Result<Self, rumqttc::ConnectionError> {
+        let (client, mut events) = AsyncClient::new(options, 100);
+        loop {
+            match tokio::time::timeout(PATIENCE, events.poll())
+                .await
+                .expect("CONNACK in time")?
+            {
+                Event::Incoming(Packet::ConnAck(_)) => return Ok(Self { client, events }),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Publishes `n` QoS 1 messages and waits for all their PUBACKs.
+    pub async fn publish_acked(&mut self, topic: &str, payloads: Vec<Vec<u8>>) {
+        let n = payloads.len();
+        let client = self.client.clone();
+        let topic = topic.to_string();
+        let sender = tokio::spawn(async move {
+            for p in payloads {
+                client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, p)
+                    .await
+                    .expect("queue publish");
+            }
+        });
+        let mut acked = 0;
+        while acked < n {
+            match tokio::time::timeout(PATIENCE, self.events.poll())
+                .await
+                .expect("PUBACK in time")
+            {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => panic!("connection failed after {acked} of {n} acks: {e}"),
+            }
+        }
+        sender.await.expect("sender");
+    }
+}
+
+/// Runs Debian's mosquitto_pub; the Makefile installs it.
+pub fn mosquitto_pub(
+    port: u16,
+    device_id: &str,
+    token: &str,
+    topic: &str,
+    message: &str,
+) -> Output {
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-i", device_id, "-u", device_id, "-P", token])
+        .args(["-q", "1", "-t", topic, "-m", message])
+        .output()
+        .expect("mosquitto_pub must be installed (make deps)")
+}
+
+/// The status code of a GET, by hand over TCP: readiness is polled from synchronous code, and
+/// this avoids pulling in reqwest's blocking client for it.
+fn probe_status(url: &str) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = std::net::TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status line"))
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests: the real `tern` binary on free loopback ports in a temporary directory,
+//! driven by the CLI, real MQTT clients (Debian's mosquitto_pub and rumqttc), raw TCP, reqwest
+//! and a tonic gRPC client.
+
+mod harness;
+
+mod config_errors;
+mod device_edge;
+mod durability;
+mod grpc;
+mod rest_api;
