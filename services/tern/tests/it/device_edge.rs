@@ -216,7 +216,10 @@ async fn non_json_payloads_are_kept_as_raw_events() {
     assert_eq!(text["payload"], "plain text reading");
     assert_eq!(text["content_type"], "application/octet-stream");
     let binary = events.iter().find(|e| e["kind"] == "event").expect("event");
-    assert_eq!(binary["payload_base64"], "/wFkb29y", "non-UTF-8 payloads come back as base64");
+    assert_eq!(
+        binary["payload_base64"], "/wFkb29y",
+        "non-UTF-8 payloads come back as base64"
+    );
     let (_, latest) = tern
         .get(
             &p.api_token,
