@@ -58,10 +58,13 @@ impl Gateway {
     }
 }
 
-/// The HTTP router; serve it with `axum::serve`.
-pub fn router(gateway: Arc<Gateway>) -> Router {
-    routes::router(gateway.clone()).layer(axum::middleware::from_fn_with_state(
-        gateway,
-        observe::observe,
-    ))
+/// The HTTP router with `web` (the dashboard's pages) beside the API, all behind request ids,
+/// access logs and metrics; serve it with `axum::serve`.
+pub fn router(gateway: Arc<Gateway>, web: Router) -> Router {
+    routes::router(gateway.clone())
+        .merge(web)
+        .layer(axum::middleware::from_fn_with_state(
+            gateway,
+            observe::observe,
+        ))
 }

@@ -80,7 +80,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
 
     let gateway = Gateway::new(registry.clone(), identity.clone(), store.clone(), &metrics);
-    let http = axum::serve(http_listener, tern_gateway::router(gateway.clone()))
+    let http_router = tern_gateway::router(gateway.clone(), tern_dashboard::router());
+    let http = axum::serve(http_listener, http_router)
         .with_graceful_shutdown(stop_apis.clone().cancelled_owned());
     let http_task = tokio::spawn(async move { http.await });
 

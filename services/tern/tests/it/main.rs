@@ -5,6 +5,7 @@
 mod harness;
 
 mod config_errors;
+mod dashboard;
 mod device_edge;
 mod durability;
 mod grpc;
