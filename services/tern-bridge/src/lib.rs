@@ -6,6 +6,8 @@
 //! appended concurrently and acknowledged in order, so a device that pipelines QoS 1 messages
 //! is not held to one fsync per message.
 
+#[cfg(test)]
+mod codec_robustness;
 mod config;
 mod connection;
 mod envelope;
