@@ -10,3 +10,4 @@ mod device_edge;
 mod durability;
 mod grpc;
 mod rest_api;
+mod simulator;

@@ -1,0 +1,133 @@
+//! A lean MQTT 3.1.1 client for load generation: one connection, pipelined publishes written in
+//! batches, acknowledgements matched to send times. It uses the same codec as the bridge.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use bytes::BytesMut;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, Publish, Subscribe};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+pub const MAX_PACKET: usize = 16 * 1024 * 1024;
+
+pub struct Credentials {
+    pub client_id: String,
+    pub login: Option<(String, String)>,
+}
+
+pub struct Reader {
+    half: OwnedReadHalf,
+    inbox: BytesMut,
+}
+
+pub struct Writer {
+    half: OwnedWriteHalf,
+    pub outbox: BytesMut,
+}
+
+/// Opens a TCP connection (from `source`, when given, so one machine can exceed the ephemeral
+/// port range of a single address), sends CONNECT and waits for CONNACK.
+pub async fn connect(
+    broker: SocketAddr,
+    source: Option<IpAddr>,
+    credentials: &Credentials,
+    keepalive_secs: u16,
+) -> anyhow::Result<(Reader, Writer)> {
+    let socket = if broker.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(source) = source {
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .with_context(|| format!("bind {source}"))?;
+    }
+    let stream = socket
+        .connect(broker)
+        .await
+        .with_context(|| format!("connect {broker}"))?;
+    stream.set_nodelay(true)?;
+    let (half_r, half_w) = stream.into_split();
+    let mut reader = Reader {
+        half: half_r,
+        inbox: BytesMut::with_capacity(4096),
+    };
+    let mut writer = Writer {
+        half: half_w,
+        outbox: BytesMut::with_capacity(4096),
+    };
+    let mut connect = Connect::new(credentials.client_id.clone());
+    connect.keep_alive = keepalive_secs;
+    if let Some((user, pass)) = &credentials.login {
+        connect.set_login(user.clone(), pass.clone());
+    }
+    writer.push(&Packet::Connect(connect))?;
+    writer.flush().await?;
+    match reader.next().await? {
+        Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok((reader, writer)),
+        Packet::ConnAck(ack) => bail!("connection refused: {:?}", ack.code),
+        other => bail!("expected CONNACK, got {other:?}"),
+    }
+}
+
+impl Reader {
+    pub async fn next(&mut self) -> anyhow::Result<Packet> {
+        loop {
+            match Packet::read(&mut self.inbox, MAX_PACKET) {
+                Ok(packet) => return Ok(packet),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                    if self.half.read_buf(&mut self.inbox).await? == 0 {
+                        bail!("connection closed by the broker");
+                    }
+                }
+                Err(e) => bail!("bad packet from the broker: {e}"),
+            }
+        }
+    }
+}
+
+impl Writer {
+    /// Encodes a packet into the outbox; nothing is sent until [`Writer::flush`].
+    pub fn push(&mut self, packet: &Packet) -> anyhow::Result<()> {
+        packet.write(&mut self.outbox, MAX_PACKET)?;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        if !self.outbox.is_empty() {
+            self.half.write_all(&self.outbox).await?;
+            self.outbox.clear();
+        }
+        Ok(())
+    }
+
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> anyhow::Result<()> {
+        let mut subscribe = Subscribe::new(filter, qos);
+        subscribe.pkid = 1;
+        self.push(&Packet::Subscribe(subscribe))?;
+        self.flush().await
+    }
+
+    pub async fn disconnect(mut self) {
+        let _ = self.push(&Packet::Disconnect);
+        let _ = self.flush().await;
+        let _ = self.half.shutdown().await;
+    }
+}
+
+/// A PUBLISH with the given packet id.
+pub fn publish(topic: &str, qos: QoS, pkid: u16, payload: Vec<u8>) -> Packet {
+    let mut p = Publish::new(topic, qos, payload);
+    p.pkid = if qos == QoS::AtMostOnce { 0 } else { pkid };
+    Packet::Publish(p)
+}
+
+/// Microseconds since `start`, for histograms.
+pub fn micros_since(start: Instant) -> u64 {
+    start.elapsed().as_micros().min(u128::from(u64::MAX)) as u64
+}

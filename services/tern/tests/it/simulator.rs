@@ -1,0 +1,65 @@
+//! A smoke run of the fleet simulator against `tern up`: provisioning through the API, QoS 1
+//! publishing, and the data arriving in the store. (Load runs are `make bench`, not tests.)
+
+use clap::Parser;
+
+use crate::harness::Tern;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_provisions_publishes_and_its_data_is_stored() {
+    let tern = Tern::start();
+    let token = tern.operator_token();
+    let server = tern.http();
+    let broker = format!("127.0.0.1:{}", tern.mqtt_port);
+    let args = tern_sim::Args::parse_from([
+        "tern-sim",
+        "--broker",
+        &broker,
+        "--devices",
+        "5",
+        "--qos",
+        "1",
+        "--rate",
+        "50",
+        "--duration",
+        "1",
+        "--tern-server",
+        &server,
+        "--tern-token",
+        &token,
+        "--tern-tenant",
+        "sim",
+    ]);
+    let report = tern_sim::run(args).await.expect("simulation");
+    assert_eq!(report["connected"], 5, "{report}");
+    assert_eq!(
+        report["errors"].as_array().map(Vec::len),
+        Some(0),
+        "{report}"
+    );
+    let acked = report["acked"].as_u64().expect("acked");
+    assert!(
+        acked > 0 && acked == report["sent"].as_u64().expect("sent"),
+        "{report}"
+    );
+    assert!(report["ack_latency"]["p99_us"].as_u64().expect("p99") > 0);
+
+    // Every acknowledged message becomes exactly one point of `value` for its device.
+    let mut stored = 0;
+    for _ in 0..300 {
+        stored = 0;
+        for i in 0..5 {
+            let path = format!(
+                "/api/v1/tenants/sim/devices/sim-{i}/telemetry?metric=value&from=0&limit=10000"
+            );
+            let (status, body) = tern.get(&token, &path).await;
+            assert_eq!(status, 200, "{body}");
+            stored += body["points"].as_array().map_or(0, Vec::len) as u64;
+        }
+        if stored >= acked {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored, acked, "every acknowledged message stored once");
+}
