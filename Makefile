@@ -45,6 +45,13 @@ lint: deps ## Formatting and clippy with warnings as errors
 test: lint ## Lint, then every unit, conformance and end-to-end test
 	$(CARGO) test --locked --workspace
 
+.PHONY: bench
+bench: deps ## Benchmarks: Tern beside Mosquitto and nats-server (BENCH_ARGS="--duration 10 --scale 1")
+	@for p in mosquitto nats-server; do dpkg -s $$p >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$p >/dev/null; }; done
+	$(CARGO) build --release --locked -p tern -p tern-sim
+	python3 deploy/bench/bench.py $(BENCH_ARGS)
+
 .PHONY: clean
 clean: ## Remove build output and bin/ (not ./data)
 	$(CARGO) clean

@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""`make bench`: Tern side by side with Mosquitto and nats-server (MQTT) on this machine.
+
+Each scenario starts a fresh server on free loopback ports, drives it with tern-sim (the same
+generator and load for every server), samples the server's CPU time and peak RSS from /proc,
+and stops it. Results go to docs/benchmarks.json and docs/benchmarks.md.
+
+  bench.py [--duration SECONDS] [--scale FACTOR] [--only S2d,S4]
+
+--scale multiplies device and connection counts (0.1 for a quick look, 10 on a big machine).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/tern/target"))
+TERN = os.path.join(TARGET, "release", "tern")
+SIM = os.path.join(TARGET, "release", "tern-sim")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_fd_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def memory_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_port(port, proc, what):
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited during start-up")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not open port {port}")
+
+
+class Server:
+    """A broker under test: start() returns the MQTT port; stop() ends it."""
+
+    def __init__(self, name, durable):
+        self.name, self.durable = name, durable
+        self.dir = tempfile.mkdtemp(prefix=f"bench-{name}-")
+        self.proc = None
+        self.extra = {}
+
+    def start(self):
+        self.mqtt = free_port()
+        log = open(os.path.join(self.dir, "server.log"), "w")
+        if self.name == "tern":
+            self.http = free_port()
+            cmd = [TERN, "up", "--bind", "127.0.0.1", "--data-dir", os.path.join(self.dir, "data"),
+                   "--mqtt-port", str(self.mqtt), "--http-port", str(self.http),
+                   "--grpc-port", str(free_port())]
+            env = dict(os.environ, RUST_LOG="warn")
+        elif self.name == "mosquitto":
+            conf = os.path.join(self.dir, "mosquitto.conf")
+            with open(conf, "w") as f:
+                f.write(f"listener {self.mqtt} 127.0.0.1\nallow_anonymous true\n")
+                f.write("max_queued_messages 100000\n")
+                if self.durable:
+                    f.write(f"persistence true\npersistence_location {self.dir}/\n")
+            cmd, env = ["mosquitto", "-c", conf], dict(os.environ)
+        else:
+            conf = os.path.join(self.dir, "nats.conf")
+            with open(conf, "w") as f:
+                f.write(f'server_name: bench\nlisten: "127.0.0.1:{free_port()}"\n')
+                f.write(f'jetstream {{ store_dir: "{self.dir}/js" }}\n')
+                f.write(f'mqtt {{ listen: "127.0.0.1:{self.mqtt}" }}\n')
+            cmd, env = ["nats-server", "-c", conf], dict(os.environ)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
+        wait_port(self.mqtt, self.proc, self.name)
+        if self.name == "tern":
+            wait_port(self.http, self.proc, "tern http")
+            with open(os.path.join(self.dir, "data", "admin.token")) as f:
+                self.token = f.read().strip()
+        return self.mqtt
+
+    def metric(self, name):
+        """A Tern metric from /metrics (sum over labels)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics").read().decode()
+        return sum(float(l.split()[-1]) for l in text.splitlines()
+                   if l.startswith(name) and (l[len(name)] in " {"))
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sim(server, args, label):
+    cmd = [SIM, "--broker", f"127.0.0.1:{server.mqtt}", "--label", label] + args
+    if server.name == "tern":
+        cmd += ["--tern-server", f"http://127.0.0.1:{server.http}", "--tern-tenant", "bench"]
+    env = dict(os.environ)
+    if server.name == "tern":
+        env["TERN_TOKEN"] = server.token
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"tern-sim failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def measure(server_name, durable, fn):
+    server = Server(server_name, durable)
+    try:
+        server.start()
+        pid = server.proc.pid
+        rss_before = memory_kib(pid, "VmRSS")
+        cpu_before = cpu_seconds(pid)
+        result = fn(server)
+        result["server_cpu_s"] = round(cpu_seconds(pid) - cpu_before, 2)
+        result["server_peak_rss_kib"] = memory_kib(pid, "VmHWM")
+        result["server_rss_before_kib"] = rss_before
+        return result
+    finally:
+        server.stop()
+
+
+def scenarios(duration, scale):
+    n = lambda base: max(1, int(base * scale))
+    d = str(duration)
+    pub100 = ["--devices", str(n(100)), "--payload-size", "100", "--duration", d]
+    peers_topic = ["--topic", "bench/{device}"]
+
+    def peer_only(args, subscribers=0, qos="0", sub_topic="bench/#"):
+        def run(server):
+            return sim(server, args + peers_topic + ["--qos", qos, "--payload", "binary",
+                       "--subscribers", str(subscribers), "--sub-topic", sub_topic], "")
+        return run
+
+    def durable_publish(rate=None):
+        def run(server):
+            args = pub100 + ["--qos", "1"]
+            if rate:
+                args += ["--rate", str(rate)]
+            if server.name != "tern":
+                args += peers_topic
+            return sim(server, args, "")
+        return run
+
+    def ingest(server):
+        devices = n(10000)
+        before = server.metric("tern_analytics_points_written_total")
+        t0 = time.time()
+        result = sim(server, ["--devices", str(devices), "--rate", "10", "--qos", "1",
+                              "--payload-size", "100", "--duration", d, "--source-addrs", "4",
+                              "--inflight", "16"], "")
+        # Until everything acknowledged is stored.
+        deadline = time.time() + 120
+        while server.metric("tern_analytics_consumer_lag") > 0 and time.time() < deadline:
+            time.sleep(0.05)
+        stored = server.metric("tern_analytics_points_written_total") - before
+        result["points_stored"] = stored
+        result["points_stored_per_s"] = stored / result["duration_s"]
+        result["drain_after_publish_s"] = round(time.time() - t0 - result["duration_s"] - result["connect_phase_s"], 3)
+        return result
+
+    def connections(server):
+        conns = n(10000)
+        result = sim(server, ["--devices", str(conns), "--idle", "--keepalive", "60",
+                              "--duration", "3", "--source-addrs", "8"], "")
+        pid = server.proc.pid
+        result["server_rss_with_connections_kib"] = memory_kib(pid, "VmRSS")
+        return result
+
+    peers = ["mosquitto", "nats"]
+    return [
+        ("S1", f"pub→sub QoS 0, {n(100)} publishers, 1 wildcard subscriber", "throughput_msgs_per_s",
+         None, peers, False, peer_only(pub100, subscribers=1, qos="0")),
+        ("S2", f"pub→sub QoS 1, {n(100)} publishers, 1 wildcard subscriber", "throughput_msgs_per_s",
+         None, peers, False, peer_only(pub100 + ["--inflight", "16"], subscribers=1, qos="1")),
+        ("S2d", f"QoS 1 publish, durable before PUBACK, {n(100)} publishers at full speed", "throughput_msgs_per_s",
+         "tern", peers, True, durable_publish()),
+        ("S2d-fixed", f"QoS 1 durable publish at a fixed {n(100) * 100:,} msg/s ({n(100)} × 100/s): latency at equal load",
+         "throughput_msgs_per_s", "tern", peers, True, durable_publish(rate=100)),
+        ("S3", f"ingest: {n(10000):,} devices × 10 msg/s JSON telemetry (QoS 1) until stored as time series",
+         "points_stored_per_s", "tern", [], True, ingest),
+        ("S4", f"{n(10000):,} idle connections, keepalive 60 s (Tern: token-authenticated)", "connects_per_s",
+         "tern", peers, False, connections),
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--only", default="")
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    opts = parser.parse_args()
+    limit = raise_fd_limit()
+    only = set(filter(None, opts.only.split(",")))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    with open("/proc/meminfo") as f:
+        mem_gib = int(f.readline().split()[1]) / 1024 / 1024
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "kernel": platform.release(),
+        "duration_s": opts.duration,
+        "scale": opts.scale,
+        "fd_limit": limit,
+        "versions": {
+            "mosquitto": subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[0],
+            "nats-server": subprocess.run(["nats-server", "--version"], capture_output=True, text=True).stdout.strip(),
+        },
+    }
+    results = []
+    for sid, title, key, tern, peers, durable, fn in scenarios(opts.duration, opts.scale):
+        if only and sid not in only:
+            continue
+        row = {"id": sid, "title": title, "key": key, "runs": {}}
+        for name in ([tern] if tern else []) + peers:
+            print(f"{sid} on {name} ...", file=sys.stderr, flush=True)
+            try:
+                row["runs"][name] = measure(name, durable, fn)
+            except Exception as e:  # a failed run is reported, not hidden
+                row["runs"][name] = {"error": str(e)}
+        results.append(row)
+    with open(os.path.join(opts.out, "benchmarks.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    with open(os.path.join(opts.out, "benchmarks.md"), "w") as f:
+        f.write(render(meta, results))
+    print(f"wrote {opts.out}/benchmarks.md and benchmarks.json", file=sys.stderr)
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}"
+
+
+def render(meta, results):
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (deploy/bench/bench.py); do not edit by hand. Every number below",
+        "comes from one run on one machine, with the generator (tern-sim) on the same machine.",
+        "",
+        f"- date: {meta['date']}, commit `{meta['commit']}`",
+        f"- machine: {meta['cores']} cores, {meta['memory_gib']} GiB, Linux {meta['kernel']}",
+        f"- peers: {meta['versions']['mosquitto']}; {meta['versions']['nats-server']} (MQTT, JetStream)",
+        f"- duration {meta['duration_s']} s per run, scale {meta['scale']}",
+        "",
+        "Durability differs between servers: Tern fsyncs the event log before every PUBACK (group",
+        "commit); Mosquitto with `persistence true` saves its in-memory state periodically and on",
+        "exit, not per message; nats-server stores MQTT QoS 1 messages in JetStream, which syncs",
+        "to disk on an interval. The S2d rows are therefore Tern's durable path against the peers'",
+        "best-effort persistence, which is the comparison a user makes when choosing, not a like",
+        "for like one.",
+        "",
+    ]
+    for row in results:
+        lines += [f"## {row['id']}: {row['title']}", ""]
+        lines += ["| server | rate (msg/s) | PUBACK p50 / p99 / p999 (µs) | sub p99 (µs) | received | connects/s |"
+                  " server CPU (s) | server peak RSS (MiB) | generator CPU (% of a core) | notes |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        tern = row["runs"].get("tern", {})
+        for name, r in row["runs"].items():
+            if "error" in r:
+                lines.append(f"| {name} | failed: {r['error'][:120]} | | | | | | | | |")
+                continue
+            ack = r.get("ack_latency") or {}
+            e2e = r.get("end_to_end_latency") or {}
+            note = ""
+            if row["key"] == "points_stored_per_s":
+                note = f"{fmt(r.get('points_stored_per_s'))} points stored/s; drained {r.get('drain_after_publish_s')} s after the run"
+            if "server_rss_with_connections_kib" in r and r.get("connected"):
+                per = (r["server_rss_with_connections_kib"] - r["server_rss_before_kib"]) / r["connected"]
+                note = f"{r['connected']:,} connected; {per:.2f} KiB server RSS per connection"
+            if name != "tern" and tern and "error" not in tern and tern.get(row["key"]) and r.get(row["key"]):
+                note += f"{'; ' if note else ''}Tern/{name} = {tern[row['key']] / r[row['key']]:.2f}"
+            lines.append(
+                f"| {name} | {fmt(r.get('throughput_msgs_per_s'))} | "
+                f"{fmt(ack.get('p50_us'))} / {fmt(ack.get('p99_us'))} / {fmt(ack.get('p999_us'))} | "
+                f"{fmt(e2e.get('p99_us'))} | {fmt(r.get('received'))} | {fmt(r.get('connects_per_s'))} | "
+                f"{fmt(r.get('server_cpu_s'), 2)} | {fmt(r.get('server_peak_rss_kib', 0) / 1024, 1)} | "
+                f"{fmt(r.get('generator_cpu_percent_of_one_core'))} | {note} |")
+        if "tern" not in row["runs"]:
+            lines.append("| tern | not run: Tern has no subscriptions yet (the broker bridge issue) | | | | | | | | |")
+        lines.append("")
+    lines += [
+        "## Not measured yet",
+        "",
+        "- S5 (fan-out to 10k subscribers), S6 (command round trip) and S7 (year-long chart query)",
+        "  need subscriptions, commands and rollups, which Tern does not have yet.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
