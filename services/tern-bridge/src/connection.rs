@@ -15,7 +15,7 @@ use tern_core::{DeviceId, TenantId};
 use tern_eventlog::{LogError, Position};
 use tern_proto::v1::EventKind;
 use tern_runtime::Shutdown;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::task::JoinHandle;
@@ -25,6 +25,9 @@ use tracing::Instrument;
 use crate::Bridge;
 use crate::envelope::record;
 use crate::metrics::{KindLabel, ReasonLabel};
+
+/// Bytes reserved for a read when the buffer runs low.
+const READ_CHUNK: usize = 8 * 1024;
 
 /// A received publish (or a reply that must keep its place in the order of acknowledgements),
 /// waiting for its durable append.
@@ -92,8 +95,8 @@ pub(crate) async fn run(
             bridge,
             reader,
             writer,
-            inbox: BytesMut::with_capacity(4096),
-            outbox: BytesMut::with_capacity(64),
+            inbox: BytesMut::new(),
+            outbox: BytesMut::new(),
         };
         let Some((tenant, device, keepalive)) = conn.handshake().await else {
             return;
@@ -127,13 +130,26 @@ pub(crate) async fn run(
 
 impl Connection {
     /// Reads the next complete packet. Cancel-safe: bytes read so far stay in `inbox`.
+    ///
+    /// The read buffer is allocated only when the socket is readable and released whenever it
+    /// is empty, so an idle connection holds no buffer at all.
     async fn read_packet(&mut self) -> Result<Option<Packet>, CodecError> {
         loop {
             match Packet::read(&mut self.inbox, self.bridge.config.max_packet_size) {
                 Ok(packet) => return Ok(Some(packet)),
                 Err(CodecError::InsufficientBytes(_)) => {
-                    if self.reader.read_buf(&mut self.inbox).await? == 0 {
-                        return Ok(None);
+                    if self.inbox.is_empty() {
+                        self.inbox = BytesMut::new();
+                    }
+                    self.reader.readable().await?;
+                    if self.inbox.capacity() - self.inbox.len() < READ_CHUNK / 4 {
+                        self.inbox.reserve(READ_CHUNK);
+                    }
+                    match self.reader.try_read_buf(&mut self.inbox) {
+                        Ok(0) => return Ok(None),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e.into()),
                     }
                 }
                 Err(e) => return Err(e),
