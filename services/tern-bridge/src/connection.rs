@@ -12,7 +12,7 @@ use rumqttc::mqttbytes::v4::{
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tern_core::{DeviceId, TenantId};
-use tern_eventlog::{LogError, Position};
+use tern_eventlog::{EventLog, LogError, Position, Record};
 use tern_proto::v1::EventKind;
 use tern_runtime::Shutdown;
 use tokio::io::AsyncWriteExt;
@@ -29,12 +29,56 @@ use crate::metrics::{KindLabel, ReasonLabel};
 /// Bytes reserved for a read when the buffer runs low.
 const READ_CHUNK: usize = 8 * 1024;
 
-/// A received publish (or a reply that must keep its place in the order of acknowledgements),
-/// waiting for its durable append.
+/// Publishes appended together (or a reply that must keep its place in the order of
+/// acknowledgements), waiting for the durable append.
 struct Pending {
     append: Option<JoinHandle<Result<Vec<Position>, LogError>>>,
-    reply: Option<Packet>,
+    replies: Vec<Packet>,
+    publishes: usize,
     received: Instant,
+}
+
+/// The packet loop's state between reads.
+struct Flow {
+    tenant: TenantId,
+    device: DeviceId,
+    inflight: VecDeque<Pending>,
+    /// QoS 2 packet ids received and not yet released (PUBREL), for exactly-once.
+    qos2: HashSet<u16>,
+    /// Publishes parsed from the current read, appended as one batch.
+    batch: Vec<Record>,
+    batch_replies: Vec<Packet>,
+    /// Publishes received and not yet acknowledged (including the open batch).
+    unacked: usize,
+}
+
+impl Flow {
+    /// Starts the durable append of the open batch, if any.
+    fn seal(&mut self, log: &Arc<dyn EventLog>) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let records = std::mem::take(&mut self.batch);
+        let publishes = records.len();
+        let log = log.clone();
+        self.inflight.push_back(Pending {
+            append: Some(tokio::spawn(async move { log.append(records).await })),
+            replies: std::mem::take(&mut self.batch_replies),
+            publishes,
+            received: Instant::now(),
+        });
+    }
+
+    /// Queues a reply behind everything received before it.
+    fn reply_in_order(&mut self, log: &Arc<dyn EventLog>, reply: Packet) {
+        self.seal(log);
+        self.inflight.push_back(Pending {
+            append: None,
+            replies: vec![reply],
+            publishes: 0,
+            received: Instant::now(),
+        });
+    }
 }
 
 /// Why a connection ended; becomes a metric label and a log field.
@@ -276,22 +320,29 @@ impl Connection {
         let grace = (keepalive > 0).then(|| Duration::from_millis(u64::from(keepalive) * 1500));
         let far_future = Duration::from_secs(365 * 24 * 3600);
         let mut deadline = Instant::now() + grace.unwrap_or(far_future);
-        let mut inflight: VecDeque<Pending> = VecDeque::new();
-        // QoS 2 packet ids received and not yet released (PUBREL), for exactly-once.
-        let mut qos2: HashSet<u16> = HashSet::new();
         let max_inflight = self.bridge.config.max_inflight.max(1);
+        let mut flow = Flow {
+            tenant,
+            device,
+            inflight: VecDeque::new(),
+            qos2: HashSet::new(),
+            batch: Vec::new(),
+            batch_replies: Vec::new(),
+            unacked: 0,
+        };
 
         let close = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Close::ServerShutdown,
                 _ = taken_over.cancelled() => break Close::TakenOver,
-                done = next_done(&mut inflight), if !inflight.is_empty() => {
+                done = next_done(&mut flow.inflight), if !flow.inflight.is_empty() => {
+                    flow.unacked -= done.0.publishes;
                     if let Err(close) = self.acknowledge(done).await {
                         break close;
                     }
                 }
-                read = timeout_at(deadline, self.read_packet()), if inflight.len() < max_inflight => {
+                read = timeout_at(deadline, self.read_packet()), if flow.unacked < max_inflight => {
                     let packet = match read {
                         Err(_) => break Close::KeepaliveExpired,
                         Ok(Ok(None)) => break Close::ClientClosed,
@@ -302,17 +353,16 @@ impl Connection {
                         Ok(Ok(Some(packet))) => packet,
                     };
                     deadline = Instant::now() + grace.unwrap_or(far_future);
-                    match self.handle(packet, tenant, device, &mut inflight, &mut qos2).await {
-                        Ok(true) => {}
-                        Ok(false) => break Close::ClientDisconnect,
-                        Err(close) => break close,
+                    if let Err(close) = self.handle_burst(packet, &mut flow, max_inflight).await {
+                        break close;
                     }
                 }
             }
         };
         // Whatever was received is acknowledged once durable, even when closing.
-        while !inflight.is_empty() {
-            let done = next_done(&mut inflight).await;
+        flow.seal(&self.bridge.log);
+        while !flow.inflight.is_empty() {
+            let done = next_done(&mut flow.inflight).await;
             if self.acknowledge(done).await.is_err() {
                 break;
             }
@@ -321,8 +371,39 @@ impl Connection {
         close
     }
 
-    /// Sends the reply of a finished pending entry; a failed append closes the connection
-    /// without an acknowledgement, so the device sends the message again.
+    /// Handles `first` and every further packet already buffered (a pipelining client sends
+    /// many per read), so that their publishes are appended as one batch.
+    async fn handle_burst(
+        &mut self,
+        first: Packet,
+        flow: &mut Flow,
+        max_inflight: usize,
+    ) -> Result<(), Close> {
+        let mut packet = first;
+        loop {
+            if !self.handle(packet, flow).await? {
+                flow.seal(&self.bridge.log);
+                return Err(Close::ClientDisconnect);
+            }
+            if flow.unacked >= max_inflight {
+                break;
+            }
+            packet = match Packet::read(&mut self.inbox, self.bridge.config.max_packet_size) {
+                Ok(next) => next,
+                Err(CodecError::InsufficientBytes(_)) => break,
+                Err(e) => {
+                    tracing::info!(error = %e, "malformed packet; closing");
+                    flow.seal(&self.bridge.log);
+                    return Err(Close::ProtocolError);
+                }
+            };
+        }
+        flow.seal(&self.bridge.log);
+        Ok(())
+    }
+
+    /// Sends the replies of a finished pending entry; a failed append closes the connection
+    /// without an acknowledgement, so the device sends the messages again.
     async fn acknowledge(&mut self, done: (Pending, Result<(), String>)) -> Result<(), Close> {
         let (pending, result) = done;
         if let Err(e) = result {
@@ -335,40 +416,44 @@ impl Connection {
                 .append_seconds
                 .observe(pending.received.elapsed().as_secs_f64());
         }
-        if let Some(reply) = pending.reply {
-            self.send(&reply).await.map_err(|_| Close::WriteFailed)?;
+        self.outbox.clear();
+        for reply in &pending.replies {
+            reply
+                .write(&mut self.outbox, usize::MAX)
+                .map_err(|_| Close::WriteFailed)?;
+        }
+        if !self.outbox.is_empty() {
+            self.writer
+                .write_all(&self.outbox)
+                .await
+                .map_err(|_| Close::WriteFailed)?;
+            self.bridge
+                .metrics
+                .packets_out
+                .inc_by(pending.replies.len() as u64);
         }
         Ok(())
     }
 
     /// Handles one packet; `Ok(false)` is a clean DISCONNECT.
-    async fn handle(
-        &mut self,
-        packet: Packet,
-        tenant: TenantId,
-        device: DeviceId,
-        inflight: &mut VecDeque<Pending>,
-        qos2: &mut HashSet<u16>,
-    ) -> Result<bool, Close> {
-        let immediate = |reply: Packet| Pending {
-            append: None,
-            reply: Some(reply),
-            received: Instant::now(),
-        };
+    async fn handle(&mut self, packet: Packet, flow: &mut Flow) -> Result<bool, Close> {
+        let log = &self.bridge.log;
         match packet {
             Packet::Publish(publish) => {
-                if publish.qos == QoS::ExactlyOnce && qos2.contains(&publish.pkid) {
+                if publish.qos == QoS::ExactlyOnce && flow.qos2.contains(&publish.pkid) {
                     // A resent QoS 2 publish: already stored (or being stored); answer again
                     // in order without storing twice.
-                    inflight.push_back(immediate(Packet::PubRec(PubRec::new(publish.pkid))));
+                    flow.reply_in_order(log, Packet::PubRec(PubRec::new(publish.pkid)));
                     return Ok(true);
                 }
-                let pending = self.accept_publish(publish, tenant, device, qos2)?;
-                inflight.push_back(pending);
+                let (record, reply) = self.accept_publish(publish, flow)?;
+                flow.batch.push(record);
+                flow.batch_replies.extend(reply);
+                flow.unacked += 1;
             }
             Packet::PubRel(rel) => {
-                qos2.remove(&rel.pkid);
-                inflight.push_back(immediate(Packet::PubComp(PubComp::new(rel.pkid))));
+                flow.qos2.remove(&rel.pkid);
+                flow.reply_in_order(log, Packet::PubComp(PubComp::new(rel.pkid)));
             }
             Packet::Subscribe(subscribe) => {
                 // Subscriptions arrive with the full broker; until then every filter is refused
@@ -378,13 +463,10 @@ impl Connection {
                     "subscriptions are not available yet; refused"
                 );
                 let codes = vec![SubscribeReasonCode::Failure; subscribe.filters.len()];
-                inflight.push_back(immediate(Packet::SubAck(SubAck::new(
-                    subscribe.pkid,
-                    codes,
-                ))));
+                flow.reply_in_order(log, Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
             }
             Packet::Unsubscribe(unsubscribe) => {
-                inflight.push_back(immediate(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))));
+                flow.reply_in_order(log, Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
             }
             Packet::PingReq => {
                 self.send(&Packet::PingResp)
@@ -403,13 +485,12 @@ impl Connection {
         Ok(true)
     }
 
+    /// Checks a publish and turns it into a log record and the acknowledgement it is owed.
     fn accept_publish(
         &self,
         publish: Publish,
-        tenant: TenantId,
-        device: DeviceId,
-        qos2: &mut HashSet<u16>,
-    ) -> Result<Pending, Close> {
+        flow: &mut Flow,
+    ) -> Result<(Record, Option<Packet>), Close> {
         let kind = match publish.topic.as_str() {
             "telemetry" => EventKind::Telemetry,
             "event" => EventKind::Event,
@@ -437,17 +518,18 @@ impl Connection {
             QoS::AtMostOnce => None,
             QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(publish.pkid))),
             QoS::ExactlyOnce => {
-                qos2.insert(publish.pkid);
+                flow.qos2.insert(publish.pkid);
                 Some(Packet::PubRec(PubRec::new(publish.pkid)))
             }
         };
-        let rec = record(tenant, device, kind, &publish.topic, publish.payload);
-        let log = self.bridge.log.clone();
-        Ok(Pending {
-            append: Some(tokio::spawn(async move { log.append(vec![rec]).await })),
-            reply,
-            received: Instant::now(),
-        })
+        let record = record(
+            flow.tenant,
+            flow.device,
+            kind,
+            &publish.topic,
+            publish.payload,
+        );
+        Ok((record, reply))
     }
 }
 
