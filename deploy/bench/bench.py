@@ -323,6 +323,10 @@ def render(meta, results):
         if "tern" not in row["runs"]:
             lines.append("| tern | not run: Tern has no subscriptions yet (the broker bridge issue) | | | | | | | | |")
         lines.append("")
+    notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiling-notes.md")
+    if os.path.exists(notes):
+        with open(notes) as f:
+            lines += [f.read().rstrip(), ""]
     lines += [
         "## Not measured yet",
         "",

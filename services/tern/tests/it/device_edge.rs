@@ -259,3 +259,88 @@ async fn unsupported_topics_close_the_connection_without_storing() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_and_2_are_stored_and_a_resent_qos_2_publish_is_stored_once() {
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::v4::{Connect, Packet, PubRel, Publish};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let tern = Tern::start();
+    let p = tern.provision("acme", "q");
+
+    // rumqttc: QoS 0 then QoS 2; the final PUBCOMP means everything before it is durable.
+    let mut mqtt = Mqtt::connect(Mqtt::options(tern.mqtt_port, &p.device_id, &p.access_token))
+        .await
+        .expect("connect");
+    for i in 0..3 {
+        mqtt.client
+            .publish(
+                "telemetry",
+                QoS::AtMostOnce,
+                false,
+                format!(r#"{{"zero": {i}}}"#),
+            )
+            .await
+            .expect("queue");
+    }
+    mqtt.client
+        .publish("telemetry", QoS::ExactlyOnce, false, r#"{"two": 1}"#)
+        .await
+        .expect("queue");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), mqtt.events.poll())
+            .await
+            .expect("PUBCOMP in time")
+            .expect("connection")
+        {
+            rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_)) => break,
+            _ => continue,
+        }
+    }
+    assert_eq!(tern.wait_points(&p, "zero", 3).await.len(), 3);
+    assert_eq!(tern.wait_points(&p, "two", 1).await.len(), 1);
+    drop(mqtt);
+
+    // Raw packets: the same QoS 2 publish twice (a resend before PUBREL), then PUBREL.
+    let encode = |packets: &[Packet]| {
+        let mut buf = BytesMut::new();
+        for packet in packets {
+            packet.write(&mut buf, usize::MAX).expect("encode");
+        }
+        buf
+    };
+    let mut connect = Connect::new(p.device_id.clone());
+    connect.set_login(p.device_id.clone(), p.access_token.clone());
+    let mut publish = Publish::new("telemetry", QoS::ExactlyOnce, br#"{"once": 1}"#.to_vec());
+    publish.pkid = 9;
+    let mut resent = publish.clone();
+    resent.dup = true;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", tern.mqtt_port))
+        .await
+        .expect("connect");
+    let bytes = encode(&[
+        Packet::Connect(connect),
+        Packet::Publish(publish),
+        Packet::Publish(resent),
+        Packet::PubRel(PubRel::new(9)),
+    ]);
+    stream.write_all(&bytes).await.expect("write");
+    // CONNACK, PUBREC 9, PUBREC 9, PUBCOMP 9: 4 + 4 + 4 + 4 bytes.
+    let mut answer = vec![0u8; 16];
+    tokio::time::timeout(Duration::from_secs(15), stream.read_exact(&mut answer))
+        .await
+        .expect("answers in time")
+        .expect("read");
+    assert_eq!(
+        answer,
+        [0x20, 2, 0, 0, 0x50, 2, 0, 9, 0x50, 2, 0, 9, 0x70, 2, 0, 9],
+        "CONNACK, PUBREC, PUBREC, PUBCOMP in order"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        tern.wait_points(&p, "once", 1).await.len(),
+        1,
+        "stored exactly once"
+    );
+}
