@@ -152,6 +152,7 @@ fn source(args: &Args, i: usize) -> Option<IpAddr> {
 /// Runs the simulation and returns the JSON report.
 pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
     let args = Arc::new(args);
+    let provision_started = Instant::now();
     let credentials: Vec<Credentials> = match (&args.tern_server, &args.tern_token) {
         (Some(server), Some(token)) => {
             let api = Arc::new(provision::Api::new(server, token)?);
@@ -178,6 +179,7 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
             .collect(),
     };
 
+    let provision_seconds = provision_started.elapsed().as_secs_f64();
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
     let mut subscribers = Vec::new();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(args.subscribers.max(1));
@@ -248,6 +250,7 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         "payload_size": args.payload_size,
         "rate_per_device": args.rate,
         "duration_s": measured,
+        "provision_s": provision_seconds,
         "connect_phase_s": connect_seconds,
         "connects_per_s": if connect_seconds > 0.0 { connected as f64 / connect_seconds } else { 0.0 },
         "sent": total.sent,

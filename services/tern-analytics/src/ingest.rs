@@ -12,7 +12,9 @@ use crate::metrics::{IngestMetrics, StreamLabel};
 /// The consumer group of the ingest pipeline.
 pub const INGEST_GROUP: &str = "analytics-ingest";
 const STREAMS: [&str; 2] = ["telemetry", "event"];
-const BATCH: usize = 512;
+/// Records per store write and offset commit: each costs an fsync, so bigger batches are cheaper
+/// per record; the bound keeps one batch's memory and latency small.
+const BATCH: usize = 4096;
 const POLL_WAIT: Duration = Duration::from_millis(500);
 
 pub struct Ingest {
