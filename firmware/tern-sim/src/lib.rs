@@ -199,16 +199,20 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
 
     let (connected_tx, mut connected_rx) = tokio::sync::mpsc::channel::<()>(args.devices.max(1));
     let mut publishers = Vec::with_capacity(args.devices);
-    let ramp_gap = (args.ramp > 0.0).then(|| Duration::from_secs_f64(1.0 / args.ramp));
     let connect_started = Instant::now();
     for (i, creds) in credentials.into_iter().enumerate() {
+        // Ramp: connection i starts at i / ramp seconds. Timers tick in milliseconds, so the
+        // loop sleeps until the next connection is due and then starts every one that is.
+        if args.ramp > 0.0 {
+            let due = connect_started + Duration::from_secs_f64(i as f64 / args.ramp);
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
         let (args, phase, connected) = (args.clone(), phase_rx.clone(), connected_tx.clone());
         publishers.push(tokio::spawn(async move {
             publisher(args, i, creds, phase, connected).await
         }));
-        if let Some(gap) = ramp_gap {
-            tokio::time::sleep(gap).await;
-        }
     }
     drop(connected_tx);
     for _ in 0..args.devices {

@@ -14,7 +14,6 @@ mod envelope;
 mod metrics;
 mod sessions;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tern_eventlog::EventLog;
@@ -96,9 +95,4 @@ impl Bridge {
         tracker.wait().await;
         tracing::info!("MQTT listener stopped");
     }
-}
-
-/// Binds the MQTT listener (separately from serving, so callers learn the address first).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

@@ -59,6 +59,13 @@ pub enum Output {
 pub enum Command {
     /// Run every service in one process on embedded storage.
     Up(UpArgs),
+    #[command(flatten)]
+    Admin(AdminCommand),
+}
+
+/// Commands that call a running server.
+#[derive(Subcommand)]
+pub enum AdminCommand {
     /// Manage tenants (needs the operator token).
     #[command(subcommand)]
     Tenant(TenantCommand),

@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::cli::{Command, DeviceCommand, Global, TenantCommand, TokenCommand};
+use crate::cli::{AdminCommand, DeviceCommand, Global, TenantCommand, TokenCommand};
 use crate::output;
 
 struct Client {
@@ -99,12 +99,11 @@ const DEVICE_FIELDS: &[&str] = &[
     "disabled",
 ];
 
-pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
+pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
     let client = Client::new(&global)?;
     let out = global.output;
     match command {
-        Command::Up(_) => unreachable!("`tern up` is dispatched in main"),
-        Command::Tenant(cmd) => match cmd {
+        AdminCommand::Tenant(cmd) => match cmd {
             TenantCommand::Create { name } => {
                 let t = client
                     .call(
@@ -142,7 +141,7 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
                 }
             }
         },
-        Command::Device(cmd) => {
+        AdminCommand::Device(cmd) => {
             let base = format!("/api/v1/tenants/{}/devices", seg(tenant(&global)?));
             match cmd {
                 DeviceCommand::Create {
@@ -174,7 +173,7 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Token(cmd) => {
+        AdminCommand::Token(cmd) => {
             let tenant = seg(tenant(&global)?);
             match cmd {
                 TokenCommand::Device { device } => {

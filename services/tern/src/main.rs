@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             cli::Command::Up(args) => up::run(args).await,
-            command => client::run(cli.global, command).await,
+            cli::Command::Admin(command) => client::run(cli.global, command).await,
         }
     });
     match result {
