@@ -13,6 +13,9 @@ pub struct BridgeConfig {
     /// Publishes received but not yet durable, per connection; beyond this the bridge stops
     /// reading from that connection (TCP back-pressure) instead of buffering without bound.
     pub max_inflight: usize,
+    /// Deliveries queued per subscribing connection; beyond this, deliveries to that
+    /// connection are dropped (and counted) rather than stalling publishers.
+    pub max_queued_messages: usize,
 }
 
 impl Default for BridgeConfig {
@@ -22,6 +25,7 @@ impl Default for BridgeConfig {
             max_connections: 100_000,
             connect_timeout_secs: 10,
             max_inflight: 64,
+            max_queued_messages: 1000,
         }
     }
 }

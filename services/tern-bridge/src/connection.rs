@@ -18,13 +18,19 @@ use tern_runtime::Shutdown;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::Instrument;
 
 use crate::Bridge;
-use crate::envelope::record;
+use crate::envelope::{EVENT_TOPIC, TELEMETRY_TOPIC, record};
 use crate::metrics::{KindLabel, ReasonLabel};
+use crate::router::Delivery;
+use crate::topics::{InvalidTopic, validate_filter, validate_name};
+
+/// QoS 1 deliveries a client may have unacknowledged before the bridge waits for PUBACKs.
+const OUTBOUND_WINDOW: usize = 64;
 
 /// Bytes reserved for a read when the buffer runs low.
 const READ_CHUNK: usize = 8 * 1024;
@@ -50,6 +56,12 @@ struct Flow {
     batch_replies: Vec<Packet>,
     /// Publishes received and not yet acknowledged (including the open batch).
     unacked: usize,
+    /// This connection's id in the router, and its queue of deliveries.
+    connection: u64,
+    queue: mpsc::Sender<Delivery>,
+    /// QoS 1 deliveries sent and not yet acknowledged by the client, by packet id.
+    awaiting_ack: HashSet<u16>,
+    next_pkid: u16,
 }
 
 impl Flow {
@@ -90,7 +102,6 @@ enum Close {
     TakenOver,
     ServerShutdown,
     ProtocolError,
-    UnsupportedTopic,
     AppendFailed,
     WriteFailed,
 }
@@ -104,7 +115,6 @@ impl Close {
             Self::TakenOver => "session_taken_over",
             Self::ServerShutdown => "server_shutdown",
             Self::ProtocolError => "protocol_error",
-            Self::UnsupportedTopic => "unsupported_topic",
             Self::AppendFailed => "append_failed",
             Self::WriteFailed => "write_failed",
         }
@@ -113,7 +123,7 @@ impl Close {
     fn is_error(self) -> bool {
         matches!(
             self,
-            Self::ProtocolError | Self::UnsupportedTopic | Self::AppendFailed | Self::WriteFailed
+            Self::ProtocolError | Self::AppendFailed | Self::WriteFailed
         )
     }
 }
@@ -154,7 +164,14 @@ pub(crate) async fn run(
         let session = bridge.sessions.claim(tenant, device);
         tracing::info!(keepalive, "device connected");
         let close = conn
-            .serve(tenant, device, keepalive, &session.closed, &shutdown)
+            .serve(
+                tenant,
+                device,
+                keepalive,
+                session.id,
+                &session.closed,
+                &shutdown,
+            )
             .await;
         bridge.metrics.connections.dec();
         if close.is_error() {
@@ -313,6 +330,7 @@ impl Connection {
         tenant: TenantId,
         device: DeviceId,
         keepalive: u16,
+        connection: u64,
         taken_over: &Shutdown,
         shutdown: &Shutdown,
     ) -> Close {
@@ -321,6 +339,7 @@ impl Connection {
         let far_future = Duration::from_secs(365 * 24 * 3600);
         let mut deadline = Instant::now() + grace.unwrap_or(far_future);
         let max_inflight = self.bridge.config.max_inflight.max(1);
+        let (queue, mut deliveries) = mpsc::channel(self.bridge.config.max_queued_messages.max(1));
         let mut flow = Flow {
             tenant,
             device,
@@ -329,6 +348,10 @@ impl Connection {
             batch: Vec::new(),
             batch_replies: Vec::new(),
             unacked: 0,
+            connection,
+            queue,
+            awaiting_ack: HashSet::new(),
+            next_pkid: 0,
         };
 
         let close = loop {
@@ -336,6 +359,12 @@ impl Connection {
                 biased;
                 _ = shutdown.cancelled() => break Close::ServerShutdown,
                 _ = taken_over.cancelled() => break Close::TakenOver,
+                delivery = deliveries.recv(), if flow.awaiting_ack.len() < OUTBOUND_WINDOW => {
+                    let Some(delivery) = delivery else { continue };
+                    if let Err(close) = self.deliver(delivery, &mut deliveries, &mut flow).await {
+                        break close;
+                    }
+                }
                 done = next_done(&mut flow.inflight), if !flow.inflight.is_empty() => {
                     flow.unacked -= done.0.publishes;
                     if let Err(close) = self.acknowledge(done).await {
@@ -359,6 +388,7 @@ impl Connection {
                 }
             }
         };
+        self.bridge.router.drop_connection(tenant, connection);
         // Whatever was received is acknowledged once durable, even when closing.
         flow.seal(&self.bridge.log);
         while !flow.inflight.is_empty() {
@@ -399,6 +429,50 @@ impl Connection {
             };
         }
         flow.seal(&self.bridge.log);
+        Ok(())
+    }
+
+    /// Writes `first` and whatever else is queued (up to the outbound window) in one write.
+    async fn deliver(
+        &mut self,
+        first: Delivery,
+        deliveries: &mut mpsc::Receiver<Delivery>,
+        flow: &mut Flow,
+    ) -> Result<(), Close> {
+        self.outbox.clear();
+        let mut next = Some(first);
+        let mut sent = 0u64;
+        while let Some(delivery) = next {
+            let pkid = if delivery.qos == QoS::AtMostOnce {
+                0
+            } else {
+                loop {
+                    flow.next_pkid = flow.next_pkid % u16::MAX + 1;
+                    if !flow.awaiting_ack.contains(&flow.next_pkid) {
+                        break flow.next_pkid;
+                    }
+                }
+            };
+            let mut publish = Publish::from_bytes(&*delivery.topic, delivery.qos, delivery.payload);
+            publish.pkid = pkid;
+            Packet::Publish(publish)
+                .write(&mut self.outbox, usize::MAX)
+                .map_err(|_| Close::WriteFailed)?;
+            if pkid != 0 {
+                flow.awaiting_ack.insert(pkid);
+            }
+            sent += 1;
+            next = if flow.awaiting_ack.len() < OUTBOUND_WINDOW {
+                deliveries.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        self.writer
+            .write_all(&self.outbox)
+            .await
+            .map_err(|_| Close::WriteFailed)?;
+        self.bridge.metrics.packets_out.inc_by(sent);
         Ok(())
     }
 
@@ -446,27 +520,55 @@ impl Connection {
                     flow.reply_in_order(log, Packet::PubRec(PubRec::new(publish.pkid)));
                     return Ok(true);
                 }
-                let (record, reply) = self.accept_publish(publish, flow)?;
-                flow.batch.push(record);
-                flow.batch_replies.extend(reply);
-                flow.unacked += 1;
+                match self.accept_publish(publish, flow)? {
+                    Accepted::Durable(record, reply) => {
+                        flow.batch.push(record);
+                        flow.batch_replies.extend(reply);
+                        flow.unacked += 1;
+                    }
+                    Accepted::Routed(Some(reply)) => flow.reply_in_order(log, reply),
+                    Accepted::Routed(None) => {}
+                }
             }
             Packet::PubRel(rel) => {
                 flow.qos2.remove(&rel.pkid);
                 flow.reply_in_order(log, Packet::PubComp(PubComp::new(rel.pkid)));
             }
             Packet::Subscribe(subscribe) => {
-                // Subscriptions arrive with the full broker; until then every filter is refused
-                // with the failure return code MQTT 3.1.1 defines for that (0x80).
-                tracing::info!(
-                    filters = subscribe.filters.len(),
-                    "subscriptions are not available yet; refused"
-                );
-                let codes = vec![SubscribeReasonCode::Failure; subscribe.filters.len()];
+                let mut codes = Vec::with_capacity(subscribe.filters.len());
+                for filter in &subscribe.filters {
+                    if let Err(InvalidTopic(why)) = validate_filter(&filter.path) {
+                        tracing::info!(filter = %filter.path, why, "invalid topic filter; closing");
+                        return Err(Close::ProtocolError);
+                    }
+                    // Deliveries go out with QoS 0 or 1; QoS 2 requests are granted QoS 1,
+                    // which MQTT allows (the SUBACK says so).
+                    let granted = if filter.qos == QoS::AtMostOnce {
+                        QoS::AtMostOnce
+                    } else {
+                        QoS::AtLeastOnce
+                    };
+                    self.bridge.router.subscribe(
+                        flow.tenant,
+                        flow.connection,
+                        &filter.path,
+                        granted,
+                        flow.queue.clone(),
+                    );
+                    codes.push(SubscribeReasonCode::Success(granted));
+                }
                 flow.reply_in_order(log, Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
             }
             Packet::Unsubscribe(unsubscribe) => {
+                for filter in &unsubscribe.topics {
+                    self.bridge
+                        .router
+                        .unsubscribe(flow.tenant, flow.connection, filter);
+                }
                 flow.reply_in_order(log, Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
+            }
+            Packet::PubAck(ack) => {
+                flow.awaiting_ack.remove(&ack.pkid);
             }
             Packet::PingReq => {
                 self.send(&Packet::PingResp)
@@ -485,24 +587,40 @@ impl Connection {
         Ok(true)
     }
 
-    /// Checks a publish and turns it into a log record and the acknowledgement it is owed.
-    fn accept_publish(
-        &self,
-        publish: Publish,
-        flow: &mut Flow,
-    ) -> Result<(Record, Option<Packet>), Close> {
-        let kind = match publish.topic.as_str() {
-            "telemetry" => EventKind::Telemetry,
-            "event" => EventKind::Event,
-            topic => {
-                tracing::info!(
-                    topic,
-                    "publish to a topic this bridge does not serve yet; closing"
-                );
-                return Err(Close::UnsupportedTopic);
+    /// Checks a publish: `telemetry` and `event` become log records (acknowledged once durable);
+    /// any other topic is routed to the tenant's subscribers and acknowledged at once.
+    fn accept_publish(&self, publish: Publish, flow: &mut Flow) -> Result<Accepted, Close> {
+        let metrics = &self.bridge.metrics;
+        let reply = match publish.qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(publish.pkid))),
+            QoS::ExactlyOnce => {
+                flow.qos2.insert(publish.pkid);
+                Some(Packet::PubRec(PubRec::new(publish.pkid)))
             }
         };
-        let metrics = &self.bridge.metrics;
+        metrics.bytes_in.inc_by(publish.payload.len() as u64);
+        let kind = match publish.topic.as_str() {
+            TELEMETRY_TOPIC => EventKind::Telemetry,
+            EVENT_TOPIC => EventKind::Event,
+            topic => {
+                if let Err(InvalidTopic(why)) = validate_name(topic) {
+                    tracing::info!(topic, why, "invalid topic name; closing");
+                    return Err(Close::ProtocolError);
+                }
+                metrics
+                    .messages_in
+                    .get_or_create(&KindLabel { kind: "pubsub" })
+                    .inc();
+                let routed =
+                    self.bridge
+                        .router
+                        .route(flow.tenant, topic, &publish.payload, publish.qos);
+                metrics.deliveries.inc_by(routed.delivered as u64);
+                metrics.deliveries_dropped.inc_by(routed.dropped as u64);
+                return Ok(Accepted::Routed(reply));
+            }
+        };
         metrics
             .messages_in
             .get_or_create(&KindLabel {
@@ -513,15 +631,6 @@ impl Connection {
                 },
             })
             .inc();
-        metrics.bytes_in.inc_by(publish.payload.len() as u64);
-        let reply = match publish.qos {
-            QoS::AtMostOnce => None,
-            QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(publish.pkid))),
-            QoS::ExactlyOnce => {
-                flow.qos2.insert(publish.pkid);
-                Some(Packet::PubRec(PubRec::new(publish.pkid)))
-            }
-        };
         let record = record(
             flow.tenant,
             flow.device,
@@ -529,8 +638,16 @@ impl Connection {
             &publish.topic,
             publish.payload,
         );
-        Ok((record, reply))
+        Ok(Accepted::Durable(record, reply))
     }
+}
+
+/// What became of an accepted publish, with the acknowledgement it is owed.
+enum Accepted {
+    /// Goes to the event log; acknowledged once durable.
+    Durable(Record, Option<Packet>),
+    /// Routed to subscribers; acknowledged in order right away.
+    Routed(Option<Packet>),
 }
 
 /// Waits for the oldest pending entry (acknowledgements go out in the order received).

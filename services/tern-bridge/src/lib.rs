@@ -2,7 +2,8 @@
 //!
 //! This first cut speaks MQTT 3.1.1 over TCP: devices authenticate with their id and access
 //! token, publish `telemetry` and `event` with QoS 0, 1 or 2, and get their PUBACK (PUBREC)
-//! only after the message is durable in the event log. Publishes from one connection are
+//! only after the message is durable in the event log. Every other topic is plain
+//! publish/subscribe inside the device's tenant (QoS 0 and 1 towards subscribers). Publishes from one connection are
 //! appended concurrently and acknowledged in order, so a device that pipelines QoS 1 messages
 //! is not held to one fsync per message.
 
@@ -12,7 +13,9 @@ mod config;
 mod connection;
 mod envelope;
 mod metrics;
+mod router;
 mod sessions;
+mod topics;
 
 use std::sync::Arc;
 
@@ -28,6 +31,7 @@ pub use config::BridgeConfig;
 pub use envelope::{EVENT_TOPIC, TELEMETRY_TOPIC};
 
 use crate::metrics::BridgeMetrics;
+use crate::router::Router;
 use crate::sessions::Sessions;
 
 /// Everything a connection needs, shared by all connections.
@@ -38,6 +42,7 @@ pub struct Bridge {
     log: Arc<dyn EventLog>,
     metrics: BridgeMetrics,
     sessions: Sessions,
+    router: Router,
 }
 
 impl Bridge {
@@ -55,6 +60,7 @@ impl Bridge {
             log,
             metrics: BridgeMetrics::register(metrics),
             sessions: Sessions::default(),
+            router: Router::default(),
         }
     }
 

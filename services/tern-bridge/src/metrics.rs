@@ -26,6 +26,8 @@ pub(crate) struct BridgeMetrics {
     pub messages_in: Family<KindLabel, Counter>,
     pub bytes_in: Counter,
     pub packets_out: Counter,
+    pub deliveries: Counter,
+    pub deliveries_dropped: Counter,
     pub append_seconds: Histogram,
 }
 
@@ -40,6 +42,8 @@ impl BridgeMetrics {
             messages_in: Family::default(),
             bytes_in: Counter::default(),
             packets_out: Counter::default(),
+            deliveries: Counter::default(),
+            deliveries_dropped: Counter::default(),
             append_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         };
         registry.register("tern_bridge", |r| {
@@ -75,6 +79,16 @@ impl BridgeMetrics {
             );
             r.register("bytes_in", "Payload bytes accepted", m.bytes_in.clone());
             r.register("packets_out", "MQTT packets sent", m.packets_out.clone());
+            r.register(
+                "deliveries",
+                "Publishes queued for subscribers",
+                m.deliveries.clone(),
+            );
+            r.register(
+                "deliveries_dropped",
+                "Deliveries dropped because a subscriber's queue was full",
+                m.deliveries_dropped.clone(),
+            );
             r.register(
                 "log_append_seconds",
                 "Time from receipt to durable in the event log",

@@ -17,7 +17,8 @@ pub(crate) struct Sessions {
 pub(crate) struct SessionGuard<'a> {
     sessions: &'a Sessions,
     key: (TenantId, DeviceId),
-    id: u64,
+    /// Unique per connection for the life of the process.
+    pub id: u64,
     pub closed: CancellationToken,
 }
 

@@ -114,6 +114,8 @@ impl UpConfig {
             (self.mqtt.connect_timeout_secs == 0)
                 .then_some("`mqtt.connect_timeout_secs` must be at least 1"),
             (self.mqtt.max_inflight == 0).then_some("`mqtt.max_inflight` must be at least 1"),
+            (self.mqtt.max_queued_messages == 0)
+                .then_some("`mqtt.max_queued_messages` must be at least 1"),
             (self.eventlog.partitions == 0 || self.eventlog.partitions > 1024)
                 .then_some("`eventlog.partitions` must be 1..=1024"),
             (self.identity.device_access_token_ttl_secs == 0)

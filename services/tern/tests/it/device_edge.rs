@@ -236,31 +236,6 @@ async fn non_json_payloads_are_kept_as_raw_events() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unsupported_topics_close_the_connection_without_storing() {
-    let tern = Tern::start();
-    let p = tern.provision("acme", "x");
-    let mut mqtt = Mqtt::connect(Mqtt::options(tern.mqtt_port, &p.device_id, &p.access_token))
-        .await
-        .expect("connect");
-    mqtt.client
-        .publish("somewhere/else", QoS::AtLeastOnce, false, b"{}".to_vec())
-        .await
-        .expect("queue");
-    loop {
-        match tokio::time::timeout(Duration::from_secs(15), mqtt.events.poll())
-            .await
-            .expect("closed in time")
-        {
-            Err(_) => break,
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
-                panic!("acknowledged an unsupported topic")
-            }
-            Ok(_) => {}
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos_0_and_2_are_stored_and_a_resent_qos_2_publish_is_stored_once() {
     use bytes::BytesMut;
     use rumqttc::mqttbytes::v4::{Connect, Packet, PubRel, Publish};

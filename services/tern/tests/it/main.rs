@@ -9,5 +9,6 @@ mod dashboard;
 mod device_edge;
 mod durability;
 mod grpc;
+mod pubsub;
 mod rest_api;
 mod simulator;
