@@ -153,40 +153,49 @@ fn source(args: &Args, i: usize) -> Option<IpAddr> {
 pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
     let args = Arc::new(args);
     let provision_started = Instant::now();
-    let credentials: Vec<Credentials> = match (&args.tern_server, &args.tern_token) {
-        (Some(server), Some(token)) => {
-            let api = Arc::new(provision::Api::new(server, token)?);
-            let devices = api
-                .provision(&args.tern_tenant, "sim", args.devices)
-                .await?;
-            devices
-                .into_iter()
-                .map(|d| Credentials {
-                    client_id: d.id.clone(),
-                    login: Some((d.id, d.token)),
-                })
-                .collect()
-        }
-        (Some(_), None) => anyhow::bail!("--tern-server needs --tern-token (or TERN_TOKEN)"),
-        _ => (0..args.devices)
-            .map(|i| Credentials {
-                client_id: format!("sim-{i}"),
-                login: args
-                    .username
-                    .clone()
-                    .map(|u| (u, args.password.clone().unwrap_or_default())),
-            })
-            .collect(),
+    // Publishers first, then subscribers: in Tern every client is a provisioned device.
+    let anonymous = |name: String| Credentials {
+        client_id: name,
+        login: args
+            .username
+            .clone()
+            .map(|u| (u, args.password.clone().unwrap_or_default())),
     };
+    let (credentials, mut subscriber_credentials): (Vec<Credentials>, Vec<Credentials>) =
+        match (&args.tern_server, &args.tern_token) {
+            (Some(server), Some(token)) => {
+                let api = Arc::new(provision::Api::new(server, token)?);
+                let mut devices: Vec<Credentials> = api
+                    .provision(&args.tern_tenant, "sim", args.devices + args.subscribers)
+                    .await?
+                    .into_iter()
+                    .map(|d| Credentials {
+                        client_id: d.id.clone(),
+                        login: Some((d.id, d.token)),
+                    })
+                    .collect();
+                let subscribers = devices.split_off(args.devices);
+                (devices, subscribers)
+            }
+            (Some(_), None) => anyhow::bail!("--tern-server needs --tern-token (or TERN_TOKEN)"),
+            _ => (
+                (0..args.devices)
+                    .map(|i| anonymous(format!("sim-{i}")))
+                    .collect(),
+                (0..args.subscribers)
+                    .map(|i| anonymous(format!("sim-sub-{i}")))
+                    .collect(),
+            ),
+        };
 
     let provision_seconds = provision_started.elapsed().as_secs_f64();
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
     let mut subscribers = Vec::new();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(args.subscribers.max(1));
-    for i in 0..args.subscribers {
+    for (i, creds) in subscriber_credentials.drain(..).enumerate() {
         let (args, phase, ready) = (args.clone(), phase_rx.clone(), ready_tx.clone());
         subscribers.push(tokio::spawn(async move {
-            subscriber(args, i, phase, ready).await
+            subscriber(args, i, creds, phase, ready).await
         }));
     }
     drop(ready_tx);
@@ -404,17 +413,11 @@ async fn publisher(
 async fn subscriber(
     args: Arc<Args>,
     index: usize,
+    creds: Credentials,
     mut phase: watch::Receiver<Phase>,
     ready: tokio::sync::mpsc::Sender<()>,
 ) -> DeviceStats {
     let mut stats = DeviceStats::new();
-    let creds = Credentials {
-        client_id: format!("sim-sub-{index}"),
-        login: args
-            .username
-            .clone()
-            .map(|u| (u, args.password.clone().unwrap_or_default())),
-    };
     let (mut reader, mut writer) =
         match mqtt::connect(args.broker, source(&args, index), &creds, args.keepalive).await {
             Ok(c) => c,

@@ -29,6 +29,11 @@ use crate::metrics::{KindLabel, ReasonLabel};
 use crate::router::Delivery;
 use crate::topics::{InvalidTopic, validate_filter, validate_name};
 
+/// How long a publisher waits for room in a full subscriber queue before that delivery is
+/// dropped: long enough to ride out bursts, short enough that a stuck subscriber cannot stall
+/// publishers indefinitely.
+const DELIVERY_WAIT: Duration = Duration::from_secs(5);
+
 /// QoS 1 deliveries a client may have unacknowledged before the bridge waits for PUBACKs.
 const OUTBOUND_WINDOW: usize = 64;
 
@@ -432,6 +437,19 @@ impl Connection {
         Ok(())
     }
 
+    /// Waits for room in full subscriber queues (this publisher's back pressure), for at most
+    /// `DELIVERY_WAIT` each; a subscriber stuck that long loses the delivery, counted.
+    async fn hand_over(&self, waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>) {
+        let metrics = &self.bridge.metrics;
+        for (queue, delivery) in waiting {
+            let counter = match queue.send_timeout(delivery, DELIVERY_WAIT).await {
+                Ok(()) => &metrics.deliveries,
+                Err(_) => &metrics.deliveries_dropped,
+            };
+            counter.inc();
+        }
+    }
+
     /// Writes `first` and whatever else is queued (up to the outbound window) in one write.
     async fn deliver(
         &mut self,
@@ -526,8 +544,12 @@ impl Connection {
                         flow.batch_replies.extend(reply);
                         flow.unacked += 1;
                     }
-                    Accepted::Routed(Some(reply)) => flow.reply_in_order(log, reply),
-                    Accepted::Routed(None) => {}
+                    Accepted::Routed(reply, waiting) => {
+                        self.hand_over(waiting).await;
+                        if let Some(reply) = reply {
+                            flow.reply_in_order(&self.bridge.log, reply);
+                        }
+                    }
                 }
             }
             Packet::PubRel(rel) => {
@@ -618,7 +640,7 @@ impl Connection {
                         .route(flow.tenant, topic, &publish.payload, publish.qos);
                 metrics.deliveries.inc_by(routed.delivered as u64);
                 metrics.deliveries_dropped.inc_by(routed.dropped as u64);
-                return Ok(Accepted::Routed(reply));
+                return Ok(Accepted::Routed(reply, routed.waiting));
             }
         };
         metrics
@@ -646,8 +668,8 @@ impl Connection {
 enum Accepted {
     /// Goes to the event log; acknowledged once durable.
     Durable(Record, Option<Packet>),
-    /// Routed to subscribers; acknowledged in order right away.
-    Routed(Option<Packet>),
+    /// Routed to subscribers; acknowledged in order once every QoS 1 delivery is queued.
+    Routed(Option<Packet>, Vec<(mpsc::Sender<Delivery>, Delivery)>),
 }
 
 /// Waits for the oldest pending entry (acknowledgements go out in the order received).

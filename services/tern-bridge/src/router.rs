@@ -1,9 +1,10 @@
 //! Plain publish/subscribe inside a tenant's namespace: who subscribed to what, and fan-out.
 //!
 //! Subscriptions are kept per tenant, so a publish can only ever reach subscribers of its own
-//! tenant. Each connection has a bounded queue of deliveries; when a subscriber does not keep
-//! up and its queue is full, further deliveries to it are dropped and counted (as Mosquitto's
-//! `max_queued_messages` does), so one slow subscriber cannot stall publishers or grow memory.
+//! tenant. Each connection has a bounded queue of deliveries. When a subscriber's queue is
+//! full, a QoS 0 delivery is dropped and counted (at most once allows it); a QoS 1 delivery is
+//! handed back to the publishing connection, which waits for room before acknowledging (back
+//! pressure), for a bounded time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -32,10 +33,12 @@ struct Subscriber {
 }
 
 /// What routing one publish did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub(crate) struct Routed {
     pub delivered: usize,
     pub dropped: usize,
+    /// QoS 1 deliveries whose subscriber queue was full: the publisher waits to hand them over.
+    pub waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>,
 }
 
 #[derive(Default)]
@@ -117,6 +120,11 @@ impl Router {
             };
             match queue.try_send(delivery) {
                 Ok(()) => routed.delivered += 1,
+                Err(mpsc::error::TrySendError::Full(delivery))
+                    if delivery.qos != QoS::AtMostOnce =>
+                {
+                    routed.waiting.push((queue.clone(), delivery));
+                }
                 Err(_) => routed.dropped += 1,
             }
         }
@@ -177,38 +185,52 @@ mod tests {
     }
 
     #[test]
-    fn full_queues_drop_and_unsubscribed_connections_get_nothing() {
+    fn full_queues_drop_qos_0_and_unsubscribed_connections_get_nothing() {
         let router = Router::default();
         let tenant = TenantId::random();
         let (tx, mut rx) = subscriber(1);
         router.subscribe(tenant, 7, "t", QoS::AtMostOnce, tx);
         let p = Bytes::new();
+        let counts = |r: Routed| (r.delivered, r.dropped, r.waiting.len());
         assert_eq!(
-            router.route(tenant, "t", &p, QoS::AtMostOnce),
-            Routed {
-                delivered: 1,
-                dropped: 0
-            }
+            counts(router.route(tenant, "t", &p, QoS::AtMostOnce)),
+            (1, 0, 0)
         );
         assert_eq!(
-            router.route(tenant, "t", &p, QoS::AtMostOnce),
-            Routed {
-                delivered: 0,
-                dropped: 1
-            }
+            counts(router.route(tenant, "t", &p, QoS::AtMostOnce)),
+            (0, 1, 0)
         );
         rx.try_recv().expect("first");
         router.unsubscribe(tenant, 7, "t");
         assert_eq!(
-            router.route(tenant, "t", &p, QoS::AtMostOnce),
-            Routed::default()
+            counts(router.route(tenant, "t", &p, QoS::AtMostOnce)),
+            (0, 0, 0)
         );
         let (tx, _rx) = subscriber(1);
         router.subscribe(tenant, 8, "t", QoS::AtMostOnce, tx);
         router.drop_connection(tenant, 8);
         assert_eq!(
-            router.route(tenant, "t", &p, QoS::AtMostOnce),
-            Routed::default()
+            counts(router.route(tenant, "t", &p, QoS::AtMostOnce)),
+            (0, 0, 0)
         );
+    }
+
+    #[test]
+    fn full_queues_hand_qos_1_deliveries_back_to_the_publisher() {
+        let router = Router::default();
+        let tenant = TenantId::random();
+        let (tx, mut rx) = subscriber(1);
+        router.subscribe(tenant, 1, "t", QoS::AtLeastOnce, tx);
+        let p = Bytes::from_static(b"x");
+        assert_eq!(router.route(tenant, "t", &p, QoS::AtLeastOnce).delivered, 1);
+        let routed = router.route(tenant, "t", &p, QoS::AtLeastOnce);
+        assert_eq!(
+            (routed.delivered, routed.dropped, routed.waiting.len()),
+            (0, 0, 1)
+        );
+        let (queue, delivery) = routed.waiting.into_iter().next().expect("waiting");
+        rx.try_recv().expect("first");
+        queue.try_send(delivery).expect("room again");
+        assert_eq!(rx.try_recv().expect("second").payload, p);
     }
 }
