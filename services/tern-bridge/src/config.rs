@@ -13,8 +13,8 @@ pub struct BridgeConfig {
     /// Publishes received but not yet durable, per connection; beyond this the bridge stops
     /// reading from that connection (TCP back-pressure) instead of buffering without bound.
     pub max_inflight: usize,
-    /// Deliveries queued per subscribing connection; beyond this, deliveries to that
-    /// connection are dropped (and counted) rather than stalling publishers.
+    /// Deliveries queued per subscribing connection. When full, QoS 0 deliveries are dropped and
+    /// QoS 1 deliveries make the publisher wait (bounded) before they are dropped.
     pub max_queued_messages: usize,
 }
 

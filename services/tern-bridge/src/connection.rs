@@ -438,10 +438,20 @@ impl Connection {
     }
 
     /// Waits for room in full subscriber queues (this publisher's back pressure), for at most
-    /// `DELIVERY_WAIT` each; a subscriber stuck that long loses the delivery, counted.
-    async fn hand_over(&self, waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>) {
+    /// `DELIVERY_WAIT` each; a subscriber stuck that long loses the delivery, counted. A full
+    /// queue of this very connection cannot drain while it waits, so that delivery is dropped
+    /// at once.
+    async fn hand_over(
+        &self,
+        waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>,
+        own: &mpsc::Sender<Delivery>,
+    ) {
         let metrics = &self.bridge.metrics;
         for (queue, delivery) in waiting {
+            if queue.same_channel(own) {
+                metrics.deliveries_dropped.inc();
+                continue;
+            }
             let counter = match queue.send_timeout(delivery, DELIVERY_WAIT).await {
                 Ok(()) => &metrics.deliveries,
                 Err(_) => &metrics.deliveries_dropped,
@@ -545,7 +555,7 @@ impl Connection {
                         flow.unacked += 1;
                     }
                     Accepted::Routed(reply, waiting) => {
-                        self.hand_over(waiting).await;
+                        self.hand_over(waiting, &flow.queue).await;
                         if let Some(reply) = reply {
                             flow.reply_in_order(&self.bridge.log, reply);
                         }
