@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Packet, PubAck, PubRel};
@@ -191,33 +190,32 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
     let provision_seconds = provision_started.elapsed().as_secs_f64();
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
     let mut subscribers = Vec::new();
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(args.subscribers.max(1));
+    // Each subscriber reports whether it subscribed; failures are counted, not fatal.
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<bool>(args.subscribers.max(1));
+    let subscribe_started = Instant::now();
     for (i, creds) in subscriber_credentials.drain(..).enumerate() {
+        ramp_wait(&args, subscribe_started, i).await;
         let (args, phase, ready) = (args.clone(), phase_rx.clone(), ready_tx.clone());
         subscribers.push(tokio::spawn(async move {
             subscriber(args, i, creds, phase, ready).await
         }));
     }
     drop(ready_tx);
+    let mut subscribed = 0;
     for _ in 0..args.subscribers {
-        ready_rx
-            .recv()
-            .await
-            .context("a subscriber failed to start")?;
+        if ready_rx.recv().await == Some(true) {
+            subscribed += 1;
+        }
+    }
+    if args.subscribers > 0 && subscribed == 0 {
+        anyhow::bail!("no subscriber could subscribe");
     }
 
     let (connected_tx, mut connected_rx) = tokio::sync::mpsc::channel::<()>(args.devices.max(1));
     let mut publishers = Vec::with_capacity(args.devices);
     let connect_started = Instant::now();
     for (i, creds) in credentials.into_iter().enumerate() {
-        // Ramp: connection i starts at i / ramp seconds. Timers tick in milliseconds, so the
-        // loop sleeps until the next connection is due and then starts every one that is.
-        if args.ramp > 0.0 {
-            let due = connect_started + Duration::from_secs_f64(i as f64 / args.ramp);
-            if due > Instant::now() {
-                tokio::time::sleep_until(due.into()).await;
-            }
-        }
+        ramp_wait(&args, connect_started, i).await;
         let (args, phase, connected) = (args.clone(), phase_rx.clone(), connected_tx.clone());
         publishers.push(tokio::spawn(async move {
             publisher(args, i, creds, phase, connected).await
@@ -259,6 +257,7 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         "devices": args.devices,
         "connected": connected,
         "subscribers": args.subscribers,
+        "subscribed": subscribed,
         "qos": args.qos,
         "payload_size": args.payload_size,
         "rate_per_device": args.rate,
@@ -280,6 +279,17 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         "generator_cpu_s": cpu_used,
         "generator_cpu_percent_of_one_core": cpu_used.map(|c| 100.0 * c / measured),
     }))
+}
+
+/// With `--ramp`, connection `i` starts at `i / ramp` seconds after `start`. Timers tick in
+/// milliseconds, so this sleeps until the connection is due and lets every due one start.
+async fn ramp_wait(args: &Args, start: Instant, i: usize) {
+    if args.ramp > 0.0 {
+        let due = start + Duration::from_secs_f64(i as f64 / args.ramp);
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
 }
 
 /// One publishing device. Returns its stats and how many acknowledgements arrived while the
@@ -415,35 +425,30 @@ async fn subscriber(
     index: usize,
     creds: Credentials,
     mut phase: watch::Receiver<Phase>,
-    ready: tokio::sync::mpsc::Sender<()>,
+    ready: tokio::sync::mpsc::Sender<bool>,
 ) -> DeviceStats {
     let mut stats = DeviceStats::new();
-    let (mut reader, mut writer) =
-        match mqtt::connect(args.broker, source(&args, index), &creds, args.keepalive).await {
-            Ok(c) => c,
-            Err(e) => {
-                stats.errors.push(format!("subscriber {index}: {e:#}"));
-                return stats;
-            }
-        };
-    if writer
-        .subscribe(&args.sub_topic, qos(args.qos))
-        .await
-        .is_err()
-    {
-        return stats;
-    }
-    loop {
-        match reader.next().await {
-            Ok(Packet::SubAck(_)) => break,
-            Ok(_) => {}
-            Err(e) => {
-                stats.errors.push(format!("subscriber {index}: {e:#}"));
-                return stats;
+    let setup = async {
+        let (mut reader, mut writer) =
+            mqtt::connect(args.broker, source(&args, index), &creds, args.keepalive).await?;
+        writer.subscribe(&args.sub_topic, qos(args.qos)).await?;
+        loop {
+            if let Packet::SubAck(_) = reader.next().await? {
+                return anyhow::Ok((reader, writer));
             }
         }
-    }
-    let _ = ready.send(()).await;
+    };
+    let (mut reader, mut writer) = match setup.await {
+        Ok(connection) => {
+            let _ = ready.send(true).await;
+            connection
+        }
+        Err(e) => {
+            stats.errors.push(format!("subscriber {index}: {e:#}"));
+            let _ = ready.send(false).await;
+            return stats;
+        }
+    };
     loop {
         let grace = async {
             while *phase.borrow_and_update() != Phase::Draining {
