@@ -37,3 +37,13 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Result<tern_core::Caller, tonic::St
         .copied()
         .ok_or_else(|| tonic::Status::unauthenticated("no credentials"))
 }
+
+/// Refuses a gRPC call unless it carries the operator token.
+pub fn require_operator<T>(req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+    match caller(req)? {
+        tern_core::Caller::Operator => Ok(()),
+        tern_core::Caller::Tenant(_) => Err(tonic::Status::permission_denied(
+            "this call needs the operator token",
+        )),
+    }
+}

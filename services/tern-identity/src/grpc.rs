@@ -2,11 +2,10 @@
 
 use std::sync::Arc;
 
-use tern_core::Caller;
 use tern_core::{DeviceId, TenantId};
 use tern_proto::tonic::{Request, Response, Status};
 use tern_proto::v1::{self, identity_server};
-use tern_proto::{caller, status_from};
+use tern_proto::{caller, require_operator, status_from};
 
 use crate::{DeviceTokens, Identity, IdentityError};
 
@@ -27,15 +26,6 @@ impl IdentityGrpc {
 
 fn status(e: IdentityError) -> Status {
     status_from(e.code(), e.to_string())
-}
-
-fn operator_only(caller: Caller) -> Result<(), Status> {
-    match caller {
-        Caller::Operator => Ok(()),
-        Caller::Tenant(_) => Err(Status::permission_denied(
-            "this call needs the operator token",
-        )),
-    }
 }
 
 impl IdentityGrpc {
@@ -79,7 +69,7 @@ impl identity_server::Identity for IdentityGrpc {
         &self,
         req: Request<v1::RefreshDeviceTokenRequest>,
     ) -> Result<Response<v1::DeviceTokens>, Status> {
-        operator_only(caller(&req)?)?;
+        require_operator(&req)?;
         let tokens = self
             .identity
             .refresh_device_tokens(&req.into_inner().refresh_token)
@@ -108,7 +98,7 @@ impl identity_server::Identity for IdentityGrpc {
         &self,
         req: Request<v1::VerifyDeviceTokenRequest>,
     ) -> Result<Response<v1::DevicePrincipal>, Status> {
-        operator_only(caller(&req)?)?;
+        require_operator(&req)?;
         let p = self
             .identity
             .verify_device_token(&req.into_inner().access_token)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tern_core::{Caller, Device, NewDevice, Tenant};
 use tern_proto::tonic::{Request, Response, Status};
 use tern_proto::v1::{self, registry_server};
-use tern_proto::{caller, status_from};
+use tern_proto::{caller, require_operator, status_from};
 
 use crate::{Registry, RegistryError};
 
@@ -40,15 +40,6 @@ impl RegistryGrpc {
     }
 }
 
-fn operator_only(caller: Caller) -> Result<(), Status> {
-    match caller {
-        Caller::Operator => Ok(()),
-        Caller::Tenant(_) => Err(Status::permission_denied(
-            "managing tenants needs the operator token",
-        )),
-    }
-}
-
 fn tenant_out(t: Tenant) -> v1::Tenant {
     v1::Tenant {
         id: t.id.to_string(),
@@ -75,7 +66,7 @@ impl registry_server::Registry for RegistryGrpc {
         &self,
         req: Request<v1::CreateTenantRequest>,
     ) -> Result<Response<v1::Tenant>, Status> {
-        operator_only(caller(&req)?)?;
+        require_operator(&req)?;
         let t = self
             .registry
             .create_tenant(&req.into_inner().name)
@@ -118,7 +109,7 @@ impl registry_server::Registry for RegistryGrpc {
         &self,
         req: Request<v1::DeleteTenantRequest>,
     ) -> Result<Response<v1::DeleteTenantResponse>, Status> {
-        operator_only(caller(&req)?)?;
+        require_operator(&req)?;
         self.registry
             .delete_tenant(&req.into_inner().tenant_id)
             .await

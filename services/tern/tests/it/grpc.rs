@@ -81,6 +81,20 @@ async fn registry_over_grpc_with_tokens() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    let err = client
+        .create_tenant(authed(
+            CreateTenantRequest {
+                name: "evil".into(),
+            },
+            globex_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "tenant tokens cannot create tenants"
+    );
     let devices = client
         .list_devices(authed(
             ListDevicesRequest {
