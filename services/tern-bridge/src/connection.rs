@@ -61,9 +61,12 @@ struct Flow {
     batch_replies: Vec<Packet>,
     /// Publishes received and not yet acknowledged (including the open batch).
     unacked: usize,
-    /// This connection's id in the router, and its queue of deliveries.
+    /// This connection's id in the router.
     connection: u64,
-    queue: mpsc::Sender<Delivery>,
+    /// The queue of deliveries, created by the first SUBSCRIBE: a connection that never
+    /// subscribes (most devices) allocates none.
+    queue: Option<mpsc::Sender<Delivery>>,
+    deliveries: Option<mpsc::Receiver<Delivery>>,
     /// QoS 1 deliveries sent and not yet acknowledged by the client, by packet id.
     awaiting_ack: HashSet<u16>,
     next_pkid: u16,
@@ -344,7 +347,6 @@ impl Connection {
         let far_future = Duration::from_secs(365 * 24 * 3600);
         let mut deadline = Instant::now() + grace.unwrap_or(far_future);
         let max_inflight = self.bridge.config.max_inflight.max(1);
-        let (queue, mut deliveries) = mpsc::channel(self.bridge.config.max_queued_messages.max(1));
         let mut flow = Flow {
             tenant,
             device,
@@ -354,7 +356,8 @@ impl Connection {
             batch_replies: Vec::new(),
             unacked: 0,
             connection,
-            queue,
+            queue: None,
+            deliveries: None,
             awaiting_ack: HashSet::new(),
             next_pkid: 0,
         };
@@ -364,9 +367,11 @@ impl Connection {
                 biased;
                 _ = shutdown.cancelled() => break Close::ServerShutdown,
                 _ = taken_over.cancelled() => break Close::TakenOver,
-                delivery = deliveries.recv(), if flow.awaiting_ack.len() < OUTBOUND_WINDOW => {
+                delivery = next_delivery(&mut flow.deliveries),
+                    if flow.deliveries.is_some() && flow.awaiting_ack.len() < OUTBOUND_WINDOW =>
+                {
                     let Some(delivery) = delivery else { continue };
-                    if let Err(close) = self.deliver(delivery, &mut deliveries, &mut flow).await {
+                    if let Err(close) = self.deliver(delivery, &mut flow).await {
                         break close;
                     }
                 }
@@ -444,11 +449,11 @@ impl Connection {
     async fn hand_over(
         &self,
         waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>,
-        own: &mpsc::Sender<Delivery>,
+        own: Option<&mpsc::Sender<Delivery>>,
     ) {
         let metrics = &self.bridge.metrics;
         for (queue, delivery) in waiting {
-            if queue.same_channel(own) {
+            if own.is_some_and(|own| queue.same_channel(own)) {
                 metrics.deliveries_dropped.inc();
                 continue;
             }
@@ -461,12 +466,7 @@ impl Connection {
     }
 
     /// Writes `first` and whatever else is queued (up to the outbound window) in one write.
-    async fn deliver(
-        &mut self,
-        first: Delivery,
-        deliveries: &mut mpsc::Receiver<Delivery>,
-        flow: &mut Flow,
-    ) -> Result<(), Close> {
+    async fn deliver(&mut self, first: Delivery, flow: &mut Flow) -> Result<(), Close> {
         self.outbox.clear();
         let mut next = Some(first);
         let mut sent = 0u64;
@@ -491,7 +491,7 @@ impl Connection {
             }
             sent += 1;
             next = if flow.awaiting_ack.len() < OUTBOUND_WINDOW {
-                deliveries.try_recv().ok()
+                flow.deliveries.as_mut().and_then(|rx| rx.try_recv().ok())
             } else {
                 None
             };
@@ -555,7 +555,7 @@ impl Connection {
                         flow.unacked += 1;
                     }
                     Accepted::Routed(reply, waiting) => {
-                        self.hand_over(waiting, &flow.queue).await;
+                        self.hand_over(waiting, flow.queue.as_ref()).await;
                         if let Some(reply) = reply {
                             flow.reply_in_order(&self.bridge.log, reply);
                         }
@@ -580,12 +580,18 @@ impl Connection {
                     } else {
                         QoS::AtLeastOnce
                     };
+                    let capacity = self.bridge.config.max_queued_messages.max(1);
+                    let queue = flow.queue.get_or_insert_with(|| {
+                        let (queue, deliveries) = mpsc::channel(capacity);
+                        flow.deliveries = Some(deliveries);
+                        queue
+                    });
                     self.bridge.router.subscribe(
                         flow.tenant,
                         flow.connection,
                         &filter.path,
                         granted,
-                        flow.queue.clone(),
+                        queue.clone(),
                     );
                     codes.push(SubscribeReasonCode::Success(granted));
                 }
@@ -680,6 +686,14 @@ enum Accepted {
     Durable(Record, Option<Packet>),
     /// Routed to subscribers; acknowledged in order once every QoS 1 delivery is queued.
     Routed(Option<Packet>, Vec<(mpsc::Sender<Delivery>, Delivery)>),
+}
+
+/// The next delivery for this connection (polled only once it has subscribed).
+async fn next_delivery(deliveries: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
+    match deliveries {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits for the oldest pending entry (acknowledgements go out in the order received).
