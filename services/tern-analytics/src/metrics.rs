@@ -2,8 +2,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use tern_runtime::MetricsRegistry;
+use tern_runtime::metrics::latency_histogram;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StreamLabel {
@@ -27,7 +28,7 @@ impl IngestMetrics {
             points: Counter::default(),
             events: Counter::default(),
             skipped: Family::default(),
-            store_write_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            store_write_seconds: latency_histogram(),
             lag: Family::default(),
         };
         registry.register("tern_analytics", |r| {

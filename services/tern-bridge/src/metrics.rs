@@ -2,8 +2,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use tern_runtime::MetricsRegistry;
+use tern_runtime::metrics::latency_histogram;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct KindLabel {
@@ -44,7 +45,7 @@ impl BridgeMetrics {
             packets_out: Counter::default(),
             deliveries: Counter::default(),
             deliveries_dropped: Counter::default(),
-            append_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            append_seconds: latency_histogram(),
         };
         registry.register("tern_bridge", |r| {
             r.register(

@@ -10,8 +10,9 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use tern_runtime::MetricsRegistry;
+use tern_runtime::metrics::latency_histogram;
 use tracing::Instrument;
 
 use crate::Gateway;
@@ -34,7 +35,7 @@ impl HttpMetrics {
     pub fn register(registry: &MetricsRegistry) -> Self {
         let m = Self {
             requests: Family::default(),
-            seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            seconds: latency_histogram(),
         };
         registry.register("tern_gateway", |r| {
             r.register(

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use tern_core::{DeviceId, TenantId};
 use tern_proto::tonic::{Request, Response, Status};
 use tern_proto::v1::{self, identity_server};
-use tern_proto::{caller, require_operator, status_from};
+use tern_proto::{require_operator, status_from};
+use tern_registry::request_tenant_id;
 
 use crate::{DeviceTokens, Identity, IdentityError};
 
@@ -31,13 +32,7 @@ fn status(e: IdentityError) -> Status {
 impl IdentityGrpc {
     /// Resolves the tenant of a request for its caller (tenant tokens reach only their own).
     async fn tenant_id<T>(&self, req: &Request<T>, reference: &str) -> Result<String, Status> {
-        let tenant = self
-            .identity
-            .registry()
-            .tenant_for(caller(req)?, reference)
-            .await
-            .map_err(|e| status(e.into()))?;
-        Ok(tenant.id.to_string())
+        request_tenant_id(self.identity.registry(), req, reference).await
     }
 }
 

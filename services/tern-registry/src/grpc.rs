@@ -29,15 +29,23 @@ fn status(e: RegistryError) -> Status {
 }
 
 impl RegistryGrpc {
-    /// The tenant id of a request, resolved for its caller (tenant tokens reach only their own).
     async fn tenant_id<T>(&self, req: &Request<T>, reference: &str) -> Result<String, Status> {
-        let tenant = self
-            .registry
-            .tenant_for(caller(req)?, reference)
-            .await
-            .map_err(status)?;
-        Ok(tenant.id.to_string())
+        request_tenant_id(&self.registry, req, reference).await
     }
+}
+
+/// The tenant id a gRPC request names, resolved for its caller (tenant tokens reach only their
+/// own); shared by every gRPC service that works inside a tenant.
+pub async fn request_tenant_id<T>(
+    registry: &Registry,
+    req: &Request<T>,
+    reference: &str,
+) -> Result<String, Status> {
+    let tenant = registry
+        .tenant_for(caller(req)?, reference)
+        .await
+        .map_err(status)?;
+    Ok(tenant.id.to_string())
 }
 
 fn tenant_out(t: Tenant) -> v1::Tenant {

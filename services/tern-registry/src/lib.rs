@@ -9,5 +9,5 @@ mod grpc;
 mod registry;
 
 pub use error::RegistryError;
-pub use grpc::RegistryGrpc;
+pub use grpc::{RegistryGrpc, request_tenant_id};
 pub use registry::{Registry, validate_tenant_name};
