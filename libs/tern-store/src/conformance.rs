@@ -124,7 +124,7 @@ pub async fn rewriting_a_message_is_idempotent(open: &Open, dir: &Path) {
     .await;
     let all = range("t", "d", i64::MIN, i64::MAX);
     assert_eq!(store.points(&all, "temp").await.expect("query").len(), 2);
-    assert_eq!(store.events(&all).await.expect("query").len(), 1);
+    assert_eq!(store.events(&all, None).await.expect("query").len(), 1);
 }
 
 pub async fn latest_values_only_move_forward(open: &Open, dir: &Path) {
@@ -186,8 +186,43 @@ pub async fn events_round_trip(open: &Open, dir: &Path) {
         })
         .await
         .expect("write");
-    let got = store.events(&range("t", "d", 0, 15)).await.expect("query");
+    let got = store
+        .events(&range("t", "d", 0, 15), None)
+        .await
+        .expect("query");
     assert_eq!(got, vec![event("d", 10, "e1", b"\x00\xffbinary")]);
+}
+
+pub async fn events_filter_by_kind_before_the_limit(open: &Open, dir: &Path) {
+    let store = open(dir);
+    let lifecycle = |ts, id| RawEvent {
+        kind: "lifecycle".into(),
+        ..event("d", ts, id, b"{}")
+    };
+    store
+        .write(WriteBatch {
+            points: vec![],
+            events: vec![
+                lifecycle(1, "l1"),
+                event("d", 2, "e1", b"x"),
+                lifecycle(3, "l2"),
+                event("d", 4, "e2", b"y"),
+            ],
+        })
+        .await
+        .expect("write");
+    let query = RangeQuery {
+        limit: 1,
+        ..range("t", "d", 0, 10)
+    };
+    let got = store.events(&query, Some("event")).await.expect("query");
+    assert_eq!(got, vec![event("d", 2, "e1", b"x")]);
+    let ids = |events: Vec<RawEvent>| events.into_iter().map(|e| e.message_id).collect::<Vec<_>>();
+    let all = store
+        .events(&range("t", "d", 0, 10), Some("lifecycle"))
+        .await
+        .expect("query");
+    assert_eq!(ids(all), ["l1", "l2"]);
 }
 
 pub async fn data_survives_reopen(open: &Open, dir: &Path) {
@@ -306,6 +341,7 @@ macro_rules! store_conformance_tests {
                 latest_values_only_move_forward,
                 tenants_and_devices_do_not_bleed,
                 events_round_trip,
+                events_filter_by_kind_before_the_limit,
                 data_survives_reopen,
                 records_crud_and_paged_listing,
                 invalid_keys_are_refused,

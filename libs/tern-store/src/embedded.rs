@@ -195,9 +195,14 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn events(&self, query: &RangeQuery) -> Result<Vec<RawEvent>, StoreError> {
+    async fn events(
+        &self,
+        query: &RangeQuery,
+        kind: Option<&str>,
+    ) -> Result<Vec<RawEvent>, StoreError> {
         let device_prefix = device_prefix(&query.tenant, &query.device)?;
         let query = query.clone();
+        let kind = kind.map(str::to_string);
         self.run(move |inner| {
             let start = with_ts(device_prefix.clone(), query.from_ms, "");
             let end = with_ts(device_prefix.clone(), query.to_ms, "");
@@ -208,18 +213,18 @@ impl Store for EmbeddedStore {
                 Box::new(range)
             };
             let mut out = Vec::new();
-            for guard in iter.take(query.limit) {
+            for guard in iter {
+                if out.len() >= query.limit {
+                    break;
+                }
                 let (key, value) = guard.into_inner().map_err(storage)?;
                 let rest = &key[device_prefix.len()..];
                 let ts_ms = decode_ts(&rest[..8]).ok_or_else(corrupt)?;
                 let message_id = String::from_utf8_lossy(&rest[8..]).into_owned();
-                out.push(decode_event(
-                    &query.tenant,
-                    &query.device,
-                    ts_ms,
-                    message_id,
-                    &value,
-                )?);
+                let event = decode_event(&query.tenant, &query.device, ts_ms, message_id, &value)?;
+                if kind.as_ref().is_none_or(|k| *k == event.kind) {
+                    out.push(event);
+                }
             }
             Ok(out)
         })

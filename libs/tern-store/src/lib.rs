@@ -88,8 +88,13 @@ pub trait Store: Send + Sync + 'static {
     /// The latest value of every metric of a device, by metric name.
     async fn latest(&self, tenant: &str, device: &str) -> Result<Vec<LatestValue>, StoreError>;
 
-    /// Raw events in a time range.
-    async fn events(&self, query: &RangeQuery) -> Result<Vec<RawEvent>, StoreError>;
+    /// Raw events in a time range; only those of `kind` (`event`, `telemetry`, `lifecycle`)
+    /// when given, with `limit` counting the matching ones.
+    async fn events(
+        &self,
+        query: &RangeQuery,
+        kind: Option<&str>,
+    ) -> Result<Vec<RawEvent>, StoreError>;
 
     /// Registry records: opaque values under a `kind` and a key. Keys that share a prefix ending
     /// in `/` form a listable collection (e.g. `{tenant}/{device}`).

@@ -279,7 +279,12 @@ struct RangeParams {
     limit: Option<usize>,
     /// `asc` (default) or `desc`.
     order: Option<String>,
+    /// Events only: `event`, `telemetry` (non-numeric) or `lifecycle`.
+    kind: Option<String>,
 }
+
+/// The kinds of raw events the store keeps.
+const EVENT_KINDS: [&str; 3] = ["event", "telemetry", "lifecycle"];
 
 impl RangeParams {
     fn query(&self, device: &Device) -> ApiResult<RangeQuery> {
@@ -341,6 +346,12 @@ async fn telemetry(
         .clone()
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::bad_request("metric", "query parameter `metric` is required"))?;
+    if params.kind.is_some() {
+        return Err(ApiError::bad_request(
+            "kind",
+            "`kind` applies to events, not telemetry",
+        ));
+    }
     let query = params.query(&device)?;
     let points = gw.store.points(&query, &metric).await?;
     Ok(Json(Series {
@@ -422,7 +433,19 @@ async fn events(
             "`metric` applies to telemetry, not events",
         ));
     }
-    let stored = gw.store.events(&params.query(&device)?).await?;
+    let kind = params.kind.as_deref();
+    if let Some(kind) = kind
+        && !EVENT_KINDS.contains(&kind)
+    {
+        return Err(ApiError::bad_request(
+            "kind",
+            format!(
+                "`kind` must be one of {}, not {kind:?}",
+                EVENT_KINDS.join(", ")
+            ),
+        ));
+    }
+    let stored = gw.store.events(&params.query(&device)?, kind).await?;
     let events = stored
         .into_iter()
         .map(|e| {
