@@ -11,7 +11,7 @@ use crate::metrics::{IngestMetrics, StreamLabel};
 
 /// The consumer group of the ingest pipeline.
 pub const INGEST_GROUP: &str = "analytics-ingest";
-const STREAMS: [&str; 2] = ["telemetry", "event"];
+const STREAMS: [&str; 3] = ["telemetry", "event", "lifecycle"];
 /// Records per store write and offset commit: each costs an fsync, so bigger batches are cheaper
 /// per record; the bound keeps one batch's memory and latency small.
 const BATCH: usize = 4096;

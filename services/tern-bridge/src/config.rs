@@ -16,6 +16,12 @@ pub struct BridgeConfig {
     /// Deliveries queued per subscribing connection. When full, QoS 0 deliveries are dropped and
     /// QoS 1 deliveries make the publisher wait (bounded) before they are dropped.
     pub max_queued_messages: usize,
+    /// Retained topics per tenant; a retained publish beyond it is delivered but not retained.
+    pub max_retained_per_tenant: usize,
+    /// Off (unset) by default. When set, clients that CONNECT without credentials are admitted
+    /// into this tenant (created if missing), for development and protocol test suites.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anonymous_tenant: Option<String>,
 }
 
 impl Default for BridgeConfig {
@@ -26,6 +32,8 @@ impl Default for BridgeConfig {
             connect_timeout_secs: 10,
             max_inflight: 64,
             max_queued_messages: 1000,
+            max_retained_per_tenant: 10_000,
+            anonymous_tenant: None,
         }
     }
 }

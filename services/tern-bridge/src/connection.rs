@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
-    SubscribeReasonCode, UnsubAck,
+    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, Publish,
+    SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tern_core::{DeviceId, TenantId};
@@ -25,8 +25,10 @@ use tracing::Instrument;
 
 use crate::Bridge;
 use crate::envelope::{EVENT_TOPIC, TELEMETRY_TOPIC, record};
+use crate::lifecycle;
 use crate::metrics::{KindLabel, ReasonLabel};
-use crate::router::Delivery;
+use crate::retained::RetainOutcome;
+use crate::router::{Delivery, lower_qos};
 use crate::topics::{InvalidTopic, validate_filter, validate_name};
 
 /// How long a publisher waits for room in a full subscriber queue before that delivery is
@@ -45,6 +47,8 @@ const READ_CHUNK: usize = 8 * 1024;
 struct Pending {
     append: Option<JoinHandle<Result<Vec<Position>, LogError>>>,
     replies: Vec<Packet>,
+    /// Retained messages for a subscription, sent after its SUBACK.
+    then_deliver: Vec<Delivery>,
     publishes: usize,
     received: Instant,
 }
@@ -67,6 +71,9 @@ struct Flow {
     /// subscribes (most devices) allocates none.
     queue: Option<mpsc::Sender<Delivery>>,
     deliveries: Option<mpsc::Receiver<Delivery>>,
+    /// Retained messages owed to new subscriptions (after their SUBACK), sent ahead of the
+    /// queue.
+    backlog: VecDeque<Delivery>,
     /// QoS 1 deliveries sent and not yet acknowledged by the client, by packet id.
     awaiting_ack: HashSet<u16>,
     next_pkid: u16,
@@ -84,17 +91,31 @@ impl Flow {
         self.inflight.push_back(Pending {
             append: Some(tokio::spawn(async move { log.append(records).await })),
             replies: std::mem::take(&mut self.batch_replies),
+            then_deliver: Vec::new(),
             publishes,
             received: Instant::now(),
         });
     }
 
+    /// The next delivery that is ready without waiting: retained backlog first, then the queue.
+    fn next_ready(&mut self) -> Option<Delivery> {
+        self.backlog
+            .pop_front()
+            .or_else(|| self.deliveries.as_mut().and_then(|rx| rx.try_recv().ok()))
+    }
+
     /// Queues a reply behind everything received before it.
     fn reply_in_order(&mut self, log: &Arc<dyn EventLog>, reply: Packet) {
+        self.reply_then_deliver(log, reply, Vec::new());
+    }
+
+    /// Queues a reply in order, and deliveries to follow it once it is sent.
+    fn reply_then_deliver(&mut self, log: &Arc<dyn EventLog>, reply: Packet, then: Vec<Delivery>) {
         self.seal(log);
         self.inflight.push_back(Pending {
             append: None,
             replies: vec![reply],
+            then_deliver: then,
             publishes: 0,
             received: Instant::now(),
         });
@@ -134,6 +155,20 @@ impl Close {
             Self::ProtocolError | Self::AppendFailed | Self::WriteFailed
         )
     }
+
+    /// MQTT 3.1.1 3.1.2.5: the will is published unless the client said DISCONNECT. A server
+    /// shutdown is not the device's failure, so it does not publish wills either.
+    fn publishes_will(self) -> bool {
+        !matches!(self, Self::ClientDisconnect | Self::ServerShutdown)
+    }
+}
+
+/// An admitted client.
+struct Admitted {
+    tenant: TenantId,
+    device: DeviceId,
+    keepalive: u16,
+    will: Option<LastWill>,
 }
 
 struct Connection {
@@ -160,7 +195,13 @@ pub(crate) async fn run(
             inbox: BytesMut::new(),
             outbox: BytesMut::new(),
         };
-        let Some((tenant, device, keepalive)) = conn.handshake().await else {
+        let Some(Admitted {
+            tenant,
+            device,
+            keepalive,
+            will,
+        }) = conn.handshake().await
+        else {
             return;
         };
         let span = tracing::Span::current();
@@ -171,6 +212,9 @@ pub(crate) async fn run(
         bridge.metrics.connections.inc();
         let session = bridge.sessions.claim(tenant, device);
         tracing::info!(keepalive, "device connected");
+        let log = bridge.log.clone();
+        let connected = lifecycle::connected(tenant, device, peer, "mqtt/3.1.1");
+        let connected = tokio::spawn(async move { log.append(vec![connected]).await });
         let close = conn
             .serve(
                 tenant,
@@ -192,6 +236,16 @@ pub(crate) async fn run(
                 .inc();
         }
         tracing::info!(reason = close.label(), "device disconnected");
+        let mut records = Vec::with_capacity(2);
+        if let Some(will) = will.filter(|_| close.publishes_will()) {
+            records.extend(publish_will(&bridge, tenant, device, will).await);
+        }
+        records.push(lifecycle::disconnected(tenant, device, close.label()));
+        // After the connected event, so that a device's lifecycle stays in order in the log.
+        let _ = connected.await;
+        if let Err(e) = bridge.log.append(records).await {
+            tracing::error!(error = %e, "cannot append the disconnect to the event log");
+        }
     }
     .instrument(span)
     .await
@@ -236,7 +290,7 @@ impl Connection {
 
     /// Waits for CONNECT and authenticates it. Returns the device and keepalive on success; on
     /// failure the CONNACK refusal (where one is due) has been sent and the caller closes.
-    async fn handshake(&mut self) -> Option<(TenantId, DeviceId, u16)> {
+    async fn handshake(&mut self) -> Option<Admitted> {
         let limit = Duration::from_secs(self.bridge.config.connect_timeout_secs);
         let connect = match timeout(limit, self.read_packet()).await {
             Err(_) => return self.refuse_silently("connect_timeout"),
@@ -263,17 +317,46 @@ impl Connection {
         self.authenticate(connect).await
     }
 
-    async fn authenticate(&mut self, connect: Connect) -> Option<(TenantId, DeviceId, u16)> {
+    async fn authenticate(&mut self, connect: Connect) -> Option<Admitted> {
         use ConnectReturnCode::*;
         if connect.protocol != Protocol::V4 {
             return self
                 .refuse(RefusedProtocolVersion, "protocol_version")
                 .await;
         }
-        let Some(login) = connect.login else {
-            tracing::info!("CONNECT without credentials");
-            return self.refuse(BadUserNamePassword, "no_credentials").await;
+        if let Some(will) = &connect.last_will
+            && let Err(InvalidTopic(why)) = validate_name(&will.topic)
+        {
+            // MQTT 3.1.1 3.1.2.9: an invalid will topic makes the CONNECT malformed.
+            tracing::info!(topic = %will.topic, why, "invalid will topic; closing");
+            let _ = self.writer.shutdown().await;
+            return self.refuse_silently("bad_will_topic");
+        }
+        let (tenant, device) = match &connect.login {
+            Some(_) => self.authenticate_device(&connect).await?,
+            None => match self.bridge.anonymous_tenant {
+                Some(tenant) => (tenant, self.anonymous_device(tenant, &connect).await?),
+                None => {
+                    tracing::info!("CONNECT without credentials");
+                    return self.refuse(BadUserNamePassword, "no_credentials").await;
+                }
+            },
         };
+        self.send(&Packet::ConnAck(ConnAck::new(Success, false)))
+            .await
+            .ok()?;
+        Some(Admitted {
+            tenant,
+            device,
+            keepalive: connect.keep_alive,
+            will: connect.last_will,
+        })
+    }
+
+    /// A device's own credentials: its id as user name and its access token as password.
+    async fn authenticate_device(&mut self, connect: &Connect) -> Option<(TenantId, DeviceId)> {
+        use ConnectReturnCode::*;
+        let login = connect.login.as_ref()?;
         let Ok(device_id) = DeviceId::parse(&login.username) else {
             tracing::info!("CONNECT username is not a device id");
             return self.refuse(BadUserNamePassword, "bad_username").await;
@@ -311,10 +394,29 @@ impl Connection {
                 return self.refuse(NotAuthorized, "unknown_device").await;
             }
         }
-        self.send(&Packet::ConnAck(ConnAck::new(Success, false)))
-            .await
-            .ok()?;
-        Some((principal.tenant_id, device_id, connect.keep_alive))
+        Some((principal.tenant_id, device_id))
+    }
+
+    /// Anonymous mode: a client id that names a registered device of the tenant acts as that
+    /// device; any other client id gets a stable id derived from it (so session takeover works),
+    /// and an empty one (clean session only, 3.1.3-7) a fresh id.
+    async fn anonymous_device(&mut self, tenant: TenantId, connect: &Connect) -> Option<DeviceId> {
+        use ConnectReturnCode::*;
+        let client_id = connect.client_id.as_str();
+        if client_id.is_empty() {
+            if !connect.clean_session {
+                return self.refuse(BadClientId, "empty_client_id").await;
+            }
+            return Some(DeviceId::random());
+        }
+        match self.bridge.registry.device_of(tenant, client_id).await {
+            Ok(device) if device.disabled => {
+                tracing::info!(client_id, "device is disabled");
+                self.refuse(NotAuthorized, "device_disabled").await
+            }
+            Ok(device) => Some(device.id),
+            Err(_) => Some(derived_device_id(tenant, client_id)),
+        }
     }
 
     async fn refuse<T>(&mut self, code: ConnectReturnCode, reason: &'static str) -> Option<T> {
@@ -358,6 +460,7 @@ impl Connection {
             connection,
             queue: None,
             deliveries: None,
+            backlog: VecDeque::new(),
             awaiting_ack: HashSet::new(),
             next_pkid: 0,
         };
@@ -367,7 +470,7 @@ impl Connection {
                 biased;
                 _ = shutdown.cancelled() => break Close::ServerShutdown,
                 _ = taken_over.cancelled() => break Close::TakenOver,
-                delivery = next_delivery(&mut flow.deliveries),
+                delivery = next_delivery(&mut flow.backlog, &mut flow.deliveries),
                     if flow.deliveries.is_some() && flow.awaiting_ack.len() < OUTBOUND_WINDOW =>
                 {
                     let Some(delivery) = delivery else { continue };
@@ -375,8 +478,9 @@ impl Connection {
                         break close;
                     }
                 }
-                done = next_done(&mut flow.inflight), if !flow.inflight.is_empty() => {
+                mut done = next_done(&mut flow.inflight), if !flow.inflight.is_empty() => {
                     flow.unacked -= done.0.publishes;
+                    flow.backlog.extend(std::mem::take(&mut done.0.then_deliver));
                     if let Err(close) = self.acknowledge(done).await {
                         break close;
                     }
@@ -442,29 +546,6 @@ impl Connection {
         Ok(())
     }
 
-    /// Waits for room in full subscriber queues (this publisher's back pressure), for at most
-    /// `DELIVERY_WAIT` each; a subscriber stuck that long loses the delivery, counted. A full
-    /// queue of this very connection cannot drain while it waits, so that delivery is dropped
-    /// at once.
-    async fn hand_over(
-        &self,
-        waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>,
-        own: Option<&mpsc::Sender<Delivery>>,
-    ) {
-        let metrics = &self.bridge.metrics;
-        for (queue, delivery) in waiting {
-            if own.is_some_and(|own| queue.same_channel(own)) {
-                metrics.deliveries_dropped.inc();
-                continue;
-            }
-            let counter = match queue.send_timeout(delivery, DELIVERY_WAIT).await {
-                Ok(()) => &metrics.deliveries,
-                Err(_) => &metrics.deliveries_dropped,
-            };
-            counter.inc();
-        }
-    }
-
     /// Writes `first` and whatever else is queued (up to the outbound window) in one write.
     async fn deliver(&mut self, first: Delivery, flow: &mut Flow) -> Result<(), Close> {
         self.outbox.clear();
@@ -483,6 +564,7 @@ impl Connection {
             };
             let mut publish = Publish::from_bytes(&*delivery.topic, delivery.qos, delivery.payload);
             publish.pkid = pkid;
+            publish.retain = delivery.retain;
             Packet::Publish(publish)
                 .write(&mut self.outbox, usize::MAX)
                 .map_err(|_| Close::WriteFailed)?;
@@ -491,7 +573,7 @@ impl Connection {
             }
             sent += 1;
             next = if flow.awaiting_ack.len() < OUTBOUND_WINDOW {
-                flow.deliveries.as_mut().and_then(|rx| rx.try_recv().ok())
+                flow.next_ready()
             } else {
                 None
             };
@@ -554,8 +636,13 @@ impl Connection {
                         flow.batch_replies.extend(reply);
                         flow.unacked += 1;
                     }
-                    Accepted::Routed(reply, waiting) => {
-                        self.hand_over(waiting, flow.queue.as_ref()).await;
+                    Accepted::Routed(reply, waiting, retain) => {
+                        hand_over(&self.bridge, waiting, flow.queue.as_ref()).await;
+                        if let Some((topic, payload, qos)) = retain {
+                            retain_message(&self.bridge, flow.tenant, &topic, payload, qos)
+                                .await
+                                .map_err(|()| Close::AppendFailed)?;
+                        }
                         if let Some(reply) = reply {
                             flow.reply_in_order(&self.bridge.log, reply);
                         }
@@ -568,6 +655,7 @@ impl Connection {
             }
             Packet::Subscribe(subscribe) => {
                 let mut codes = Vec::with_capacity(subscribe.filters.len());
+                let mut retained = Vec::new();
                 for filter in &subscribe.filters {
                     if let Err(InvalidTopic(why)) = validate_filter(&filter.path) {
                         tracing::info!(filter = %filter.path, why, "invalid topic filter; closing");
@@ -593,9 +681,20 @@ impl Connection {
                         granted,
                         queue.clone(),
                     );
+                    // 3.3.1-6 and 3.8.4-3: every matching retained message goes to a new (or
+                    // replaced) subscription, flagged as retained (3.3.1-8).
+                    for message in self.bridge.retained.matching(flow.tenant, &filter.path) {
+                        retained.push(Delivery {
+                            topic: message.topic,
+                            payload: message.payload,
+                            qos: lower_qos(message.qos, granted),
+                            retain: true,
+                        });
+                    }
                     codes.push(SubscribeReasonCode::Success(granted));
                 }
-                flow.reply_in_order(log, Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
+                let suback = Packet::SubAck(SubAck::new(subscribe.pkid, codes));
+                flow.reply_then_deliver(log, suback, retained);
             }
             Packet::Unsubscribe(unsubscribe) => {
                 for filter in &unsubscribe.topics {
@@ -656,7 +755,10 @@ impl Connection {
                         .route(flow.tenant, topic, &publish.payload, publish.qos);
                 metrics.deliveries.inc_by(routed.delivered as u64);
                 metrics.deliveries_dropped.inc_by(routed.dropped as u64);
-                return Ok(Accepted::Routed(reply, routed.waiting));
+                let retain = publish
+                    .retain
+                    .then(|| (publish.topic.clone(), publish.payload, publish.qos));
+                return Ok(Accepted::Routed(reply, routed.waiting, retain));
             }
         };
         metrics
@@ -684,16 +786,133 @@ impl Connection {
 enum Accepted {
     /// Goes to the event log; acknowledged once durable.
     Durable(Record, Option<Packet>),
-    /// Routed to subscribers; acknowledged in order once every QoS 1 delivery is queued.
-    Routed(Option<Packet>, Vec<(mpsc::Sender<Delivery>, Delivery)>),
+    /// Routed to subscribers; acknowledged in order once every QoS 1 delivery is queued and
+    /// the retained message (topic, payload, QoS), if any, is stored.
+    Routed(
+        Option<Packet>,
+        Vec<(mpsc::Sender<Delivery>, Delivery)>,
+        Option<(String, bytes::Bytes, QoS)>,
+    ),
 }
 
-/// The next delivery for this connection (polled only once it has subscribed).
-async fn next_delivery(deliveries: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
+/// The next delivery for this connection (polled only once it has subscribed): retained
+/// messages for new subscriptions first, then the queue.
+async fn next_delivery(
+    backlog: &mut VecDeque<Delivery>,
+    deliveries: &mut Option<mpsc::Receiver<Delivery>>,
+) -> Option<Delivery> {
+    if let Some(delivery) = backlog.pop_front() {
+        return Some(delivery);
+    }
     match deliveries {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Waits for room in full subscriber queues (a publisher's back pressure), for at most
+/// `DELIVERY_WAIT` each; a subscriber stuck that long loses the delivery, counted. A full
+/// queue of the publishing connection itself cannot drain while it waits, so that delivery is
+/// dropped at once.
+async fn hand_over(
+    bridge: &Bridge,
+    waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>,
+    own: Option<&mpsc::Sender<Delivery>>,
+) {
+    let metrics = &bridge.metrics;
+    for (queue, delivery) in waiting {
+        if own.is_some_and(|own| queue.same_channel(own)) {
+            metrics.deliveries_dropped.inc();
+            continue;
+        }
+        let counter = match queue.send_timeout(delivery, DELIVERY_WAIT).await {
+            Ok(()) => &metrics.deliveries,
+            Err(_) => &metrics.deliveries_dropped,
+        };
+        counter.inc();
+    }
+}
+
+/// Sets or clears (empty payload, 3.3.1-10) a retained message. A tenant at its retained quota
+/// keeps its old messages and the publish is only delivered; `Err` means the store failed and
+/// the publish must not be acknowledged.
+async fn retain_message(
+    bridge: &Bridge,
+    tenant: TenantId,
+    topic: &str,
+    payload: bytes::Bytes,
+    qos: QoS,
+) -> Result<(), ()> {
+    match bridge.retained.set(tenant, topic, payload, qos).await {
+        Ok(RetainOutcome::Stored | RetainOutcome::Cleared) => Ok(()),
+        Ok(RetainOutcome::QuotaExceeded) => {
+            bridge.metrics.retained_refused.inc();
+            tracing::info!(
+                topic,
+                limit = bridge.config.max_retained_per_tenant,
+                "retained message quota reached; delivered but not retained"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, topic, "cannot store a retained message");
+            Err(())
+        }
+    }
+}
+
+/// Publishes a will as if the device had sent it: `telemetry`/`event` wills go to the event log,
+/// others to the tenant's subscribers (and the retained store when flagged). Returns the records
+/// to append, the lifecycle event first.
+async fn publish_will(
+    bridge: &Bridge,
+    tenant: TenantId,
+    device: DeviceId,
+    will: LastWill,
+) -> Vec<Record> {
+    let mut records = vec![lifecycle::will_published(tenant, device, &will.topic)];
+    match will.topic.as_str() {
+        TELEMETRY_TOPIC => records.push(record(
+            tenant,
+            device,
+            EventKind::Telemetry,
+            TELEMETRY_TOPIC,
+            will.message,
+        )),
+        EVENT_TOPIC => records.push(record(
+            tenant,
+            device,
+            EventKind::Event,
+            EVENT_TOPIC,
+            will.message,
+        )),
+        topic => {
+            let routed = bridge.router.route(tenant, topic, &will.message, will.qos);
+            bridge.metrics.deliveries.inc_by(routed.delivered as u64);
+            bridge
+                .metrics
+                .deliveries_dropped
+                .inc_by(routed.dropped as u64);
+            hand_over(bridge, routed.waiting, None).await;
+            if will.retain {
+                let _ = retain_message(bridge, tenant, topic, will.message, will.qos).await;
+            }
+        }
+    }
+    tracing::info!(topic = %will.topic, "will published");
+    records
+}
+
+/// A stable device id for an anonymous client id: the same client id always maps to the same
+/// id within a tenant, and never collides with another tenant's.
+fn derived_device_id(tenant: TenantId, client_id: &str) -> DeviceId {
+    use aws_lc_rs::digest::{Context, SHA256};
+    let mut hash = Context::new(&SHA256);
+    hash.update(tenant.0.as_bytes());
+    hash.update(client_id.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hash.finish().as_ref()[..16]);
+    DeviceId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
 }
 
 /// Waits for the oldest pending entry (acknowledgements go out in the order received).

@@ -10,6 +10,8 @@ use tern_proto::v1::{Event, EventKind, Metric};
 pub const TELEMETRY_TOPIC: &str = "telemetry";
 /// Event-log topic of discrete device events.
 pub const EVENT_TOPIC: &str = "event";
+/// Event-log topic of connection lifecycle events, produced by the bridge itself.
+pub const LIFECYCLE_TOPIC: &str = "lifecycle";
 
 /// Builds the log record: keyed by tenant/device so each device's messages stay in order.
 pub(crate) fn record(
@@ -51,6 +53,7 @@ pub(crate) fn record(
     };
     let log_topic = match kind {
         EventKind::Event => EVENT_TOPIC,
+        EventKind::Lifecycle => LIFECYCLE_TOPIC,
         _ => TELEMETRY_TOPIC,
     };
     Record {

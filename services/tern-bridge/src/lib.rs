@@ -1,38 +1,54 @@
 //! The broker bridge: the device-facing MQTT endpoint.
 //!
-//! This first cut speaks MQTT 3.1.1 over TCP: devices authenticate with their id and access
-//! token, publish `telemetry` and `event` with QoS 0, 1 or 2, and get their PUBACK (PUBREC)
-//! only after the message is durable in the event log. Every other topic is plain
-//! publish/subscribe inside the device's tenant (QoS 0 and 1 towards subscribers). Publishes from one connection are
-//! appended concurrently and acknowledged in order, so a device that pipelines QoS 1 messages
-//! is not held to one fsync per message.
+//! It speaks MQTT 3.1.1 over TCP: devices authenticate with their id and access token (or,
+//! in anonymous mode, not at all), publish `telemetry` and `event` with QoS 0, 1 or 2, and get
+//! their PUBACK (PUBREC) only after the message is durable in the event log. Every other topic
+//! is plain publish/subscribe inside the device's tenant (QoS 0 and 1 towards subscribers),
+//! with retained messages and wills. Connects, disconnects and wills are appended to the
+//! `lifecycle` stream. Publishes from one connection are appended concurrently and
+//! acknowledged in order, so a device that pipelines QoS 1 messages is not held to one fsync
+//! per message.
 
 #[cfg(test)]
 mod codec_robustness;
 mod config;
 mod connection;
 mod envelope;
+mod lifecycle;
 mod metrics;
+mod retained;
 mod router;
 mod sessions;
 mod topics;
 
 use std::sync::Arc;
 
+use tern_core::TenantId;
 use tern_eventlog::EventLog;
 use tern_identity::Identity;
-use tern_registry::Registry;
+use tern_registry::{Registry, RegistryError};
 use tern_runtime::{MetricsRegistry, Shutdown};
+use tern_store::{Store, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 pub use config::BridgeConfig;
-pub use envelope::{EVENT_TOPIC, TELEMETRY_TOPIC};
+pub use envelope::{EVENT_TOPIC, LIFECYCLE_TOPIC, TELEMETRY_TOPIC};
 
 use crate::metrics::BridgeMetrics;
+use crate::retained::Retained;
 use crate::router::Router;
 use crate::sessions::Sessions;
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("cannot load retained messages: {0}")]
+    Retained(#[from] StoreError),
+    #[error("cannot set up the anonymous tenant {name:?} (`mqtt.anonymous_tenant`): {source}")]
+    AnonymousTenant { name: String, source: RegistryError },
+}
 
 /// Everything a connection needs, shared by all connections.
 pub struct Bridge {
@@ -43,17 +59,27 @@ pub struct Bridge {
     metrics: BridgeMetrics,
     sessions: Sessions,
     router: Router,
+    retained: Retained,
+    /// Where clients without credentials go; `None` refuses them.
+    anonymous_tenant: Option<TenantId>,
 }
 
 impl Bridge {
-    pub fn new(
+    /// Loads the retained messages and, in anonymous mode, finds or creates the tenant.
+    pub async fn new(
         config: BridgeConfig,
         identity: Arc<Identity>,
         registry: Arc<Registry>,
         log: Arc<dyn EventLog>,
+        store: Arc<dyn Store>,
         metrics: &MetricsRegistry,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, BridgeError> {
+        let retained = Retained::load(store, config.max_retained_per_tenant).await?;
+        let anonymous_tenant = match &config.anonymous_tenant {
+            None => None,
+            Some(name) => Some(anonymous_tenant(&registry, name).await?),
+        };
+        Ok(Self {
             config,
             identity,
             registry,
@@ -61,7 +87,9 @@ impl Bridge {
             metrics: BridgeMetrics::register(metrics),
             sessions: Sessions::default(),
             router: Router::default(),
-        }
+            retained,
+            anonymous_tenant,
+        })
     }
 
     /// Accepts MQTT connections until `shutdown` is cancelled, then stops accepting, lets every
@@ -101,4 +129,21 @@ impl Bridge {
         tracker.wait().await;
         tracing::info!("MQTT listener stopped");
     }
+}
+
+async fn anonymous_tenant(registry: &Registry, name: &str) -> Result<TenantId, BridgeError> {
+    let found = match registry.tenant(name).await {
+        Ok(tenant) => Ok(tenant),
+        Err(RegistryError::NotFound(_)) => registry.create_tenant(name).await,
+        Err(e) => Err(e),
+    };
+    let tenant = found.map_err(|source| BridgeError::AnonymousTenant {
+        name: name.to_string(),
+        source,
+    })?;
+    tracing::warn!(
+        tenant = %tenant.name,
+        "anonymous mode: MQTT clients without credentials are admitted into this tenant"
+    );
+    Ok(tenant.id)
 }

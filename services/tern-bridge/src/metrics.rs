@@ -29,6 +29,7 @@ pub(crate) struct BridgeMetrics {
     pub packets_out: Counter,
     pub deliveries: Counter,
     pub deliveries_dropped: Counter,
+    pub retained_refused: Counter,
     pub append_seconds: Histogram,
 }
 
@@ -45,6 +46,7 @@ impl BridgeMetrics {
             packets_out: Counter::default(),
             deliveries: Counter::default(),
             deliveries_dropped: Counter::default(),
+            retained_refused: Counter::default(),
             append_seconds: latency_histogram(),
         };
         registry.register("tern_bridge", |r| {
@@ -89,6 +91,11 @@ impl BridgeMetrics {
                 "deliveries_dropped",
                 "Deliveries dropped because a subscriber's queue was full",
                 m.deliveries_dropped.clone(),
+            );
+            r.register(
+                "retained_refused",
+                "Retained publishes not retained because the tenant's quota was reached",
+                m.retained_refused.clone(),
             );
             r.register(
                 "log_append_seconds",

@@ -23,6 +23,8 @@ pub(crate) struct Delivery {
     pub payload: Bytes,
     /// Already the lower of the publish QoS and the subscription's granted QoS.
     pub qos: QoS,
+    /// Set only for retained messages sent because of a new subscription (3.3.1-8, -9).
+    pub retain: bool,
 }
 
 struct Subscriber {
@@ -48,6 +50,10 @@ pub(crate) struct Router {
 
 fn qos_rank(qos: QoS) -> u8 {
     qos as u8
+}
+
+pub(crate) fn lower_qos(a: QoS, b: QoS) -> QoS {
+    if qos_rank(a) < qos_rank(b) { a } else { b }
 }
 
 impl Router {
@@ -112,11 +118,8 @@ impl Router {
             let delivery = Delivery {
                 topic: topic.clone(),
                 payload: payload.clone(),
-                qos: if qos_rank(granted) < qos_rank(qos) {
-                    granted
-                } else {
-                    qos
-                },
+                qos: lower_qos(granted, qos),
+                retain: false,
             };
             match queue.try_send(delivery) {
                 Ok(()) => routed.delivered += 1,

@@ -97,6 +97,10 @@ pub struct UpArgs {
     /// Address to listen on [default: 0.0.0.0].
     #[arg(long)]
     pub bind: Option<std::net::IpAddr>,
+    /// Admit MQTT clients without credentials into this tenant (created if missing); for
+    /// development and protocol test suites only [default: off].
+    #[arg(long, value_name = "NAME")]
+    pub anonymous_tenant: Option<String>,
 }
 
 #[derive(Subcommand)]

@@ -89,6 +89,13 @@ struct Flags<'a> {
     grpc_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bind: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt: Option<MqttFlags<'a>>,
+}
+
+#[derive(Serialize)]
+struct MqttFlags<'a> {
+    anonymous_tenant: &'a str,
 }
 
 impl UpConfig {
@@ -99,6 +106,10 @@ impl UpConfig {
             http_port: args.http_port,
             grpc_port: args.grpc_port,
             bind: args.bind,
+            mqtt: args
+                .anonymous_tenant
+                .as_deref()
+                .map(|anonymous_tenant| MqttFlags { anonymous_tenant }),
         };
         let config: Self = tern_runtime::load_config(args.config.as_deref(), &flags)?;
         config.validate()?;
@@ -116,6 +127,13 @@ impl UpConfig {
             (self.mqtt.max_inflight == 0).then_some("`mqtt.max_inflight` must be at least 1"),
             (self.mqtt.max_queued_messages == 0)
                 .then_some("`mqtt.max_queued_messages` must be at least 1"),
+            self.mqtt
+                .anonymous_tenant
+                .as_deref()
+                .is_some_and(|name| tern_registry::validate_tenant_name(name).is_err())
+                .then_some(
+                    "`mqtt.anonymous_tenant` must be a tenant name: a lowercase slug such as `dev`",
+                ),
             (self.eventlog.partitions == 0 || self.eventlog.partitions > 1024)
                 .then_some("`eventlog.partitions` must be 1..=1024"),
             (self.identity.device_access_token_ttl_secs == 0)
@@ -175,6 +193,18 @@ mod tests {
             serde_json::to_value(parsed).expect("json"),
             serde_json::to_value(UpConfig::default()).expect("json")
         );
+    }
+
+    #[test]
+    fn the_anonymous_tenant_flag_sets_its_key_and_is_validated() {
+        let args = |name: &str| UpArgs {
+            anonymous_tenant: Some(name.to_string()),
+            ..UpArgs::default()
+        };
+        let config = UpConfig::load(&args("dev")).expect("valid");
+        assert_eq!(config.mqtt.anonymous_tenant.as_deref(), Some("dev"));
+        let err = UpConfig::load(&args("Not A Slug")).unwrap_err().to_string();
+        assert!(err.contains("mqtt.anonymous_tenant"), "{err}");
     }
 
     #[test]

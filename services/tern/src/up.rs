@@ -67,13 +67,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let stop_ingest = Shutdown::new();
     let stop_apis = Shutdown::new();
 
-    let bridge = Arc::new(Bridge::new(
-        config.mqtt.clone(),
-        identity.clone(),
-        registry.clone(),
-        log.clone(),
-        &metrics,
-    ));
+    let bridge = Arc::new(
+        Bridge::new(
+            config.mqtt.clone(),
+            identity.clone(),
+            registry.clone(),
+            log.clone(),
+            store.clone(),
+            &metrics,
+        )
+        .await?,
+    );
     let bridge_task = tokio::spawn(bridge.serve(mqtt_listener, stop_bridge.clone()));
 
     let ingest = Ingest::new(log.clone(), store.clone(), &metrics);

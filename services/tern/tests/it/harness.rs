@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use serde_json::Value;
 
 pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
@@ -241,6 +241,21 @@ impl Drop for Tern {
     }
 }
 
+/// A PUBLISH as a subscriber saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Received {
+    pub topic: String,
+    pub payload: String,
+    pub qos: QoS,
+    pub retain: bool,
+}
+
+impl Received {
+    pub fn triple(&self) -> (&str, &str, QoS) {
+        (&self.topic, &self.payload, self.qos)
+    }
+}
+
 pub struct Provisioned {
     pub tenant: String,
     pub device_id: String,
@@ -275,6 +290,84 @@ impl Mqtt {
                 _ => continue,
             }
         }
+    }
+
+    /// Connects as a provisioned device.
+    pub async fn device(tern: &Tern, p: &Provisioned) -> Self {
+        Self::connect(Self::options(tern.mqtt_port, &p.device_id, &p.access_token))
+            .await
+            .expect("connect")
+    }
+
+    /// The next event; panics if the connection fails or nothing comes in time.
+    pub async fn next(&mut self) -> Event {
+        tokio::time::timeout(Duration::from_secs(15), self.events.poll())
+            .await
+            .expect("an event in time")
+            .expect("connection alive")
+    }
+
+    /// Subscribes and waits for the SUBACK; returns its return codes. Publishes that arrive
+    /// meanwhile are a failure: the server sends retained messages after the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
+        self.client
+            .subscribe(filter, qos)
+            .await
+            .expect("queue subscribe");
+        loop {
+            match self.next().await {
+                Event::Incoming(Packet::SubAck(ack)) => return ack.return_codes,
+                Event::Incoming(Packet::Publish(p)) => {
+                    panic!("PUBLISH on {} before the SUBACK", p.topic)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next PUBLISH received.
+    pub async fn received(&mut self) -> Received {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = self.next().await {
+                return Received {
+                    topic: p.topic,
+                    payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                    qos: p.qos,
+                    retain: p.retain,
+                };
+            }
+        }
+    }
+
+    /// Publishes QoS 1 and drives the connection until its PUBACK.
+    pub async fn publish(&mut self, topic: &str, payload: &str) {
+        self.publish_retained(topic, payload, false).await;
+    }
+
+    /// Publishes QoS 1 with the given retain flag and waits for its PUBACK.
+    pub async fn publish_retained(&mut self, topic: &str, payload: &str, retain: bool) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.to_string())
+            .await
+            .expect("queue publish");
+        loop {
+            if let Event::Incoming(Packet::PubAck(_)) = self.next().await {
+                return;
+            }
+        }
+    }
+
+    /// Asserts that the next PUBLISH is `marker` on `topic`: publishes `marker` from `from` and
+    /// reads until it arrives, failing on anything else first. Proves that nothing else was
+    /// delivered in between, without sleeping.
+    pub async fn expect_only_marker(&mut self, from: &mut Mqtt, topic: &str) {
+        from.publish(topic, "marker").await;
+        let got = self.received().await;
+        assert_eq!(
+            (got.topic.as_str(), got.payload.as_str()),
+            (topic, "marker"),
+            "expected nothing before the marker"
+        );
     }
 
     /// Publishes `n` QoS 1 messages and waits for all their PUBACKs.

@@ -4,11 +4,13 @@
 
 mod harness;
 
+mod anonymous;
 mod config_errors;
 mod dashboard;
 mod device_edge;
 mod durability;
 mod grpc;
+mod mqtt311;
 mod pubsub;
 mod rest_api;
 mod simulator;

@@ -7,92 +7,37 @@ use rumqttc::{Event, Packet, QoS, SubscribeReasonCode};
 
 use crate::harness::{Mqtt, Provisioned, Tern};
 
-async fn connect(tern: &Tern, p: &Provisioned) -> Mqtt {
-    Mqtt::connect(Mqtt::options(tern.mqtt_port, &p.device_id, &p.access_token))
-        .await
-        .expect("connect")
-}
-
-/// Subscribes and waits for the SUBACK; returns its return codes.
-async fn subscribe(mqtt: &mut Mqtt, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
-    mqtt.client
-        .subscribe(filter, qos)
-        .await
-        .expect("queue subscribe");
-    loop {
-        if let Event::Incoming(Packet::SubAck(ack)) = next(mqtt).await {
-            return ack.return_codes;
-        }
-    }
-}
-
-async fn next(mqtt: &mut Mqtt) -> Event {
-    tokio::time::timeout(Duration::from_secs(15), mqtt.events.poll())
-        .await
-        .expect("an event in time")
-        .expect("connection alive")
-}
-
-/// The next PUBLISH received, as (topic, payload, QoS).
-async fn received(mqtt: &mut Mqtt) -> (String, String, QoS) {
-    loop {
-        if let Event::Incoming(Packet::Publish(p)) = next(mqtt).await {
-            return (
-                p.topic,
-                String::from_utf8_lossy(&p.payload).into_owned(),
-                p.qos,
-            );
-        }
-    }
-}
-
-/// Publishes QoS 1 and drives the publisher until its PUBACK.
-async fn publish(mqtt: &mut Mqtt, topic: &str, payload: &str) {
-    mqtt.client
-        .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
-        .await
-        .expect("queue publish");
-    loop {
-        if let Event::Incoming(Packet::PubAck(_)) = next(mqtt).await {
-            return;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_get_matching_publishes_of_their_own_tenant_only() {
     let tern = Tern::start();
     let (a, b) = (tern.provision("acme", "a"), tern.provision("acme", "b"));
     let g = tern.provision("globex", "g");
     let (mut sub, mut pubr, mut other) = (
-        connect(&tern, &a).await,
-        connect(&tern, &b).await,
-        connect(&tern, &g).await,
+        Mqtt::device(&tern, &a).await,
+        Mqtt::device(&tern, &b).await,
+        Mqtt::device(&tern, &g).await,
     );
 
-    let codes = subscribe(&mut sub, "sensors/+/temp", QoS::ExactlyOnce).await;
+    let codes = sub.subscribe("sensors/+/temp", QoS::ExactlyOnce).await;
     assert_eq!(
         codes,
         vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
         "QoS 2 is granted as 1"
     );
-    assert_eq!(
-        subscribe(&mut sub, "$SYS/#", QoS::AtMostOnce).await.len(),
-        1
-    );
+    assert_eq!(sub.subscribe("$SYS/#", QoS::AtMostOnce).await.len(), 1);
 
-    publish(&mut pubr, "sensors/b/temp", "21.5").await;
+    pubr.publish("sensors/b/temp", "21.5").await;
     assert_eq!(
-        received(&mut sub).await,
-        ("sensors/b/temp".into(), "21.5".into(), QoS::AtLeastOnce)
+        sub.received().await.triple(),
+        ("sensors/b/temp", "21.5", QoS::AtLeastOnce)
     );
 
     // None of these may arrive: another level, another tenant. The marker after them must be
     // the next thing the subscriber sees.
-    publish(&mut pubr, "sensors/b/humidity", "40").await;
-    publish(&mut other, "sensors/g/temp", "from globex").await;
-    publish(&mut pubr, "sensors/b/temp", "marker").await;
-    assert_eq!(received(&mut sub).await.1, "marker");
+    pubr.publish("sensors/b/humidity", "40").await;
+    other.publish("sensors/g/temp", "from globex").await;
+    pubr.publish("sensors/b/temp", "marker").await;
+    assert_eq!(sub.received().await.payload, "marker");
 
     // Plain topics are not telemetry: nothing was stored for the publisher.
     let (_, latest) = tern
@@ -111,24 +56,20 @@ async fn subscribers_get_matching_publishes_of_their_own_tenant_only() {
 async fn dollar_topics_unsubscribe_and_qos_0() {
     let tern = Tern::start();
     let (a, b) = (tern.provision("acme", "a"), tern.provision("acme", "b"));
-    let (mut sub, mut pubr) = (connect(&tern, &a).await, connect(&tern, &b).await);
-    subscribe(&mut sub, "#", QoS::AtMostOnce).await;
-    subscribe(&mut sub, "alerts/#", QoS::AtLeastOnce).await;
+    let (mut sub, mut pubr) = (Mqtt::device(&tern, &a).await, Mqtt::device(&tern, &b).await);
+    sub.subscribe("#", QoS::AtMostOnce).await;
+    sub.subscribe("alerts/#", QoS::AtLeastOnce).await;
 
-    publish(&mut pubr, "$internal/x", "hidden from #").await;
-    publish(&mut pubr, "metrics/x", "qos0 copy").await;
+    pubr.publish("$internal/x", "hidden from #").await;
+    pubr.publish("metrics/x", "qos0 copy").await;
     assert_eq!(
-        received(&mut sub).await,
-        ("metrics/x".into(), "qos0 copy".into(), QoS::AtMostOnce)
+        sub.received().await.triple(),
+        ("metrics/x", "qos0 copy", QoS::AtMostOnce)
     );
-    publish(&mut pubr, "alerts/fire", "one copy at QoS 1").await;
+    pubr.publish("alerts/fire", "one copy at QoS 1").await;
     assert_eq!(
-        received(&mut sub).await,
-        (
-            "alerts/fire".into(),
-            "one copy at QoS 1".into(),
-            QoS::AtLeastOnce
-        )
+        sub.received().await.triple(),
+        ("alerts/fire", "one copy at QoS 1", QoS::AtLeastOnce)
     );
 
     sub.client
@@ -136,14 +77,14 @@ async fn dollar_topics_unsubscribe_and_qos_0() {
         .await
         .expect("queue unsubscribe");
     loop {
-        if let Event::Incoming(Packet::UnsubAck(_)) = next(&mut sub).await {
+        if let Event::Incoming(Packet::UnsubAck(_)) = sub.next().await {
             break;
         }
     }
-    publish(&mut pubr, "metrics/x", "after unsubscribe").await;
-    publish(&mut pubr, "alerts/marker", "marker").await;
+    pubr.publish("metrics/x", "after unsubscribe").await;
+    pubr.publish("alerts/marker", "marker").await;
     assert_eq!(
-        received(&mut sub).await.1,
+        sub.received().await.payload,
         "marker",
         "only `alerts/#` is left"
     );
@@ -199,9 +140,9 @@ async fn malformed_filters_and_topic_names_close_the_connection() {
         "no PUBACK, closed"
     );
     // The server is still serving this device.
-    let mut mqtt = connect(&tern, &a).await;
+    let mut mqtt = Mqtt::device(&tern, &a).await;
     assert_eq!(
-        subscribe(&mut mqtt, "a/+/b", QoS::AtMostOnce).await,
+        mqtt.subscribe("a/+/b", QoS::AtMostOnce).await,
         vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]
     );
 }

@@ -1,0 +1,272 @@
+//! Retained messages (MQTT 3.1.1 section 3.3.1.3): the last retained publish per topic of each
+//! tenant, handed to every new matching subscription.
+//!
+//! They live in memory for matching and in the store (`retained` records) so they survive a
+//! restart. A record's key is the tenant and the SHA-256 of the topic, because topics may be
+//! longer than a store key; the topic itself is inside the value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use aws_lc_rs::digest::{SHA256, digest};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rumqttc::mqttbytes::QoS;
+use tern_core::TenantId;
+use tern_store::{Store, StoreError};
+
+use crate::topics::matches;
+
+const RECORD_KIND: &str = "retained";
+/// Records read per page when loading at start-up.
+const LOAD_PAGE: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RetainedMessage {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub qos: QoS,
+}
+
+/// What [`Retained::set`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RetainOutcome {
+    Stored,
+    Cleared,
+    /// The tenant already holds its maximum number of retained topics; nothing changed.
+    QuotaExceeded,
+}
+
+pub(crate) struct Retained {
+    store: Arc<dyn Store>,
+    max_per_tenant: usize,
+    tenants: RwLock<HashMap<TenantId, BTreeMap<Arc<str>, RetainedMessage>>>,
+}
+
+impl Retained {
+    /// Loads every retained message from the store.
+    pub async fn load(store: Arc<dyn Store>, max_per_tenant: usize) -> Result<Self, StoreError> {
+        let mut tenants: HashMap<TenantId, BTreeMap<Arc<str>, RetainedMessage>> = HashMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .list_records(RECORD_KIND, "", after.as_deref(), LOAD_PAGE)
+                .await?;
+            for (key, value) in &page {
+                let tenant = key
+                    .split_once('/')
+                    .and_then(|(t, _)| TenantId::parse(t).ok());
+                match (tenant, decode(value.clone())) {
+                    (Some(tenant), Some(message)) => {
+                        tenants
+                            .entry(tenant)
+                            .or_default()
+                            .insert(message.topic.clone(), message);
+                    }
+                    _ => tracing::warn!(key, "skipping an unreadable retained message record"),
+                }
+            }
+            match page.last() {
+                Some((key, _)) if page.len() == LOAD_PAGE => after = Some(key.clone()),
+                _ => break,
+            }
+        }
+        Ok(Self {
+            store,
+            max_per_tenant,
+            tenants: RwLock::new(tenants),
+        })
+    }
+
+    /// Stores (or, with an empty payload, clears) the retained message of a topic, durably.
+    pub async fn set(
+        &self,
+        tenant: TenantId,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+    ) -> Result<RetainOutcome, StoreError> {
+        let key = record_key(tenant, topic);
+        if payload.is_empty() {
+            self.write_tenants(|tenants| {
+                if let Some(topics) = tenants.get_mut(&tenant) {
+                    topics.remove(topic);
+                }
+            });
+            self.store.delete_record(RECORD_KIND, &key).await?;
+            return Ok(RetainOutcome::Cleared);
+        }
+        let message = RetainedMessage {
+            topic: Arc::from(topic),
+            payload,
+            qos,
+        };
+        let value = encode(&message);
+        let stored = self.write_tenants(|tenants| {
+            let topics = tenants.entry(tenant).or_default();
+            if topics.len() >= self.max_per_tenant && !topics.contains_key(topic) {
+                return false;
+            }
+            topics.insert(message.topic.clone(), message);
+            true
+        });
+        if !stored {
+            return Ok(RetainOutcome::QuotaExceeded);
+        }
+        self.store.put_record(RECORD_KIND, &key, value).await?;
+        Ok(RetainOutcome::Stored)
+    }
+
+    /// The retained messages of a tenant whose topics match `filter`.
+    pub fn matching(&self, tenant: TenantId, filter: &str) -> Vec<RetainedMessage> {
+        let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        tenants
+            .get(&tenant)
+            .map(|topics| {
+                topics
+                    .values()
+                    .filter(|m| matches(filter, &m.topic))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn write_tenants<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<TenantId, BTreeMap<Arc<str>, RetainedMessage>>) -> T,
+    ) -> T {
+        f(&mut self.tenants.write().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn record_key(tenant: TenantId, topic: &str) -> String {
+    let hash = digest(&SHA256, topic.as_bytes());
+    let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{tenant}/{hex}")
+}
+
+/// `[qos: u8][topic length: u32][topic][payload]`.
+fn encode(message: &RetainedMessage) -> Bytes {
+    let mut buf = BytesMut::with_capacity(5 + message.topic.len() + message.payload.len());
+    buf.put_u8(message.qos as u8);
+    buf.put_u32(message.topic.len() as u32);
+    buf.put_slice(message.topic.as_bytes());
+    buf.put_slice(&message.payload);
+    buf.freeze()
+}
+
+fn decode(mut value: Bytes) -> Option<RetainedMessage> {
+    if value.len() < 5 {
+        return None;
+    }
+    let qos = match value.get_u8() {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => return None,
+    };
+    let topic_len = value.get_u32() as usize;
+    if value.len() < topic_len {
+        return None;
+    }
+    let topic = std::str::from_utf8(&value.split_to(topic_len)).ok()?.into();
+    Some(RetainedMessage {
+        topic,
+        payload: value,
+        qos,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_store::EmbeddedStore;
+
+    fn store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+        Arc::new(EmbeddedStore::open(dir.path()).expect("store"))
+    }
+
+    #[tokio::test]
+    async fn set_replace_clear_and_reload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenant = TenantId::random();
+        let long_topic = format!("a/{}", "x".repeat(1000));
+        {
+            let retained = Retained::load(store(&dir), 10).await.expect("load");
+            for (topic, payload, expected) in [
+                ("a/b", &b"1"[..], RetainOutcome::Stored),
+                ("a/b", b"2", RetainOutcome::Stored),
+                ("a/c", b"3", RetainOutcome::Stored),
+                ("a/c", b"", RetainOutcome::Cleared),
+                (long_topic.as_str(), b"4", RetainOutcome::Stored),
+            ] {
+                let outcome = retained
+                    .set(
+                        tenant,
+                        topic,
+                        Bytes::copy_from_slice(payload),
+                        QoS::AtLeastOnce,
+                    )
+                    .await
+                    .expect("set");
+                assert_eq!(outcome, expected, "{topic}");
+            }
+        }
+        let retained = Retained::load(store(&dir), 10).await.expect("reload");
+        let mut found: Vec<(String, Bytes)> = retained
+            .matching(tenant, "a/+")
+            .into_iter()
+            .map(|m| (m.topic.to_string(), m.payload))
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![
+                ("a/b".to_string(), Bytes::from_static(b"2")),
+                (long_topic, Bytes::from_static(b"4")),
+            ]
+        );
+        assert!(retained.matching(TenantId::random(), "#").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_tenant_may_replace_but_not_add() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let retained = Retained::load(store(&dir), 1).await.expect("load");
+        let tenant = TenantId::random();
+        let p = Bytes::from_static(b"x");
+        let q = QoS::AtMostOnce;
+        assert_eq!(
+            retained.set(tenant, "a", p.clone(), q).await.expect("set"),
+            RetainOutcome::Stored
+        );
+        assert_eq!(
+            retained.set(tenant, "b", p.clone(), q).await.expect("set"),
+            RetainOutcome::QuotaExceeded
+        );
+        assert_eq!(
+            retained.set(tenant, "a", p.clone(), q).await.expect("set"),
+            RetainOutcome::Stored
+        );
+        assert_eq!(
+            retained
+                .set(TenantId::random(), "b", p, q)
+                .await
+                .expect("set"),
+            RetainOutcome::Stored,
+            "the quota is per tenant"
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_garbage_is_refused() {
+        let message = RetainedMessage {
+            topic: Arc::from("t/ü"),
+            payload: Bytes::from_static(b"\x00\x01"),
+            qos: QoS::ExactlyOnce,
+        };
+        assert_eq!(decode(encode(&message)), Some(message));
+        assert_eq!(decode(Bytes::from_static(b"\x07\0\0\0\0")), None);
+        assert_eq!(decode(Bytes::from_static(b"\x01\0\0\0\x09ab")), None);
+    }
+}
