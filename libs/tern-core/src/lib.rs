@@ -3,11 +3,16 @@
 //! These are the platform's own types; protobuf messages (tern-proto) and REST bodies are
 //! converted to and from them at the edges, so business code never depends on a wire format.
 
+mod command;
 mod error;
 mod model;
 mod payload;
 mod time;
 
+pub use command::{
+    Command, CommandId, CommandResult, CommandState, CommandTransition, MAX_COMMAND_NAME,
+    validate_command_name,
+};
 pub use error::{ErrorCode, ValidationError};
 pub use model::{
     Caller, Device, DeviceId, NewDevice, Tenant, TenantId, validate_labels, validate_name,

@@ -11,7 +11,7 @@ use crate::metrics::{IngestMetrics, StreamLabel};
 
 /// The consumer group of the ingest pipeline.
 pub const INGEST_GROUP: &str = "analytics-ingest";
-const STREAMS: [&str; 3] = ["telemetry", "event", "lifecycle"];
+const STREAMS: [&str; 4] = ["telemetry", "event", "lifecycle", "commands"];
 /// Records per store write and offset commit: each costs an fsync, so bigger batches are cheaper
 /// per record; the bound keeps one batch's memory and latency small.
 const BATCH: usize = 4096;
@@ -46,6 +46,7 @@ pub fn event_to_writes(event: Event, out: &mut WriteBatch) {
     let kind = match EventKind::try_from(event.kind) {
         Ok(EventKind::Event) => "event",
         Ok(EventKind::Lifecycle) => "lifecycle",
+        Ok(EventKind::Command) => "command",
         _ => "telemetry",
     };
     out.events.push(RawEvent {

@@ -1,6 +1,6 @@
 //! One MQTT connection: CONNECT and authentication, then the packet loop.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,10 +8,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, Publish,
-    SubAck, SubscribeReasonCode, UnsubAck,
+    SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
-use tern_core::{DeviceId, TenantId};
+use tern_core::{CommandId, DeviceId, TenantId};
 use tern_eventlog::{EventLog, LogError, Position, Record};
 use tern_proto::v1::EventKind;
 use tern_runtime::Shutdown;
@@ -24,6 +24,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tracing::Instrument;
 
 use crate::Bridge;
+use crate::commands::{self, is_command_topic, parse_response_topic};
 use crate::envelope::{EVENT_TOPIC, TELEMETRY_TOPIC, record};
 use crate::lifecycle;
 use crate::metrics::{KindLabel, ReasonLabel};
@@ -74,8 +75,9 @@ struct Flow {
     /// Retained messages owed to new subscriptions (after their SUBACK), sent ahead of the
     /// queue.
     backlog: VecDeque<Delivery>,
-    /// QoS 1 deliveries sent and not yet acknowledged by the client, by packet id.
-    awaiting_ack: HashSet<u16>,
+    /// QoS 1 deliveries sent and not yet acknowledged, by packet id, with the command each
+    /// carries.
+    awaiting_ack: HashMap<u16, Option<CommandId>>,
     next_pkid: u16,
 }
 
@@ -131,6 +133,7 @@ enum Close {
     TakenOver,
     ServerShutdown,
     ProtocolError,
+    NotAuthorized,
     AppendFailed,
     WriteFailed,
 }
@@ -144,6 +147,7 @@ impl Close {
             Self::TakenOver => "session_taken_over",
             Self::ServerShutdown => "server_shutdown",
             Self::ProtocolError => "protocol_error",
+            Self::NotAuthorized => "not_authorized",
             Self::AppendFailed => "append_failed",
             Self::WriteFailed => "write_failed",
         }
@@ -152,7 +156,7 @@ impl Close {
     fn is_error(self) -> bool {
         matches!(
             self,
-            Self::ProtocolError | Self::AppendFailed | Self::WriteFailed
+            Self::ProtocolError | Self::NotAuthorized | Self::AppendFailed | Self::WriteFailed
         )
     }
 
@@ -325,7 +329,13 @@ impl Connection {
                 .await;
         }
         if let Some(will) = &connect.last_will
-            && let Err(InvalidTopic(why)) = validate_name(&will.topic)
+            && let Err(InvalidTopic(why)) = validate_name(&will.topic).and_then(|()| {
+                if is_command_topic(&will.topic) {
+                    Err(InvalidTopic("wills may not be published under command/"))
+                } else {
+                    Ok(())
+                }
+            })
         {
             // MQTT 3.1.1 3.1.2.9: an invalid will topic makes the CONNECT malformed.
             tracing::info!(topic = %will.topic, why, "invalid will topic; closing");
@@ -461,7 +471,7 @@ impl Connection {
             queue: None,
             deliveries: None,
             backlog: VecDeque::new(),
-            awaiting_ack: HashSet::new(),
+            awaiting_ack: HashMap::new(),
             next_pkid: 0,
         };
 
@@ -503,6 +513,9 @@ impl Connection {
             }
         };
         self.bridge.router.drop_connection(tenant, connection);
+        self.bridge
+            .command_targets
+            .drop_connection(tenant, device, connection);
         // Whatever was received is acknowledged once durable, even when closing.
         flow.seal(&self.bridge.log);
         while !flow.inflight.is_empty() {
@@ -546,6 +559,90 @@ impl Connection {
         Ok(())
     }
 
+    /// Handles a SUBSCRIBE: plain filters go to the tenant's router (and get the matching
+    /// retained messages), filters under `command/` to the device's own command route (and get
+    /// its pending commands). Both follow the SUBACK.
+    async fn subscribe(&mut self, subscribe: Subscribe, flow: &mut Flow) -> Result<(), Close> {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut owed = Vec::new();
+        let capacity = self.bridge.config.max_queued_messages.max(1);
+        let queue = flow
+            .queue
+            .get_or_insert_with(|| {
+                let (queue, deliveries) = mpsc::channel(capacity);
+                flow.deliveries = Some(deliveries);
+                queue
+            })
+            .clone();
+        for filter in &subscribe.filters {
+            if let Err(InvalidTopic(why)) = validate_filter(&filter.path) {
+                tracing::info!(filter = %filter.path, why, "invalid topic filter; closing");
+                return Err(Close::ProtocolError);
+            }
+            // Deliveries go out with QoS 0 or 1; QoS 2 requests are granted QoS 1, which MQTT
+            // allows (the SUBACK says so).
+            let granted = lower_qos(filter.qos, QoS::AtLeastOnce);
+            if is_command_topic(&filter.path) {
+                self.bridge.command_targets.subscribe(
+                    flow.tenant,
+                    flow.device,
+                    flow.connection,
+                    &filter.path,
+                    granted,
+                    queue.clone(),
+                );
+                let pending = self
+                    .bridge
+                    .commands
+                    .pending(flow.tenant, flow.device)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "cannot read pending commands");
+                        Close::AppendFailed
+                    })?;
+                owed.extend(
+                    pending
+                        .iter()
+                        .filter_map(|c| commands::owed(c, &filter.path, granted)),
+                );
+            } else {
+                self.bridge.router.subscribe(
+                    flow.tenant,
+                    flow.connection,
+                    &filter.path,
+                    granted,
+                    queue.clone(),
+                );
+                // 3.3.1-6 and 3.8.4-3: every matching retained message goes to a new (or
+                // replaced) subscription, flagged as retained (3.3.1-8).
+                for message in self.bridge.retained.matching(flow.tenant, &filter.path) {
+                    owed.push(Delivery {
+                        topic: message.topic,
+                        payload: message.payload,
+                        qos: lower_qos(message.qos, granted),
+                        retain: true,
+                        command: None,
+                    });
+                }
+            }
+            codes.push(SubscribeReasonCode::Success(granted));
+        }
+        let suback = Packet::SubAck(SubAck::new(subscribe.pkid, codes));
+        flow.reply_then_deliver(&self.bridge.log, suback, owed);
+        Ok(())
+    }
+
+    /// Records (in the background) that the device received a command.
+    fn command_delivered(&self, flow: &Flow, command: CommandId) {
+        let commands = self.bridge.commands.clone();
+        let (tenant, device) = (flow.tenant, flow.device);
+        tokio::spawn(async move {
+            if let Err(e) = commands.delivered(tenant, device, command).await {
+                tracing::error!(error = %e, %command, "cannot record a command delivery");
+            }
+        });
+    }
+
     /// Writes `first` and whatever else is queued (up to the outbound window) in one write.
     async fn deliver(&mut self, first: Delivery, flow: &mut Flow) -> Result<(), Close> {
         self.outbox.clear();
@@ -557,11 +654,12 @@ impl Connection {
             } else {
                 loop {
                     flow.next_pkid = flow.next_pkid % u16::MAX + 1;
-                    if !flow.awaiting_ack.contains(&flow.next_pkid) {
+                    if !flow.awaiting_ack.contains_key(&flow.next_pkid) {
                         break flow.next_pkid;
                     }
                 }
             };
+            let command = delivery.command;
             let mut publish = Publish::from_bytes(&*delivery.topic, delivery.qos, delivery.payload);
             publish.pkid = pkid;
             publish.retain = delivery.retain;
@@ -569,7 +667,10 @@ impl Connection {
                 .write(&mut self.outbox, usize::MAX)
                 .map_err(|_| Close::WriteFailed)?;
             if pkid != 0 {
-                flow.awaiting_ack.insert(pkid);
+                flow.awaiting_ack.insert(pkid, command);
+            } else if let Some(command) = command {
+                // At most once: written is as delivered as it gets.
+                self.command_delivered(flow, command);
             }
             sent += 1;
             next = if flow.awaiting_ack.len() < OUTBOUND_WINDOW {
@@ -636,6 +737,28 @@ impl Connection {
                         flow.batch_replies.extend(reply);
                         flow.unacked += 1;
                     }
+                    Accepted::CommandResponse {
+                        reply,
+                        command,
+                        status,
+                        payload,
+                    } => {
+                        let answered = self
+                            .bridge
+                            .commands
+                            .respond(flow.tenant, flow.device, command, status, &payload)
+                            .await
+                            .map_err(|e| {
+                                tracing::error!(error = %e, %command, "cannot store a command response");
+                                Close::AppendFailed
+                            })?;
+                        if answered.is_none() {
+                            tracing::info!(%command, "response to a command this device does not have");
+                        }
+                        if let Some(reply) = reply {
+                            flow.reply_in_order(&self.bridge.log, reply);
+                        }
+                    }
                     Accepted::Routed(reply, waiting, retain) => {
                         hand_over(&self.bridge, waiting, flow.queue.as_ref()).await;
                         if let Some((topic, payload, qos)) = retain {
@@ -653,59 +776,25 @@ impl Connection {
                 flow.qos2.remove(&rel.pkid);
                 flow.reply_in_order(log, Packet::PubComp(PubComp::new(rel.pkid)));
             }
-            Packet::Subscribe(subscribe) => {
-                let mut codes = Vec::with_capacity(subscribe.filters.len());
-                let mut retained = Vec::new();
-                for filter in &subscribe.filters {
-                    if let Err(InvalidTopic(why)) = validate_filter(&filter.path) {
-                        tracing::info!(filter = %filter.path, why, "invalid topic filter; closing");
-                        return Err(Close::ProtocolError);
-                    }
-                    // Deliveries go out with QoS 0 or 1; QoS 2 requests are granted QoS 1,
-                    // which MQTT allows (the SUBACK says so).
-                    let granted = if filter.qos == QoS::AtMostOnce {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    };
-                    let capacity = self.bridge.config.max_queued_messages.max(1);
-                    let queue = flow.queue.get_or_insert_with(|| {
-                        let (queue, deliveries) = mpsc::channel(capacity);
-                        flow.deliveries = Some(deliveries);
-                        queue
-                    });
-                    self.bridge.router.subscribe(
-                        flow.tenant,
-                        flow.connection,
-                        &filter.path,
-                        granted,
-                        queue.clone(),
-                    );
-                    // 3.3.1-6 and 3.8.4-3: every matching retained message goes to a new (or
-                    // replaced) subscription, flagged as retained (3.3.1-8).
-                    for message in self.bridge.retained.matching(flow.tenant, &filter.path) {
-                        retained.push(Delivery {
-                            topic: message.topic,
-                            payload: message.payload,
-                            qos: lower_qos(message.qos, granted),
-                            retain: true,
-                        });
-                    }
-                    codes.push(SubscribeReasonCode::Success(granted));
-                }
-                let suback = Packet::SubAck(SubAck::new(subscribe.pkid, codes));
-                flow.reply_then_deliver(log, suback, retained);
-            }
+            Packet::Subscribe(subscribe) => self.subscribe(subscribe, flow).await?,
             Packet::Unsubscribe(unsubscribe) => {
                 for filter in &unsubscribe.topics {
                     self.bridge
                         .router
                         .unsubscribe(flow.tenant, flow.connection, filter);
+                    self.bridge.command_targets.unsubscribe(
+                        flow.tenant,
+                        flow.device,
+                        flow.connection,
+                        filter,
+                    );
                 }
                 flow.reply_in_order(log, Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
             }
             Packet::PubAck(ack) => {
-                flow.awaiting_ack.remove(&ack.pkid);
+                if let Some(Some(command)) = flow.awaiting_ack.remove(&ack.pkid) {
+                    self.command_delivered(flow, command);
+                }
             }
             Packet::PingReq => {
                 self.send(&Packet::PingResp)
@@ -740,6 +829,25 @@ impl Connection {
         let kind = match publish.topic.as_str() {
             TELEMETRY_TOPIC => EventKind::Telemetry,
             EVENT_TOPIC => EventKind::Event,
+            topic if is_command_topic(topic) => {
+                let (command, status) = parse_response_topic(topic).map_err(|why| {
+                    // 3.3.5: a publish the server does not authorise is refused by closing.
+                    tracing::info!(topic, why, "publish under command/ refused; closing");
+                    Close::NotAuthorized
+                })?;
+                metrics
+                    .messages_in
+                    .get_or_create(&KindLabel {
+                        kind: "command_response",
+                    })
+                    .inc();
+                return Ok(Accepted::CommandResponse {
+                    reply,
+                    command,
+                    status,
+                    payload: publish.payload,
+                });
+            }
             topic => {
                 if let Err(InvalidTopic(why)) = validate_name(topic) {
                     tracing::info!(topic, why, "invalid topic name; closing");
@@ -786,6 +894,13 @@ impl Connection {
 enum Accepted {
     /// Goes to the event log; acknowledged once durable.
     Durable(Record, Option<Packet>),
+    /// A device's answer to a command; acknowledged once the command's state is stored.
+    CommandResponse {
+        reply: Option<Packet>,
+        command: CommandId,
+        status: u16,
+        payload: bytes::Bytes,
+    },
     /// Routed to subscribers; acknowledged in order once every QoS 1 delivery is queued and
     /// the retained message (topic, payload, QoS), if any, is stored.
     Routed(

@@ -11,6 +11,7 @@
 
 #[cfg(test)]
 mod codec_robustness;
+mod commands;
 mod config;
 mod connection;
 mod envelope;
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use tern_core::TenantId;
 use tern_eventlog::EventLog;
 use tern_identity::Identity;
-use tern_registry::{Registry, RegistryError};
+use tern_registry::{Commands, Registry, RegistryError};
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::{Store, StoreError};
 use tokio::net::TcpListener;
@@ -36,10 +37,20 @@ use tokio_util::task::TaskTracker;
 pub use config::BridgeConfig;
 pub use envelope::{EVENT_TOPIC, LIFECYCLE_TOPIC, TELEMETRY_TOPIC};
 
+use crate::commands::CommandTargets;
 use crate::metrics::BridgeMetrics;
 use crate::retained::Retained;
 use crate::router::Router;
 use crate::sessions::Sessions;
+
+/// What the bridge works with.
+pub struct BridgeServices {
+    pub identity: Arc<Identity>,
+    pub registry: Arc<Registry>,
+    pub commands: Arc<Commands>,
+    pub log: Arc<dyn EventLog>,
+    pub store: Arc<dyn Store>,
+}
 
 /// Why the bridge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -60,25 +71,35 @@ pub struct Bridge {
     sessions: Sessions,
     router: Router,
     retained: Retained,
+    commands: Arc<Commands>,
+    /// The connections subscribed to their device's commands.
+    command_targets: Arc<CommandTargets>,
     /// Where clients without credentials go; `None` refuses them.
     anonymous_tenant: Option<TenantId>,
 }
 
 impl Bridge {
-    /// Loads the retained messages and, in anonymous mode, finds or creates the tenant.
+    /// Loads the retained messages, becomes the route of `commands` and, in anonymous mode,
+    /// finds or creates the tenant.
     pub async fn new(
         config: BridgeConfig,
-        identity: Arc<Identity>,
-        registry: Arc<Registry>,
-        log: Arc<dyn EventLog>,
-        store: Arc<dyn Store>,
+        services: BridgeServices,
         metrics: &MetricsRegistry,
     ) -> Result<Self, BridgeError> {
+        let BridgeServices {
+            identity,
+            registry,
+            commands,
+            log,
+            store,
+        } = services;
         let retained = Retained::load(store, config.max_retained_per_tenant).await?;
         let anonymous_tenant = match &config.anonymous_tenant {
             None => None,
             Some(name) => Some(anonymous_tenant(&registry, name).await?),
         };
+        let command_targets = Arc::new(CommandTargets::default());
+        commands.set_route(command_targets.clone());
         Ok(Self {
             config,
             identity,
@@ -88,6 +109,8 @@ impl Bridge {
             sessions: Sessions::default(),
             router: Router::default(),
             retained,
+            commands,
+            command_targets,
             anonymous_tenant,
         })
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
-use tern_core::TenantId;
+use tern_core::{CommandId, TenantId};
 use tokio::sync::mpsc;
 
 use crate::topics::matches;
@@ -25,6 +25,8 @@ pub(crate) struct Delivery {
     pub qos: QoS,
     /// Set only for retained messages sent because of a new subscription (3.3.1-8, -9).
     pub retain: bool,
+    /// The command this delivers, whose state advances when the device acknowledges it.
+    pub command: Option<CommandId>,
 }
 
 struct Subscriber {
@@ -120,6 +122,7 @@ impl Router {
                 payload: payload.clone(),
                 qos: lower_qos(granted, qos),
                 retain: false,
+                command: None,
             };
             match queue.try_send(delivery) {
                 Ok(()) => routed.delivered += 1,

@@ -5,6 +5,7 @@
 //! `{"error": {"code", "message", "field"?}}`, with the status that fits the failure.
 
 mod auth;
+mod commands;
 mod error;
 mod extract;
 mod observe;
@@ -15,16 +16,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use tern_identity::Identity;
-use tern_registry::Registry;
+use tern_registry::{Commands, Registry};
 use tern_runtime::MetricsRegistry;
 use tern_store::Store;
 
 pub use error::ApiError;
 
+/// The services the HTTP edge calls.
+pub struct GatewayServices {
+    pub registry: Arc<Registry>,
+    pub identity: Arc<Identity>,
+    pub commands: Arc<Commands>,
+    pub store: Arc<dyn Store>,
+}
+
 /// Shared state of the HTTP edge.
 pub struct Gateway {
     registry: Arc<Registry>,
     identity: Arc<Identity>,
+    commands: Arc<Commands>,
     store: Arc<dyn Store>,
     metrics: MetricsRegistry,
     http_metrics: observe::HttpMetrics,
@@ -32,15 +42,17 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(
-        registry: Arc<Registry>,
-        identity: Arc<Identity>,
-        store: Arc<dyn Store>,
-        metrics: &MetricsRegistry,
-    ) -> Arc<Self> {
+    pub fn new(services: GatewayServices, metrics: &MetricsRegistry) -> Arc<Self> {
+        let GatewayServices {
+            registry,
+            identity,
+            commands,
+            store,
+        } = services;
         Arc::new(Self {
             registry,
             identity,
+            commands,
             store,
             http_metrics: observe::HttpMetrics::register(metrics),
             metrics: metrics.clone(),

@@ -17,7 +17,7 @@ use tern_store::RangeQuery;
 
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
-use crate::{ApiError, Gateway};
+use crate::{ApiError, Gateway, commands};
 
 type Shared = State<Arc<Gateway>>;
 type ApiResult<T> = Result<T, ApiError>;
@@ -48,6 +48,18 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .route(&format!("{device}/telemetry"), get(telemetry))
         .route(&format!("{device}/telemetry/latest"), get(latest))
         .route(&format!("{device}/events"), get(events))
+        .route(
+            &format!("{device}/commands"),
+            post(commands::send).get(commands::list),
+        )
+        .route(
+            &format!("{device}/commands/{{command}}"),
+            get(commands::show),
+        )
+        .route(
+            &format!("{device}/commands/{{command}}/cancel"),
+            post(commands::cancel),
+        )
         .route("/api/v1/token/refresh", post(refresh_device_tokens))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(gateway)
@@ -163,7 +175,12 @@ async fn list_devices(
 }
 
 /// Resolves the tenant (for the caller) and the device of a device route.
-async fn device_for(gw: &Gateway, caller: Caller, tenant: &str, device: &str) -> ApiResult<Device> {
+pub(crate) async fn device_for(
+    gw: &Gateway,
+    caller: Caller,
+    tenant: &str,
+    device: &str,
+) -> ApiResult<Device> {
     let tenant = gw.registry.tenant_for(caller, tenant).await?;
     Ok(gw.registry.device_of(tenant.id, device).await?)
 }
@@ -284,7 +301,7 @@ struct RangeParams {
 }
 
 /// The kinds of raw events the store keeps.
-const EVENT_KINDS: [&str; 3] = ["event", "telemetry", "lifecycle"];
+const EVENT_KINDS: [&str; 4] = ["event", "telemetry", "lifecycle", "command"];
 
 impl RangeParams {
     fn query(&self, device: &Device) -> ApiResult<RangeQuery> {

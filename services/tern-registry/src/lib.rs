@@ -1,13 +1,15 @@
-//! The device registry: tenants and the devices they own.
+//! The device registry: tenants, the devices they own, and the commands sent to them.
 //!
 //! Tenants and devices can be referred to by id or by name (names are unique: tenant names
 //! platform-wide, device names within their tenant), so people can type `acme` and `boiler-1`
 //! while programs use UUIDs. Records live in the [`Store`](tern_store::Store) as JSON.
 
+mod commands;
 mod error;
 mod grpc;
 mod registry;
 
+pub use commands::{COMMANDS_TOPIC, CommandRoute, Commands, CommandsConfig, NewCommand};
 pub use error::RegistryError;
 pub use grpc::{RegistryGrpc, request_tenant_id};
 pub use registry::{Registry, validate_tenant_name};

@@ -75,6 +75,48 @@ pub enum AdminCommand {
     /// Issue credentials.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Send commands to devices and follow them.
+    #[command(subcommand)]
+    Command(CommandAction),
+}
+
+#[derive(Subcommand)]
+pub enum CommandAction {
+    /// Send a command to a device (by id or name). With --wait, wait for the device's answer
+    /// and exit non-zero unless it succeeded.
+    Send {
+        device: String,
+        /// Command name, e.g. `reboot`; the device receives it on command/req/{id}/{name}.
+        name: String,
+        /// JSON payload sent to the device.
+        #[arg(long, value_name = "JSON")]
+        payload: Option<String>,
+        /// Seconds before an unanswered command expires [default: commands.default_ttl_secs].
+        #[arg(long, value_name = "SECS")]
+        ttl: Option<u64>,
+        /// Sending again with the same key returns the first command.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait up to this many seconds for the answer.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
+    /// List a device's commands, newest first.
+    List {
+        device: String,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show one command, its state and history.
+    Show {
+        device: String,
+        command: String,
+        /// Wait up to this many seconds for it to end.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
+    /// Cancel a command that has not ended.
+    Cancel { device: String, command: String },
 }
 
 #[derive(Args, Default)]

@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::cli::{AdminCommand, DeviceCommand, Global, TenantCommand, TokenCommand};
+use crate::cli::{AdminCommand, CommandAction, DeviceCommand, Global, TenantCommand, TokenCommand};
 use crate::output;
 
 struct Client {
@@ -39,8 +39,22 @@ impl Client {
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        self.call_waiting(method, path, body, None).await
+    }
+
+    /// Like [`Client::call`] for a request the server holds for up to `wait_secs`.
+    async fn call_waiting(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        wait_secs: Option<u64>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.server);
         let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(wait) = wait_secs {
+            request = request.timeout(std::time::Duration::from_secs(wait + 30));
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -88,6 +102,16 @@ fn parse_labels(labels: &[String]) -> anyhow::Result<serde_json::Map<String, Val
         })
         .collect()
 }
+
+const COMMAND_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "state",
+    "payload",
+    "result",
+    "created_at_ms",
+    "expires_at_ms",
+];
 
 const TENANT_FIELDS: &[&str] = &["id", "name", "created_at_ms"];
 const DEVICE_FIELDS: &[&str] = &[
@@ -170,6 +194,74 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     if out == crate::cli::Output::Human {
                         println!("deleted device {device}");
                     }
+                }
+            }
+        }
+        AdminCommand::Command(cmd) => {
+            let devices = format!("/api/v1/tenants/{}/devices", seg(tenant(&global)?));
+            match cmd {
+                CommandAction::Send {
+                    device,
+                    name,
+                    payload,
+                    ttl,
+                    idempotency_key,
+                    wait,
+                } => {
+                    let payload: Value = match payload {
+                        Some(text) => serde_json::from_str(&text)
+                            .with_context(|| format!("--payload is not JSON: {text}"))?,
+                        None => Value::Null,
+                    };
+                    let body = json!({
+                        "name": name, "payload": payload, "ttl_secs": ttl,
+                        "idempotency_key": idempotency_key, "wait_secs": wait,
+                    });
+                    let path = format!("{devices}/{}/commands", seg(&device));
+                    let c = client
+                        .call_waiting(Method::POST, &path, Some(body), wait)
+                        .await?;
+                    output::record(out, &c, COMMAND_FIELDS);
+                    if wait.is_some() && c["state"] != "succeeded" {
+                        bail!(
+                            "command {} is {}",
+                            output::text(&c["id"]),
+                            output::text(&c["state"])
+                        );
+                    }
+                }
+                CommandAction::List { device, limit } => {
+                    let mut path = format!("{devices}/{}/commands", seg(&device));
+                    if let Some(limit) = limit {
+                        path.push_str(&format!("?limit={limit}"));
+                    }
+                    let list = client.call(Method::GET, &path, None).await?;
+                    output::table(
+                        out,
+                        &list["commands"],
+                        &["id", "name", "state", "created_at_ms"],
+                    );
+                }
+                CommandAction::Show {
+                    device,
+                    command,
+                    wait,
+                } => {
+                    let mut path = format!("{devices}/{}/commands/{}", seg(&device), seg(&command));
+                    if let Some(wait) = wait {
+                        path.push_str(&format!("?wait={wait}"));
+                    }
+                    let c = client.call_waiting(Method::GET, &path, None, wait).await?;
+                    output::record(out, &c, &[COMMAND_FIELDS, &["history"]].concat());
+                }
+                CommandAction::Cancel { device, command } => {
+                    let path = format!(
+                        "{devices}/{}/commands/{}/cancel",
+                        seg(&device),
+                        seg(&command)
+                    );
+                    let c = client.call(Method::POST, &path, None).await?;
+                    output::record(out, &c, COMMAND_FIELDS);
                 }
             }
         }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tern_bridge::BridgeConfig;
 use tern_identity::IdentityConfig;
+use tern_registry::CommandsConfig;
 use tern_runtime::logging::LogFormat;
 
 use crate::cli::UpArgs;
@@ -26,6 +27,7 @@ pub struct UpConfig {
     pub log: LogConfig,
     pub mqtt: BridgeConfig,
     pub identity: IdentityConfig,
+    pub commands: CommandsConfig,
     pub eventlog: EventLogConfig,
 }
 
@@ -56,6 +58,7 @@ impl Default for UpConfig {
             log: LogConfig::default(),
             mqtt: BridgeConfig::default(),
             identity: IdentityConfig::default(),
+            commands: CommandsConfig::default(),
             eventlog: EventLogConfig::default(),
         }
     }
@@ -138,6 +141,13 @@ impl UpConfig {
                 .then_some("`eventlog.partitions` must be 1..=1024"),
             (self.identity.device_access_token_ttl_secs == 0)
                 .then_some("`identity.device_access_token_ttl_secs` must be at least 1"),
+            (self.commands.max_ttl_secs == 0)
+                .then_some("`commands.max_ttl_secs` must be at least 1"),
+            (self.commands.default_ttl_secs == 0
+                || self.commands.default_ttl_secs > self.commands.max_ttl_secs)
+                .then_some("`commands.default_ttl_secs` must be 1..=`commands.max_ttl_secs`"),
+            (self.commands.max_payload_bytes == 0)
+                .then_some("`commands.max_payload_bytes` must be at least 1"),
         ];
         let problems: Vec<&str> = problems.into_iter().flatten().collect();
         if let Some(first) = problems.first() {

@@ -65,7 +65,7 @@ fn print_json(value: &Value) {
 }
 
 /// A JSON value as text: strings unquoted, objects as `k=v,k=v`, null as `-`.
-fn text(value: &Value) -> String {
+pub fn text(value: &Value) -> String {
     match value {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tern_analytics::Ingest;
-use tern_bridge::Bridge;
+use tern_bridge::{Bridge, BridgeServices};
 use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog};
-use tern_gateway::Gateway;
+use tern_gateway::{Gateway, GatewayServices};
 use tern_identity::{Identity, IdentityGrpc, grpc_auth};
-use tern_registry::{Registry, RegistryGrpc};
+use tern_registry::{Commands, Registry, RegistryGrpc};
 use tern_runtime::{MetricsRegistry, Shutdown, logging, shutdown_signal};
 use tern_store::{EmbeddedStore, Store};
 use tokio::net::TcpListener;
@@ -67,13 +67,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let stop_ingest = Shutdown::new();
     let stop_apis = Shutdown::new();
 
+    let commands = Arc::new(Commands::new(
+        store.clone(),
+        log.clone(),
+        config.commands.clone(),
+    ));
     let bridge = Arc::new(
         Bridge::new(
             config.mqtt.clone(),
-            identity.clone(),
-            registry.clone(),
-            log.clone(),
-            store.clone(),
+            BridgeServices {
+                identity: identity.clone(),
+                registry: registry.clone(),
+                commands: commands.clone(),
+                log: log.clone(),
+                store: store.clone(),
+            },
             &metrics,
         )
         .await?,
@@ -83,7 +91,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let ingest = Ingest::new(log.clone(), store.clone(), &metrics);
     let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
 
-    let gateway = Gateway::new(registry.clone(), identity.clone(), store.clone(), &metrics);
+    let gateway = Gateway::new(
+        GatewayServices {
+            registry: registry.clone(),
+            identity: identity.clone(),
+            commands,
+            store: store.clone(),
+        },
+        &metrics,
+    );
     let http_router = tern_gateway::router(gateway.clone(), tern_dashboard::router());
     let http = axum::serve(http_listener, http_router)
         .with_graceful_shutdown(stop_apis.clone().cancelled_owned());

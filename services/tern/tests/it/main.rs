@@ -5,6 +5,7 @@
 mod harness;
 
 mod anonymous;
+mod commands;
 mod config_errors;
 mod dashboard;
 mod device_edge;

@@ -1,0 +1,162 @@
+//! `/api/v1/tenants/{tenant}/devices/{device}/commands`: send, list, show (optionally waiting
+//! for the outcome) and cancel commands.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use tern_core::{Command, CommandId};
+use tern_registry::NewCommand;
+
+use crate::auth::Authenticated;
+use crate::extract::{ApiJson, ApiQuery};
+use crate::routes::device_for;
+use crate::{ApiError, Gateway};
+
+type Shared = State<Arc<Gateway>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Longest a request may wait for a command's outcome; beyond HTTP proxies' usual timeouts
+/// a caller should poll instead.
+const MAX_WAIT_SECS: u64 = 300;
+const DEFAULT_LIST_LIMIT: usize = 100;
+const MAX_LIST_LIMIT: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SendCommand {
+    name: String,
+    #[serde(default)]
+    payload: serde_json::Value,
+    ttl_secs: Option<u64>,
+    idempotency_key: Option<String>,
+    /// Wait this long for the device's answer (synchronous command); absent: return at once.
+    wait_secs: Option<u64>,
+}
+
+fn wait_duration(field: &str, secs: Option<u64>) -> ApiResult<Option<Duration>> {
+    match secs {
+        Some(s) if s > MAX_WAIT_SECS => Err(ApiError::bad_request(
+            field,
+            format!("`{field}` must be 0..={MAX_WAIT_SECS} seconds"),
+        )),
+        other => Ok(other.map(Duration::from_secs)),
+    }
+}
+
+/// 201 for a new command, 200 for an earlier one with the same idempotency key or a
+/// synchronous command that ended, 202 for a synchronous command still running when the
+/// wait ran out.
+pub(crate) async fn send(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device)): Path<(String, String)>,
+    ApiJson(body): ApiJson<SendCommand>,
+) -> ApiResult<(StatusCode, Json<Command>)> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    let wait = wait_duration("wait_secs", body.wait_secs)?;
+    let (command, created) = gw
+        .commands
+        .send(
+            &device,
+            NewCommand {
+                name: body.name,
+                payload: body.payload,
+                ttl_secs: body.ttl_secs,
+                idempotency_key: body.idempotency_key,
+            },
+        )
+        .await?;
+    let Some(wait) = wait else {
+        let status = if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        return Ok((status, Json(command)));
+    };
+    let command = gw
+        .commands
+        .wait(device.tenant_id, device.id, command.id, wait)
+        .await?;
+    let status = if command.state.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(command)))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListParams {
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct CommandList {
+    commands: Vec<Command>,
+}
+
+/// Newest first.
+pub(crate) async fn list(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device)): Path<(String, String)>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> ApiResult<Json<CommandList>> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    let limit = params.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(ApiError::bad_request(
+            "limit",
+            format!("`limit` must be 1..={MAX_LIST_LIMIT}"),
+        ));
+    }
+    let commands = gw.commands.list(device.tenant_id, device.id, limit).await?;
+    Ok(Json(CommandList { commands }))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ShowParams {
+    /// Long-poll: wait up to this many seconds for the command to end.
+    wait: Option<u64>,
+}
+
+fn command_id(id: &str) -> ApiResult<CommandId> {
+    CommandId::parse(id).map_err(|e| ApiError::bad_request("command", e.to_string()))
+}
+
+pub(crate) async fn show(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device, id)): Path<(String, String, String)>,
+    ApiQuery(params): ApiQuery<ShowParams>,
+) -> ApiResult<Json<Command>> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    let id = command_id(&id)?;
+    let command = match wait_duration("wait", params.wait)? {
+        Some(wait) => {
+            gw.commands
+                .wait(device.tenant_id, device.id, id, wait)
+                .await?
+        }
+        None => gw.commands.get(device.tenant_id, device.id, id).await?,
+    };
+    Ok(Json(command))
+}
+
+/// 409 if the command already ended.
+pub(crate) async fn cancel(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device, id)): Path<(String, String, String)>,
+) -> ApiResult<Json<Command>> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    let id = command_id(&id)?;
+    Ok(Json(
+        gw.commands.cancel(device.tenant_id, device.id, id).await?,
+    ))
+}
