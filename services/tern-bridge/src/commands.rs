@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::QoS;
 use tern_core::{Command, CommandId, DeviceId, TenantId};
 use tern_registry::CommandRoute;
 use tokio::sync::mpsc;
@@ -47,11 +47,13 @@ pub(crate) fn parse_response_topic(topic: &str) -> Result<(CommandId, u16), &'st
 /// The delivery of a command to a connection at `qos`.
 pub(crate) fn delivery(command: &Command, qos: QoS) -> Delivery {
     Delivery {
-        topic: command.request_topic().into(),
-        payload: Bytes::from(serde_json::to_vec(&command.payload).unwrap_or_default()),
-        qos,
-        retain: false,
         command: Some(command.id),
+        ..Delivery::new(
+            command.request_topic().into(),
+            Bytes::from(serde_json::to_vec(&command.payload).unwrap_or_default()),
+            qos,
+            false,
+        )
     }
 }
 
@@ -106,12 +108,22 @@ impl CommandTargets {
         target.filters.push((filter.to_string(), qos));
     }
 
-    pub fn unsubscribe(&self, tenant: TenantId, device: DeviceId, connection: u64, filter: &str) {
+    /// Returns whether the subscription existed.
+    pub fn unsubscribe(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+        connection: u64,
+        filter: &str,
+    ) -> bool {
         let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(target) = devices.get_mut(&(tenant, device))
-            && target.connection == connection
-        {
-            target.filters.retain(|(f, _)| f != filter);
+        match devices.get_mut(&(tenant, device)) {
+            Some(target) if target.connection == connection => {
+                let before = target.filters.len();
+                target.filters.retain(|(f, _)| f != filter);
+                target.filters.len() < before
+            }
+            _ => false,
         }
     }
 

@@ -1,16 +1,17 @@
-//! One MQTT connection: CONNECT and authentication, then the packet loop.
+//! One MQTT connection (3.1.1 or 5): the handshake (`handshake.rs`), then the packet loop.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, Publish,
-    SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+use bytes::{Bytes, BytesMut};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{
+    Disconnect, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckProperties, PubAckReason,
+    PubComp, PubRec, PubRecProperties, PubRecReason, Publish, PublishProperties, RetainForwardRule,
+    SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
-use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tern_core::{CommandId, DeviceId, TenantId};
 use tern_eventlog::{EventLog, LogError, Position, Record};
 use tern_proto::v1::EventKind;
@@ -20,24 +21,22 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{Instant, timeout_at};
 use tracing::Instrument;
 
 use crate::Bridge;
+use crate::codec::{self, ReadError, Version};
 use crate::commands::{self, is_command_topic, parse_response_topic};
 use crate::envelope::{EVENT_TOPIC, TELEMETRY_TOPIC, record};
+use crate::fanout::{hand_over, publish_will, retain_message};
+use crate::handshake::{Admitted, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
 use crate::metrics::{KindLabel, ReasonLabel};
-use crate::retained::RetainOutcome;
-use crate::router::{Delivery, lower_qos};
+use crate::router::{Delivery, Message, SubscriptionOptions, lower_qos};
 use crate::topics::{InvalidTopic, validate_filter, validate_name};
 
-/// How long a publisher waits for room in a full subscriber queue before that delivery is
-/// dropped: long enough to ride out bursts, short enough that a stuck subscriber cannot stall
-/// publishers indefinitely.
-const DELIVERY_WAIT: Duration = Duration::from_secs(5);
-
-/// QoS 1 deliveries a client may have unacknowledged before the bridge waits for PUBACKs.
+/// QoS 1 deliveries a client may have unacknowledged before the bridge waits for PUBACKs
+/// (lower if the client's MQTT 5 Receive Maximum says so).
 const OUTBOUND_WINDOW: usize = 64;
 
 /// Bytes reserved for a read when the buffer runs low.
@@ -48,7 +47,7 @@ const READ_CHUNK: usize = 8 * 1024;
 struct Pending {
     append: Option<JoinHandle<Result<Vec<Position>, LogError>>>,
     replies: Vec<Packet>,
-    /// Retained messages for a subscription, sent after its SUBACK.
+    /// Retained messages or pending commands for a subscription, sent after its SUBACK.
     then_deliver: Vec<Delivery>,
     publishes: usize,
     received: Instant,
@@ -72,13 +71,18 @@ struct Flow {
     /// subscribes (most devices) allocates none.
     queue: Option<mpsc::Sender<Delivery>>,
     deliveries: Option<mpsc::Receiver<Delivery>>,
-    /// Retained messages owed to new subscriptions (after their SUBACK), sent ahead of the
-    /// queue.
+    /// Deliveries owed to new subscriptions (after their SUBACK), sent ahead of the queue.
     backlog: VecDeque<Delivery>,
     /// QoS 1 deliveries sent and not yet acknowledged, by packet id, with the command each
     /// carries.
     awaiting_ack: HashMap<u16, Option<CommandId>>,
     next_pkid: u16,
+    /// At most this many QoS 1 deliveries unacknowledged.
+    window: usize,
+    /// Deliveries larger than this are dropped (the client's MQTT 5 Maximum Packet Size).
+    client_max_packet: usize,
+    /// MQTT 5 topic aliases the client set.
+    aliases: HashMap<u16, Bytes>,
 }
 
 impl Flow {
@@ -99,7 +103,7 @@ impl Flow {
         });
     }
 
-    /// The next delivery that is ready without waiting: retained backlog first, then the queue.
+    /// The next delivery that is ready without waiting: the backlog first, then the queue.
     fn next_ready(&mut self) -> Option<Delivery> {
         self.backlog
             .pop_front()
@@ -124,15 +128,21 @@ impl Flow {
     }
 }
 
-/// Why a connection ended; becomes a metric label and a log field.
-#[derive(Debug, Clone, Copy)]
-enum Close {
+/// Why a connection ended; becomes a metric label, a log field and, in MQTT 5, the reason
+/// code of the server's DISCONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
     ClientDisconnect,
+    /// MQTT 5 DISCONNECT with reason 0x04: the client asks for its will.
+    ClientDisconnectWithWill,
     ClientClosed,
     KeepaliveExpired,
     TakenOver,
     ServerShutdown,
     ProtocolError,
+    Malformed,
+    PacketTooLarge,
+    TopicAliasInvalid,
     NotAuthorized,
     AppendFailed,
     WriteFailed,
@@ -142,11 +152,15 @@ impl Close {
     fn label(self) -> &'static str {
         match self {
             Self::ClientDisconnect => "client_disconnect",
+            Self::ClientDisconnectWithWill => "client_disconnect_with_will",
             Self::ClientClosed => "client_closed",
             Self::KeepaliveExpired => "keepalive_expired",
             Self::TakenOver => "session_taken_over",
             Self::ServerShutdown => "server_shutdown",
             Self::ProtocolError => "protocol_error",
+            Self::Malformed => "malformed_packet",
+            Self::PacketTooLarge => "packet_too_large",
+            Self::TopicAliasInvalid => "topic_alias_invalid",
             Self::NotAuthorized => "not_authorized",
             Self::AppendFailed => "append_failed",
             Self::WriteFailed => "write_failed",
@@ -156,31 +170,60 @@ impl Close {
     fn is_error(self) -> bool {
         matches!(
             self,
-            Self::ProtocolError | Self::NotAuthorized | Self::AppendFailed | Self::WriteFailed
+            Self::ProtocolError
+                | Self::Malformed
+                | Self::PacketTooLarge
+                | Self::TopicAliasInvalid
+                | Self::NotAuthorized
+                | Self::AppendFailed
+                | Self::WriteFailed
         )
     }
 
-    /// MQTT 3.1.1 3.1.2.5: the will is published unless the client said DISCONNECT. A server
-    /// shutdown is not the device's failure, so it does not publish wills either.
+    /// 3.1.2.5 (3.1.1) and 3.1.2.5 (5.0): the will is published unless the client ended with a
+    /// normal DISCONNECT. A server shutdown is not the device's failure, so it does not publish
+    /// wills either.
     fn publishes_will(self) -> bool {
         !matches!(self, Self::ClientDisconnect | Self::ServerShutdown)
     }
+
+    /// The reason code of the DISCONNECT an MQTT 5 client gets; `None` when the client ended.
+    fn reason_code(self) -> Option<DisconnectReasonCode> {
+        use DisconnectReasonCode as R;
+        Some(match self {
+            Self::ClientDisconnect
+            | Self::ClientDisconnectWithWill
+            | Self::ClientClosed
+            | Self::WriteFailed => return None,
+            Self::KeepaliveExpired => R::KeepAliveTimeout,
+            Self::TakenOver => R::SessionTakenOver,
+            Self::ServerShutdown => R::ServerShuttingDown,
+            Self::ProtocolError => R::ProtocolError,
+            Self::Malformed => R::MalformedPacket,
+            Self::PacketTooLarge => R::PacketTooLarge,
+            Self::TopicAliasInvalid => R::TopicAliasInvalid,
+            Self::NotAuthorized => R::NotAuthorized,
+            Self::AppendFailed => R::UnspecifiedError,
+        })
+    }
+
+    fn from_read_error(e: &ReadError) -> Self {
+        match e {
+            ReadError::TooLarge(_) => Self::PacketTooLarge,
+            ReadError::Unexpected(_) => Self::ProtocolError,
+            _ => Self::Malformed,
+        }
+    }
 }
 
-/// An admitted client.
-struct Admitted {
-    tenant: TenantId,
-    device: DeviceId,
-    keepalive: u16,
-    will: Option<LastWill>,
-}
-
-struct Connection {
-    bridge: Arc<Bridge>,
+pub(crate) struct Connection {
+    pub(crate) bridge: Arc<Bridge>,
     reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    pub(crate) writer: OwnedWriteHalf,
     inbox: BytesMut,
     outbox: BytesMut,
+    /// Decided by CONNECT; 3.1.1 until then.
+    pub(crate) version: Version,
 }
 
 pub(crate) async fn run(
@@ -198,16 +241,12 @@ pub(crate) async fn run(
             writer,
             inbox: BytesMut::new(),
             outbox: BytesMut::new(),
+            version: Version::V311,
         };
-        let Some(Admitted {
-            tenant,
-            device,
-            keepalive,
-            will,
-        }) = conn.handshake().await
-        else {
+        let Some(admitted) = conn.handshake().await else {
             return;
         };
+        let (tenant, device) = (admitted.tenant, admitted.device);
         let span = tracing::Span::current();
         span.record("tenant", tracing::field::display(tenant));
         span.record("device", tracing::field::display(device));
@@ -215,19 +254,17 @@ pub(crate) async fn run(
         bridge.metrics.connections_total.inc();
         bridge.metrics.connections.inc();
         let session = bridge.sessions.claim(tenant, device);
-        tracing::info!(keepalive, "device connected");
+        tracing::info!(
+            keepalive = admitted.keepalive,
+            protocol = conn.version.label(),
+            "device connected"
+        );
         let log = bridge.log.clone();
-        let connected = lifecycle::connected(tenant, device, peer, "mqtt/3.1.1");
+        let connected = lifecycle::connected(tenant, device, peer, conn.version.label());
         let connected = tokio::spawn(async move { log.append(vec![connected]).await });
+        let will = admitted.will.clone();
         let close = conn
-            .serve(
-                tenant,
-                device,
-                keepalive,
-                session.id,
-                &session.closed,
-                &shutdown,
-            )
+            .serve(&admitted, session.id, &session.closed, &shutdown)
             .await;
         bridge.metrics.connections.dec();
         if close.is_error() {
@@ -256,15 +293,18 @@ pub(crate) async fn run(
 }
 
 impl Connection {
-    /// Reads the next complete packet. Cancel-safe: bytes read so far stay in `inbox`.
+    /// Reads until `parse` gets a whole packet out of the buffer; `None` when the client
+    /// closed. Cancel-safe: bytes read so far stay in `inbox`.
     ///
     /// The read buffer is allocated only when the socket is readable and released whenever it
     /// is empty, so an idle connection holds no buffer at all.
-    async fn read_packet(&mut self) -> Result<Option<Packet>, CodecError> {
+    pub(crate) async fn read_with<T>(
+        &mut self,
+        mut parse: impl FnMut(&mut BytesMut) -> Result<T, ReadError>,
+    ) -> Result<Option<T>, ReadError> {
         loop {
-            match Packet::read(&mut self.inbox, self.bridge.config.max_packet_size) {
-                Ok(packet) => return Ok(Some(packet)),
-                Err(CodecError::InsufficientBytes(_)) => {
+            match parse(&mut self.inbox) {
+                Err(ReadError::Incomplete) => {
                     if self.inbox.is_empty() {
                         self.inbox = BytesMut::new();
                     }
@@ -279,189 +319,51 @@ impl Connection {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Err(e) => return Err(e),
+                other => return other.map(Some),
             }
         }
     }
 
-    async fn send(&mut self, packet: &Packet) -> Result<(), CodecError> {
+    async fn read_packet(&mut self) -> Result<Option<Packet>, ReadError> {
+        let (version, max) = (self.version, self.bridge.config.max_packet_size);
+        self.read_with(|buf| codec::read(buf, version, max)).await
+    }
+
+    /// Sends one packet in the connection's version (nothing if 3.1.1 lacks it).
+    pub(crate) async fn send(&mut self, packet: &Packet) -> Result<(), Close> {
         self.outbox.clear();
-        packet.write(&mut self.outbox, usize::MAX)?;
-        self.writer.write_all(&self.outbox).await?;
-        self.bridge.metrics.packets_out.inc();
+        let wrote = codec::write(packet, self.version, &mut self.outbox).map_err(|e| {
+            tracing::error!(error = %e, "cannot encode a packet");
+            Close::WriteFailed
+        })?;
+        if wrote {
+            self.writer
+                .write_all(&self.outbox)
+                .await
+                .map_err(|_| Close::WriteFailed)?;
+            self.bridge.metrics.packets_out.inc();
+        }
         Ok(())
-    }
-
-    /// Waits for CONNECT and authenticates it. Returns the device and keepalive on success; on
-    /// failure the CONNACK refusal (where one is due) has been sent and the caller closes.
-    async fn handshake(&mut self) -> Option<Admitted> {
-        let limit = Duration::from_secs(self.bridge.config.connect_timeout_secs);
-        let connect = match timeout(limit, self.read_packet()).await {
-            Err(_) => return self.refuse_silently("connect_timeout"),
-            Ok(Ok(None)) => return None,
-            Ok(Ok(Some(Packet::Connect(connect)))) => connect,
-            Ok(Ok(Some(other))) => {
-                tracing::info!(packet = ?packet_name(&other), "first packet was not CONNECT");
-                return self.refuse_silently("not_connect");
-            }
-            Ok(Err(CodecError::InvalidProtocolLevel(level))) => {
-                tracing::info!(level, "unsupported MQTT protocol level");
-                return self
-                    .refuse(
-                        ConnectReturnCode::RefusedProtocolVersion,
-                        "protocol_version",
-                    )
-                    .await;
-            }
-            Ok(Err(e)) => {
-                tracing::info!(error = %e, "malformed CONNECT");
-                return self.refuse_silently("malformed_connect");
-            }
-        };
-        self.authenticate(connect).await
-    }
-
-    async fn authenticate(&mut self, connect: Connect) -> Option<Admitted> {
-        use ConnectReturnCode::*;
-        if connect.protocol != Protocol::V4 {
-            return self
-                .refuse(RefusedProtocolVersion, "protocol_version")
-                .await;
-        }
-        if let Some(will) = &connect.last_will
-            && let Err(InvalidTopic(why)) = validate_name(&will.topic).and_then(|()| {
-                if is_command_topic(&will.topic) {
-                    Err(InvalidTopic("wills may not be published under command/"))
-                } else {
-                    Ok(())
-                }
-            })
-        {
-            // MQTT 3.1.1 3.1.2.9: an invalid will topic makes the CONNECT malformed.
-            tracing::info!(topic = %will.topic, why, "invalid will topic; closing");
-            let _ = self.writer.shutdown().await;
-            return self.refuse_silently("bad_will_topic");
-        }
-        let (tenant, device) = match &connect.login {
-            Some(_) => self.authenticate_device(&connect).await?,
-            None => match self.bridge.anonymous_tenant {
-                Some(tenant) => (tenant, self.anonymous_device(tenant, &connect).await?),
-                None => {
-                    tracing::info!("CONNECT without credentials");
-                    return self.refuse(BadUserNamePassword, "no_credentials").await;
-                }
-            },
-        };
-        self.send(&Packet::ConnAck(ConnAck::new(Success, false)))
-            .await
-            .ok()?;
-        Some(Admitted {
-            tenant,
-            device,
-            keepalive: connect.keep_alive,
-            will: connect.last_will,
-        })
-    }
-
-    /// A device's own credentials: its id as user name and its access token as password.
-    async fn authenticate_device(&mut self, connect: &Connect) -> Option<(TenantId, DeviceId)> {
-        use ConnectReturnCode::*;
-        let login = connect.login.as_ref()?;
-        let Ok(device_id) = DeviceId::parse(&login.username) else {
-            tracing::info!("CONNECT username is not a device id");
-            return self.refuse(BadUserNamePassword, "bad_username").await;
-        };
-        if !connect.client_id.is_empty() && connect.client_id != login.username {
-            tracing::info!(client_id = %connect.client_id, "client id differs from the device id");
-            return self.refuse(BadClientId, "bad_client_id").await;
-        }
-        let principal = match self.bridge.identity.verify_device_token(&login.password) {
-            Ok(p) if p.device_id == device_id => p,
-            Ok(_) => {
-                tracing::info!(%device_id, "token belongs to another device");
-                return self
-                    .refuse(BadUserNamePassword, "token_device_mismatch")
-                    .await;
-            }
-            Err(_) => {
-                tracing::info!(%device_id, "invalid or expired token");
-                return self.refuse(BadUserNamePassword, "bad_token").await;
-            }
-        };
-        match self
-            .bridge
-            .registry
-            .device_of(principal.tenant_id, &device_id.to_string())
-            .await
-        {
-            Ok(device) if !device.disabled => {}
-            Ok(_) => {
-                tracing::info!(%device_id, "device is disabled");
-                return self.refuse(NotAuthorized, "device_disabled").await;
-            }
-            Err(e) => {
-                tracing::info!(%device_id, error = %e, "device not in the registry");
-                return self.refuse(NotAuthorized, "unknown_device").await;
-            }
-        }
-        Some((principal.tenant_id, device_id))
-    }
-
-    /// Anonymous mode: a client id that names a registered device of the tenant acts as that
-    /// device; any other client id gets a stable id derived from it (so session takeover works),
-    /// and an empty one (clean session only, 3.1.3-7) a fresh id.
-    async fn anonymous_device(&mut self, tenant: TenantId, connect: &Connect) -> Option<DeviceId> {
-        use ConnectReturnCode::*;
-        let client_id = connect.client_id.as_str();
-        if client_id.is_empty() {
-            if !connect.clean_session {
-                return self.refuse(BadClientId, "empty_client_id").await;
-            }
-            return Some(DeviceId::random());
-        }
-        match self.bridge.registry.device_of(tenant, client_id).await {
-            Ok(device) if device.disabled => {
-                tracing::info!(client_id, "device is disabled");
-                self.refuse(NotAuthorized, "device_disabled").await
-            }
-            Ok(device) => Some(device.id),
-            Err(_) => Some(derived_device_id(tenant, client_id)),
-        }
-    }
-
-    async fn refuse<T>(&mut self, code: ConnectReturnCode, reason: &'static str) -> Option<T> {
-        let _ = self.send(&Packet::ConnAck(ConnAck::new(code, false))).await;
-        let _ = self.writer.shutdown().await;
-        self.refuse_silently(reason)
-    }
-
-    fn refuse_silently<T>(&self, reason: &'static str) -> Option<T> {
-        self.bridge
-            .metrics
-            .connect_failures
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
-        None
     }
 
     /// The packet loop of an authenticated connection.
     async fn serve(
         &mut self,
-        tenant: TenantId,
-        device: DeviceId,
-        keepalive: u16,
+        admitted: &Admitted,
         connection: u64,
         taken_over: &Shutdown,
         shutdown: &Shutdown,
     ) -> Close {
-        // MQTT 3.1.1 3.1.2.10: the server disconnects after 1.5 keepalive periods of silence.
+        // 3.1.2.10 (3.1.1), 3.1.2.10 (5.0): the server disconnects after 1.5 keepalive periods
+        // of silence.
+        let keepalive = admitted.keepalive;
         let grace = (keepalive > 0).then(|| Duration::from_millis(u64::from(keepalive) * 1500));
         let far_future = Duration::from_secs(365 * 24 * 3600);
         let mut deadline = Instant::now() + grace.unwrap_or(far_future);
         let max_inflight = self.bridge.config.max_inflight.max(1);
         let mut flow = Flow {
-            tenant,
-            device,
+            tenant: admitted.tenant,
+            device: admitted.device,
             inflight: VecDeque::new(),
             qos2: HashSet::new(),
             batch: Vec::new(),
@@ -473,6 +375,9 @@ impl Connection {
             backlog: VecDeque::new(),
             awaiting_ack: HashMap::new(),
             next_pkid: 0,
+            window: OUTBOUND_WINDOW.min(usize::from(admitted.receive_maximum)),
+            client_max_packet: admitted.max_packet_size.map_or(usize::MAX, |m| m as usize),
+            aliases: HashMap::new(),
         };
 
         let close = loop {
@@ -481,7 +386,7 @@ impl Connection {
                 _ = shutdown.cancelled() => break Close::ServerShutdown,
                 _ = taken_over.cancelled() => break Close::TakenOver,
                 delivery = next_delivery(&mut flow.backlog, &mut flow.deliveries),
-                    if flow.deliveries.is_some() && flow.awaiting_ack.len() < OUTBOUND_WINDOW =>
+                    if flow.deliveries.is_some() && flow.awaiting_ack.len() < flow.window =>
                 {
                     let Some(delivery) = delivery else { continue };
                     if let Err(close) = self.deliver(delivery, &mut flow).await {
@@ -500,8 +405,8 @@ impl Connection {
                         Err(_) => break Close::KeepaliveExpired,
                         Ok(Ok(None)) => break Close::ClientClosed,
                         Ok(Err(e)) => {
-                            tracing::info!(error = %e, "malformed packet; closing");
-                            break Close::ProtocolError;
+                            tracing::info!(error = %e, "bad packet; closing");
+                            break Close::from_read_error(&e);
                         }
                         Ok(Ok(Some(packet))) => packet,
                     };
@@ -512,10 +417,10 @@ impl Connection {
                 }
             }
         };
-        self.bridge.router.drop_connection(tenant, connection);
+        self.bridge.router.drop_connection(flow.tenant, connection);
         self.bridge
             .command_targets
-            .drop_connection(tenant, device, connection);
+            .drop_connection(flow.tenant, flow.device, connection);
         // Whatever was received is acknowledged once durable, even when closing.
         flow.seal(&self.bridge.log);
         while !flow.inflight.is_empty() {
@@ -523,6 +428,11 @@ impl Connection {
             if self.acknowledge(done).await.is_err() {
                 break;
             }
+        }
+        if let Some(reason) = close.reason_code() {
+            let _ = self
+                .send(&Packet::Disconnect(Disconnect::new(reason)))
+                .await;
         }
         let _ = self.writer.shutdown().await;
         close
@@ -538,24 +448,207 @@ impl Connection {
     ) -> Result<(), Close> {
         let mut packet = first;
         loop {
-            if !self.handle(packet, flow).await? {
+            if let Err(close) = self.handle(packet, flow).await {
                 flow.seal(&self.bridge.log);
-                return Err(Close::ClientDisconnect);
+                return Err(close);
             }
             if flow.unacked >= max_inflight {
                 break;
             }
-            packet = match Packet::read(&mut self.inbox, self.bridge.config.max_packet_size) {
+            packet = match codec::read(
+                &mut self.inbox,
+                self.version,
+                self.bridge.config.max_packet_size,
+            ) {
                 Ok(next) => next,
-                Err(CodecError::InsufficientBytes(_)) => break,
+                Err(ReadError::Incomplete) => break,
                 Err(e) => {
-                    tracing::info!(error = %e, "malformed packet; closing");
+                    tracing::info!(error = %e, "bad packet; closing");
                     flow.seal(&self.bridge.log);
-                    return Err(Close::ProtocolError);
+                    return Err(Close::from_read_error(&e));
                 }
             };
         }
         flow.seal(&self.bridge.log);
+        Ok(())
+    }
+
+    /// Handles one packet; `Err` ends the connection (a DISCONNECT included).
+    async fn handle(&mut self, packet: Packet, flow: &mut Flow) -> Result<(), Close> {
+        let log = &self.bridge.log;
+        match packet {
+            Packet::Publish(publish) => self.publish(publish, flow).await?,
+            Packet::PubRel(rel) => {
+                flow.qos2.remove(&rel.pkid);
+                flow.reply_in_order(log, Packet::PubComp(PubComp::new(rel.pkid, None)));
+            }
+            Packet::Subscribe(subscribe) => self.subscribe(subscribe, flow).await?,
+            Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe, flow),
+            Packet::PubAck(ack) => {
+                if let Some(Some(command)) = flow.awaiting_ack.remove(&ack.pkid) {
+                    self.command_delivered(flow, command);
+                }
+            }
+            Packet::PingReq(_) => self.send(&Packet::PingResp(PingResp)).await?,
+            Packet::Disconnect(d) => {
+                return Err(
+                    if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
+                        Close::ClientDisconnectWithWill
+                    } else {
+                        Close::ClientDisconnect
+                    },
+                );
+            }
+            other => {
+                tracing::info!(
+                    packet = packet_name(&other),
+                    "unexpected packet from a client; closing"
+                );
+                return Err(Close::ProtocolError);
+            }
+        }
+        Ok(())
+    }
+
+    /// An inbound PUBLISH: telemetry and events go to the log (acknowledged once durable),
+    /// command responses complete their command, anything else is routed to the tenant.
+    async fn publish(&mut self, mut publish: Publish, flow: &mut Flow) -> Result<(), Close> {
+        let log = self.bridge.log.clone();
+        if publish.qos == QoS::ExactlyOnce && flow.qos2.contains(&publish.pkid) {
+            // A resent QoS 2 publish: already stored (or being stored); answer again in order
+            // without storing twice.
+            flow.reply_in_order(&log, Packet::PubRec(PubRec::new(publish.pkid, None)));
+            return Ok(());
+        }
+        resolve_topic_alias(&mut publish, &mut flow.aliases)?;
+        let Ok(topic) = std::str::from_utf8(&publish.topic).map(str::to_owned) else {
+            tracing::info!("topic name is not UTF-8; closing");
+            return Err(Close::Malformed);
+        };
+        let metrics = &self.bridge.metrics;
+        metrics.bytes_in.inc_by(publish.payload.len() as u64);
+        let kind = match topic.as_str() {
+            TELEMETRY_TOPIC => EventKind::Telemetry,
+            EVENT_TOPIC => EventKind::Event,
+            t if is_command_topic(t) => return self.command_response(publish, t, flow).await,
+            t => {
+                if let Err(InvalidTopic(why)) = validate_name(t) {
+                    tracing::info!(topic = t, why, "invalid topic name; closing");
+                    return Err(Close::ProtocolError);
+                }
+                return self.route(publish, t, flow).await;
+            }
+        };
+        metrics
+            .messages_in
+            .get_or_create(&KindLabel {
+                kind: if kind == EventKind::Event {
+                    "event"
+                } else {
+                    "telemetry"
+                },
+            })
+            .inc();
+        let reply = success_reply(&publish, flow);
+        flow.batch.push(record(
+            flow.tenant,
+            flow.device,
+            kind,
+            &topic,
+            publish.payload,
+        ));
+        flow.batch_replies.extend(reply);
+        flow.unacked += 1;
+        Ok(())
+    }
+
+    /// Plain publish/subscribe: hand to the tenant's subscribers (waiting for room for QoS 1),
+    /// store a retained message, then acknowledge in order.
+    async fn route(&mut self, publish: Publish, topic: &str, flow: &mut Flow) -> Result<(), Close> {
+        let metrics = &self.bridge.metrics;
+        metrics
+            .messages_in
+            .get_or_create(&KindLabel { kind: "pubsub" })
+            .inc();
+        let properties = publish.properties.clone().map(|mut p| {
+            p.topic_alias = None;
+            p.subscription_identifiers.clear();
+            Arc::new(p)
+        });
+        let routed = self.bridge.router.route(
+            flow.tenant,
+            &Message {
+                topic,
+                payload: &publish.payload,
+                qos: publish.qos,
+                retain: publish.retain,
+                properties,
+                from: Some(flow.connection),
+            },
+        );
+        metrics.deliveries.inc_by(routed.delivered as u64);
+        metrics.deliveries_dropped.inc_by(routed.dropped as u64);
+        hand_over(&self.bridge, routed.waiting, flow.queue.as_ref()).await;
+        if publish.retain {
+            retain_message(
+                &self.bridge,
+                flow.tenant,
+                topic,
+                publish.payload.clone(),
+                publish.qos,
+            )
+            .await
+            .map_err(|()| Close::AppendFailed)?;
+        }
+        if let Some(reply) = success_reply(&publish, flow) {
+            flow.reply_in_order(&self.bridge.log, reply);
+        }
+        Ok(())
+    }
+
+    /// A publish under `command/`: only `command/res/{id}/{status}` is for devices. Anything
+    /// else is refused: with a reason code in MQTT 5, by closing in 3.1.1 (3.3.5).
+    async fn command_response(
+        &mut self,
+        publish: Publish,
+        topic: &str,
+        flow: &mut Flow,
+    ) -> Result<(), Close> {
+        let (command, status) = match parse_response_topic(topic) {
+            Ok(parsed) => parsed,
+            Err(why) => {
+                tracing::info!(topic, why, "publish under command/ refused");
+                return match (self.version, refusal(&publish, why)) {
+                    (Version::V5, Some(reply)) => {
+                        flow.reply_in_order(&self.bridge.log, reply);
+                        Ok(())
+                    }
+                    _ => Err(Close::NotAuthorized),
+                };
+            }
+        };
+        self.bridge
+            .metrics
+            .messages_in
+            .get_or_create(&KindLabel {
+                kind: "command_response",
+            })
+            .inc();
+        let answered = self
+            .bridge
+            .commands
+            .respond(flow.tenant, flow.device, command, status, &publish.payload)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, %command, "cannot store a command response");
+                Close::AppendFailed
+            })?;
+        if answered.is_none() {
+            tracing::info!(%command, "response to a command this device does not have");
+        }
+        if let Some(reply) = success_reply(&publish, flow) {
+            flow.reply_in_order(&self.bridge.log, reply);
+        }
         Ok(())
     }
 
@@ -574,10 +667,16 @@ impl Connection {
                 queue
             })
             .clone();
+        let id = subscribe.properties.as_ref().and_then(|p| p.id);
         for filter in &subscribe.filters {
             if let Err(InvalidTopic(why)) = validate_filter(&filter.path) {
                 tracing::info!(filter = %filter.path, why, "invalid topic filter; closing");
                 return Err(Close::ProtocolError);
+            }
+            if filter.path.starts_with("$share/") {
+                // Advertised as unavailable in the CONNACK (shared_subscription_available 0).
+                codes.push(SubscribeReasonCode::SharedSubscriptionsNotSupported);
+                continue;
             }
             // Deliveries go out with QoS 0 or 1; QoS 2 requests are granted QoS 1, which MQTT
             // allows (the SUBACK says so).
@@ -606,30 +705,79 @@ impl Connection {
                         .filter_map(|c| commands::owed(c, &filter.path, granted)),
                 );
             } else {
-                self.bridge.router.subscribe(
+                let options = SubscriptionOptions {
+                    qos: granted,
+                    no_local: filter.nolocal,
+                    retain_as_published: filter.preserve_retain,
+                    id,
+                };
+                let new = self.bridge.router.subscribe(
                     flow.tenant,
                     flow.connection,
                     &filter.path,
-                    granted,
+                    options,
                     queue.clone(),
                 );
-                // 3.3.1-6 and 3.8.4-3: every matching retained message goes to a new (or
-                // replaced) subscription, flagged as retained (3.3.1-8).
-                for message in self.bridge.retained.matching(flow.tenant, &filter.path) {
-                    owed.push(Delivery {
-                        topic: message.topic,
-                        payload: message.payload,
-                        qos: lower_qos(message.qos, granted),
-                        retain: true,
-                        command: None,
-                    });
+                // 3.3.1-6 and 3.8.4-3 (3.1.1), retain handling 3.3.1.3 (5.0): matching
+                // retained messages go to the subscription, flagged as retained.
+                let send_retained = match filter.retain_forward_rule {
+                    RetainForwardRule::OnEverySubscribe => true,
+                    RetainForwardRule::OnNewSubscribe => new,
+                    RetainForwardRule::Never => false,
+                };
+                if send_retained {
+                    for message in self.bridge.retained.matching(flow.tenant, &filter.path) {
+                        owed.push(Delivery {
+                            subscription_ids: id.into_iter().collect(),
+                            ..Delivery::new(
+                                message.topic,
+                                message.payload,
+                                lower_qos(message.qos, granted),
+                                true,
+                            )
+                        });
+                    }
                 }
             }
             codes.push(SubscribeReasonCode::Success(granted));
         }
-        let suback = Packet::SubAck(SubAck::new(subscribe.pkid, codes));
+        let suback = Packet::SubAck(SubAck {
+            pkid: subscribe.pkid,
+            return_codes: codes,
+            properties: None,
+        });
         flow.reply_then_deliver(&self.bridge.log, suback, owed);
         Ok(())
+    }
+
+    fn unsubscribe(&mut self, unsubscribe: Unsubscribe, flow: &mut Flow) {
+        let reasons = unsubscribe
+            .filters
+            .iter()
+            .map(|filter| {
+                let routed = self
+                    .bridge
+                    .router
+                    .unsubscribe(flow.tenant, flow.connection, filter);
+                let commanded = self.bridge.command_targets.unsubscribe(
+                    flow.tenant,
+                    flow.device,
+                    flow.connection,
+                    filter,
+                );
+                if routed || commanded {
+                    UnsubAckReason::Success
+                } else {
+                    UnsubAckReason::NoSubscriptionExisted
+                }
+            })
+            .collect();
+        let unsuback = Packet::UnsubAck(UnsubAck {
+            pkid: unsubscribe.pkid,
+            reasons,
+            properties: None,
+        });
+        flow.reply_in_order(&self.bridge.log, unsuback);
     }
 
     /// Records (in the background) that the device received a command.
@@ -649,41 +797,41 @@ impl Connection {
         let mut next = Some(first);
         let mut sent = 0u64;
         while let Some(delivery) = next {
-            let pkid = if delivery.qos == QoS::AtMostOnce {
-                0
-            } else {
-                loop {
-                    flow.next_pkid = flow.next_pkid % u16::MAX + 1;
-                    if !flow.awaiting_ack.contains_key(&flow.next_pkid) {
-                        break flow.next_pkid;
-                    }
-                }
-            };
-            let command = delivery.command;
-            let mut publish = Publish::from_bytes(&*delivery.topic, delivery.qos, delivery.payload);
-            publish.pkid = pkid;
-            publish.retain = delivery.retain;
-            Packet::Publish(publish)
-                .write(&mut self.outbox, usize::MAX)
-                .map_err(|_| Close::WriteFailed)?;
-            if pkid != 0 {
-                flow.awaiting_ack.insert(pkid, command);
-            } else if let Some(command) = command {
-                // At most once: written is as delivered as it gets.
-                self.command_delivered(flow, command);
-            }
-            sent += 1;
-            next = if flow.awaiting_ack.len() < OUTBOUND_WINDOW {
+            next = if flow.awaiting_ack.len() < flow.window {
                 flow.next_ready()
             } else {
                 None
             };
+            let command = delivery.command;
+            let mut publish = to_publish(delivery, self.version);
+            if publish.size() > flow.client_max_packet {
+                // 3.1.2.11.4 (5.0): never send a client more than it said it accepts.
+                self.bridge.metrics.deliveries_dropped.inc();
+                continue;
+            }
+            if publish.qos != QoS::AtMostOnce {
+                publish.pkid = loop {
+                    flow.next_pkid = flow.next_pkid % u16::MAX + 1;
+                    if !flow.awaiting_ack.contains_key(&flow.next_pkid) {
+                        break flow.next_pkid;
+                    }
+                };
+                flow.awaiting_ack.insert(publish.pkid, command);
+            } else if let Some(command) = command {
+                // At most once: written is as delivered as it gets.
+                self.command_delivered(flow, command);
+            }
+            codec::write(&Packet::Publish(publish), self.version, &mut self.outbox)
+                .map_err(|_| Close::WriteFailed)?;
+            sent += 1;
         }
-        self.writer
-            .write_all(&self.outbox)
-            .await
-            .map_err(|_| Close::WriteFailed)?;
-        self.bridge.metrics.packets_out.inc_by(sent);
+        if sent > 0 {
+            self.writer
+                .write_all(&self.outbox)
+                .await
+                .map_err(|_| Close::WriteFailed)?;
+            self.bridge.metrics.packets_out.inc_by(sent);
+        }
         Ok(())
     }
 
@@ -703,9 +851,7 @@ impl Connection {
         }
         self.outbox.clear();
         for reply in &pending.replies {
-            reply
-                .write(&mut self.outbox, usize::MAX)
-                .map_err(|_| Close::WriteFailed)?;
+            codec::write(reply, self.version, &mut self.outbox).map_err(|_| Close::WriteFailed)?;
         }
         if !self.outbox.is_empty() {
             self.writer
@@ -719,199 +865,101 @@ impl Connection {
         }
         Ok(())
     }
+}
 
-    /// Handles one packet; `Ok(false)` is a clean DISCONNECT.
-    async fn handle(&mut self, packet: Packet, flow: &mut Flow) -> Result<bool, Close> {
-        let log = &self.bridge.log;
-        match packet {
-            Packet::Publish(publish) => {
-                if publish.qos == QoS::ExactlyOnce && flow.qos2.contains(&publish.pkid) {
-                    // A resent QoS 2 publish: already stored (or being stored); answer again
-                    // in order without storing twice.
-                    flow.reply_in_order(log, Packet::PubRec(PubRec::new(publish.pkid)));
-                    return Ok(true);
-                }
-                match self.accept_publish(publish, flow)? {
-                    Accepted::Durable(record, reply) => {
-                        flow.batch.push(record);
-                        flow.batch_replies.extend(reply);
-                        flow.unacked += 1;
-                    }
-                    Accepted::CommandResponse {
-                        reply,
-                        command,
-                        status,
-                        payload,
-                    } => {
-                        let answered = self
-                            .bridge
-                            .commands
-                            .respond(flow.tenant, flow.device, command, status, &payload)
-                            .await
-                            .map_err(|e| {
-                                tracing::error!(error = %e, %command, "cannot store a command response");
-                                Close::AppendFailed
-                            })?;
-                        if answered.is_none() {
-                            tracing::info!(%command, "response to a command this device does not have");
-                        }
-                        if let Some(reply) = reply {
-                            flow.reply_in_order(&self.bridge.log, reply);
-                        }
-                    }
-                    Accepted::Routed(reply, waiting, retain) => {
-                        hand_over(&self.bridge, waiting, flow.queue.as_ref()).await;
-                        if let Some((topic, payload, qos)) = retain {
-                            retain_message(&self.bridge, flow.tenant, &topic, payload, qos)
-                                .await
-                                .map_err(|()| Close::AppendFailed)?;
-                        }
-                        if let Some(reply) = reply {
-                            flow.reply_in_order(&self.bridge.log, reply);
-                        }
-                    }
-                }
-            }
-            Packet::PubRel(rel) => {
-                flow.qos2.remove(&rel.pkid);
-                flow.reply_in_order(log, Packet::PubComp(PubComp::new(rel.pkid)));
-            }
-            Packet::Subscribe(subscribe) => self.subscribe(subscribe, flow).await?,
-            Packet::Unsubscribe(unsubscribe) => {
-                for filter in &unsubscribe.topics {
-                    self.bridge
-                        .router
-                        .unsubscribe(flow.tenant, flow.connection, filter);
-                    self.bridge.command_targets.unsubscribe(
-                        flow.tenant,
-                        flow.device,
-                        flow.connection,
-                        filter,
-                    );
-                }
-                flow.reply_in_order(log, Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
-            }
-            Packet::PubAck(ack) => {
-                if let Some(Some(command)) = flow.awaiting_ack.remove(&ack.pkid) {
-                    self.command_delivered(flow, command);
-                }
-            }
-            Packet::PingReq => {
-                self.send(&Packet::PingResp)
-                    .await
-                    .map_err(|_| Close::WriteFailed)?;
-            }
-            Packet::Disconnect => return Ok(false),
-            other => {
-                tracing::info!(
-                    packet = packet_name(&other),
-                    "unexpected packet from a client; closing"
-                );
-                return Err(Close::ProtocolError);
-            }
+/// MQTT 5 topic aliases (3.3.2.3.4): a publish with an alias and a topic sets the alias; one
+/// with an alias and an empty topic uses it.
+fn resolve_topic_alias(
+    publish: &mut Publish,
+    aliases: &mut HashMap<u16, Bytes>,
+) -> Result<(), Close> {
+    let Some(alias) = publish.properties.as_ref().and_then(|p| p.topic_alias) else {
+        if publish.topic.is_empty() {
+            tracing::info!("empty topic name without a topic alias; closing");
+            return Err(Close::ProtocolError);
         }
-        Ok(true)
+        return Ok(());
+    };
+    if alias == 0 || alias > TOPIC_ALIAS_MAX {
+        tracing::info!(alias, "topic alias out of range; closing");
+        return Err(Close::TopicAliasInvalid);
     }
+    if publish.topic.is_empty() {
+        publish.topic = aliases.get(&alias).cloned().ok_or_else(|| {
+            tracing::info!(alias, "unknown topic alias; closing");
+            Close::ProtocolError
+        })?;
+    } else {
+        aliases.insert(alias, publish.topic.clone());
+    }
+    Ok(())
+}
 
-    /// Checks a publish: `telemetry` and `event` become log records (acknowledged once durable);
-    /// any other topic is routed to the tenant's subscribers and acknowledged at once.
-    fn accept_publish(&self, publish: Publish, flow: &mut Flow) -> Result<Accepted, Close> {
-        let metrics = &self.bridge.metrics;
-        let reply = match publish.qos {
-            QoS::AtMostOnce => None,
-            QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(publish.pkid))),
-            QoS::ExactlyOnce => {
-                flow.qos2.insert(publish.pkid);
-                Some(Packet::PubRec(PubRec::new(publish.pkid)))
-            }
-        };
-        metrics.bytes_in.inc_by(publish.payload.len() as u64);
-        let kind = match publish.topic.as_str() {
-            TELEMETRY_TOPIC => EventKind::Telemetry,
-            EVENT_TOPIC => EventKind::Event,
-            topic if is_command_topic(topic) => {
-                let (command, status) = parse_response_topic(topic).map_err(|why| {
-                    // 3.3.5: a publish the server does not authorise is refused by closing.
-                    tracing::info!(topic, why, "publish under command/ refused; closing");
-                    Close::NotAuthorized
-                })?;
-                metrics
-                    .messages_in
-                    .get_or_create(&KindLabel {
-                        kind: "command_response",
-                    })
-                    .inc();
-                return Ok(Accepted::CommandResponse {
-                    reply,
-                    command,
-                    status,
-                    payload: publish.payload,
-                });
-            }
-            topic => {
-                if let Err(InvalidTopic(why)) = validate_name(topic) {
-                    tracing::info!(topic, why, "invalid topic name; closing");
-                    return Err(Close::ProtocolError);
-                }
-                metrics
-                    .messages_in
-                    .get_or_create(&KindLabel { kind: "pubsub" })
-                    .inc();
-                let routed =
-                    self.bridge
-                        .router
-                        .route(flow.tenant, topic, &publish.payload, publish.qos);
-                metrics.deliveries.inc_by(routed.delivered as u64);
-                metrics.deliveries_dropped.inc_by(routed.dropped as u64);
-                let retain = publish
-                    .retain
-                    .then(|| (publish.topic.clone(), publish.payload, publish.qos));
-                return Ok(Accepted::Routed(reply, routed.waiting, retain));
-            }
-        };
-        metrics
-            .messages_in
-            .get_or_create(&KindLabel {
-                kind: if kind == EventKind::Event {
-                    "event"
-                } else {
-                    "telemetry"
-                },
-            })
-            .inc();
-        let record = record(
-            flow.tenant,
-            flow.device,
-            kind,
-            &publish.topic,
-            publish.payload,
-        );
-        Ok(Accepted::Durable(record, reply))
+/// The acknowledgement a publish is owed on success (none for QoS 0); registers a QoS 2
+/// packet id for exactly-once.
+fn success_reply(publish: &Publish, flow: &mut Flow) -> Option<Packet> {
+    match publish.qos {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(publish.pkid, None))),
+        QoS::ExactlyOnce => {
+            flow.qos2.insert(publish.pkid);
+            Some(Packet::PubRec(PubRec::new(publish.pkid, None)))
+        }
     }
 }
 
-/// What became of an accepted publish, with the acknowledgement it is owed.
-enum Accepted {
-    /// Goes to the event log; acknowledged once durable.
-    Durable(Record, Option<Packet>),
-    /// A device's answer to a command; acknowledged once the command's state is stored.
-    CommandResponse {
-        reply: Option<Packet>,
-        command: CommandId,
-        status: u16,
-        payload: bytes::Bytes,
-    },
-    /// Routed to subscribers; acknowledged in order once every QoS 1 delivery is queued and
-    /// the retained message (topic, payload, QoS), if any, is stored.
-    Routed(
-        Option<Packet>,
-        Vec<(mpsc::Sender<Delivery>, Delivery)>,
-        Option<(String, bytes::Bytes, QoS)>,
-    ),
+/// An MQTT 5 "not authorized" acknowledgement with the reason (none for QoS 0).
+fn refusal(publish: &Publish, why: &str) -> Option<Packet> {
+    let reason_string = Some(why.to_string());
+    match publish.qos {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => Some(Packet::PubAck(PubAck {
+            pkid: publish.pkid,
+            reason: PubAckReason::NotAuthorized,
+            properties: Some(PubAckProperties {
+                reason_string,
+                user_properties: Vec::new(),
+            }),
+        })),
+        QoS::ExactlyOnce => Some(Packet::PubRec(PubRec {
+            pkid: publish.pkid,
+            reason: PubRecReason::NotAuthorized,
+            properties: Some(PubRecProperties {
+                reason_string,
+                user_properties: Vec::new(),
+            }),
+        })),
+    }
 }
 
-/// The next delivery for this connection (polled only once it has subscribed): retained
-/// messages for new subscriptions first, then the queue.
+/// The PUBLISH of a delivery (packet id set by the caller).
+fn to_publish(delivery: Delivery, version: Version) -> Publish {
+    let properties = match version {
+        Version::V311 => None,
+        Version::V5 if delivery.subscription_ids.is_empty() => {
+            delivery.properties.map(Arc::unwrap_or_clone)
+        }
+        Version::V5 => Some(PublishProperties {
+            subscription_identifiers: delivery.subscription_ids,
+            ..delivery
+                .properties
+                .map(Arc::unwrap_or_clone)
+                .unwrap_or_default()
+        }),
+    };
+    Publish {
+        dup: false,
+        qos: delivery.qos,
+        retain: delivery.retain,
+        topic: Bytes::copy_from_slice(delivery.topic.as_bytes()),
+        pkid: 0,
+        payload: delivery.payload,
+        properties,
+    }
+}
+
+/// The next delivery for this connection (polled only once it has subscribed): what new
+/// subscriptions are owed first, then the queue.
 async fn next_delivery(
     backlog: &mut VecDeque<Delivery>,
     deliveries: &mut Option<mpsc::Receiver<Delivery>>,
@@ -923,111 +971,6 @@ async fn next_delivery(
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
-}
-
-/// Waits for room in full subscriber queues (a publisher's back pressure), for at most
-/// `DELIVERY_WAIT` each; a subscriber stuck that long loses the delivery, counted. A full
-/// queue of the publishing connection itself cannot drain while it waits, so that delivery is
-/// dropped at once.
-async fn hand_over(
-    bridge: &Bridge,
-    waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>,
-    own: Option<&mpsc::Sender<Delivery>>,
-) {
-    let metrics = &bridge.metrics;
-    for (queue, delivery) in waiting {
-        if own.is_some_and(|own| queue.same_channel(own)) {
-            metrics.deliveries_dropped.inc();
-            continue;
-        }
-        let counter = match queue.send_timeout(delivery, DELIVERY_WAIT).await {
-            Ok(()) => &metrics.deliveries,
-            Err(_) => &metrics.deliveries_dropped,
-        };
-        counter.inc();
-    }
-}
-
-/// Sets or clears (empty payload, 3.3.1-10) a retained message. A tenant at its retained quota
-/// keeps its old messages and the publish is only delivered; `Err` means the store failed and
-/// the publish must not be acknowledged.
-async fn retain_message(
-    bridge: &Bridge,
-    tenant: TenantId,
-    topic: &str,
-    payload: bytes::Bytes,
-    qos: QoS,
-) -> Result<(), ()> {
-    match bridge.retained.set(tenant, topic, payload, qos).await {
-        Ok(RetainOutcome::Stored | RetainOutcome::Cleared) => Ok(()),
-        Ok(RetainOutcome::QuotaExceeded) => {
-            bridge.metrics.retained_refused.inc();
-            tracing::info!(
-                topic,
-                limit = bridge.config.max_retained_per_tenant,
-                "retained message quota reached; delivered but not retained"
-            );
-            Ok(())
-        }
-        Err(e) => {
-            tracing::error!(error = %e, topic, "cannot store a retained message");
-            Err(())
-        }
-    }
-}
-
-/// Publishes a will as if the device had sent it: `telemetry`/`event` wills go to the event log,
-/// others to the tenant's subscribers (and the retained store when flagged). Returns the records
-/// to append, the lifecycle event first.
-async fn publish_will(
-    bridge: &Bridge,
-    tenant: TenantId,
-    device: DeviceId,
-    will: LastWill,
-) -> Vec<Record> {
-    let mut records = vec![lifecycle::will_published(tenant, device, &will.topic)];
-    match will.topic.as_str() {
-        TELEMETRY_TOPIC => records.push(record(
-            tenant,
-            device,
-            EventKind::Telemetry,
-            TELEMETRY_TOPIC,
-            will.message,
-        )),
-        EVENT_TOPIC => records.push(record(
-            tenant,
-            device,
-            EventKind::Event,
-            EVENT_TOPIC,
-            will.message,
-        )),
-        topic => {
-            let routed = bridge.router.route(tenant, topic, &will.message, will.qos);
-            bridge.metrics.deliveries.inc_by(routed.delivered as u64);
-            bridge
-                .metrics
-                .deliveries_dropped
-                .inc_by(routed.dropped as u64);
-            hand_over(bridge, routed.waiting, None).await;
-            if will.retain {
-                let _ = retain_message(bridge, tenant, topic, will.message, will.qos).await;
-            }
-        }
-    }
-    tracing::info!(topic = %will.topic, "will published");
-    records
-}
-
-/// A stable device id for an anonymous client id: the same client id always maps to the same
-/// id within a tenant, and never collides with another tenant's.
-fn derived_device_id(tenant: TenantId, client_id: &str) -> DeviceId {
-    use aws_lc_rs::digest::{Context, SHA256};
-    let mut hash = Context::new(&SHA256);
-    hash.update(tenant.0.as_bytes());
-    hash.update(client_id.as_bytes());
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&hash.finish().as_ref()[..16]);
-    DeviceId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
 }
 
 /// Waits for the oldest pending entry (acknowledgements go out in the order received).
@@ -1048,7 +991,8 @@ async fn next_done(inflight: &mut VecDeque<Pending>) -> (Pending, Result<(), Str
 
 fn packet_name(packet: &Packet) -> &'static str {
     match packet {
-        Packet::Connect(_) => "CONNECT",
+        Packet::Auth(_) => "AUTH",
+        Packet::Connect(..) => "CONNECT",
         Packet::ConnAck(_) => "CONNACK",
         Packet::Publish(_) => "PUBLISH",
         Packet::PubAck(_) => "PUBACK",
@@ -1059,8 +1003,8 @@ fn packet_name(packet: &Packet) -> &'static str {
         Packet::SubAck(_) => "SUBACK",
         Packet::Unsubscribe(_) => "UNSUBSCRIBE",
         Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect => "DISCONNECT",
+        Packet::PingReq(_) => "PINGREQ",
+        Packet::PingResp(_) => "PINGRESP",
+        Packet::Disconnect(_) => "DISCONNECT",
     }
 }

@@ -1,6 +1,7 @@
 //! The broker bridge: the device-facing MQTT endpoint.
 //!
-//! It speaks MQTT 3.1.1 over TCP: devices authenticate with their id and access token (or,
+//! It speaks MQTT 3.1.1 and 5 over TCP (`codec.rs` lifts 3.1.1 to MQTT 5 so the logic is
+//! written once): devices authenticate with their id and access token (or,
 //! in anonymous mode, not at all), publish `telemetry` and `event` with QoS 0, 1 or 2, and get
 //! their PUBACK (PUBREC) only after the message is durable in the event log. Every other topic
 //! is plain publish/subscribe inside the device's tenant (QoS 0 and 1 towards subscribers),
@@ -9,12 +10,15 @@
 //! acknowledged in order, so a device that pipelines QoS 1 messages is not held to one fsync
 //! per message.
 
+mod codec;
 #[cfg(test)]
 mod codec_robustness;
 mod commands;
 mod config;
 mod connection;
 mod envelope;
+mod fanout;
+mod handshake;
 mod lifecycle;
 mod metrics;
 mod retained;

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use aws_lc_rs::digest::{SHA256, digest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use rumqttc::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::QoS;
 use tern_core::TenantId;
 use tern_store::{Store, StoreError};
 

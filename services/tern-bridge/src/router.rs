@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tern_core::{CommandId, TenantId};
 use tokio::sync::mpsc;
 
@@ -23,17 +24,72 @@ pub(crate) struct Delivery {
     pub payload: Bytes,
     /// Already the lower of the publish QoS and the subscription's granted QoS.
     pub qos: QoS,
-    /// Set only for retained messages sent because of a new subscription (3.3.1-8, -9).
+    /// Set for retained messages sent because of a new subscription (3.3.1-8, -9), and with
+    /// MQTT 5 "retain as published".
     pub retain: bool,
     /// The command this delivers, whose state advances when the device acknowledges it.
     pub command: Option<CommandId>,
+    /// MQTT 5 properties forwarded from the publisher unaltered (3.3.2.3): response topic,
+    /// correlation data, user properties, content type, payload format, message expiry.
+    pub properties: Option<Arc<PublishProperties>>,
+    /// MQTT 5 identifiers of the subscriptions this matched (3.3.4).
+    pub subscription_ids: Vec<usize>,
+}
+
+impl Delivery {
+    /// A plain delivery (no MQTT 5 extras).
+    pub fn new(topic: Arc<str>, payload: Bytes, qos: QoS, retain: bool) -> Self {
+        Self {
+            topic,
+            payload,
+            qos,
+            retain,
+            command: None,
+            properties: None,
+            subscription_ids: Vec::new(),
+        }
+    }
+}
+
+/// What a subscription asked for (MQTT 5 subscription options; 3.1.1 uses the defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SubscriptionOptions {
+    pub qos: QoS,
+    /// Do not send the connection's own publishes back to it.
+    pub no_local: bool,
+    /// Keep the publisher's RETAIN flag instead of clearing it.
+    pub retain_as_published: bool,
+    pub id: Option<usize>,
+}
+
+#[cfg(test)]
+impl SubscriptionOptions {
+    pub fn qos(qos: QoS) -> Self {
+        Self {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            id: None,
+        }
+    }
 }
 
 struct Subscriber {
     connection: u64,
     filter: String,
-    qos: QoS,
+    options: SubscriptionOptions,
     queue: mpsc::Sender<Delivery>,
+}
+
+/// A publish to route.
+pub(crate) struct Message<'a> {
+    pub topic: &'a str,
+    pub payload: &'a Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Option<Arc<PublishProperties>>,
+    /// The publishing connection, for "no local"; `None` for the server's own publishes.
+    pub from: Option<u64>,
 }
 
 /// What routing one publish did.
@@ -58,29 +114,43 @@ pub(crate) fn lower_qos(a: QoS, b: QoS) -> QoS {
     if qos_rank(a) < qos_rank(b) { a } else { b }
 }
 
+/// One connection's share of a publish: the best QoS among its matching subscriptions.
+struct Target<'a> {
+    connection: u64,
+    qos: QoS,
+    retain: bool,
+    ids: Vec<usize>,
+    queue: &'a mpsc::Sender<Delivery>,
+}
+
 impl Router {
-    /// Adds or replaces (same connection, same filter) a subscription.
+    /// Adds or replaces (same connection, same filter) a subscription; returns whether it is
+    /// new (MQTT 5 retain handling 1 sends retained messages only to new subscriptions).
     pub fn subscribe(
         &self,
         tenant: TenantId,
         connection: u64,
         filter: &str,
-        qos: QoS,
+        options: SubscriptionOptions,
         queue: mpsc::Sender<Delivery>,
-    ) {
+    ) -> bool {
         let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
         let subscribers = tenants.entry(tenant).or_default();
+        let before = subscribers.len();
         subscribers.retain(|s| !(s.connection == connection && s.filter == filter));
+        let new = subscribers.len() == before;
         subscribers.push(Subscriber {
             connection,
             filter: filter.to_string(),
-            qos,
+            options,
             queue,
         });
+        new
     }
 
-    pub fn unsubscribe(&self, tenant: TenantId, connection: u64, filter: &str) {
-        self.remove(tenant, |s| s.connection == connection && s.filter == filter);
+    /// Returns whether the subscription existed.
+    pub fn unsubscribe(&self, tenant: TenantId, connection: u64, filter: &str) -> bool {
+        self.remove(tenant, |s| s.connection == connection && s.filter == filter) > 0
     }
 
     /// Removes every subscription of a connection that has ended.
@@ -88,48 +158,75 @@ impl Router {
         self.remove(tenant, |s| s.connection == connection);
     }
 
-    fn remove(&self, tenant: TenantId, doomed: impl Fn(&Subscriber) -> bool) {
+    fn remove(&self, tenant: TenantId, doomed: impl Fn(&Subscriber) -> bool) -> usize {
         let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(subscribers) = tenants.get_mut(&tenant) {
-            subscribers.retain(|s| !doomed(s));
-            if subscribers.is_empty() {
-                tenants.remove(&tenant);
-            }
+        let Some(subscribers) = tenants.get_mut(&tenant) else {
+            return 0;
+        };
+        let before = subscribers.len();
+        subscribers.retain(|s| !doomed(s));
+        let removed = before - subscribers.len();
+        if subscribers.is_empty() {
+            tenants.remove(&tenant);
         }
+        removed
     }
 
     /// Delivers a publish to every matching subscriber of the tenant, once per connection at
     /// the highest QoS among its matching subscriptions (capped by the publish QoS).
-    pub fn route(&self, tenant: TenantId, topic: &str, payload: &Bytes, qos: QoS) -> Routed {
+    pub fn route(&self, tenant: TenantId, message: &Message<'_>) -> Routed {
         let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
         let Some(subscribers) = tenants.get(&tenant) else {
             return Routed::default();
         };
-        // connection -> (granted QoS, queue); a handful of entries, so a Vec beats a map.
-        let mut targets: Vec<(u64, QoS, &mpsc::Sender<Delivery>)> = Vec::new();
-        for s in subscribers.iter().filter(|s| matches(&s.filter, topic)) {
-            match targets.iter_mut().find(|t| t.0 == s.connection) {
-                Some(t) if qos_rank(s.qos) > qos_rank(t.1) => t.1 = s.qos,
-                Some(_) => {}
-                None => targets.push((s.connection, s.qos, &s.queue)),
+        // A handful of targets per publish, so a Vec beats a map.
+        let mut targets: Vec<Target<'_>> = Vec::new();
+        for s in subscribers
+            .iter()
+            .filter(|s| matches(&s.filter, message.topic))
+        {
+            if s.options.no_local && message.from == Some(s.connection) {
+                continue;
             }
-        }
-        let topic: Arc<str> = Arc::from(topic);
-        let mut routed = Routed::default();
-        for (_, granted, queue) in targets {
-            let delivery = Delivery {
-                topic: topic.clone(),
-                payload: payload.clone(),
-                qos: lower_qos(granted, qos),
-                retain: false,
-                command: None,
+            let retain = s.options.retain_as_published && message.retain;
+            let target = match targets.iter_mut().find(|t| t.connection == s.connection) {
+                Some(t) => t,
+                None => {
+                    targets.push(Target {
+                        connection: s.connection,
+                        qos: s.options.qos,
+                        retain,
+                        ids: Vec::new(),
+                        queue: &s.queue,
+                    });
+                    targets.last_mut().expect("just pushed")
+                }
             };
-            match queue.try_send(delivery) {
+            if qos_rank(s.options.qos) > qos_rank(target.qos) {
+                target.qos = s.options.qos;
+            }
+            target.retain |= retain;
+            target.ids.extend(s.options.id);
+        }
+        let topic: Arc<str> = Arc::from(message.topic);
+        let mut routed = Routed::default();
+        for target in targets {
+            let delivery = Delivery {
+                properties: message.properties.clone(),
+                subscription_ids: target.ids,
+                ..Delivery::new(
+                    topic.clone(),
+                    message.payload.clone(),
+                    lower_qos(target.qos, message.qos),
+                    target.retain,
+                )
+            };
+            match target.queue.try_send(delivery) {
                 Ok(()) => routed.delivered += 1,
                 Err(mpsc::error::TrySendError::Full(delivery))
                     if delivery.qos != QoS::AtMostOnce =>
                 {
-                    routed.waiting.push((queue.clone(), delivery));
+                    routed.waiting.push((target.queue.clone(), delivery));
                 }
                 Err(_) => routed.dropped += 1,
             }
@@ -142,6 +239,17 @@ impl Router {
 mod tests {
     use super::*;
 
+    fn msg<'a>(topic: &'a str, payload: &'a Bytes, qos: QoS) -> Message<'a> {
+        Message {
+            topic,
+            payload,
+            qos,
+            retain: false,
+            properties: None,
+            from: None,
+        }
+    }
+
     fn subscriber(capacity: usize) -> (mpsc::Sender<Delivery>, mpsc::Receiver<Delivery>) {
         mpsc::channel(capacity)
     }
@@ -152,18 +260,30 @@ mod tests {
         let (acme, globex) = (TenantId::random(), TenantId::random());
         let (tx1, mut rx1) = subscriber(8);
         let (tx2, mut rx2) = subscriber(8);
-        router.subscribe(acme, 1, "sensors/+/temp", QoS::AtLeastOnce, tx1);
-        router.subscribe(globex, 2, "#", QoS::AtLeastOnce, tx2);
+        router.subscribe(
+            acme,
+            1,
+            "sensors/+/temp",
+            SubscriptionOptions::qos(QoS::AtLeastOnce),
+            tx1,
+        );
+        router.subscribe(
+            globex,
+            2,
+            "#",
+            SubscriptionOptions::qos(QoS::AtLeastOnce),
+            tx2,
+        );
         let payload = Bytes::from_static(b"21.5");
         assert_eq!(
             router
-                .route(acme, "sensors/a/temp", &payload, QoS::AtLeastOnce)
+                .route(acme, &msg("sensors/a/temp", &payload, QoS::AtLeastOnce))
                 .delivered,
             1
         );
         assert_eq!(
             router
-                .route(acme, "sensors/a/hum", &payload, QoS::AtLeastOnce)
+                .route(acme, &msg("sensors/a/hum", &payload, QoS::AtLeastOnce))
                 .delivered,
             0
         );
@@ -177,12 +297,24 @@ mod tests {
         let router = Router::default();
         let tenant = TenantId::random();
         let (tx, mut rx) = subscriber(8);
-        router.subscribe(tenant, 1, "a/#", QoS::AtMostOnce, tx.clone());
-        router.subscribe(tenant, 1, "a/+", QoS::AtLeastOnce, tx);
-        router.route(tenant, "a/b", &Bytes::new(), QoS::ExactlyOnce);
+        router.subscribe(
+            tenant,
+            1,
+            "a/#",
+            SubscriptionOptions::qos(QoS::AtMostOnce),
+            tx.clone(),
+        );
+        router.subscribe(
+            tenant,
+            1,
+            "a/+",
+            SubscriptionOptions::qos(QoS::AtLeastOnce),
+            tx,
+        );
+        router.route(tenant, &msg("a/b", &Bytes::new(), QoS::ExactlyOnce));
         assert_eq!(rx.try_recv().expect("one").qos, QoS::AtLeastOnce);
         assert!(rx.try_recv().is_err(), "only one copy");
-        router.route(tenant, "a/b", &Bytes::new(), QoS::AtMostOnce);
+        router.route(tenant, &msg("a/b", &Bytes::new(), QoS::AtMostOnce));
         assert_eq!(
             rx.try_recv().expect("one").qos,
             QoS::AtMostOnce,
@@ -195,28 +327,40 @@ mod tests {
         let router = Router::default();
         let tenant = TenantId::random();
         let (tx, mut rx) = subscriber(1);
-        router.subscribe(tenant, 7, "t", QoS::AtMostOnce, tx);
+        router.subscribe(
+            tenant,
+            7,
+            "t",
+            SubscriptionOptions::qos(QoS::AtMostOnce),
+            tx,
+        );
         let p = Bytes::new();
         let counts = |r: Routed| (r.delivered, r.dropped, r.waiting.len());
         assert_eq!(
-            counts(router.route(tenant, "t", &p, QoS::AtMostOnce)),
+            counts(router.route(tenant, &msg("t", &p, QoS::AtMostOnce))),
             (1, 0, 0)
         );
         assert_eq!(
-            counts(router.route(tenant, "t", &p, QoS::AtMostOnce)),
+            counts(router.route(tenant, &msg("t", &p, QoS::AtMostOnce))),
             (0, 1, 0)
         );
         rx.try_recv().expect("first");
         router.unsubscribe(tenant, 7, "t");
         assert_eq!(
-            counts(router.route(tenant, "t", &p, QoS::AtMostOnce)),
+            counts(router.route(tenant, &msg("t", &p, QoS::AtMostOnce))),
             (0, 0, 0)
         );
         let (tx, _rx) = subscriber(1);
-        router.subscribe(tenant, 8, "t", QoS::AtMostOnce, tx);
+        router.subscribe(
+            tenant,
+            8,
+            "t",
+            SubscriptionOptions::qos(QoS::AtMostOnce),
+            tx,
+        );
         router.drop_connection(tenant, 8);
         assert_eq!(
-            counts(router.route(tenant, "t", &p, QoS::AtMostOnce)),
+            counts(router.route(tenant, &msg("t", &p, QoS::AtMostOnce))),
             (0, 0, 0)
         );
     }
@@ -226,10 +370,21 @@ mod tests {
         let router = Router::default();
         let tenant = TenantId::random();
         let (tx, mut rx) = subscriber(1);
-        router.subscribe(tenant, 1, "t", QoS::AtLeastOnce, tx);
+        router.subscribe(
+            tenant,
+            1,
+            "t",
+            SubscriptionOptions::qos(QoS::AtLeastOnce),
+            tx,
+        );
         let p = Bytes::from_static(b"x");
-        assert_eq!(router.route(tenant, "t", &p, QoS::AtLeastOnce).delivered, 1);
-        let routed = router.route(tenant, "t", &p, QoS::AtLeastOnce);
+        assert_eq!(
+            router
+                .route(tenant, &msg("t", &p, QoS::AtLeastOnce))
+                .delivered,
+            1
+        );
+        let routed = router.route(tenant, &msg("t", &p, QoS::AtLeastOnce));
         assert_eq!(
             (routed.delivered, routed.dropped, routed.waiting.len()),
             (0, 0, 1)
@@ -238,5 +393,49 @@ mod tests {
         rx.try_recv().expect("first");
         queue.try_send(delivery).expect("room again");
         assert_eq!(rx.try_recv().expect("second").payload, p);
+    }
+
+    #[test]
+    fn mqtt5_options_no_local_retain_as_published_and_subscription_ids() {
+        let router = Router::default();
+        let tenant = TenantId::random();
+        let (tx, mut rx) = subscriber(8);
+        let options = |id, no_local, retain_as_published| SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            no_local,
+            retain_as_published,
+            id: Some(id),
+        };
+        assert!(router.subscribe(tenant, 1, "a/+", options(7, false, true), tx.clone()));
+        assert!(router.subscribe(tenant, 1, "a/#", options(9, false, false), tx.clone()));
+        assert!(
+            !router.subscribe(tenant, 1, "a/#", options(9, false, false), tx.clone()),
+            "replaced"
+        );
+        let payload = Bytes::from_static(b"x");
+        let retained = Message {
+            retain: true,
+            ..msg("a/b", &payload, QoS::AtLeastOnce)
+        };
+        router.route(tenant, &retained);
+        let got = rx.try_recv().expect("one copy");
+        assert!(
+            got.retain,
+            "one matching subscription keeps RETAIN as published"
+        );
+        assert_eq!(got.subscription_ids, [7, 9]);
+        assert!(rx.try_recv().is_err());
+
+        let (own, mut own_rx) = subscriber(8);
+        router.subscribe(tenant, 2, "a/b", options(1, true, false), own);
+        let from_self = Message {
+            from: Some(2),
+            ..msg("a/b", &payload, QoS::AtMostOnce)
+        };
+        router.route(tenant, &from_self);
+        assert!(own_rx.try_recv().is_err(), "no local");
+        assert!(rx.try_recv().is_ok(), "others still get it");
+        assert!(router.unsubscribe(tenant, 2, "a/b"));
+        assert!(!router.unsubscribe(tenant, 2, "a/b"));
     }
 }

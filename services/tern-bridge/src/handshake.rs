@@ -1,0 +1,338 @@
+//! CONNECT: which protocol version, who the client is (a device's token, or anonymous mode),
+//! and the CONNACK that says so (with MQTT 5 reason codes and the server's limits).
+
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, LastWill, Login, Packet,
+};
+use tern_core::{DeviceId, TenantId};
+use tokio::io::AsyncWriteExt;
+use tokio::time::timeout;
+
+use crate::codec::{self, ConnectPacket, ReadError, Version};
+use crate::commands::is_command_topic;
+use crate::connection::Connection;
+use crate::metrics::ReasonLabel;
+use crate::topics::{InvalidTopic, validate_name};
+
+/// Topic aliases a client may set per connection (MQTT 5 Topic Alias Maximum).
+pub(crate) const TOPIC_ALIAS_MAX: u16 = 64;
+
+/// An admitted client.
+pub(crate) struct Admitted {
+    pub tenant: TenantId,
+    pub device: DeviceId,
+    pub keepalive: u16,
+    pub will: Option<LastWill>,
+    /// MQTT 5 Receive Maximum of the client: QoS 1 deliveries it accepts unacknowledged.
+    pub receive_maximum: u16,
+    /// MQTT 5 Maximum Packet Size of the client; larger deliveries are dropped (3.1.2.11.4).
+    pub max_packet_size: Option<u32>,
+}
+
+impl Connection {
+    /// Waits for CONNECT and authenticates it. On failure the CONNACK refusal (where one is
+    /// due) has been sent and the caller closes.
+    pub(crate) async fn handshake(&mut self) -> Option<Admitted> {
+        let limit = Duration::from_secs(self.bridge.config.connect_timeout_secs);
+        let max = self.bridge.config.max_packet_size;
+        let connect =
+            match timeout(limit, self.read_with(|buf| codec::read_connect(buf, max))).await {
+                Err(_) => return self.refuse_silently("connect_timeout"),
+                Ok(Ok(None)) => return None,
+                Ok(Ok(Some(connect))) => connect,
+                Ok(Err(ReadError::UnsupportedVersion(level))) => {
+                    // Answered in 3.1.1's format, which every client version can read (3.1.2.2).
+                    tracing::info!(level, "unsupported MQTT protocol level");
+                    return self
+                        .refuse(
+                            ConnectReturnCode::UnsupportedProtocolVersion,
+                            "protocol_version",
+                            "",
+                        )
+                        .await;
+                }
+                Ok(Err(ReadError::Unexpected(packet))) => {
+                    tracing::info!(packet, "first packet was not CONNECT");
+                    return self.refuse_silently("not_connect");
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "malformed CONNECT");
+                    return self.refuse_silently("malformed_connect");
+                }
+            };
+        self.version = connect.version;
+        self.authenticate(connect).await
+    }
+
+    async fn authenticate(&mut self, c: ConnectPacket) -> Option<Admitted> {
+        use ConnectReturnCode::*;
+        let properties = c.connect.properties.clone().unwrap_or_default();
+        if properties.authentication_method.is_some() {
+            return self
+                .refuse(
+                    BadAuthenticationMethod,
+                    "auth_method",
+                    "enhanced authentication is not supported: send the device id as user name and its token as password",
+                )
+                .await;
+        }
+        if properties.receive_maximum == Some(0) {
+            return self
+                .refuse(
+                    ProtocolError,
+                    "receive_maximum",
+                    "Receive Maximum must not be 0",
+                )
+                .await;
+        }
+        if let Some(will) = &c.will
+            && let Err(InvalidTopic(why)) = valid_will_topic(&will.topic)
+        {
+            // 3.1.1 3.1.2.9 / 5.0 3.1.2.7: an invalid will topic makes the CONNECT malformed.
+            tracing::info!(why, "invalid will topic");
+            return match self.version {
+                Version::V5 => self.refuse(TopicNameInvalid, "bad_will_topic", why).await,
+                Version::V311 => {
+                    let _ = self.writer.shutdown().await;
+                    self.refuse_silently("bad_will_topic")
+                }
+            };
+        }
+        let (tenant, device) = match &c.login {
+            Some(login) => {
+                self.authenticate_device(login, &c.connect.client_id)
+                    .await?
+            }
+            None => match self.bridge.anonymous_tenant {
+                Some(tenant) => (tenant, self.anonymous_device(tenant, &c).await?),
+                None => {
+                    tracing::info!("CONNECT without credentials");
+                    return self
+                        .refuse(
+                            BadUserNamePassword,
+                            "no_credentials",
+                            "send the device id as user name and its access token as password",
+                        )
+                        .await;
+                }
+            },
+        };
+        let connack = ConnAck {
+            session_present: false,
+            code: Success,
+            properties: (self.version == Version::V5).then(|| self.limits(&c, device)),
+        };
+        self.send(&Packet::ConnAck(connack)).await.ok()?;
+        Some(Admitted {
+            tenant,
+            device,
+            keepalive: c.connect.keep_alive,
+            will: c.will,
+            receive_maximum: properties.receive_maximum.unwrap_or(u16::MAX),
+            max_packet_size: properties.max_packet_size,
+        })
+    }
+
+    /// The CONNACK properties of MQTT 5: what this server supports and allows.
+    fn limits(&self, c: &ConnectPacket, device: DeviceId) -> ConnAckProperties {
+        let config = &self.bridge.config;
+        let asked_expiry = c
+            .connect
+            .properties
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval);
+        ConnAckProperties {
+            // Sessions end with the connection for now: say so when a longer one was asked.
+            session_expiry_interval: asked_expiry.filter(|s| *s > 0).map(|_| 0),
+            receive_max: Some(config.max_inflight.clamp(1, usize::from(u16::MAX)) as u16),
+            max_qos: None,
+            retain_available: Some(1),
+            max_packet_size: Some(config.max_packet_size as u32),
+            assigned_client_identifier: c.connect.client_id.is_empty().then(|| device.to_string()),
+            topic_alias_max: Some(TOPIC_ALIAS_MAX),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(1),
+            shared_subscription_available: Some(0),
+            server_keep_alive: None,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        }
+    }
+
+    /// A device's own credentials: its id as user name and its access token as password.
+    async fn authenticate_device(
+        &mut self,
+        login: &Login,
+        client_id: &str,
+    ) -> Option<(TenantId, DeviceId)> {
+        use ConnectReturnCode::*;
+        let Ok(device_id) = DeviceId::parse(&login.username) else {
+            tracing::info!("CONNECT user name is not a device id");
+            return self
+                .refuse(
+                    BadUserNamePassword,
+                    "bad_username",
+                    "the user name must be the device id",
+                )
+                .await;
+        };
+        if !client_id.is_empty() && client_id != login.username {
+            tracing::info!(client_id, "client id differs from the device id");
+            return self
+                .refuse(
+                    ClientIdentifierNotValid,
+                    "bad_client_id",
+                    "the client id must be the device id or empty",
+                )
+                .await;
+        }
+        let principal = match self.bridge.identity.verify_device_token(&login.password) {
+            Ok(p) if p.device_id == device_id => p,
+            Ok(_) => {
+                tracing::info!(%device_id, "token belongs to another device");
+                return self
+                    .refuse(
+                        BadUserNamePassword,
+                        "token_device_mismatch",
+                        "the token belongs to another device",
+                    )
+                    .await;
+            }
+            Err(_) => {
+                tracing::info!(%device_id, "invalid or expired token");
+                return self
+                    .refuse(
+                        BadUserNamePassword,
+                        "bad_token",
+                        "the access token is invalid or expired",
+                    )
+                    .await;
+            }
+        };
+        match self
+            .bridge
+            .registry
+            .device_of(principal.tenant_id, &device_id.to_string())
+            .await
+        {
+            Ok(device) if !device.disabled => Some((principal.tenant_id, device_id)),
+            Ok(_) => {
+                tracing::info!(%device_id, "device is disabled");
+                self.refuse(NotAuthorized, "device_disabled", "the device is disabled")
+                    .await
+            }
+            Err(e) => {
+                tracing::info!(%device_id, error = %e, "device not in the registry");
+                self.refuse(NotAuthorized, "unknown_device", "the device does not exist")
+                    .await
+            }
+        }
+    }
+
+    /// Anonymous mode: a client id that names a registered device of the tenant acts as that
+    /// device; any other client id gets a stable id derived from it (so session takeover works),
+    /// and an empty one a fresh id (3.1.1 allows that with a clean session only, 3.1.3-7).
+    async fn anonymous_device(&mut self, tenant: TenantId, c: &ConnectPacket) -> Option<DeviceId> {
+        use ConnectReturnCode::*;
+        let client_id = c.connect.client_id.as_str();
+        if client_id.is_empty() {
+            if self.version == Version::V311 && !c.connect.clean_start {
+                return self
+                    .refuse(ClientIdentifierNotValid, "empty_client_id", "")
+                    .await;
+            }
+            return Some(DeviceId::random());
+        }
+        match self.bridge.registry.device_of(tenant, client_id).await {
+            Ok(device) if device.disabled => {
+                tracing::info!(client_id, "device is disabled");
+                self.refuse(NotAuthorized, "device_disabled", "the device is disabled")
+                    .await
+            }
+            Ok(device) => Some(device.id),
+            Err(_) => Some(derived_device_id(tenant, client_id)),
+        }
+    }
+
+    /// Sends a CONNACK refusal (with a reason string in MQTT 5) and closes.
+    async fn refuse<T>(
+        &mut self,
+        code: ConnectReturnCode,
+        metric: &'static str,
+        why: &str,
+    ) -> Option<T> {
+        let properties =
+            (self.version == Version::V5 && !why.is_empty()).then(|| ConnAckProperties {
+                reason_string: Some(why.to_string()),
+                ..empty_connack_properties()
+            });
+        let connack = ConnAck {
+            session_present: false,
+            code,
+            properties,
+        };
+        let _ = self.send(&Packet::ConnAck(connack)).await;
+        let _ = self.writer.shutdown().await;
+        self.refuse_silently(metric)
+    }
+
+    fn refuse_silently<T>(&self, reason: &'static str) -> Option<T> {
+        self.bridge
+            .metrics
+            .connect_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        None
+    }
+}
+
+fn empty_connack_properties() -> ConnAckProperties {
+    ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
+/// A will topic must be a valid topic name outside the command namespace.
+fn valid_will_topic(topic: &[u8]) -> Result<(), InvalidTopic> {
+    let topic =
+        std::str::from_utf8(topic).map_err(|_| InvalidTopic("topic names must be UTF-8"))?;
+    validate_name(topic)?;
+    if is_command_topic(topic) {
+        return Err(InvalidTopic("wills may not be published under command/"));
+    }
+    Ok(())
+}
+
+/// A stable device id for an anonymous client id: the same client id always maps to the same
+/// id within a tenant, and never collides with another tenant's.
+fn derived_device_id(tenant: TenantId, client_id: &str) -> DeviceId {
+    use aws_lc_rs::digest::{Context, SHA256};
+    let mut hash = Context::new(&SHA256);
+    hash.update(tenant.0.as_bytes());
+    hash.update(client_id.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hash.finish().as_ref()[..16]);
+    DeviceId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+}
