@@ -60,7 +60,8 @@ pub(crate) struct ConnectPacket {
 /// Reads the first packet, which must be CONNECT; its protocol level decides the version.
 pub(crate) fn read_connect(buf: &mut BytesMut, max: usize) -> Result<ConnectPacket, ReadError> {
     let level = connect_level(buf)?;
-    match level {
+    whole_frame(buf)?;
+    complete(match level {
         4 => match read_v4(buf, max)? {
             v4::Packet::Connect(c) => Ok(ConnectPacket {
                 version: Version::V311,
@@ -94,15 +95,54 @@ pub(crate) fn read_connect(buf: &mut BytesMut, max: usize) -> Result<ConnectPack
             _ => Err(ReadError::Malformed("expected CONNECT".into())),
         },
         other => Err(ReadError::UnsupportedVersion(other)),
-    }
+    })
 }
 
 /// Reads the next packet of an established connection.
 pub(crate) fn read(buf: &mut BytesMut, version: Version, max: usize) -> Result<Packet, ReadError> {
-    match version {
+    whole_frame(buf)?;
+    complete(match version {
         Version::V5 => read_v5(buf, max),
-        Version::V311 => lift(read_v4(buf, max)?),
+        Version::V311 => read_v4(buf, max).and_then(lift),
+    })
+}
+
+/// `Incomplete` until the whole frame at the start of `buf` has arrived.
+///
+/// The codecs split a frame off the buffer before parsing it, and report a body that ends
+/// early as "insufficient bytes" too: only a frame not yet fully received is incomplete,
+/// anything short inside a whole frame is malformed (see [`complete`]).
+fn whole_frame(buf: &[u8]) -> Result<(), ReadError> {
+    match frame_len(buf)? {
+        Some(len) if len <= buf.len() => Ok(()),
+        _ => Err(ReadError::Incomplete),
     }
+}
+
+/// A parse of a whole frame: running out of bytes means the packet is malformed.
+fn complete<T>(result: Result<T, ReadError>) -> Result<T, ReadError> {
+    match result {
+        Err(ReadError::Incomplete) => Err(ReadError::Malformed("the packet ends early".into())),
+        other => other,
+    }
+}
+
+/// The length of the frame at the start of `buf` (fixed header included), once its fixed
+/// header has arrived.
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, ReadError> {
+    let mut remaining = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some(1 + i + 1 + remaining));
+        }
+    }
+    if buf.len() > 4 {
+        return Err(ReadError::Malformed(
+            "remaining length longer than four bytes".into(),
+        ));
+    }
+    Ok(None)
 }
 
 /// Appends `packet` in the connection's version to `out`. Returns whether anything was
@@ -161,13 +201,16 @@ fn read_v4(buf: &mut BytesMut, max: usize) -> Result<v4::Packet, ReadError> {
 }
 
 fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Packet, ReadError> {
-    // A DISCONNECT without reason code or properties (remaining length 0) is valid MQTT 5
-    // (3.14.2.1) but the codec refuses it, so it is taken here.
-    if buf.starts_with(&[0xE0, 0x00]) {
-        let _ = buf.split_to(2);
-        return Ok(Packet::Disconnect(Disconnect::new(
-            DisconnectReasonCode::NormalDisconnection,
-        )));
+    // A DISCONNECT without properties (remaining length 0 or 1) is valid MQTT 5 (3.14.2.1,
+    // 3.14.2.2.1) but the codec refuses it, so it is taken here.
+    if let [0xE0, len @ (0 | 1), ..] = buf[..] {
+        let frame = buf.split_to(2 + usize::from(len));
+        let reason = match frame.get(2) {
+            None => DisconnectReasonCode::NormalDisconnection,
+            Some(code) => DisconnectReasonCode::try_from(*code)
+                .map_err(|_| ReadError::Malformed(format!("DISCONNECT reason code {code:#04x}")))?,
+        };
+        return Ok(Packet::Disconnect(Disconnect::new(reason)));
     }
     let packet = Packet::read(buf, Some(max as u32)).map_err(|e| match e {
         V5Error::InsufficientBytes(_) => ReadError::Incomplete,
@@ -379,14 +422,39 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_mqtt5_disconnect_is_a_normal_disconnect() {
-        let mut buf = BytesMut::from(&[0xE0u8, 0x00][..]);
-        match read(&mut buf, Version::V5, 1024).expect("read") {
-            Packet::Disconnect(d) => {
-                assert_eq!(d.reason_code, DisconnectReasonCode::NormalDisconnection)
+    fn short_mqtt5_disconnects_are_read() {
+        for (bytes, reason) in [
+            (
+                &[0xE0u8, 0x00][..],
+                DisconnectReasonCode::NormalDisconnection,
+            ),
+            (
+                &[0xE0, 0x01, 0x04],
+                DisconnectReasonCode::DisconnectWithWillMessage,
+            ),
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            match read(&mut buf, Version::V5, 1024).expect("read") {
+                Packet::Disconnect(d) => assert_eq!(d.reason_code, reason),
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
+            assert!(buf.is_empty());
         }
+    }
+
+    #[test]
+    fn a_whole_frame_with_a_short_body_is_malformed_not_incomplete() {
+        // PUBLISH, remaining length 3: a topic length of 5 with only one byte of topic.
+        let mut buf = BytesMut::from(&[0x30u8, 0x03, 0x00, 0x05, b'a'][..]);
+        assert!(matches!(
+            read(&mut buf, Version::V311, 1024),
+            Err(ReadError::Malformed(_))
+        ));
+        let mut partial = BytesMut::from(&[0x30u8, 0x05, 0x00][..]);
+        assert!(matches!(
+            read(&mut partial, Version::V5, 1024),
+            Err(ReadError::Incomplete)
+        ));
     }
 
     #[test]

@@ -8,9 +8,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
-    Disconnect, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckProperties, PubAckReason,
-    PubComp, PubRec, PubRecProperties, PubRecReason, Publish, PublishProperties, RetainForwardRule,
-    SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, PingResp, PubAck,
+    PubAckProperties, PubAckReason, PubComp, PubRec, PubRecProperties, PubRecReason, Publish,
+    PublishProperties, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+    UnsubAckReason, Unsubscribe,
 };
 use tern_core::{CommandId, DeviceId, TenantId};
 use tern_eventlog::{EventLog, LogError, Position, Record};
@@ -429,10 +430,19 @@ impl Connection {
                 break;
             }
         }
-        if let Some(reason) = close.reason_code() {
-            let _ = self
-                .send(&Packet::Disconnect(Disconnect::new(reason)))
-                .await;
+        if let Some(reason_code) = close.reason_code() {
+            // Always with a reason string: it tells the client why, and rumqttc's encoder
+            // miscounts a DISCONNECT that has a reason code but no properties.
+            let disconnect = Disconnect {
+                reason_code,
+                properties: Some(DisconnectProperties {
+                    session_expiry_interval: None,
+                    reason_string: Some(close.label().replace('_', " ")),
+                    user_properties: Vec::new(),
+                    server_reference: None,
+                }),
+            };
+            let _ = self.send(&Packet::Disconnect(disconnect)).await;
         }
         let _ = self.writer.shutdown().await;
         close

@@ -12,6 +12,7 @@ mod device_edge;
 mod durability;
 mod grpc;
 mod mqtt311;
+mod mqtt5;
 mod pubsub;
 mod rest_api;
 mod simulator;
