@@ -24,7 +24,9 @@ const RESPONSE_PREFIX: &str = "command/res/";
 
 /// Whether a topic name or filter is in the command namespace.
 pub(crate) fn is_command_topic(topic: &str) -> bool {
-    topic.split('/').next() == Some(COMMAND_LEVEL)
+    topic
+        .strip_prefix(COMMAND_LEVEL)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Parses `command/res/{id}/{status}`.

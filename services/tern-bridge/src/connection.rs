@@ -32,7 +32,7 @@ use crate::envelope::{EVENT_TOPIC, TELEMETRY_TOPIC, record};
 use crate::fanout::{hand_over, publish_will, retain_message};
 use crate::handshake::{Admitted, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
-use crate::metrics::{KindLabel, ReasonLabel};
+use crate::metrics::ReasonLabel;
 use crate::router::{Delivery, Message, SubscriptionOptions, lower_qos};
 use crate::topics::{InvalidTopic, validate_filter, validate_name};
 
@@ -244,7 +244,8 @@ pub(crate) async fn run(
             outbox: BytesMut::new(),
             version: Version::V311,
         };
-        let Some(admitted) = conn.handshake().await else {
+        // Boxed, so the CONNECT's state does not stay in the connection's task.
+        let Some(admitted) = Box::pin(conn.handshake()).await else {
             return;
         };
         let (tenant, device) = (admitted.tenant, admitted.device);
@@ -412,7 +413,9 @@ impl Connection {
                         Ok(Ok(Some(packet))) => packet,
                     };
                     deadline = Instant::now() + grace.unwrap_or(far_future);
-                    if let Err(close) = self.handle_burst(packet, &mut flow, max_inflight).await {
+                    // Boxed: the burst's state (packets, deferred publish work) would otherwise sit
+                    // inline in every idle connection's task for its whole life.
+                    if let Err(close) = Box::pin(self.handle_burst(packet, &mut flow, max_inflight)).await {
                         break close;
                     }
                 }
@@ -458,7 +461,17 @@ impl Connection {
     ) -> Result<(), Close> {
         let mut packet = first;
         loop {
-            if let Err(close) = self.handle(packet, flow).await {
+            // Publishes take the synchronous path; only other packets and deferred publish
+            // work build a future.
+            let handled = match packet {
+                Packet::Publish(publish) => match self.publish(publish, flow) {
+                    Ok(Some(deferred)) => self.finish(*deferred, flow).await,
+                    Ok(None) => Ok(()),
+                    Err(close) => Err(close),
+                },
+                other => self.handle(other, flow).await,
+            };
+            if let Err(close) = handled {
                 flow.seal(&self.bridge.log);
                 return Err(close);
             }
@@ -487,7 +500,11 @@ impl Connection {
     async fn handle(&mut self, packet: Packet, flow: &mut Flow) -> Result<(), Close> {
         let log = &self.bridge.log;
         match packet {
-            Packet::Publish(publish) => self.publish(publish, flow).await?,
+            Packet::Publish(publish) => {
+                if let Some(deferred) = self.publish(publish, flow)? {
+                    self.finish(*deferred, flow).await?;
+                }
+            }
             Packet::PubRel(rel) => {
                 flow.qos2.remove(&rel.pkid);
                 flow.reply_in_order(log, Packet::PubComp(PubComp::new(rel.pkid, None)));
@@ -522,64 +539,67 @@ impl Connection {
 
     /// An inbound PUBLISH: telemetry and events go to the log (acknowledged once durable),
     /// command responses complete their command, anything else is routed to the tenant.
-    async fn publish(&mut self, mut publish: Publish, flow: &mut Flow) -> Result<(), Close> {
-        let log = self.bridge.log.clone();
+    ///
+    /// Synchronous on purpose: the common cases (telemetry, QoS 0 and uncontended QoS 1
+    /// routing) finish here without building an async state machine per message; what must
+    /// wait comes back as [`Deferred`] for [`Connection::finish`].
+    fn publish(
+        &mut self,
+        mut publish: Publish,
+        flow: &mut Flow,
+    ) -> Result<Option<Box<Deferred>>, Close> {
         if publish.qos == QoS::ExactlyOnce && flow.qos2.contains(&publish.pkid) {
             // A resent QoS 2 publish: already stored (or being stored); answer again in order
             // without storing twice.
-            flow.reply_in_order(&log, Packet::PubRec(PubRec::new(publish.pkid, None)));
-            return Ok(());
+            flow.reply_in_order(
+                &self.bridge.log,
+                Packet::PubRec(PubRec::new(publish.pkid, None)),
+            );
+            return Ok(None);
         }
         resolve_topic_alias(&mut publish, &mut flow.aliases)?;
-        let Ok(topic) = std::str::from_utf8(&publish.topic).map(str::to_owned) else {
+        let metrics = &self.bridge.metrics;
+        metrics.bytes_in.inc_by(publish.payload.len() as u64);
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             tracing::info!("topic name is not UTF-8; closing");
             return Err(Close::Malformed);
         };
-        let metrics = &self.bridge.metrics;
-        metrics.bytes_in.inc_by(publish.payload.len() as u64);
-        let kind = match topic.as_str() {
+        let kind = match topic {
             TELEMETRY_TOPIC => EventKind::Telemetry,
             EVENT_TOPIC => EventKind::Event,
-            t if is_command_topic(t) => return self.command_response(publish, t, flow).await,
+            t if is_command_topic(t) => return self.command_response(&publish, t, flow),
             t => {
                 if let Err(InvalidTopic(why)) = validate_name(t) {
                     tracing::info!(topic = t, why, "invalid topic name; closing");
                     return Err(Close::ProtocolError);
                 }
-                return self.route(publish, t, flow).await;
+                return Ok(self.route(&publish, t, flow));
             }
         };
-        metrics
-            .messages_in
-            .get_or_create(&KindLabel {
-                kind: if kind == EventKind::Event {
-                    "event"
-                } else {
-                    "telemetry"
-                },
-            })
-            .inc();
+        let counter = if kind == EventKind::Event {
+            &metrics.events_in
+        } else {
+            &metrics.telemetry_in
+        };
+        counter.inc();
         let reply = success_reply(&publish, flow);
         flow.batch.push(record(
             flow.tenant,
             flow.device,
             kind,
-            &topic,
-            publish.payload,
+            topic,
+            publish.payload.clone(),
         ));
         flow.batch_replies.extend(reply);
         flow.unacked += 1;
-        Ok(())
+        Ok(None)
     }
 
-    /// Plain publish/subscribe: hand to the tenant's subscribers (waiting for room for QoS 1),
-    /// store a retained message, then acknowledge in order.
-    async fn route(&mut self, publish: Publish, topic: &str, flow: &mut Flow) -> Result<(), Close> {
+    /// Plain publish/subscribe: hand to the tenant's subscribers; the reply goes out in order
+    /// at once unless QoS 1 deliveries must wait for room or a retained message be stored.
+    fn route(&mut self, publish: &Publish, topic: &str, flow: &mut Flow) -> Option<Box<Deferred>> {
         let metrics = &self.bridge.metrics;
-        metrics
-            .messages_in
-            .get_or_create(&KindLabel { kind: "pubsub" })
-            .inc();
+        metrics.pubsub_in.inc();
         let properties = publish.properties.clone().map(|mut p| {
             p.topic_alias = None;
             p.subscription_identifiers.clear();
@@ -598,65 +618,90 @@ impl Connection {
         );
         metrics.deliveries.inc_by(routed.delivered as u64);
         metrics.deliveries_dropped.inc_by(routed.dropped as u64);
-        hand_over(&self.bridge, routed.waiting, flow.queue.as_ref()).await;
-        if publish.retain {
-            retain_message(
-                &self.bridge,
-                flow.tenant,
-                topic,
-                publish.payload.clone(),
-                publish.qos,
-            )
-            .await
-            .map_err(|()| Close::AppendFailed)?;
+        let reply = success_reply(publish, flow);
+        if routed.waiting.is_empty() && !publish.retain {
+            if let Some(reply) = reply {
+                flow.reply_in_order(&self.bridge.log, reply);
+            }
+            return None;
         }
-        if let Some(reply) = success_reply(&publish, flow) {
-            flow.reply_in_order(&self.bridge.log, reply);
-        }
-        Ok(())
+        Some(Box::new(Deferred::Routed {
+            waiting: routed.waiting,
+            retain: publish
+                .retain
+                .then(|| (topic.to_string(), publish.payload.clone(), publish.qos)),
+            reply,
+        }))
     }
 
     /// A publish under `command/`: only `command/res/{id}/{status}` is for devices. Anything
     /// else is refused: with a reason code in MQTT 5, by closing in 3.1.1 (3.3.5).
-    async fn command_response(
+    fn command_response(
         &mut self,
-        publish: Publish,
+        publish: &Publish,
         topic: &str,
         flow: &mut Flow,
-    ) -> Result<(), Close> {
+    ) -> Result<Option<Box<Deferred>>, Close> {
         let (command, status) = match parse_response_topic(topic) {
             Ok(parsed) => parsed,
             Err(why) => {
                 tracing::info!(topic, why, "publish under command/ refused");
-                return match (self.version, refusal(&publish, why)) {
+                return match (self.version, refusal(publish, why)) {
                     (Version::V5, Some(reply)) => {
                         flow.reply_in_order(&self.bridge.log, reply);
-                        Ok(())
+                        Ok(None)
                     }
                     _ => Err(Close::NotAuthorized),
                 };
             }
         };
-        self.bridge
-            .metrics
-            .messages_in
-            .get_or_create(&KindLabel {
-                kind: "command_response",
-            })
-            .inc();
-        let answered = self
-            .bridge
-            .commands
-            .respond(flow.tenant, flow.device, command, status, &publish.payload)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, %command, "cannot store a command response");
-                Close::AppendFailed
-            })?;
-        if answered.is_none() {
-            tracing::info!(%command, "response to a command this device does not have");
-        }
-        if let Some(reply) = success_reply(&publish, flow) {
+        self.bridge.metrics.command_responses_in.inc();
+        Ok(Some(Box::new(Deferred::CommandResponse {
+            command,
+            status,
+            payload: publish.payload.clone(),
+            reply: success_reply(publish, flow),
+        })))
+    }
+
+    /// The waiting part of a publish; its reply goes out in order afterwards.
+    async fn finish(&mut self, deferred: Deferred, flow: &mut Flow) -> Result<(), Close> {
+        let reply = match deferred {
+            Deferred::Routed {
+                waiting,
+                retain,
+                reply,
+            } => {
+                hand_over(&self.bridge, waiting, flow.queue.as_ref()).await;
+                if let Some((topic, payload, qos)) = retain {
+                    retain_message(&self.bridge, flow.tenant, &topic, payload, qos)
+                        .await
+                        .map_err(|()| Close::AppendFailed)?;
+                }
+                reply
+            }
+            Deferred::CommandResponse {
+                command,
+                status,
+                payload,
+                reply,
+            } => {
+                let answered = self
+                    .bridge
+                    .commands
+                    .respond(flow.tenant, flow.device, command, status, &payload)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, %command, "cannot store a command response");
+                        Close::AppendFailed
+                    })?;
+                if answered.is_none() {
+                    tracing::info!(%command, "response to a command this device does not have");
+                }
+                reply
+            }
+        };
+        if let Some(reply) = reply {
             flow.reply_in_order(&self.bridge.log, reply);
         }
         Ok(())
@@ -903,6 +948,23 @@ fn resolve_topic_alias(
         aliases.insert(alias, publish.topic.clone());
     }
     Ok(())
+}
+
+/// What a publish still has to wait for after [`Connection::publish`].
+enum Deferred {
+    /// QoS 1 deliveries waiting for room in full queues, and a retained message to store.
+    Routed {
+        waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>,
+        retain: Option<(String, Bytes, QoS)>,
+        reply: Option<Packet>,
+    },
+    /// A device's answer to a command; acknowledged once the command's state is stored.
+    CommandResponse {
+        command: CommandId,
+        status: u16,
+        payload: Bytes,
+        reply: Option<Packet>,
+    },
 }
 
 /// The acknowledgement a publish is owed on success (none for QoS 0); registers a QoS 2

@@ -25,6 +25,12 @@ pub(crate) struct BridgeMetrics {
     pub connect_failures: Family<ReasonLabel, Counter>,
     pub closed_on_error: Family<ReasonLabel, Counter>,
     pub messages_in: Family<KindLabel, Counter>,
+    /// `messages_in` by kind, resolved once: a label lookup per message costs a hash and a
+    /// lock on the hot path.
+    pub telemetry_in: Counter,
+    pub events_in: Counter,
+    pub pubsub_in: Counter,
+    pub command_responses_in: Counter,
     pub bytes_in: Counter,
     pub packets_out: Counter,
     pub deliveries: Counter,
@@ -35,13 +41,25 @@ pub(crate) struct BridgeMetrics {
 
 impl BridgeMetrics {
     pub fn register(registry: &MetricsRegistry) -> Self {
+        let messages_in: Family<KindLabel, Counter> = Family::default();
+        let kind = |kind| messages_in.get_or_create(&KindLabel { kind }).clone();
+        let (telemetry_in, events_in, pubsub_in, command_responses_in) = (
+            kind("telemetry"),
+            kind("event"),
+            kind("pubsub"),
+            kind("command_response"),
+        );
         let m = Self {
             connections: Gauge::default(),
             connections_total: Counter::default(),
             refused_connections: Counter::default(),
             connect_failures: Family::default(),
             closed_on_error: Family::default(),
-            messages_in: Family::default(),
+            messages_in,
+            telemetry_in,
+            events_in,
+            pubsub_in,
+            command_responses_in,
             bytes_in: Counter::default(),
             packets_out: Counter::default(),
             deliveries: Counter::default(),
