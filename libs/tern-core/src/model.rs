@@ -91,6 +91,10 @@ pub struct Device {
     /// A disabled device keeps its record but may not connect or obtain tokens.
     #[serde(default)]
     pub disabled: bool,
+    /// Access tokens issued (`iat`) before this second are refused: set when the device's
+    /// tokens are revoked, so a stolen token stops working before it expires.
+    #[serde(default)]
+    pub tokens_valid_from_s: i64,
 }
 
 /// What a caller supplies to register a device.

@@ -34,6 +34,7 @@ use crate::handshake::{Admitted, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
 use crate::metrics::ReasonLabel;
 use crate::router::{Delivery, Message, SubscriptionOptions, lower_qos};
+use crate::sessions::SessionGuard;
 use crate::topics::{InvalidTopic, validate_filter, validate_name};
 
 /// QoS 1 deliveries a client may have unacknowledged before the bridge waits for PUBACKs
@@ -139,6 +140,8 @@ pub(crate) enum Close {
     ClientClosed,
     KeepaliveExpired,
     TakenOver,
+    /// The device was disabled or deleted, or its tokens revoked.
+    Revoked,
     ServerShutdown,
     ProtocolError,
     Malformed,
@@ -157,6 +160,7 @@ impl Close {
             Self::ClientClosed => "client_closed",
             Self::KeepaliveExpired => "keepalive_expired",
             Self::TakenOver => "session_taken_over",
+            Self::Revoked => "access_revoked",
             Self::ServerShutdown => "server_shutdown",
             Self::ProtocolError => "protocol_error",
             Self::Malformed => "malformed_packet",
@@ -198,6 +202,7 @@ impl Close {
             | Self::WriteFailed => return None,
             Self::KeepaliveExpired => R::KeepAliveTimeout,
             Self::TakenOver => R::SessionTakenOver,
+            Self::Revoked => R::AdministrativeAction,
             Self::ServerShutdown => R::ServerShuttingDown,
             Self::ProtocolError => R::ProtocolError,
             Self::Malformed => R::MalformedPacket,
@@ -265,9 +270,7 @@ pub(crate) async fn run(
         let connected = lifecycle::connected(tenant, device, peer, conn.version.label());
         let connected = tokio::spawn(async move { log.append(vec![connected]).await });
         let will = admitted.will.clone();
-        let close = conn
-            .serve(&admitted, session.id, &session.closed, &shutdown)
-            .await;
+        let close = conn.serve(&admitted, session.id, &session, &shutdown).await;
         bridge.metrics.connections.dec();
         if close.is_error() {
             bridge
@@ -353,7 +356,7 @@ impl Connection {
         &mut self,
         admitted: &Admitted,
         connection: u64,
-        taken_over: &Shutdown,
+        session: &SessionGuard<'_>,
         shutdown: &Shutdown,
     ) -> Close {
         // 3.1.2.10 (3.1.1), 3.1.2.10 (5.0): the server disconnects after 1.5 keepalive periods
@@ -386,7 +389,8 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Close::ServerShutdown,
-                _ = taken_over.cancelled() => break Close::TakenOver,
+                _ = session.closed.cancelled() => break Close::TakenOver,
+                _ = session.revoked.cancelled() => break Close::Revoked,
                 delivery = next_delivery(&mut flow.backlog, &mut flow.deliveries),
                     if flow.deliveries.is_some() && flow.awaiting_ack.len() < flow.window =>
                 {

@@ -221,6 +221,15 @@ impl Connection {
             .device_of(principal.tenant_id, &device_id.to_string())
             .await
         {
+            Ok(device) if principal.issued_at_s < device.tokens_valid_from_s => {
+                tracing::info!(%device_id, "revoked access token");
+                self.refuse(
+                    BadUserNamePassword,
+                    "revoked_token",
+                    "the access token was revoked",
+                )
+                .await
+            }
             Ok(device) if !device.disabled => Some((principal.tenant_id, device_id)),
             Ok(_) => {
                 tracing::info!(%device_id, "device is disabled");

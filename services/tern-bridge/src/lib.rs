@@ -72,7 +72,7 @@ pub struct Bridge {
     registry: Arc<Registry>,
     log: Arc<dyn EventLog>,
     metrics: BridgeMetrics,
-    sessions: Sessions,
+    sessions: Arc<Sessions>,
     router: Router,
     retained: Retained,
     commands: Arc<Commands>,
@@ -104,13 +104,15 @@ impl Bridge {
         };
         let command_targets = Arc::new(CommandTargets::default());
         commands.set_route(command_targets.clone());
+        let sessions = Arc::new(Sessions::default());
+        registry.set_access_listener(sessions.clone());
         Ok(Self {
             config,
             identity,
             registry,
             log,
             metrics: BridgeMetrics::register(metrics),
-            sessions: Sessions::default(),
+            sessions,
             router: Router::default(),
             retained,
             commands,

@@ -1,15 +1,23 @@
-//! Live connections by device, for session takeover: when a device connects again, the older
-//! connection is closed (MQTT 3.1.1 section 3.1.4).
+//! Live connections by device: for session takeover (when a device connects again, the older
+//! connection is closed, MQTT 3.1.1 section 3.1.4) and for revocation (a disabled, deleted or
+//! revoked device's connection is closed at once).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use tern_core::{DeviceId, TenantId};
+use tern_registry::AccessRevoked;
 use tokio_util::sync::CancellationToken;
+
+struct Live {
+    id: u64,
+    taken_over: CancellationToken,
+    revoked: CancellationToken,
+}
 
 #[derive(Default)]
 pub(crate) struct Sessions {
-    live: Mutex<HashMap<(TenantId, DeviceId), (u64, CancellationToken)>>,
+    live: Mutex<HashMap<(TenantId, DeviceId), Live>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -19,7 +27,10 @@ pub(crate) struct SessionGuard<'a> {
     key: (TenantId, DeviceId),
     /// Unique per connection for the life of the process.
     pub id: u64,
+    /// Cancelled when a newer connection of the device takes over.
     pub closed: CancellationToken,
+    /// Cancelled when the device's access is revoked.
+    pub revoked: CancellationToken,
 }
 
 impl Sessions {
@@ -28,20 +39,33 @@ impl Sessions {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let closed = CancellationToken::new();
-        let previous = self
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((tenant, device), (id, closed.clone()));
-        if let Some((_, old)) = previous {
-            old.cancel();
+        let (closed, revoked) = (CancellationToken::new(), CancellationToken::new());
+        let previous = self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            (tenant, device),
+            Live {
+                id,
+                taken_over: closed.clone(),
+                revoked: revoked.clone(),
+            },
+        );
+        if let Some(old) = previous {
+            old.taken_over.cancel();
         }
         SessionGuard {
             sessions: self,
             key: (tenant, device),
             id,
             closed,
+            revoked,
+        }
+    }
+}
+
+impl AccessRevoked for Sessions {
+    fn access_revoked(&self, tenant: TenantId, device: DeviceId) {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(session) = live.get(&(tenant, device)) {
+            session.revoked.cancel();
         }
     }
 }
@@ -49,7 +73,7 @@ impl Sessions {
 impl Drop for SessionGuard<'_> {
     fn drop(&mut self) {
         let mut live = self.sessions.live.lock().unwrap_or_else(|e| e.into_inner());
-        if live.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+        if live.get(&self.key).is_some_and(|l| l.id == self.id) {
             live.remove(&self.key);
         }
     }
@@ -75,5 +99,18 @@ mod tests {
         );
         drop(third);
         assert!(sessions.live.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn revocation_closes_only_that_devices_live_session() {
+        let sessions = Sessions::default();
+        let (t, d) = (TenantId::random(), DeviceId::random());
+        let other = sessions.claim(t, DeviceId::random());
+        let live = sessions.claim(t, d);
+        sessions.access_revoked(t, d);
+        assert!(live.revoked.is_cancelled());
+        assert!(!live.closed.is_cancelled(), "not a takeover");
+        assert!(!other.revoked.is_cancelled());
+        sessions.access_revoked(TenantId::random(), d);
     }
 }

@@ -13,6 +13,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use tern_core::{Caller, Device, ErrorCode, NewDevice, Tenant, now_ms};
 use tern_identity::{ApiToken, DeviceTokens};
+use tern_registry::DevicePatch;
 use tern_store::RangeQuery;
 
 use crate::auth::Authenticated;
@@ -40,7 +41,10 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
             post(create_device).get(list_devices),
         )
         .route(&format!("{tenant}/api-tokens"), post(create_api_token))
-        .route(device, get(get_device).delete(delete_device))
+        .route(
+            device,
+            get(get_device).patch(update_device).delete(delete_device),
+        )
         .route(
             &format!("{device}/tokens"),
             post(issue_device_tokens).delete(revoke_device_tokens),
@@ -191,6 +195,22 @@ async fn get_device(
     Path((tenant, device)): Path<(String, String)>,
 ) -> ApiResult<Json<Device>> {
     Ok(Json(device_for(&gw, caller, &tenant, &device).await?))
+}
+
+/// Disable or enable a device, or replace its labels; disabling closes its connections.
+async fn update_device(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device)): Path<(String, String)>,
+    ApiJson(patch): ApiJson<DevicePatch>,
+) -> ApiResult<Json<Device>> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    let updated = gw
+        .registry
+        .update_device(&device.tenant_id.to_string(), &device.id.to_string(), patch)
+        .await?;
+    tracing::info!(tenant = %updated.tenant_id, device = %updated.id, disabled = updated.disabled, "device updated");
+    Ok(Json(updated))
 }
 
 async fn delete_device(

@@ -50,6 +50,8 @@ pub struct DevicePrincipal {
     pub tenant_id: TenantId,
     pub device_id: DeviceId,
     pub expires_at_ms: i64,
+    /// The token's `iat`: a token older than its device's `tokens_valid_from_s` is revoked.
+    pub issued_at_s: i64,
 }
 
 /// An API token's record; `token` is only set in the response that created it.
@@ -168,7 +170,8 @@ impl Identity {
                 Default::default(),
             )
             .await?;
-        let (access_token, expires) = self.sign_access_token(device.tenant_id, device.id)?;
+        let (access_token, expires) =
+            self.sign_access_token(device.tenant_id, device.id, device.tokens_valid_from_s)?;
         Ok(DeviceTokens {
             tenant_id: device.tenant_id,
             device_id: device.id,
@@ -196,12 +199,14 @@ impl Identity {
             .await
     }
 
-    /// Revokes every refresh token of a device; returns how many there were.
+    /// Revokes every token of a device: its refresh tokens are deleted (returns how many there
+    /// were) and its access tokens refused from now on, which also ends its connections.
     pub async fn revoke_device_tokens(
         &self,
         tenant: TenantId,
         device: DeviceId,
     ) -> Result<u32, IdentityError> {
+        self.registry.revoke_access_tokens(tenant, device).await?;
         let prefix = format!("{tenant}/{device}/");
         let mut revoked = 0;
         loop {
@@ -254,15 +259,19 @@ impl Identity {
             tenant_id,
             device_id,
             expires_at_ms: claims.exp.saturating_mul(1000),
+            issued_at_s: claims.iat,
         })
     }
 
+    /// Signs an access token; `valid_from_s` is the device's revocation floor, so a token
+    /// issued in the same second as a revocation is still valid.
     fn sign_access_token(
         &self,
         tenant: TenantId,
         device: DeviceId,
+        valid_from_s: i64,
     ) -> Result<(String, i64), IdentityError> {
-        let now = now_ms() / 1000;
+        let now = (now_ms() / 1000).max(valid_from_s);
         let exp = now + self.config.device_access_token_ttl_secs as i64;
         let claims = AccessClaims {
             iss: ISSUER.into(),

@@ -505,6 +505,7 @@ mod tests {
             hardware_id: None,
             created_at_ms: 0,
             disabled: false,
+            tokens_valid_from_s: 0,
         };
         Fixture {
             commands: Arc::new(Commands::new(store, log.clone(), CommandsConfig::default())),

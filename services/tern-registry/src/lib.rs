@@ -12,4 +12,4 @@ mod registry;
 pub use commands::{COMMANDS_TOPIC, CommandRoute, Commands, CommandsConfig, NewCommand};
 pub use error::RegistryError;
 pub use grpc::{RegistryGrpc, request_tenant_id};
-pub use registry::{Registry, validate_tenant_name};
+pub use registry::{AccessRevoked, DevicePatch, Registry, validate_tenant_name};

@@ -1,9 +1,11 @@
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tern_core::{
-    Caller, Device, DeviceId, NewDevice, Tenant, TenantId, ValidationError, now_ms, validate_name,
+    Caller, Device, DeviceId, NewDevice, Tenant, TenantId, ValidationError, now_ms,
+    validate_labels, validate_name,
 };
 use tern_store::Store;
 use tokio::sync::Mutex;
@@ -42,11 +44,27 @@ pub fn validate_tenant_name(name: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Told when a device's access ends (disabled, deleted, tokens revoked), so that whoever
+/// holds its connections closes them at once instead of when they next reconnect.
+pub trait AccessRevoked: Send + Sync {
+    fn access_revoked(&self, tenant: TenantId, device: DeviceId);
+}
+
+/// A partial update of a device: absent fields stay as they are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicePatch {
+    pub disabled: Option<bool>,
+    /// Replaces all labels.
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
 /// The registry over a store. Writes are serialised so that uniqueness checks (names,
 /// hardware ids) and their index records cannot race.
 pub struct Registry {
     store: Arc<dyn Store>,
     write_lock: Mutex<()>,
+    revocations: OnceLock<Arc<dyn AccessRevoked>>,
 }
 
 impl Registry {
@@ -54,7 +72,70 @@ impl Registry {
         Self {
             store,
             write_lock: Mutex::new(()),
+            revocations: OnceLock::new(),
         }
+    }
+
+    /// Connects the bridge(s) that must hear of revocations; set once at start-up.
+    pub fn set_access_listener(&self, listener: Arc<dyn AccessRevoked>) {
+        let _ = self.revocations.set(listener);
+    }
+
+    fn revoked(&self, device: &Device) {
+        if let Some(listener) = self.revocations.get() {
+            listener.access_revoked(device.tenant_id, device.id);
+        }
+    }
+
+    /// Disables or enables a device, or replaces its labels. Disabling ends its connections.
+    pub async fn update_device(
+        &self,
+        tenant: &str,
+        reference: &str,
+        patch: DevicePatch,
+    ) -> Result<Device, RegistryError> {
+        if let Some(labels) = &patch.labels {
+            validate_labels(labels)?;
+        }
+        let mut device = self.device(tenant, reference).await?;
+        let _guard = self.write_lock.lock().await;
+        if let Some(labels) = patch.labels {
+            device.labels = labels;
+        }
+        let disabling = patch.disabled == Some(true) && !device.disabled;
+        if let Some(disabled) = patch.disabled {
+            device.disabled = disabled;
+        }
+        self.put(
+            DEVICE,
+            &format!("{}/{}", device.tenant_id, device.id),
+            &device,
+        )
+        .await?;
+        if disabling {
+            self.revoked(&device);
+        }
+        Ok(device)
+    }
+
+    /// Refuses every access token issued to the device so far and ends its connections.
+    /// Tokens issued from the next second on are valid again.
+    pub async fn revoke_access_tokens(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+    ) -> Result<Device, RegistryError> {
+        let mut device = self.device_of(tenant, &device.to_string()).await?;
+        let _guard = self.write_lock.lock().await;
+        device.tokens_valid_from_s = now_ms() / 1000 + 1;
+        self.put(
+            DEVICE,
+            &format!("{}/{}", device.tenant_id, device.id),
+            &device,
+        )
+        .await?;
+        self.revoked(&device);
+        Ok(device)
     }
 
     pub async fn create_tenant(&self, name: &str) -> Result<Tenant, RegistryError> {
@@ -190,6 +271,7 @@ impl Registry {
             hardware_id: new.hardware_id,
             created_at_ms: now_ms(),
             disabled: false,
+            tokens_valid_from_s: 0,
         };
         let id = device.id.to_string();
         self.put(DEVICE, &format!("{}/{id}", tenant.id), &device)
@@ -260,6 +342,7 @@ impl Registry {
                 .delete_record(DEVICE_HARDWARE_ID, &format!("{t}/{hw}"))
                 .await?;
         }
+        self.revoked(&device);
         Ok(device)
     }
 

@@ -175,12 +175,19 @@ pub enum DeviceCommand {
     Show { device: String },
     /// Delete a device and revoke its credentials.
     Delete { device: String },
+    /// Disable a device: its connections close at once and it can neither connect nor get
+    /// tokens until enabled again.
+    Disable { device: String },
+    /// Enable a disabled device.
+    Enable { device: String },
 }
 
 #[derive(Subcommand)]
 pub enum TokenCommand {
     /// Issue an access token (the MQTT password) and a refresh token to a device.
     Device { device: String },
+    /// Revoke every token of a device (refresh and access) and close its connections.
+    Revoke { device: String },
     /// Create an API token for the tenant.
     Api {
         /// What the token is for.

@@ -187,6 +187,14 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                         .await?;
                     output::record(out, &d, DEVICE_FIELDS);
                 }
+                DeviceCommand::Disable { device } => {
+                    let d = set_disabled(&client, &base, &device, true).await?;
+                    output::record(out, &d, DEVICE_FIELDS);
+                }
+                DeviceCommand::Enable { device } => {
+                    let d = set_disabled(&client, &base, &device, false).await?;
+                    output::record(out, &d, DEVICE_FIELDS);
+                }
                 DeviceCommand::Delete { device } => {
                     client
                         .call(Method::DELETE, &format!("{base}/{}", seg(&device)), None)
@@ -282,6 +290,11 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                         ],
                     );
                 }
+                TokenCommand::Revoke { device } => {
+                    let path = format!("/api/v1/tenants/{tenant}/devices/{}/tokens", seg(&device));
+                    let r = client.call(Method::DELETE, &path, None).await?;
+                    output::record(out, &r, &["revoked"]);
+                }
                 TokenCommand::Api { name } => {
                     let path = format!("/api/v1/tenants/{tenant}/api-tokens");
                     let t = client
@@ -296,6 +309,18 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
 }
 
 /// Percent-encodes one path segment (device names may contain spaces or slashes).
+async fn set_disabled(
+    client: &Client,
+    devices: &str,
+    device: &str,
+    disabled: bool,
+) -> anyhow::Result<Value> {
+    let path = format!("{devices}/{}", seg(device));
+    client
+        .call(Method::PATCH, &path, Some(json!({ "disabled": disabled })))
+        .await
+}
+
 fn seg(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

@@ -15,4 +15,5 @@ mod mqtt311;
 mod mqtt5;
 mod pubsub;
 mod rest_api;
+mod revocation;
 mod simulator;
