@@ -1,3 +1,5 @@
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 /// Settings of the MQTT endpoint (`[mqtt]` in the config file).
@@ -22,6 +24,31 @@ pub struct BridgeConfig {
     /// into this tenant (created if missing), for development and protocol test suites.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anonymous_tenant: Option<String>,
+    pub tls: TlsConfig,
+}
+
+/// MQTT over TLS (`[mqtt.tls]`): on when both files are set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// How often the files are checked for a renewed certificate, in seconds.
+    pub reload_interval_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            reload_interval_secs: 10,
+        }
+    }
 }
 
 impl Default for BridgeConfig {
@@ -34,6 +61,7 @@ impl Default for BridgeConfig {
             max_queued_messages: 1000,
             max_retained_per_tenant: 10_000,
             anonymous_tenant: None,
+            tls: TlsConfig::default(),
         }
     }
 }

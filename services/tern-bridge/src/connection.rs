@@ -17,9 +17,9 @@ use tern_core::{CommandId, DeviceId, TenantId};
 use tern_eventlog::{EventLog, LogError, Position, Record};
 use tern_proto::v1::EventKind;
 use tern_runtime::Shutdown;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
@@ -222,10 +222,45 @@ impl Close {
     }
 }
 
+/// The byte stream under a connection: plain TCP, or anything else (TLS, WebSocket).
+pub(crate) struct Io {
+    reader: Reader,
+    writer: Box<dyn AsyncWrite + Send + Unpin>,
+}
+
+/// Plain TCP is read by readiness, so an idle connection holds no read buffer; other streams
+/// are read into a buffer (their own layers buffer anyway).
+enum Reader {
+    Tcp(OwnedReadHalf),
+    Stream(ReadHalf<Box<dyn AsyncStream>>),
+}
+
+/// A duplex byte stream a connection can run on.
+pub(crate) trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
+
+impl Io {
+    pub(crate) fn tcp(stream: TcpStream) -> Self {
+        let (reader, writer) = stream.into_split();
+        Self {
+            reader: Reader::Tcp(reader),
+            writer: Box::new(writer),
+        }
+    }
+
+    pub(crate) fn stream(stream: impl AsyncStream + 'static) -> Self {
+        let (reader, writer) = tokio::io::split(Box::new(stream) as Box<dyn AsyncStream>);
+        Self {
+            reader: Reader::Stream(reader),
+            writer: Box::new(writer),
+        }
+    }
+}
+
 pub(crate) struct Connection {
     pub(crate) bridge: Arc<Bridge>,
-    reader: OwnedReadHalf,
-    pub(crate) writer: OwnedWriteHalf,
+    reader: Reader,
+    pub(crate) writer: Box<dyn AsyncWrite + Send + Unpin>,
     inbox: BytesMut,
     outbox: BytesMut,
     /// Decided by CONNECT; 3.1.1 until then.
@@ -234,17 +269,17 @@ pub(crate) struct Connection {
 
 pub(crate) async fn run(
     bridge: Arc<Bridge>,
-    stream: TcpStream,
+    io: Io,
     peer: SocketAddr,
+    transport: &'static str,
     shutdown: Shutdown,
 ) {
-    let span = tracing::info_span!("mqtt", %peer, tenant = tracing::field::Empty, device = tracing::field::Empty);
+    let span = tracing::info_span!("mqtt", %peer, transport, tenant = tracing::field::Empty, device = tracing::field::Empty);
     async move {
-        let (reader, writer) = stream.into_split();
         let mut conn = Connection {
             bridge,
-            reader,
-            writer,
+            reader: io.reader,
+            writer: io.writer,
             inbox: BytesMut::new(),
             outbox: BytesMut::new(),
             version: Version::V311,
@@ -267,7 +302,7 @@ pub(crate) async fn run(
             "device connected"
         );
         let log = bridge.log.clone();
-        let connected = lifecycle::connected(tenant, device, peer, conn.version.label());
+        let connected = lifecycle::connected(tenant, device, peer, conn.version.label(), transport);
         let connected = tokio::spawn(async move { log.append(vec![connected]).await });
         let will = admitted.will.clone();
         let close = conn.serve(&admitted, session.id, &session, &shutdown).await;
@@ -313,15 +348,29 @@ impl Connection {
                     if self.inbox.is_empty() {
                         self.inbox = BytesMut::new();
                     }
-                    self.reader.readable().await?;
-                    if self.inbox.capacity() - self.inbox.len() < READ_CHUNK / 4 {
-                        self.inbox.reserve(READ_CHUNK);
-                    }
-                    match self.reader.try_read_buf(&mut self.inbox) {
-                        Ok(0) => return Ok(None),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e.into()),
+                    let reserve = |inbox: &mut BytesMut| {
+                        if inbox.capacity() - inbox.len() < READ_CHUNK / 4 {
+                            inbox.reserve(READ_CHUNK);
+                        }
+                    };
+                    match &mut self.reader {
+                        Reader::Tcp(reader) => {
+                            reader.readable().await?;
+                            reserve(&mut self.inbox);
+                            match reader.try_read_buf(&mut self.inbox) {
+                                Ok(0) => return Ok(None),
+                                Ok(_) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        Reader::Stream(reader) => {
+                            reserve(&mut self.inbox);
+                            // Cancel-safe: no data is lost if another branch wins.
+                            if reader.read_buf(&mut self.inbox).await? == 0 {
+                                return Ok(None);
+                            }
+                        }
                     }
                 }
                 other => return other.map(Some),

@@ -24,24 +24,30 @@ mod metrics;
 mod retained;
 mod router;
 mod sessions;
+mod tls;
 mod topics;
 
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+use std::time::Duration;
 use tern_core::TenantId;
 use tern_eventlog::EventLog;
 use tern_identity::Identity;
 use tern_registry::{Commands, Registry, RegistryError};
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::{Store, StoreError};
+
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
-pub use config::BridgeConfig;
+pub use config::{BridgeConfig, TlsConfig};
 pub use envelope::{EVENT_TOPIC, LIFECYCLE_TOPIC, TELEMETRY_TOPIC};
+pub use tls::{TlsError, TlsReloader};
 
 use crate::commands::CommandTargets;
+use crate::connection::Io;
 use crate::metrics::BridgeMetrics;
 use crate::retained::Retained;
 use crate::router::Router;
@@ -80,6 +86,10 @@ pub struct Bridge {
     command_targets: Arc<CommandTargets>,
     /// Where clients without credentials go; `None` refuses them.
     anonymous_tenant: Option<TenantId>,
+    /// Connection slots (`mqtt.max_connections`) across every transport.
+    slots: Arc<Semaphore>,
+    /// Every connection's task, so that shutdown can wait for them.
+    connections: TaskTracker,
 }
 
 impl Bridge {
@@ -106,6 +116,7 @@ impl Bridge {
         commands.set_route(command_targets.clone());
         let sessions = Arc::new(Sessions::default());
         registry.set_access_listener(sessions.clone());
+        let slots = Arc::new(Semaphore::new(config.max_connections));
         Ok(Self {
             config,
             identity,
@@ -118,14 +129,40 @@ impl Bridge {
             commands,
             command_targets,
             anonymous_tenant,
+            slots,
+            connections: TaskTracker::new(),
         })
     }
 
-    /// Accepts MQTT connections until `shutdown` is cancelled, then stops accepting, lets every
-    /// connection finish acknowledging what it has already received, and returns.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
-        let tracker = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(self.config.max_connections));
+    /// Accepts MQTT connections on every listener until `shutdown` is cancelled, then stops
+    /// accepting, lets every connection (WebSocket ones included) finish acknowledging what it
+    /// has already received, and returns.
+    pub async fn serve(self: Arc<Self>, listeners: Listeners, shutdown: Shutdown) {
+        let tcp = self.clone().accept(listeners.tcp, None, shutdown.clone());
+        let tls = async {
+            if let Some((listener, tls)) = listeners.tls {
+                let watch = tls.clone().watch(
+                    Duration::from_secs(self.config.tls.reload_interval_secs.max(1)),
+                    shutdown.clone(),
+                );
+                tokio::join!(
+                    self.clone().accept(listener, Some(tls), shutdown.clone()),
+                    watch
+                );
+            }
+        };
+        tokio::join!(tcp, tls);
+        self.connections.close();
+        self.connections.wait().await;
+        tracing::info!("MQTT listeners stopped");
+    }
+
+    async fn accept(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<Arc<TlsReloader>>,
+        shutdown: Shutdown,
+    ) {
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -136,28 +173,59 @@ impl Bridge {
                 Err(e) => {
                     // Usually out of file descriptors: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                self.metrics.refused_connections.inc();
-                tracing::warn!(%peer, limit = self.config.max_connections, "connection limit reached; refusing");
-                drop(stream);
+            let Some(permit) = self.admit(peer) else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
             let bridge = self.clone();
             let shutdown = shutdown.clone();
-            tracker.spawn(async move {
-                connection::run(bridge, stream, peer, shutdown).await;
+            let tls = tls.as_ref().map(|t| t.acceptor());
+            self.connections.spawn(async move {
+                let (io, transport) = match tls {
+                    None => (Io::tcp(stream), "tcp"),
+                    Some(acceptor) => {
+                        let limit = Duration::from_secs(bridge.config.connect_timeout_secs);
+                        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => (Io::stream(tls), "tls"),
+                            Ok(Err(e)) => {
+                                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                                bridge.metrics.tls_failures.inc();
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(%peer, "TLS handshake timed out");
+                                bridge.metrics.tls_failures.inc();
+                                return;
+                            }
+                        }
+                    }
+                };
+                connection::run(bridge, io, peer, transport, shutdown).await;
                 drop(permit);
             });
         }
-        tracker.close();
-        tracker.wait().await;
-        tracing::info!("MQTT listener stopped");
     }
+
+    /// A slot under `mqtt.max_connections`, shared by every transport.
+    fn admit(&self, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
+        let permit = self.slots.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.metrics.refused_connections.inc();
+            tracing::warn!(%peer, limit = self.config.max_connections, "connection limit reached; refusing");
+        }
+        permit
+    }
+}
+
+/// The sockets the bridge accepts MQTT on.
+pub struct Listeners {
+    pub tcp: TcpListener,
+    /// MQTT over TLS, with its certificate.
+    pub tls: Option<(TcpListener, Arc<TlsReloader>)>,
 }
 
 async fn anonymous_tenant(registry: &Registry, name: &str) -> Result<TenantId, BridgeError> {

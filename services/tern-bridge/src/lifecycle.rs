@@ -26,11 +26,17 @@ pub(crate) fn connected(
     device: DeviceId,
     peer: SocketAddr,
     protocol: &str,
+    transport: &str,
 ) -> Record {
     lifecycle(
         tenant,
         device,
-        json!({"event": "connected", "peer": peer.to_string(), "protocol": protocol}),
+        json!({
+            "event": "connected",
+            "peer": peer.to_string(),
+            "protocol": protocol,
+            "transport": transport,
+        }),
     )
 }
 

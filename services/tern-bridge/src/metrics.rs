@@ -22,6 +22,7 @@ pub(crate) struct BridgeMetrics {
     pub connections: Gauge,
     pub connections_total: Counter,
     pub refused_connections: Counter,
+    pub tls_failures: Counter,
     pub connect_failures: Family<ReasonLabel, Counter>,
     pub closed_on_error: Family<ReasonLabel, Counter>,
     pub messages_in: Family<KindLabel, Counter>,
@@ -53,6 +54,7 @@ impl BridgeMetrics {
             connections: Gauge::default(),
             connections_total: Counter::default(),
             refused_connections: Counter::default(),
+            tls_failures: Counter::default(),
             connect_failures: Family::default(),
             closed_on_error: Family::default(),
             messages_in,
@@ -82,6 +84,11 @@ impl BridgeMetrics {
                 "connections_refused",
                 "Connections refused at the connection limit",
                 m.refused_connections.clone(),
+            );
+            r.register(
+                "tls_handshake_failures",
+                "TLS handshakes that failed or timed out",
+                m.tls_failures.clone(),
             );
             r.register(
                 "connect_failures",

@@ -130,6 +130,9 @@ pub struct UpArgs {
     /// MQTT port [default: 1883].
     #[arg(long)]
     pub mqtt_port: Option<u16>,
+    /// MQTT over TLS port, when `mqtt.tls` has a certificate [default: 8883].
+    #[arg(long)]
+    pub mqtts_port: Option<u16>,
     /// HTTP port: REST API, health and metrics [default: 8080].
     #[arg(long)]
     pub http_port: Option<u16>,

@@ -20,6 +20,8 @@ pub struct UpConfig {
     /// Address every listener binds to.
     pub bind: IpAddr,
     pub mqtt_port: u16,
+    /// MQTT over TLS; listens only when `mqtt.tls` has a certificate and key.
+    pub mqtts_port: u16,
     pub http_port: u16,
     pub grpc_port: u16,
     /// Seconds to wait for connections and consumers to drain on SIGINT/SIGTERM.
@@ -52,6 +54,7 @@ impl Default for UpConfig {
             data_dir: PathBuf::from("./data"),
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             mqtt_port: 1883,
+            mqtts_port: 8883,
             http_port: 8080,
             grpc_port: tern_proto::DEFAULT_GRPC_PORT,
             shutdown_timeout_secs: 30,
@@ -87,6 +90,8 @@ struct Flags<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    mqtts_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     http_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     grpc_port: Option<u16>,
@@ -106,6 +111,7 @@ impl UpConfig {
         let flags = Flags {
             data_dir: args.data_dir.as_ref(),
             mqtt_port: args.mqtt_port,
+            mqtts_port: args.mqtts_port,
             http_port: args.http_port,
             grpc_port: args.grpc_port,
             bind: args.bind,
@@ -130,6 +136,10 @@ impl UpConfig {
             (self.mqtt.max_inflight == 0).then_some("`mqtt.max_inflight` must be at least 1"),
             (self.mqtt.max_queued_messages == 0)
                 .then_some("`mqtt.max_queued_messages` must be at least 1"),
+            (self.mqtt.tls.cert_file.is_some() != self.mqtt.tls.key_file.is_some())
+                .then_some("`mqtt.tls.cert_file` and `mqtt.tls.key_file` must be set together"),
+            (self.mqtt.tls.reload_interval_secs == 0)
+                .then_some("`mqtt.tls.reload_interval_secs` must be at least 1"),
             self.mqtt
                 .anonymous_tenant
                 .as_deref()
@@ -160,8 +170,10 @@ impl UpConfig {
                 }
             );
         }
+        let tls = self.mqtt.tls.cert_file.is_some();
         let ports = [
             ("mqtt_port", self.mqtt_port),
+            ("mqtts_port", if tls { self.mqtts_port } else { 0 }),
             ("http_port", self.http_port),
             ("grpc_port", self.grpc_port),
         ];

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tern_analytics::Ingest;
-use tern_bridge::{Bridge, BridgeServices};
+use tern_bridge::{Bridge, BridgeServices, Listeners, TlsReloader};
 use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog};
 use tern_gateway::{Gateway, GatewayServices};
 use tern_identity::{Identity, IdentityGrpc, grpc_auth};
@@ -53,7 +53,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .ensure_operator_token(&data.join("admin.token"))
         .await?;
 
+    // Loaded before any listener binds: a bad certificate stops start-up, naming the file.
+    let tls = match (&config.mqtt.tls.cert_file, &config.mqtt.tls.key_file) {
+        (Some(cert), Some(key)) => Some(
+            TlsReloader::load(cert, key)
+                .context("invalid configuration: `mqtt.tls.cert_file` / `mqtt.tls.key_file`")?,
+        ),
+        _ => None,
+    };
     let mqtt_listener = listen(&config, config.mqtt_port, "mqtt_port").await?;
+    let tls_listener = match tls {
+        Some(tls) => Some((listen(&config, config.mqtts_port, "mqtts_port").await?, tls)),
+        None => None,
+    };
+    let mqtts_addr = match &tls_listener {
+        Some((listener, _)) => Some(listener.local_addr()?),
+        None => None,
+    };
     let http_listener = listen(&config, config.http_port, "http_port").await?;
     let grpc_listener = listen(&config, config.grpc_port, "grpc_port").await?;
     let (mqtt_addr, http_addr, grpc_addr) = (
@@ -86,7 +102,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         )
         .await?,
     );
-    let bridge_task = tokio::spawn(bridge.serve(mqtt_listener, stop_bridge.clone()));
+    let listeners = Listeners {
+        tcp: mqtt_listener,
+        tls: tls_listener,
+    };
+    let bridge_task = tokio::spawn(bridge.clone().serve(listeners, stop_bridge.clone()));
 
     let ingest = Ingest::new(log.clone(), store.clone(), &metrics);
     let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
@@ -118,8 +138,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let grpc_task = tokio::spawn(async move { grpc.await });
 
     gateway.set_ready(true);
+    let mqtts = mqtts_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     tracing::info!(
-        mqtt = %mqtt_addr, http = %http_addr, grpc = %grpc_addr, data_dir = %data.display(),
+        mqtt = %mqtt_addr, mqtts, http = %http_addr, grpc = %grpc_addr, data_dir = %data.display(),
         "Tern is up"
     );
 

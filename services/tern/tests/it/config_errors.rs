@@ -67,3 +67,22 @@ fn a_port_in_use_is_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_missing_or_half_tls_configuration_stops_start_up_naming_the_key() {
+    let (ok, stderr) = up_with(
+        &[
+            ("TERN_MQTT__TLS__CERT_FILE", "/nonexistent/tls.crt"),
+            ("TERN_MQTT__TLS__KEY_FILE", "/nonexistent/tls.key"),
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("mqtt.tls.cert_file") && stderr.contains("/nonexistent/tls.crt"),
+        "{stderr}"
+    );
+    let (ok, stderr) = up_with(&[("TERN_MQTT__TLS__CERT_FILE", "/etc/hostname")], &[]);
+    assert!(!ok);
+    assert!(stderr.contains("mqtt.tls.key_file"), "{stderr}");
+}

@@ -17,3 +17,4 @@ mod pubsub;
 mod rest_api;
 mod revocation;
 mod simulator;
+mod tls;

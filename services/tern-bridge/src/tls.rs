@@ -1,0 +1,152 @@
+//! MQTT over TLS (port 8883): the server certificate from PEM files, reloaded when the files
+//! change, so a renewed certificate (cert-manager, ACME) is served without a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tern_runtime::Shutdown;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why a certificate and key could not be used; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read the certificate chain {path}: {reason}")]
+    Certificate { path: PathBuf, reason: String },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("cannot read the private key {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("the certificate {cert} and the key {key} do not make a TLS configuration: {reason}")]
+    Config {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+}
+
+/// The TLS acceptor currently in force, and the files it came from.
+pub struct TlsReloader {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Loaded>,
+}
+
+struct Loaded {
+    acceptor: TlsAcceptor,
+    stamp: Option<(SystemTime, SystemTime)>,
+}
+
+impl TlsReloader {
+    /// Loads the certificate chain and key; an error here stops start-up.
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<Self>, TlsError> {
+        let acceptor = acceptor(cert, key)?;
+        Ok(Arc::new(Self {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: RwLock::new(Loaded {
+                acceptor,
+                stamp: stamp(cert, key),
+            }),
+        }))
+    }
+
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .acceptor
+            .clone()
+    }
+
+    /// Checks the files every `every`; a changed pair that loads replaces the certificate for
+    /// new connections (open ones keep theirs). One that does not load is logged and the
+    /// previous certificate stays in force.
+    pub async fn watch(self: Arc<Self>, every: Duration, shutdown: Shutdown) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.reload_if_changed();
+        }
+    }
+
+    /// Returns whether a new certificate was put in force.
+    pub(crate) fn reload_if_changed(&self) -> bool {
+        let now = stamp(&self.cert, &self.key);
+        if now.is_none() || now == self.current.read().unwrap_or_else(|e| e.into_inner()).stamp {
+            return false;
+        }
+        match acceptor(&self.cert, &self.key) {
+            Ok(acceptor) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Loaded {
+                    acceptor,
+                    stamp: now,
+                };
+                tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                true
+            }
+            Err(e) => {
+                // Half-written files during a renewal also land here; the next change retries.
+                tracing::error!(error = %e, "TLS certificate not reloaded; the previous one stays");
+                false
+            }
+        }
+    }
+}
+
+fn stamp(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((modified(cert)?, modified(key)?))
+}
+
+fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| TlsError::Certificate {
+            path: cert.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: cert.to_path_buf(),
+        });
+    }
+    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private_key))
+        .map_err(|e| TlsError::Config {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_or_empty_files_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        let err = TlsReloader::load(&cert, &key).err().expect("missing files");
+        assert!(err.to_string().contains("cert.pem"), "{err}");
+        std::fs::write(&cert, "not pem").expect("write");
+        let err = TlsReloader::load(&cert, &key)
+            .err()
+            .expect("no certificate");
+        assert!(matches!(err, TlsError::NoCertificate { .. }), "{err}");
+    }
+}

@@ -1,0 +1,186 @@
+//! MQTT over TLS: a real TLS client (Debian's mosquitto_pub, OpenSSL) against certificates made
+//! with the openssl CLI, and a certificate renewal picked up without a restart.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::harness::{PATIENCE, Provisioned, Tern, free_port};
+
+/// A CA and a server certificate for `localhost` signed by it, under `dir/name-*`.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl must be installed (make deps)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn pki(dir: &Path, name: &str) -> Pki {
+    let f = |suffix: &str| format!("{name}-{suffix}");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                &f("ca.key"),
+                "-out",
+                &f("ca.pem"),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name} test CA"),
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        dir,
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                &f("key.pem"),
+                "-out",
+                &f("csr.pem"),
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join(f("ext.cnf")),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &f("csr.pem"),
+            "-CA",
+            &f("ca.pem"),
+            "-CAkey",
+            &f("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &f("cert.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &f("ext.cnf"),
+        ],
+    );
+    Pki {
+        ca: dir.join(f("ca.pem")),
+        cert: dir.join(f("cert.pem")),
+        key: dir.join(f("key.pem")),
+    }
+}
+
+/// Installs a certificate and key where the server reads them, each by an atomic rename.
+fn install(pki: &Pki, cert: &Path, key: &Path) {
+    for (from, to) in [(&pki.key, key), (&pki.cert, cert)] {
+        let staging = to.with_extension("new");
+        std::fs::copy(from, &staging).expect("copy");
+        std::fs::rename(&staging, to).expect("rename");
+    }
+}
+
+/// mosquitto_pub over TLS trusting `ca`; returns whether it succeeded.
+fn tls_pub(port: u16, p: &Provisioned, ca: Option<&Path>, payload: &str) -> bool {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(["-h", "localhost", "-p", &port.to_string()])
+        .args([
+            "-i",
+            &p.device_id,
+            "-u",
+            &p.device_id,
+            "-P",
+            &p.access_token,
+        ])
+        .args(["-q", "1", "-t", "telemetry", "-m", payload]);
+    if let Some(ca) = ca {
+        cmd.arg("--cafile").arg(ca);
+    }
+    cmd.output().expect("mosquitto_pub").status.success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_mosquitto_and_a_renewed_certificate_without_restart() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let (first, second) = (pki(certs.path(), "first"), pki(certs.path(), "second"));
+    let (cert, key) = (certs.path().join("tls.crt"), certs.path().join("tls.key"));
+    install(&first, &cert, &key);
+    let port = free_port();
+    let tern = Tern::start_with_env(&[
+        ("TERN_MQTTS_PORT", &port.to_string()),
+        ("TERN_MQTT__TLS__CERT_FILE", cert.to_str().expect("utf-8")),
+        ("TERN_MQTT__TLS__KEY_FILE", key.to_str().expect("utf-8")),
+        ("TERN_MQTT__TLS__RELOAD_INTERVAL_SECS", "1"),
+    ]);
+    let p = tern.provision("acme", "a");
+
+    assert!(
+        tls_pub(port, &p, Some(&first.ca), r#"{"temp": 1}"#),
+        "TLS publish"
+    );
+    assert_eq!(tern.wait_points(&p, "temp", 1).await.len(), 1);
+    assert!(
+        !tls_pub(port, &p, Some(&second.ca), "{}"),
+        "an untrusted server certificate"
+    );
+    assert!(!tls_pub(port, &p, None, "{}"), "plain MQTT on the TLS port");
+
+    install(&second, &cert, &key);
+    let deadline = Instant::now() + PATIENCE;
+    while !tls_pub(port, &p, Some(&second.ca), r#"{"temp": 2}"#) {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !tls_pub(port, &p, Some(&first.ca), "{}"),
+        "the old certificate is gone"
+    );
+    assert_eq!(tern.wait_points(&p, "temp", 2).await.len(), 2);
+    // Plain MQTT on its own port is unaffected.
+    assert!(
+        crate::harness::mosquitto_pub(
+            tern.mqtt_port,
+            &p.device_id,
+            &p.access_token,
+            "telemetry",
+            "{}"
+        )
+        .status
+        .success()
+    );
+    assert!(tern.log().contains("TLS certificate reloaded"));
+}
