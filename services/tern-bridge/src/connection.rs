@@ -383,6 +383,16 @@ impl Connection {
         self.read_with(|buf| codec::read(buf, version, max)).await
     }
 
+    /// Writes the outbox and flushes: TLS and WebSocket streams hold written bytes until then
+    /// (for plain TCP the flush does nothing).
+    async fn flush_outbox(&mut self) -> Result<(), Close> {
+        self.writer
+            .write_all(&self.outbox)
+            .await
+            .map_err(|_| Close::WriteFailed)?;
+        self.writer.flush().await.map_err(|_| Close::WriteFailed)
+    }
+
     /// Sends one packet in the connection's version (nothing if 3.1.1 lacks it).
     pub(crate) async fn send(&mut self, packet: &Packet) -> Result<(), Close> {
         self.outbox.clear();
@@ -391,10 +401,7 @@ impl Connection {
             Close::WriteFailed
         })?;
         if wrote {
-            self.writer
-                .write_all(&self.outbox)
-                .await
-                .map_err(|_| Close::WriteFailed)?;
+            self.flush_outbox().await?;
             self.bridge.metrics.packets_out.inc();
         }
         Ok(())
@@ -934,10 +941,7 @@ impl Connection {
             sent += 1;
         }
         if sent > 0 {
-            self.writer
-                .write_all(&self.outbox)
-                .await
-                .map_err(|_| Close::WriteFailed)?;
+            self.flush_outbox().await?;
             self.bridge.metrics.packets_out.inc_by(sent);
         }
         Ok(())
@@ -962,10 +966,7 @@ impl Connection {
             codec::write(reply, self.version, &mut self.outbox).map_err(|_| Close::WriteFailed)?;
         }
         if !self.outbox.is_empty() {
-            self.writer
-                .write_all(&self.outbox)
-                .await
-                .map_err(|_| Close::WriteFailed)?;
+            self.flush_outbox().await?;
             self.bridge
                 .metrics
                 .packets_out

@@ -26,6 +26,7 @@ mod router;
 mod sessions;
 mod tls;
 mod topics;
+mod websocket;
 
 use std::sync::Arc;
 
@@ -45,6 +46,7 @@ use tokio_util::task::TaskTracker;
 pub use config::{BridgeConfig, TlsConfig};
 pub use envelope::{EVENT_TOPIC, LIFECYCLE_TOPIC, TELEMETRY_TOPIC};
 pub use tls::{TlsError, TlsReloader};
+pub use websocket::{WEBSOCKET_PATH, websocket_routes};
 
 use crate::commands::CommandTargets;
 use crate::connection::Io;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tern_analytics::Ingest;
-use tern_bridge::{Bridge, BridgeServices, Listeners, TlsReloader};
+use tern_bridge::{Bridge, BridgeServices, Listeners, TlsReloader, websocket_routes};
 use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog};
 use tern_gateway::{Gateway, GatewayServices};
 use tern_identity::{Identity, IdentityGrpc, grpc_auth};
@@ -120,9 +120,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         },
         &metrics,
     );
-    let http_router = tern_gateway::router(gateway.clone(), tern_dashboard::router());
-    let http = axum::serve(http_listener, http_router)
-        .with_graceful_shutdown(stop_apis.clone().cancelled_owned());
+    // MQTT over WebSocket shares the HTTP port; its connections stop with the bridge's.
+    let http_router = tern_gateway::router(gateway.clone(), tern_dashboard::router())
+        .merge(websocket_routes(bridge.clone(), stop_bridge.clone()));
+    let http = axum::serve(
+        http_listener,
+        http_router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop_apis.clone().cancelled_owned());
     let http_task = tokio::spawn(async move { http.await });
 
     let grpc_router =

@@ -18,3 +18,4 @@ mod rest_api;
 mod revocation;
 mod simulator;
 mod tls;
+mod websocket;
