@@ -10,6 +10,7 @@
 
 pub mod conformance;
 mod embedded;
+pub mod envelope;
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 pub use embedded::{EmbeddedLog, EmbeddedLogConfig};
+pub use envelope::{EVENT_TOPIC, LIFECYCLE_TOPIC, TELEMETRY_TOPIC, device_record};
 
 /// One record to append.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,7 +28,6 @@ use tracing::Instrument;
 use crate::Bridge;
 use crate::codec::{self, ReadError, Version};
 use crate::commands::{self, is_command_topic, parse_response_topic};
-use crate::envelope::{EVENT_TOPIC, TELEMETRY_TOPIC, record};
 use crate::fanout::{hand_over, publish_will, retain_message};
 use crate::handshake::{Admitted, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
@@ -36,6 +35,7 @@ use crate::metrics::ReasonLabel;
 use crate::router::{Delivery, Message, SubscriptionOptions, lower_qos};
 use crate::sessions::SessionGuard;
 use crate::topics::{InvalidTopic, validate_filter, validate_name};
+use tern_eventlog::{EVENT_TOPIC, TELEMETRY_TOPIC, device_record as record};
 
 /// QoS 1 deliveries a client may have unacknowledged before the bridge waits for PUBACKs
 /// (lower if the client's MQTT 5 Receive Maximum says so).

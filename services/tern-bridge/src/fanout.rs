@@ -13,10 +13,10 @@ use tern_proto::v1::EventKind;
 use tokio::sync::mpsc;
 
 use crate::Bridge;
-use crate::envelope::{EVENT_TOPIC, TELEMETRY_TOPIC, record};
 use crate::lifecycle;
 use crate::retained::RetainOutcome;
 use crate::router::{Delivery, Message};
+use tern_eventlog::{EVENT_TOPIC, TELEMETRY_TOPIC, device_record as record};
 
 /// How long a publisher waits for room in a full subscriber queue before that delivery is
 /// dropped: long enough to ride out bursts, short enough that a stuck subscriber cannot stall

@@ -7,6 +7,7 @@ use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnAckProperties, ConnectReturnCode, LastWill, Login, Packet,
 };
 use tern_core::{DeviceId, TenantId};
+use tern_identity::DeviceAuthError;
 use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 
@@ -192,56 +193,40 @@ impl Connection {
                 )
                 .await;
         }
-        let principal = match self.bridge.identity.verify_device_token(&login.password) {
-            Ok(p) if p.device_id == device_id => p,
-            Ok(_) => {
-                tracing::info!(%device_id, "token belongs to another device");
-                return self
-                    .refuse(
-                        BadUserNamePassword,
-                        "token_device_mismatch",
-                        "the token belongs to another device",
-                    )
-                    .await;
-            }
-            Err(_) => {
-                tracing::info!(%device_id, "invalid or expired token");
-                return self
-                    .refuse(
-                        BadUserNamePassword,
-                        "bad_token",
-                        "the access token is invalid or expired",
-                    )
-                    .await;
-            }
-        };
-        match self
+        let device = match self
             .bridge
-            .registry
-            .device_of(principal.tenant_id, &device_id.to_string())
+            .identity
+            .authenticate_device(&login.password)
             .await
         {
-            Ok(device) if principal.issued_at_s < device.tokens_valid_from_s => {
-                tracing::info!(%device_id, "revoked access token");
-                self.refuse(
-                    BadUserNamePassword,
-                    "revoked_token",
-                    "the access token was revoked",
-                )
-                .await
-            }
-            Ok(device) if !device.disabled => Some((principal.tenant_id, device_id)),
-            Ok(_) => {
-                tracing::info!(%device_id, "device is disabled");
-                self.refuse(NotAuthorized, "device_disabled", "the device is disabled")
-                    .await
-            }
+            Ok(device) => device,
             Err(e) => {
-                tracing::info!(%device_id, error = %e, "device not in the registry");
-                self.refuse(NotAuthorized, "unknown_device", "the device does not exist")
-                    .await
+                tracing::info!(%device_id, error = %e, "device authentication failed");
+                let (code, metric) = match e {
+                    DeviceAuthError::InvalidToken => (BadUserNamePassword, "bad_token"),
+                    DeviceAuthError::Revoked => (BadUserNamePassword, "revoked_token"),
+                    DeviceAuthError::UnknownDevice => (NotAuthorized, "unknown_device"),
+                    DeviceAuthError::Disabled => (NotAuthorized, "device_disabled"),
+                    DeviceAuthError::Registry(_) => (ServerUnavailable, "registry_unavailable"),
+                };
+                let why = match e {
+                    DeviceAuthError::Registry(_) => "credentials cannot be checked now".to_string(),
+                    other => other.to_string(),
+                };
+                return self.refuse(code, metric, &why).await;
             }
+        };
+        if device.id != device_id {
+            tracing::info!(%device_id, "token belongs to another device");
+            return self
+                .refuse(
+                    BadUserNamePassword,
+                    "token_device_mismatch",
+                    "the token belongs to another device",
+                )
+                .await;
         }
+        Some((device.tenant_id, device.id))
     }
 
     /// Anonymous mode: a client id that names a registered device of the tenant acts as that

@@ -16,7 +16,6 @@ mod codec_robustness;
 mod commands;
 mod config;
 mod connection;
-mod envelope;
 mod fanout;
 mod handshake;
 mod lifecycle;
@@ -44,7 +43,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 pub use config::{BridgeConfig, TlsConfig};
-pub use envelope::{EVENT_TOPIC, LIFECYCLE_TOPIC, TELEMETRY_TOPIC};
 pub use tls::{TlsError, TlsReloader};
 pub use websocket::{WEBSOCKET_PATH, websocket_routes};
 

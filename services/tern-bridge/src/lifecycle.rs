@@ -9,7 +9,7 @@ use tern_core::{DeviceId, TenantId};
 use tern_eventlog::Record;
 use tern_proto::v1::EventKind;
 
-use crate::envelope::{LIFECYCLE_TOPIC, record};
+use tern_eventlog::{LIFECYCLE_TOPIC, device_record as record};
 
 fn lifecycle(tenant: TenantId, device: DeviceId, body: serde_json::Value) -> Record {
     record(

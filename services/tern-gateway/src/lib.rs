@@ -6,6 +6,7 @@
 
 mod auth;
 mod commands;
+mod device_api;
 mod error;
 mod extract;
 mod observe;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
+use tern_eventlog::EventLog;
 use tern_identity::Identity;
 use tern_registry::{Commands, Registry};
 use tern_runtime::MetricsRegistry;
@@ -28,6 +30,8 @@ pub struct GatewayServices {
     pub identity: Arc<Identity>,
     pub commands: Arc<Commands>,
     pub store: Arc<dyn Store>,
+    /// Where the HTTP device API appends messages.
+    pub log: Arc<dyn EventLog>,
 }
 
 /// Shared state of the HTTP edge.
@@ -36,6 +40,7 @@ pub struct Gateway {
     identity: Arc<Identity>,
     commands: Arc<Commands>,
     store: Arc<dyn Store>,
+    log: Arc<dyn EventLog>,
     metrics: MetricsRegistry,
     http_metrics: observe::HttpMetrics,
     ready: AtomicBool,
@@ -48,12 +53,14 @@ impl Gateway {
             identity,
             commands,
             store,
+            log,
         } = services;
         Arc::new(Self {
             registry,
             identity,
             commands,
             store,
+            log,
             http_metrics: observe::HttpMetrics::register(metrics),
             metrics: metrics.clone(),
             ready: AtomicBool::new(false),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
@@ -18,7 +19,7 @@ use tern_store::RangeQuery;
 
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
-use crate::{ApiError, Gateway, commands};
+use crate::{ApiError, Gateway, commands, device_api};
 
 type Shared = State<Arc<Gateway>>;
 type ApiResult<T> = Result<T, ApiError>;
@@ -65,6 +66,14 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
             post(commands::cancel),
         )
         .route("/api/v1/token/refresh", post(refresh_device_tokens))
+        .route("/device/v1/telemetry", post(device_api::telemetry))
+        .route("/device/v1/event", post(device_api::event))
+        .route("/device/v1/commands", get(device_api::commands))
+        .route(
+            "/device/v1/commands/{command}/response",
+            post(device_api::respond),
+        )
+        .layer(DefaultBodyLimit::max(device_api::MAX_MESSAGE_BYTES))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(gateway)
 }

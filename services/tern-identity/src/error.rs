@@ -20,6 +20,21 @@ pub enum IdentityError {
     Keys(String),
 }
 
+/// Why a device's access token was not accepted; callers map it to their protocol's codes.
+#[derive(Debug, Error)]
+pub enum DeviceAuthError {
+    #[error("the access token is invalid or expired")]
+    InvalidToken,
+    #[error("the access token was revoked")]
+    Revoked,
+    #[error("the device does not exist")]
+    UnknownDevice,
+    #[error("the device is disabled")]
+    Disabled,
+    #[error(transparent)]
+    Registry(RegistryError),
+}
+
 impl IdentityError {
     pub fn code(&self) -> ErrorCode {
         match self {

@@ -3,13 +3,13 @@ use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
-use tern_core::{Caller, DeviceId, TenantId, ValidationError, now_ms, validate_name};
-use tern_registry::Registry;
+use tern_core::{Caller, Device, DeviceId, TenantId, ValidationError, now_ms, validate_name};
+use tern_registry::{Registry, RegistryError};
 use tern_store::Store;
 
-use crate::IdentityError;
 use crate::keys::SigningKey;
 use crate::secrets::{new_token, token_hash};
+use crate::{DeviceAuthError, IdentityError};
 
 const ISSUER: &str = "tern";
 const DEVICE_AUDIENCE: &str = "tern-device";
@@ -236,6 +236,30 @@ impl Identity {
             .delete_record(DEVICE_REFRESH_TOKEN, &format!("{tenant}/{device}/{hash}"))
             .await?;
         Ok(())
+    }
+
+    /// Everything a device's access token must pass, for every way a device comes in (MQTT,
+    /// HTTP): signature, issuer, audience, expiry, not revoked, and the device exists and is
+    /// enabled.
+    pub async fn authenticate_device(&self, token: &str) -> Result<Device, DeviceAuthError> {
+        let principal = self
+            .verify_device_token(token)
+            .map_err(|_| DeviceAuthError::InvalidToken)?;
+        let device = self
+            .registry
+            .device_of(principal.tenant_id, &principal.device_id.to_string())
+            .await
+            .map_err(|e| match e {
+                RegistryError::NotFound(_) => DeviceAuthError::UnknownDevice,
+                other => DeviceAuthError::Registry(other),
+            })?;
+        if principal.issued_at_s < device.tokens_valid_from_s {
+            return Err(DeviceAuthError::Revoked);
+        }
+        if device.disabled {
+            return Err(DeviceAuthError::Disabled);
+        }
+        Ok(device)
     }
 
     /// Verifies a device access token's signature, issuer, audience and expiry. Whether the

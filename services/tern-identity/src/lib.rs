@@ -16,6 +16,6 @@ mod identity;
 mod keys;
 mod secrets;
 
-pub use error::IdentityError;
+pub use error::{DeviceAuthError, IdentityError};
 pub use grpc::{IdentityGrpc, grpc_auth};
 pub use identity::{ApiToken, DevicePrincipal, DeviceTokens, Identity, IdentityConfig};

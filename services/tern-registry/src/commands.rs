@@ -20,7 +20,7 @@ use tern_core::{
 use tern_eventlog::{EventLog, Record};
 use tern_proto::v1::{Event, EventKind};
 use tern_store::Store;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::RegistryError;
 
@@ -81,6 +81,8 @@ pub struct Commands {
     write_lock: tokio::sync::Mutex<()>,
     /// State changes, for callers waiting on a command.
     watchers: Mutex<HashMap<CommandId, watch::Sender<CommandState>>>,
+    /// New commands, for devices long-polling for them (HTTP).
+    arrivals: Mutex<HashMap<(TenantId, DeviceId), Arc<Notify>>>,
 }
 
 fn key(tenant: TenantId, device: DeviceId, id: CommandId) -> String {
@@ -96,6 +98,7 @@ impl Commands {
             route: OnceLock::new(),
             write_lock: tokio::sync::Mutex::new(()),
             watchers: Mutex::new(HashMap::new()),
+            arrivals: Mutex::new(HashMap::new()),
         }
     }
 
@@ -185,6 +188,14 @@ impl Commands {
         if let Some(route) = self.route.get() {
             route.deliver(&command);
         }
+        if let Some(arrival) = self
+            .arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(device.tenant_id, device.id))
+        {
+            arrival.notify_waiters();
+        }
         Ok((command, true))
     }
 
@@ -230,6 +241,56 @@ impl Commands {
             .into_iter()
             .filter(|c| c.state == CommandState::Pending)
             .collect())
+    }
+
+    /// A device's pending commands, waiting up to `wait` for one if there are none (HTTP
+    /// long-poll). The commands returned count as delivered.
+    pub async fn take_pending(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+        wait: Duration,
+    ) -> Result<Vec<Command>, RegistryError> {
+        let arrival = self
+            .arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((tenant, device))
+            .or_default()
+            .clone();
+        let deadline = tokio::time::Instant::now() + wait;
+        let pending = loop {
+            // Registered before reading, so a command sent in between still wakes us.
+            let notified = arrival.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let pending = self.pending(tenant, device).await?;
+            if !pending.is_empty() {
+                break pending;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break Vec::new();
+            }
+        };
+        {
+            let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+            // Only this call and the map hold it: nobody else is waiting for the device.
+            if Arc::strong_count(&arrival) == 2 {
+                arrivals.remove(&(tenant, device));
+            }
+        }
+        let mut delivered = Vec::with_capacity(pending.len());
+        for command in pending {
+            let id = command.id;
+            delivered.push(
+                self.update(tenant, device, id, |c, now| {
+                    c.expire_if_due(now) || c.transition(CommandState::Delivered, now)
+                })
+                .await?
+                .unwrap_or(command),
+            );
+        }
+        Ok(delivered)
     }
 
     /// The device acknowledged receipt.
@@ -695,5 +756,29 @@ mod tests {
             .await
             .expect("wait");
         assert_eq!(still.state, CommandState::Pending);
+    }
+
+    #[tokio::test]
+    async fn long_polls_wake_on_a_new_command_and_take_it_as_delivered() {
+        let f = fixture();
+        let (t, d) = (f.device.tenant_id, f.device.id);
+        let empty = f
+            .commands
+            .take_pending(t, d, Duration::from_millis(20))
+            .await
+            .expect("poll");
+        assert!(empty.is_empty());
+        let commands = f.commands.clone();
+        let poll =
+            tokio::spawn(async move { commands.take_pending(t, d, Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (sent, _) = f.commands.send(&f.device, new("x")).await.expect("send");
+        let got = poll.await.expect("task").expect("poll");
+        assert_eq!(got.iter().map(|c| c.id).collect::<Vec<_>>(), [sent.id]);
+        assert_eq!(got[0].state, CommandState::Delivered);
+        assert!(
+            f.commands.pending(t, d).await.expect("pending").is_empty(),
+            "taken commands are no longer pending"
+        );
     }
 }

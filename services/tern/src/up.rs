@@ -117,6 +117,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             identity: identity.clone(),
             commands,
             store: store.clone(),
+            log: log.clone(),
         },
         &metrics,
     );

@@ -9,6 +9,7 @@ mod commands;
 mod config_errors;
 mod dashboard;
 mod device_edge;
+mod device_http;
 mod durability;
 mod grpc;
 mod mqtt311;

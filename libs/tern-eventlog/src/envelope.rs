@@ -1,10 +1,12 @@
-//! Turning an accepted device message into the event-log envelope (`tern.v1.Event`).
+//! Turning an accepted device message into the event-log envelope (`tern.v1.Event`), the same
+//! way for every way in (MQTT, HTTP).
 
 use bytes::Bytes;
 use prost::Message;
 use tern_core::{DeviceId, TenantId, decode_telemetry, now_ms};
-use tern_eventlog::Record;
 use tern_proto::v1::{Event, EventKind, Metric};
+
+use crate::Record;
 
 /// Event-log topic of numeric and other telemetry.
 pub const TELEMETRY_TOPIC: &str = "telemetry";
@@ -14,7 +16,7 @@ pub const EVENT_TOPIC: &str = "event";
 pub const LIFECYCLE_TOPIC: &str = "lifecycle";
 
 /// Builds the log record: keyed by tenant/device so each device's messages stay in order.
-pub(crate) fn record(
+pub fn device_record(
     tenant: TenantId,
     device: DeviceId,
     kind: EventKind,
@@ -70,7 +72,7 @@ mod tests {
     #[test]
     fn json_telemetry_is_decoded_into_the_envelope() {
         let (t, d) = (TenantId::random(), DeviceId::random());
-        let r = record(
+        let r = device_record(
             t,
             d,
             EventKind::Telemetry,
@@ -96,7 +98,7 @@ mod tests {
     #[test]
     fn other_payloads_are_kept_raw() {
         let (t, d) = (TenantId::random(), DeviceId::random());
-        let r = record(
+        let r = device_record(
             t,
             d,
             EventKind::Event,
