@@ -1,6 +1,7 @@
 //! The fleet simulator: many MQTT devices against Tern or any MQTT broker, reporting throughput
 //! and latency (HDR histograms) as JSON. The `tern-sim` binary is a thin wrapper around [`run`].
 
+mod commander;
 mod mqtt;
 mod provision;
 mod stats;
@@ -90,6 +91,14 @@ pub struct Args {
     /// Also write the JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Publishing devices also subscribe to `command/req/#` and answer every Tern command on
+    /// `command/res/{id}/200` (QoS 0), echoing its payload.
+    #[arg(long)]
+    pub answer_commands: bool,
+    /// Send this many Tern commands per second (REST, synchronous) to random devices while
+    /// measuring, and report the round trip. Needs --tern-server and --answer-commands.
+    #[arg(long, default_value_t = 0.0)]
+    pub command_rate: f64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -160,10 +169,16 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
             .clone()
             .map(|u| (u, args.password.clone().unwrap_or_default())),
     };
+    if args.command_rate > 0.0 && (!args.answer_commands || args.tern_server.is_none()) {
+        anyhow::bail!("--command-rate needs --answer-commands and --tern-server");
+    }
+    let mut api = None;
     let (credentials, mut subscriber_credentials): (Vec<Credentials>, Vec<Credentials>) =
         match (&args.tern_server, &args.tern_token) {
             (Some(server), Some(token)) => {
-                let api = Arc::new(provision::Api::new(server, token)?);
+                let tern = Arc::new(provision::Api::new(server, token)?);
+                api = Some(tern.clone());
+                let api = tern;
                 let mut devices: Vec<Credentials> = api
                     .provision(&args.tern_tenant, "sim", args.devices + args.subscribers)
                     .await?
@@ -211,6 +226,7 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         anyhow::bail!("no subscriber could subscribe");
     }
 
+    let device_ids: Vec<String> = credentials.iter().map(|c| c.client_id.clone()).collect();
     let (connected_tx, mut connected_rx) = tokio::sync::mpsc::channel::<()>(args.devices.max(1));
     let mut publishers = Vec::with_capacity(args.devices);
     let connect_started = Instant::now();
@@ -232,7 +248,23 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
     let cpu_before = own_cpu_seconds();
     let started = Instant::now();
     phase_tx.send_replace(Phase::Running);
-    tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    let measurement = Duration::from_secs_f64(args.duration);
+    let commands = match &api {
+        Some(api) if args.command_rate > 0.0 => Some(
+            commander::run(
+                api.clone(),
+                &args.tern_tenant,
+                &device_ids,
+                args.command_rate,
+                measurement,
+            )
+            .await,
+        ),
+        _ => {
+            tokio::time::sleep(measurement).await;
+            None
+        }
+    };
     phase_tx.send_replace(Phase::Draining);
     let measured = started.elapsed().as_secs_f64();
     let cpu_used = own_cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
@@ -274,6 +306,7 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         "ack_latency": summary(&total.ack_us),
         "end_to_end_latency": summary(&total.e2e_us),
         "connect_latency": summary(&total.connect_us),
+        "commands": commands,
         "connect_failures": total.connect_failures,
         "errors": total.errors,
         "generator_cpu_s": cpu_used,
@@ -320,6 +353,12 @@ async fn publisher(
         if phase.changed().await.is_err() {
             return (stats, 0);
         }
+    }
+    if args.answer_commands
+        && let Err(e) = writer.subscribe("command/req/#", QoS::AtLeastOnce).await
+    {
+        stats.errors.push(format!("device {index}: {e:#}"));
+        return (stats, 0);
     }
     let topic = args.topic.replace("{device}", &index.to_string());
     let qos = qos(args.qos);
@@ -400,6 +439,16 @@ async fn publisher(
                 }
                 Ok(Packet::PubRec(rec)) => {
                     let _ = writer.push(&Packet::PubRel(PubRel::new(rec.pkid)));
+                }
+                Ok(Packet::Publish(command)) => {
+                    // A Tern command: acknowledge it and answer 200 with its payload.
+                    if command.qos == QoS::AtLeastOnce {
+                        let _ = writer.push(&Packet::PubAck(PubAck::new(command.pkid)));
+                    }
+                    if let Some(id) = command.topic.strip_prefix("command/req/").and_then(|r| r.split('/').next()) {
+                        let response = format!("command/res/{id}/200");
+                        let _ = writer.push(&publish(&response, QoS::AtMostOnce, 0, command.payload.to_vec()));
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {

@@ -26,7 +26,7 @@ impl Api {
         })
     }
 
-    async fn call(
+    pub async fn call(
         &self,
         method: reqwest::Method,
         path: &str,

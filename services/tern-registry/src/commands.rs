@@ -30,6 +30,7 @@ const COMMAND_IDEMPOTENCY: &str = "command_idem";
 pub const COMMANDS_TOPIC: &str = "commands";
 const MAX_IDEMPOTENCY_KEY: usize = 128;
 const PAGE: usize = 1000;
+const WRITE_LOCK_STRIPES: usize = 64;
 
 /// Hands a command to the connection of its device, wherever that is.
 pub trait CommandRoute: Send + Sync {
@@ -77,8 +78,10 @@ pub struct Commands {
     log: Arc<dyn EventLog>,
     config: CommandsConfig,
     route: OnceLock<Arc<dyn CommandRoute>>,
-    /// Serialises read-modify-write of command records.
-    write_lock: tokio::sync::Mutex<()>,
+    /// Serialise read-modify-write of one command record (striped by command id) and the
+    /// idempotency check of one device (striped by device id), without making every command
+    /// of the platform wait for every other's fsync.
+    write_locks: Vec<tokio::sync::Mutex<()>>,
     /// State changes, for callers waiting on a command.
     watchers: Mutex<HashMap<CommandId, watch::Sender<CommandState>>>,
     /// New commands, for devices long-polling for them (HTTP).
@@ -96,10 +99,18 @@ impl Commands {
             log,
             config,
             route: OnceLock::new(),
-            write_lock: tokio::sync::Mutex::new(()),
+            write_locks: (0..WRITE_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             watchers: Mutex::new(HashMap::new()),
             arrivals: Mutex::new(HashMap::new()),
         }
+    }
+
+    async fn lock(&self, id: uuid::Uuid) -> tokio::sync::MutexGuard<'_, ()> {
+        // UUID v4 and v7 both end in random bits.
+        let stripe = (id.as_u128() as usize) % self.write_locks.len();
+        self.write_locks[stripe].lock().await
     }
 
     /// Connects the bridge(s); set once at start-up.
@@ -147,7 +158,7 @@ impl Commands {
             Some(k) => Some(format!("{}/{}/{k}", device.tenant_id, device.id)),
             None => None,
         };
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.lock(device.id.0).await;
         if let Some(idem) = &idempotency
             && let Some(id) = self.store.get_record(COMMAND_IDEMPOTENCY, idem).await?
         {
@@ -481,7 +492,7 @@ impl Commands {
         id: CommandId,
         change: impl FnOnce(&mut Command, i64) -> bool,
     ) -> Result<Option<Command>, RegistryError> {
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.lock(id.0).await;
         let Some(mut command) = self.load(tenant, device, id).await? else {
             return Ok(None);
         };

@@ -63,3 +63,36 @@ async fn the_simulator_provisions_publishes_and_its_data_is_stored() {
     }
     assert_eq!(stored, acked, "every acknowledged message stored once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_devices_answer_commands_sent_through_the_api() {
+    let tern = Tern::start();
+    let token = tern.operator_token();
+    let (server, broker) = (tern.http(), format!("127.0.0.1:{}", tern.mqtt_port));
+    let args = tern_sim::Args::parse_from([
+        "tern-sim",
+        "--broker",
+        &broker,
+        "--devices",
+        "4",
+        "--rate",
+        "5",
+        "--duration",
+        "1",
+        "--answer-commands",
+        "--command-rate",
+        "20",
+        "--tern-server",
+        &server,
+        "--tern-token",
+        &token,
+        "--tern-tenant",
+        "sim",
+    ]);
+    let report = tern_sim::run(args).await.expect("simulation");
+    let commands = &report["commands"];
+    let sent = commands["sent"].as_u64().expect("sent");
+    assert!(sent > 0, "{report}");
+    assert_eq!(commands["succeeded"].as_u64(), Some(sent), "{report}");
+    assert!(commands["round_trip"]["p99_us"].as_u64().expect("p99") > 0);
+}
