@@ -336,7 +336,9 @@ fn lower_connack(code: ConnectReturnCode) -> v4::ConnectReturnCode {
         C::Success => V4::Success,
         C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => V4::RefusedProtocolVersion,
         C::BadClientId | C::ClientIdentifierNotValid => V4::BadClientId,
-        C::ServiceUnavailable | C::ServerUnavailable | C::ServerBusy => V4::ServiceUnavailable,
+        C::ServiceUnavailable | C::ServerUnavailable | C::ServerBusy | C::QuotaExceeded => {
+            V4::ServiceUnavailable
+        }
         C::BadUserNamePassword | C::BadAuthenticationMethod => V4::BadUserNamePassword,
         _ => V4::NotAuthorized,
     }

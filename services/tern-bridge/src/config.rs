@@ -24,6 +24,12 @@ pub struct BridgeConfig {
     /// into this tenant (created if missing), for development and protocol test suites.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anonymous_tenant: Option<String>,
+    /// Open connections per tenant; beyond it CONNECT is refused (MQTT 5 0x97 quota exceeded,
+    /// 3.1.1 3 server unavailable). 0: no limit.
+    pub max_connections_per_tenant: usize,
+    /// Publishes per second per connection (burst: one second's worth); a device over it is
+    /// slowed down by not reading from it. 0: no limit.
+    pub max_publish_rate_per_device: u32,
     pub tls: TlsConfig,
 }
 
@@ -61,6 +67,8 @@ impl Default for BridgeConfig {
             max_queued_messages: 1000,
             max_retained_per_tenant: 10_000,
             anonymous_tenant: None,
+            max_connections_per_tenant: 0,
+            max_publish_rate_per_device: 0,
             tls: TlsConfig::default(),
         }
     }

@@ -32,6 +32,7 @@ use crate::fanout::{hand_over, publish_will, retain_message};
 use crate::handshake::{Admitted, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
 use crate::metrics::ReasonLabel;
+use crate::quota::TokenBucket;
 use crate::router::{Delivery, Message, SubscriptionOptions, lower_qos};
 use crate::sessions::SessionGuard;
 use crate::topics::{InvalidTopic, validate_filter, validate_name};
@@ -85,6 +86,10 @@ struct Flow {
     client_max_packet: usize,
     /// MQTT 5 topic aliases the client set.
     aliases: HashMap<u16, Bytes>,
+    /// `mqtt.max_publish_rate_per_device`, if set.
+    bucket: Option<TokenBucket>,
+    /// Not reading until then: the device is over its publish rate.
+    paused_until: Option<Instant>,
 }
 
 impl Flow {
@@ -439,6 +444,11 @@ impl Connection {
             window: OUTBOUND_WINDOW.min(usize::from(admitted.receive_maximum)),
             client_max_packet: admitted.max_packet_size.map_or(usize::MAX, |m| m as usize),
             aliases: HashMap::new(),
+            bucket: match self.bridge.config.max_publish_rate_per_device {
+                0 => None,
+                rate => Some(TokenBucket::new(rate, Instant::now())),
+            },
+            paused_until: None,
         };
 
         let close = loop {
@@ -462,7 +472,14 @@ impl Connection {
                         break close;
                     }
                 }
-                read = timeout_at(deadline, self.read_packet()), if flow.unacked < max_inflight => {
+                _ = sleep_until_paused(flow.paused_until), if flow.paused_until.is_some() => {
+                    flow.paused_until = None;
+                    // The device was not silent: this side was not reading.
+                    deadline = Instant::now() + grace.unwrap_or(far_future);
+                }
+                read = timeout_at(deadline, self.read_packet()),
+                    if flow.unacked < max_inflight && flow.paused_until.is_none() =>
+                {
                     let packet = match read {
                         Err(_) => break Close::KeepaliveExpired,
                         Ok(Ok(None)) => break Close::ClientClosed,
@@ -523,6 +540,7 @@ impl Connection {
         loop {
             // Publishes take the synchronous path; only other packets and deferred publish
             // work build a future.
+            let is_publish = matches!(packet, Packet::Publish(_));
             let handled = match packet {
                 Packet::Publish(publish) => match self.publish(publish, flow) {
                     Ok(Some(deferred)) => self.finish(*deferred, flow).await,
@@ -534,6 +552,13 @@ impl Connection {
             if let Err(close) = handled {
                 flow.seal(&self.bridge.log);
                 return Err(close);
+            }
+            if is_publish
+                && let Some(wait) = flow.bucket.as_mut().and_then(|b| b.take(Instant::now()))
+            {
+                self.bridge.metrics.rate_limited.inc();
+                flow.paused_until = Some(Instant::now() + wait);
+                break;
             }
             if flow.unacked >= max_inflight {
                 break;
@@ -1081,6 +1106,14 @@ fn to_publish(delivery: Delivery, version: Version) -> Publish {
         pkid: 0,
         payload: delivery.payload,
         properties,
+    }
+}
+
+/// Waits out a rate-limit pause (polled only while there is one).
+async fn sleep_until_paused(until: Option<Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
     }
 }
 

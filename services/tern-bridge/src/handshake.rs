@@ -15,6 +15,7 @@ use crate::codec::{self, ConnectPacket, ReadError, Version};
 use crate::commands::is_command_topic;
 use crate::connection::Connection;
 use crate::metrics::ReasonLabel;
+use crate::quota::TenantSlot;
 use crate::topics::{InvalidTopic, validate_name};
 
 /// Topic aliases a client may set per connection (MQTT 5 Topic Alias Maximum).
@@ -30,6 +31,8 @@ pub(crate) struct Admitted {
     pub receive_maximum: u16,
     /// MQTT 5 Maximum Packet Size of the client; larger deliveries are dropped (3.1.2.11.4).
     pub max_packet_size: Option<u32>,
+    /// The tenant's connection slot, held for the connection's life.
+    pub _tenant_slot: TenantSlot,
 }
 
 impl Connection {
@@ -120,6 +123,17 @@ impl Connection {
                 }
             },
         };
+        let limit = self.bridge.config.max_connections_per_tenant;
+        let Some(tenant_slot) = self.bridge.tenant_connections.reserve(tenant, limit) else {
+            tracing::info!(%tenant, limit, "tenant connection quota reached");
+            return self
+                .refuse(
+                    QuotaExceeded,
+                    "tenant_connection_quota",
+                    "the tenant's connection quota is reached",
+                )
+                .await;
+        };
         let connack = ConnAck {
             session_present: false,
             code: Success,
@@ -133,6 +147,7 @@ impl Connection {
             will: c.will,
             receive_maximum: properties.receive_maximum.unwrap_or(u16::MAX),
             max_packet_size: properties.max_packet_size,
+            _tenant_slot: tenant_slot,
         })
     }
 

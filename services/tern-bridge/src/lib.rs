@@ -20,6 +20,7 @@ mod fanout;
 mod handshake;
 mod lifecycle;
 mod metrics;
+mod quota;
 mod retained;
 mod router;
 mod sessions;
@@ -49,6 +50,7 @@ pub use websocket::{WEBSOCKET_PATH, websocket_routes};
 use crate::commands::CommandTargets;
 use crate::connection::Io;
 use crate::metrics::BridgeMetrics;
+use crate::quota::TenantConnections;
 use crate::retained::Retained;
 use crate::router::Router;
 use crate::sessions::Sessions;
@@ -86,6 +88,8 @@ pub struct Bridge {
     command_targets: Arc<CommandTargets>,
     /// Where clients without credentials go; `None` refuses them.
     anonymous_tenant: Option<TenantId>,
+    /// Connections per tenant (`mqtt.max_connections_per_tenant`).
+    tenant_connections: Arc<TenantConnections>,
     /// Connection slots (`mqtt.max_connections`) across every transport.
     slots: Arc<Semaphore>,
     /// Every connection's task, so that shutdown can wait for them.
@@ -130,6 +134,7 @@ impl Bridge {
             command_targets,
             anonymous_tenant,
             slots,
+            tenant_connections: Arc::default(),
             connections: TaskTracker::new(),
         })
     }

@@ -23,6 +23,7 @@ pub(crate) struct BridgeMetrics {
     pub connections_total: Counter,
     pub refused_connections: Counter,
     pub tls_failures: Counter,
+    pub rate_limited: Counter,
     pub connect_failures: Family<ReasonLabel, Counter>,
     pub closed_on_error: Family<ReasonLabel, Counter>,
     pub messages_in: Family<KindLabel, Counter>,
@@ -55,6 +56,7 @@ impl BridgeMetrics {
             connections_total: Counter::default(),
             refused_connections: Counter::default(),
             tls_failures: Counter::default(),
+            rate_limited: Counter::default(),
             connect_failures: Family::default(),
             closed_on_error: Family::default(),
             messages_in,
@@ -84,6 +86,11 @@ impl BridgeMetrics {
                 "connections_refused",
                 "Connections refused at the connection limit",
                 m.refused_connections.clone(),
+            );
+            r.register(
+                "rate_limited",
+                "Times a device over mqtt.max_publish_rate_per_device was paused",
+                m.rate_limited.clone(),
             );
             r.register(
                 "tls_handshake_failures",

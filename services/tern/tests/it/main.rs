@@ -15,6 +15,7 @@ mod grpc;
 mod mqtt311;
 mod mqtt5;
 mod pubsub;
+mod quotas;
 mod rest_api;
 mod revocation;
 mod simulator;
