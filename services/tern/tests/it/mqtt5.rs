@@ -51,6 +51,18 @@ impl Client {
         connect(options(tern, p)).await.expect("connect")
     }
 
+    /// A device subscribed to `path` with default options.
+    async fn watching(tern: &Tern, p: &Provisioned, path: &str) -> Self {
+        let mut client = Self::device(tern, p).await;
+        client
+            .subscribe(
+                vec![filter(path, false, false, RetainForwardRule::Never)],
+                None,
+            )
+            .await;
+        client
+    }
+
     async fn next(&mut self) -> Result<Packet, ConnectionError> {
         loop {
             match tokio::time::timeout(Duration::from_secs(15), self.events.poll())
@@ -398,13 +410,7 @@ async fn mqtt5_3_14_2_1_takeover_is_announced_with_reason_0x8e() {
 async fn mqtt5_3_14_2_1_disconnect_with_will_message_publishes_the_will() {
     let tern = Tern::start();
     let (a, b) = (tern.provision("acme", "a"), tern.provision("acme", "b"));
-    let mut watcher = Client::device(&tern, &a).await;
-    watcher
-        .subscribe(
-            vec![filter("wills/#", false, false, RetainForwardRule::Never)],
-            None,
-        )
-        .await;
+    let mut watcher = Client::watching(&tern, &a, "wills/#").await;
 
     // Raw packets: rumqttc's client always disconnects with reason 0x00.
     let mut raw = Raw::connect(&tern, &b, Some(("wills/b", "bye"))).await;
@@ -421,13 +427,7 @@ async fn mqtt5_3_14_2_1_disconnect_with_will_message_publishes_the_will() {
 async fn mqtt5_3_3_2_3_4_topic_aliases_set_and_use_and_out_of_range_is_0x94() {
     let tern = Tern::start();
     let (a, b) = (tern.provision("acme", "a"), tern.provision("acme", "b"));
-    let mut watcher = Client::device(&tern, &a).await;
-    watcher
-        .subscribe(
-            vec![filter("alias/#", false, false, RetainForwardRule::Never)],
-            None,
-        )
-        .await;
+    let mut watcher = Client::watching(&tern, &a, "alias/#").await;
     let mut raw = Raw::connect(&tern, &b, None).await;
     let with_alias = |topic: &'static str, alias: u16, payload: &'static str| {
         Packet::Publish(Publish {
