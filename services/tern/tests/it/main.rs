@@ -19,5 +19,6 @@ mod quotas;
 mod rest_api;
 mod revocation;
 mod simulator;
+mod tenancy;
 mod tls;
 mod websocket;
