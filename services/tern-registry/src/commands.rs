@@ -26,6 +26,9 @@ use crate::RegistryError;
 
 const COMMAND: &str = "command";
 const COMMAND_IDEMPOTENCY: &str = "command_idem";
+/// Commands that have not ended, by expiry time: `{expires_at_ms:016x}/{tenant}/{device}/{id}`,
+/// so the sweeper reads only what is due.
+const COMMAND_EXPIRY: &str = "command_expiry";
 /// Event-log topic of finished commands.
 pub const COMMANDS_TOPIC: &str = "commands";
 const MAX_IDEMPOTENCY_KEY: usize = 128;
@@ -186,6 +189,9 @@ impl Commands {
             at_ms: now,
         });
         self.save(&command).await?;
+        self.store
+            .put_record(COMMAND_EXPIRY, &expiry_key(&command), Bytes::new())
+            .await?;
         if let Some(idem) = idempotency {
             self.store
                 .put_record(
@@ -416,6 +422,59 @@ impl Commands {
         result
     }
 
+    /// Expires every command whose TTL has passed without an end, so that it is logged and
+    /// waiters learn of it even if nobody reads it. Returns how many expired.
+    pub async fn sweep_expired(&self) -> Result<usize, RegistryError> {
+        let now = now_ms();
+        let mut expired = 0;
+        loop {
+            let due = self
+                .store
+                .list_records(COMMAND_EXPIRY, "", None, PAGE)
+                .await?;
+            let mut progressed = false;
+            for (key, _) in &due {
+                let Some((at, tenant, device, id)) = parse_expiry_key(key) else {
+                    tracing::warn!(key, "dropping an unreadable command expiry record");
+                    self.store.delete_record(COMMAND_EXPIRY, key).await?;
+                    continue;
+                };
+                if at > now {
+                    return Ok(expired);
+                }
+                match self
+                    .update(tenant, device, id, |c, now| c.expire_if_due(now))
+                    .await?
+                {
+                    Some(c) if c.state == CommandState::Expired => expired += 1,
+                    Some(c) if !c.state.is_terminal() => continue,
+                    _ => {}
+                }
+                // Ended one way or another: its index entry goes (update removed it if it
+                // expired the command just now; this covers records left behind).
+                self.store.delete_record(COMMAND_EXPIRY, key).await?;
+                progressed = true;
+            }
+            if due.len() < PAGE || !progressed {
+                return Ok(expired);
+            }
+        }
+    }
+
+    /// Runs [`Commands::sweep_expired`] every `every` until `stop` resolves.
+    pub async fn run_expiry(self: Arc<Self>, every: Duration, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.sweep_expired().await {
+                tracing::error!(error = %e, "command expiry sweep failed");
+            }
+        }
+    }
+
     async fn all_of(
         &self,
         tenant: TenantId,
@@ -500,10 +559,13 @@ impl Commands {
             return Ok(Some(command));
         }
         self.save(&command).await?;
-        if command.state.is_terminal()
-            && let Err(e) = self.log.append(vec![finished_record(&command)]).await
-        {
-            tracing::error!(error = %e, command = %id, "cannot append a finished command to the log");
+        if command.state.is_terminal() {
+            self.store
+                .delete_record(COMMAND_EXPIRY, &expiry_key(&command))
+                .await?;
+            if let Err(e) = self.log.append(vec![finished_record(&command)]).await {
+                tracing::error!(error = %e, command = %id, "cannot append a finished command to the log");
+            }
         }
         if let Some(watcher) = self
             .watchers
@@ -515,6 +577,25 @@ impl Commands {
         }
         Ok(Some(command))
     }
+}
+
+fn expiry_key(command: &Command) -> String {
+    format!(
+        "{:016x}/{}/{}/{}",
+        command.expires_at_ms.max(0),
+        command.tenant_id,
+        command.device_id,
+        command.id
+    )
+}
+
+fn parse_expiry_key(key: &str) -> Option<(i64, TenantId, DeviceId, CommandId)> {
+    let mut parts = key.split('/');
+    let at = i64::from_str_radix(parts.next()?, 16).ok()?;
+    let tenant = TenantId::parse(parts.next()?).ok()?;
+    let device = DeviceId::parse(parts.next()?).ok()?;
+    let id = CommandId::parse(parts.next()?).ok()?;
+    Some((at, tenant, device, id))
 }
 
 fn decode(key: &str, value: &[u8]) -> Result<Command, RegistryError> {
@@ -791,5 +872,68 @@ mod tests {
             f.commands.pending(t, d).await.expect("pending").is_empty(),
             "taken commands are no longer pending"
         );
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_expires_unanswered_commands_without_a_read() {
+        let f = fixture();
+        let short = NewCommand {
+            ttl_secs: Some(1),
+            ..new("short")
+        };
+        let (due, _) = f.commands.send(&f.device, short).await.expect("send");
+        let (_long, _) = f.commands.send(&f.device, new("long")).await.expect("send");
+        let (answered, _) = f
+            .commands
+            .send(
+                &f.device,
+                NewCommand {
+                    ttl_secs: Some(1),
+                    ..new("answered")
+                },
+            )
+            .await
+            .expect("send");
+        let (t, d) = (f.device.tenant_id, f.device.id);
+        f.commands
+            .respond(t, d, answered.id, 200, b"{}")
+            .await
+            .expect("respond");
+        assert_eq!(
+            f.commands.sweep_expired().await.expect("sweep"),
+            0,
+            "nothing due yet"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(f.commands.sweep_expired().await.expect("sweep"), 1);
+        assert_eq!(
+            f.commands.sweep_expired().await.expect("sweep"),
+            0,
+            "swept once"
+        );
+        let mut consumer = f
+            .log
+            .consumer("test", COMMANDS_TOPIC)
+            .await
+            .expect("consumer");
+        let finished: Vec<Event> = consumer
+            .poll(10, Duration::from_secs(5))
+            .await
+            .expect("poll")
+            .into_iter()
+            .map(|r| Event::decode(r.value).expect("event"))
+            .collect();
+        assert_eq!(finished.len(), 2, "answered and expired, each logged once");
+        let mut states = Vec::new();
+        for id in [due.id, answered.id] {
+            let stored = f
+                .commands
+                .load(t, d, id)
+                .await
+                .expect("load")
+                .expect("exists");
+            states.push(stored.state);
+        }
+        assert_eq!(states, [CommandState::Expired, CommandState::Succeeded]);
     }
 }

@@ -115,7 +115,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         GatewayServices {
             registry: registry.clone(),
             identity: identity.clone(),
-            commands,
+            commands: commands.clone(),
             store: store.clone(),
             log: log.clone(),
         },
@@ -130,6 +130,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .with_graceful_shutdown(stop_apis.clone().cancelled_owned());
     let http_task = tokio::spawn(async move { http.await });
+    // Commands whose TTL passes unanswered are expired (and logged) within about a second.
+    tokio::spawn(commands.run_expiry(Duration::from_secs(1), stop_apis.clone().cancelled_owned()));
 
     let grpc_router =
         tonic::service::Routes::new(RegistryGrpc::new(registry.clone()).into_server())
