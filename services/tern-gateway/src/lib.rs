@@ -11,6 +11,7 @@ mod error;
 mod extract;
 mod observe;
 mod routes;
+mod status;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -19,7 +19,7 @@ use tern_store::RangeQuery;
 
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
-use crate::{ApiError, Gateway, commands, device_api};
+use crate::{ApiError, Gateway, commands, device_api, status};
 
 type Shared = State<Arc<Gateway>>;
 type ApiResult<T> = Result<T, ApiError>;
@@ -53,6 +53,7 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .route(&format!("{device}/telemetry"), get(telemetry))
         .route(&format!("{device}/telemetry/latest"), get(latest))
         .route(&format!("{device}/events"), get(events))
+        .route(&format!("{device}/status"), get(status::status))
         .route(
             &format!("{device}/commands"),
             post(commands::send).get(commands::list),

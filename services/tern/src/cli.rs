@@ -183,6 +183,8 @@ pub enum DeviceCommand {
     Disable { device: String },
     /// Enable a disabled device.
     Enable { device: String },
+    /// Whether the device is connected, since when and how, and when it was last heard from.
+    Status { device: String },
 }
 
 #[derive(Subcommand)]

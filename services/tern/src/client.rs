@@ -195,6 +195,21 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     let d = set_disabled(&client, &base, &device, false).await?;
                     output::record(out, &d, DEVICE_FIELDS);
                 }
+                DeviceCommand::Status { device } => {
+                    let path = format!("{base}/{}/status", seg(&device));
+                    let s = client.call(Method::GET, &path, None).await?;
+                    output::record(
+                        out,
+                        &s,
+                        &[
+                            "device_id",
+                            "online",
+                            "last_lifecycle",
+                            "last_lifecycle_ms",
+                            "last_seen_ms",
+                        ],
+                    );
+                }
                 DeviceCommand::Delete { device } => {
                     client
                         .call(Method::DELETE, &format!("{base}/{}", seg(&device)), None)

@@ -287,3 +287,54 @@ async fn mqtt_3_1_4_2_a_second_connect_with_the_same_client_id_takes_over() {
     let events = lifecycle(&tern, &b, 3).await;
     assert_eq!(reasons(&events), ["session_taken_over"]);
 }
+
+/// Polls the device's status until `done` holds for it.
+async fn status_until(tern: &Tern, p: &Provisioned, done: impl Fn(&Value) -> bool) -> Value {
+    let path = format!(
+        "/api/v1/tenants/{}/devices/{}/status",
+        p.tenant, p.device_id
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (code, status) = tern.get(&p.api_token, &path).await;
+        assert_eq!(code, 200, "{status}");
+        if done(&status) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "status never matched: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_status_follows_connections_and_traffic() {
+    let tern = Tern::start();
+    let p = tern.provision("acme", "a");
+    let never = status_until(&tern, &p, |_| true).await;
+    assert_eq!(never["online"], false);
+    assert!(never.get("last_seen_ms").is_none(), "{never}");
+
+    let mut device = Mqtt::device(&tern, &p).await;
+    let online = status_until(&tern, &p, |s| s["online"] == true).await;
+    assert_eq!(online["last_lifecycle"]["transport"], "tcp");
+    assert_eq!(online["last_lifecycle"]["protocol"], "mqtt/3.1.1");
+    let before_publish = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    device
+        .publish_acked("telemetry", vec![br#"{"t": 1}"#.to_vec()])
+        .await;
+    tern.wait_points(&p, "t", 1).await;
+    let seen = status_until(&tern, &p, |s| {
+        s["last_seen_ms"]
+            .as_i64()
+            .is_some_and(|t| t >= before_publish)
+    })
+    .await;
+    assert_eq!(seen["online"], true);
+
+    drop(device);
+    let offline = status_until(&tern, &p, |s| s["online"] == false).await;
+    assert_eq!(offline["last_lifecycle"]["reason"], "client_closed");
+}
