@@ -45,6 +45,9 @@ pub struct Gateway {
     metrics: MetricsRegistry,
     http_metrics: observe::HttpMetrics,
     ready: AtomicBool,
+    /// When this process started: a `connected` event older than that belongs to a
+    /// connection that did not survive the restart (device status).
+    started_at_ms: i64,
 }
 
 impl Gateway {
@@ -65,6 +68,7 @@ impl Gateway {
             http_metrics: observe::HttpMetrics::register(metrics),
             metrics: metrics.clone(),
             ready: AtomicBool::new(false),
+            started_at_ms: tern_core::now_ms(),
         })
     }
 

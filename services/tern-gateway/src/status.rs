@@ -16,7 +16,7 @@ use crate::{ApiError, Gateway};
 #[derive(Serialize)]
 pub(crate) struct DeviceStatus {
     device_id: String,
-    /// Its last lifecycle event was `connected`.
+    /// Its last lifecycle event was `connected`, since this server started.
     online: bool,
     /// That event: `connected`, `disconnected` or `will_published`, with its details
     /// (protocol, transport and peer; or the disconnect reason).
@@ -58,9 +58,14 @@ pub(crate) async fn status(
         .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.payload).ok());
     Ok(Json(DeviceStatus {
         device_id,
+        // A `connected` event from before this process started is from a connection that
+        // ended with it (a crash leaves no `disconnected`).
         online: last_lifecycle
             .as_ref()
-            .is_some_and(|l| l["event"] == "connected"),
+            .is_some_and(|l| l["event"] == "connected")
+            && lifecycle
+                .as_ref()
+                .is_some_and(|e| e.ts_ms >= gw.started_at_ms),
         last_lifecycle_ms: lifecycle.as_ref().map(|e| e.ts_ms),
         last_lifecycle,
         last_seen_ms: any_event.map(|e| e.ts_ms).max(latest_metric),

@@ -127,6 +127,14 @@ impl Tern {
         }
     }
 
+    /// SIGKILL: the process gets no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub fn restart(&mut self) {
         assert!(self.stop(), "clean exit expected; log:\n{}", self.log());
         self.start_again();

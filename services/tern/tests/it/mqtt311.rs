@@ -338,3 +338,20 @@ async fn device_status_follows_connections_and_traffic() {
     let offline = status_until(&tern, &p, |s| s["online"] == false).await;
     assert_eq!(offline["last_lifecycle"]["reason"], "client_closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_by_a_crash_does_not_look_online_after_restart() {
+    let mut tern = Tern::start();
+    let p = tern.provision("acme", "a");
+    let _device = Mqtt::device(&tern, &p).await;
+    status_until(&tern, &p, |s| s["online"] == true).await;
+    // kill -9: no `disconnected` event is written.
+    tern.kill9();
+    tern.start_again();
+    let after = status_until(&tern, &p, |_| true).await;
+    assert_eq!(after["online"], false, "{after}");
+    assert_eq!(
+        after["last_lifecycle"]["event"], "connected",
+        "the crash left no disconnect"
+    );
+}
