@@ -15,7 +15,7 @@ use tern_core::{Command, CommandId, DeviceId, TenantId};
 use tern_registry::CommandRoute;
 use tokio::sync::mpsc;
 
-use crate::router::{Delivery, lower_qos};
+use crate::router::Delivery;
 use crate::topics::matches;
 
 /// The first topic level reserved for commands.
@@ -140,11 +140,9 @@ impl CommandTargets {
     }
 }
 
-/// The QoS at which a subscription with `requested` QoS gets commands (they go out as QoS 0
-/// or 1, like other deliveries), and the delivery of `command` under it.
-pub(crate) fn owed(command: &Command, filter: &str, requested: QoS) -> Option<Delivery> {
-    matches(filter, &command.request_topic())
-        .then(|| delivery(command, lower_qos(requested, QoS::AtLeastOnce)))
+/// The delivery of `command` to a subscription with `granted` QoS, if the filter matches.
+pub(crate) fn owed(command: &Command, filter: &str, granted: QoS) -> Option<Delivery> {
+    matches(filter, &command.request_topic()).then(|| delivery(command, granted))
 }
 
 impl CommandRoute for CommandTargets {

@@ -9,9 +9,9 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
     Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, PingResp, PubAck,
-    PubAckProperties, PubAckReason, PubComp, PubRec, PubRecProperties, PubRecReason, Publish,
-    PublishProperties, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason, Unsubscribe,
+    PubAckProperties, PubAckReason, PubComp, PubRec, PubRecProperties, PubRecReason, PubRel,
+    Publish, PublishProperties, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use tern_core::{CommandId, DeviceId, TenantId};
 use tern_eventlog::{EventLog, LogError, Position, Record};
@@ -76,9 +76,8 @@ struct Flow {
     deliveries: Option<mpsc::Receiver<Delivery>>,
     /// Deliveries owed to new subscriptions (after their SUBACK), sent ahead of the queue.
     backlog: VecDeque<Delivery>,
-    /// QoS 1 deliveries sent and not yet acknowledged, by packet id, with the command each
-    /// carries.
-    awaiting_ack: HashMap<u16, Option<CommandId>>,
+    /// QoS 1 and 2 deliveries sent and not yet completed, by packet id.
+    awaiting_ack: HashMap<u16, InFlight>,
     next_pkid: u16,
     /// At most this many QoS 1 deliveries unacknowledged.
     window: usize,
@@ -597,8 +596,48 @@ impl Connection {
             Packet::Subscribe(subscribe) => self.subscribe(subscribe, flow).await?,
             Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe, flow),
             Packet::PubAck(ack) => {
-                if let Some(Some(command)) = flow.awaiting_ack.remove(&ack.pkid) {
-                    self.command_delivered(flow, command);
+                if let Some(InFlight {
+                    command: Some(command),
+                    ..
+                }) = flow.awaiting_ack.remove(&ack.pkid)
+                {
+                    self.command_delivered(flow.tenant, flow.device, command);
+                }
+            }
+            // QoS 2 towards the client (4.3.3): PUBREC -> PUBREL -> PUBCOMP.
+            Packet::PubRec(rec) => {
+                let accepted = matches!(
+                    rec.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                );
+                let (tenant, device) = (flow.tenant, flow.device);
+                match flow.awaiting_ack.get_mut(&rec.pkid) {
+                    Some(in_flight) if accepted => {
+                        if let Some(command) = in_flight.command.take() {
+                            self.command_delivered(tenant, device, command);
+                        }
+                        in_flight.released = true;
+                        self.send(&Packet::PubRel(PubRel::new(rec.pkid, None)))
+                            .await?;
+                    }
+                    // Refused by the client (5.0 reason >= 0x80): the exchange ends here.
+                    Some(_) => {
+                        flow.awaiting_ack.remove(&rec.pkid);
+                    }
+                    // A PUBREC for an unknown id is still answered, so the client can finish.
+                    None => {
+                        self.send(&Packet::PubRel(PubRel::new(rec.pkid, None)))
+                            .await?;
+                    }
+                }
+            }
+            Packet::PubComp(comp) => {
+                if flow
+                    .awaiting_ack
+                    .get(&comp.pkid)
+                    .is_some_and(|f| f.released)
+                {
+                    flow.awaiting_ack.remove(&comp.pkid);
                 }
             }
             Packet::PingReq(_) => self.send(&Packet::PingResp(PingResp)).await?,
@@ -818,9 +857,7 @@ impl Connection {
                 codes.push(SubscribeReasonCode::SharedSubscriptionsNotSupported);
                 continue;
             }
-            // Deliveries go out with QoS 0 or 1; QoS 2 requests are granted QoS 1, which MQTT
-            // allows (the SUBACK says so).
-            let granted = lower_qos(filter.qos, QoS::AtLeastOnce);
+            let granted = filter.qos;
             if is_command_topic(&filter.path) {
                 self.bridge.command_targets.subscribe(
                     flow.tenant,
@@ -921,9 +958,8 @@ impl Connection {
     }
 
     /// Records (in the background) that the device received a command.
-    fn command_delivered(&self, flow: &Flow, command: CommandId) {
+    fn command_delivered(&self, tenant: TenantId, device: DeviceId, command: CommandId) {
         let commands = self.bridge.commands.clone();
-        let (tenant, device) = (flow.tenant, flow.device);
         tokio::spawn(async move {
             if let Err(e) = commands.delivered(tenant, device, command).await {
                 tracing::error!(error = %e, %command, "cannot record a command delivery");
@@ -956,10 +992,16 @@ impl Connection {
                         break flow.next_pkid;
                     }
                 };
-                flow.awaiting_ack.insert(publish.pkid, command);
+                flow.awaiting_ack.insert(
+                    publish.pkid,
+                    InFlight {
+                        command,
+                        released: false,
+                    },
+                );
             } else if let Some(command) = command {
                 // At most once: written is as delivered as it gets.
-                self.command_delivered(flow, command);
+                self.command_delivered(flow.tenant, flow.device, command);
             }
             codec::write(&Packet::Publish(publish), self.version, &mut self.outbox)
                 .map_err(|_| Close::WriteFailed)?;
@@ -1027,6 +1069,14 @@ fn resolve_topic_alias(
         aliases.insert(alias, publish.topic.clone());
     }
     Ok(())
+}
+
+/// A QoS 1 or 2 delivery the client has not completed yet.
+struct InFlight {
+    /// The command it carries, delivered at the PUBACK (QoS 1) or PUBREC (QoS 2).
+    command: Option<CommandId>,
+    /// QoS 2: PUBREC received and PUBREL sent; waiting for PUBCOMP.
+    released: bool,
 }
 
 /// What a publish still has to wait for after [`Connection::publish`].

@@ -1,10 +1,10 @@
 //! The broker bridge: the device-facing MQTT endpoint.
 //!
-//! It speaks MQTT 3.1.1 and 5 over TCP (`codec.rs` lifts 3.1.1 to MQTT 5 so the logic is
-//! written once): devices authenticate with their id and access token (or,
+//! It speaks MQTT 3.1.1 and 5 over TCP, TLS and WebSocket (`codec.rs` lifts 3.1.1 to MQTT 5
+//! so the logic is written once): devices authenticate with their id and access token (or,
 //! in anonymous mode, not at all), publish `telemetry` and `event` with QoS 0, 1 or 2, and get
 //! their PUBACK (PUBREC) only after the message is durable in the event log. Every other topic
-//! is plain publish/subscribe inside the device's tenant (QoS 0 and 1 towards subscribers),
+//! is plain publish/subscribe inside the device's tenant (QoS 0, 1 and 2 towards subscribers),
 //! with retained messages and wills. Connects, disconnects and wills are appended to the
 //! `lifecycle` stream. Publishes from one connection are appended concurrently and
 //! acknowledged in order, so a device that pipelines QoS 1 messages is not held to one fsync

@@ -355,3 +355,90 @@ async fn a_connection_cut_by_a_crash_does_not_look_online_after_restart() {
         "the crash left no disconnect"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_4_3_3_qos_2_deliveries_follow_pubrec_pubrel_pubcomp() {
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::v4::{
+        Connect, Packet as Raw, PubComp, PubRec, Subscribe, SubscribeReasonCode as Code,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let tern = Tern::start();
+    let (a, b) = (tern.provision("acme", "a"), tern.provision("acme", "b"));
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", tern.mqtt_port))
+        .await
+        .expect("connect");
+    let mut inbox = BytesMut::new();
+    let send = |packet: Raw| {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, usize::MAX).expect("encode");
+        out
+    };
+    let mut connect = Connect::new(a.device_id.clone());
+    connect.set_login(a.device_id.clone(), a.access_token.clone());
+    let mut subscribe = Subscribe::new("q2/#", QoS::ExactlyOnce);
+    subscribe.pkid = 1;
+    for packet in [Raw::Connect(connect), Raw::Subscribe(subscribe)] {
+        stream.write_all(&send(packet)).await.expect("write");
+    }
+    async fn next(stream: &mut tokio::net::TcpStream, inbox: &mut BytesMut) -> Raw {
+        loop {
+            if let Ok(packet) = Raw::read(inbox, usize::MAX) {
+                return packet;
+            }
+            let n = tokio::time::timeout(PATIENCE, stream.read_buf(inbox))
+                .await
+                .expect("in time")
+                .expect("read");
+            assert!(n > 0, "closed by the server");
+        }
+    }
+    assert!(matches!(
+        next(&mut stream, &mut inbox).await,
+        Raw::ConnAck(_)
+    ));
+    match next(&mut stream, &mut inbox).await {
+        Raw::SubAck(ack) => assert_eq!(ack.return_codes, [Code::Success(QoS::ExactlyOnce)]),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+
+    let Mqtt {
+        client: publisher,
+        mut events,
+    } = Mqtt::device(&tern, &b).await;
+    let driver = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    publisher
+        .publish("q2/x", QoS::ExactlyOnce, false, "once")
+        .await
+        .expect("queue");
+    let pkid = match next(&mut stream, &mut inbox).await {
+        Raw::Publish(p) => {
+            assert_eq!((p.qos, &p.payload[..]), (QoS::ExactlyOnce, &b"once"[..]));
+            p.pkid
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    stream
+        .write_all(&send(Raw::PubRec(PubRec::new(pkid))))
+        .await
+        .expect("write");
+    match next(&mut stream, &mut inbox).await {
+        Raw::PubRel(rel) => assert_eq!(rel.pkid, pkid),
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
+    stream
+        .write_all(&send(Raw::PubComp(PubComp::new(pkid))))
+        .await
+        .expect("write");
+    // The exchange is complete: the next message comes with its own exchange, not a resend.
+    publisher
+        .publish("q2/y", QoS::AtLeastOnce, false, "next")
+        .await
+        .expect("queue");
+    match next(&mut stream, &mut inbox).await {
+        Raw::Publish(p) => assert_eq!(&p.payload[..], b"next"),
+        other => panic!("expected the next PUBLISH, got {other:?}"),
+    }
+    driver.abort();
+}

@@ -21,8 +21,8 @@ async fn subscribers_get_matching_publishes_of_their_own_tenant_only() {
     let codes = sub.subscribe("sensors/+/temp", QoS::ExactlyOnce).await;
     assert_eq!(
         codes,
-        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
-        "QoS 2 is granted as 1"
+        vec![SubscribeReasonCode::Success(QoS::ExactlyOnce)],
+        "QoS 2 is granted"
     );
     assert_eq!(sub.subscribe("$SYS/#", QoS::AtMostOnce).await.len(), 1);
 
