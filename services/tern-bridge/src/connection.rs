@@ -28,7 +28,7 @@ use tracing::Instrument;
 use crate::Bridge;
 use crate::codec::{self, ReadError, Version};
 use crate::commands::{self, is_command_topic, parse_response_topic};
-use crate::fanout::{hand_over, publish_will, retain_message};
+use crate::fanout::{ToRetain, hand_over, publish_will, retain_message};
 use crate::handshake::{Admitted, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
 use crate::metrics::ReasonLabel;
@@ -736,7 +736,7 @@ impl Connection {
                 payload: &publish.payload,
                 qos: publish.qos,
                 retain: publish.retain,
-                properties,
+                properties: properties.clone(),
                 from: Some(flow.connection),
             },
         );
@@ -751,9 +751,12 @@ impl Connection {
         }
         Some(Box::new(Deferred::Routed {
             waiting: routed.waiting,
-            retain: publish
-                .retain
-                .then(|| (topic.to_string(), publish.payload.clone(), publish.qos)),
+            retain: publish.retain.then(|| ToRetain {
+                topic: topic.to_string(),
+                payload: publish.payload.clone(),
+                qos: publish.qos,
+                properties,
+            }),
             reply,
         }))
     }
@@ -797,8 +800,8 @@ impl Connection {
                 reply,
             } => {
                 hand_over(&self.bridge, waiting, flow.queue.as_ref()).await;
-                if let Some((topic, payload, qos)) = retain {
-                    retain_message(&self.bridge, flow.tenant, &topic, payload, qos)
+                if let Some(retain) = retain {
+                    retain_message(&self.bridge, flow.tenant, retain)
                         .await
                         .map_err(|()| Close::AppendFailed)?;
                 }
@@ -906,6 +909,7 @@ impl Connection {
                     for message in self.bridge.retained.matching(flow.tenant, &filter.path) {
                         owed.push(Delivery {
                             subscription_ids: id.into_iter().collect(),
+                            properties: message.properties,
                             ..Delivery::new(
                                 message.topic,
                                 message.payload,
@@ -1084,7 +1088,7 @@ enum Deferred {
     /// QoS 1 deliveries waiting for room in full queues, and a retained message to store.
     Routed {
         waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>,
-        retain: Option<(String, Bytes, QoS)>,
+        retain: Option<ToRetain>,
         reply: Option<Packet>,
     },
     /// A device's answer to a command; acknowledged once the command's state is stored.

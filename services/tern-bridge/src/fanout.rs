@@ -46,17 +46,34 @@ pub(crate) async fn hand_over(
     }
 }
 
+/// A publish to keep as its topic's retained message.
+pub(crate) struct ToRetain {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub properties: Option<Arc<PublishProperties>>,
+}
+
 /// Sets or clears (empty payload, 3.3.1-10) a retained message. A tenant at its retained quota
 /// keeps its old messages and the publish is only delivered; `Err` means the store failed and
 /// the publish must not be acknowledged.
 pub(crate) async fn retain_message(
     bridge: &Bridge,
     tenant: TenantId,
-    topic: &str,
-    payload: Bytes,
-    qos: QoS,
+    message: ToRetain,
 ) -> Result<(), ()> {
-    match bridge.retained.set(tenant, topic, payload, qos).await {
+    let ToRetain {
+        topic,
+        payload,
+        qos,
+        properties,
+    } = message;
+    let topic = topic.as_str();
+    match bridge
+        .retained
+        .set(tenant, topic, payload, qos, properties)
+        .await
+    {
         Ok(RetainOutcome::Stored | RetainOutcome::Cleared) => Ok(()),
         Ok(RetainOutcome::QuotaExceeded) => {
             bridge.metrics.retained_refused.inc();
@@ -120,7 +137,7 @@ pub(crate) async fn publish_will(
                     payload: &will.message,
                     qos: will.qos,
                     retain: will.retain,
-                    properties,
+                    properties: properties.clone(),
                     from: None,
                 },
             );
@@ -131,7 +148,13 @@ pub(crate) async fn publish_will(
                 .inc_by(routed.dropped as u64);
             hand_over(bridge, routed.waiting, None).await;
             if will.retain {
-                let _ = retain_message(bridge, tenant, topic, will.message, will.qos).await;
+                let will = ToRetain {
+                    topic: topic.to_string(),
+                    payload: will.message,
+                    qos: will.qos,
+                    properties,
+                };
+                let _ = retain_message(bridge, tenant, will).await;
             }
         }
     }

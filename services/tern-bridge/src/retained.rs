@@ -11,7 +11,9 @@ use std::sync::{Arc, RwLock};
 use aws_lc_rs::digest::{SHA256, digest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use tern_core::TenantId;
+use tern_core::now_ms;
 use tern_store::{Store, StoreError};
 
 use crate::topics::matches;
@@ -25,6 +27,11 @@ pub(crate) struct RetainedMessage {
     pub topic: Arc<str>,
     pub payload: Bytes,
     pub qos: QoS,
+    /// MQTT 5 properties kept with the message (3.3.1.3): user properties, response topic,
+    /// content type...; the expiry interval is recomputed on delivery.
+    pub properties: Option<Arc<PublishProperties>>,
+    /// From the MQTT 5 message expiry interval: no longer delivered after this.
+    pub expires_at_ms: Option<i64>,
 }
 
 /// What [`Retained::set`] did.
@@ -84,6 +91,7 @@ impl Retained {
         topic: &str,
         payload: Bytes,
         qos: QoS,
+        properties: Option<Arc<PublishProperties>>,
     ) -> Result<RetainOutcome, StoreError> {
         let key = record_key(tenant, topic);
         if payload.is_empty() {
@@ -95,10 +103,16 @@ impl Retained {
             self.store.delete_record(RECORD_KIND, &key).await?;
             return Ok(RetainOutcome::Cleared);
         }
+        let expires_at_ms = properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .map(|secs| now_ms() + i64::from(secs) * 1000);
         let message = RetainedMessage {
             topic: Arc::from(topic),
             payload,
             qos,
+            properties,
+            expires_at_ms,
         };
         let value = encode(&message);
         let stored = self.write_tenants(|tenants| {
@@ -116,19 +130,31 @@ impl Retained {
         Ok(RetainOutcome::Stored)
     }
 
-    /// The retained messages of a tenant whose topics match `filter`.
+    /// The unexpired retained messages of a tenant whose topics match `filter`, each with the
+    /// expiry interval that remains (3.3.2.3.3).
     pub fn matching(&self, tenant: TenantId, filter: &str) -> Vec<RetainedMessage> {
+        let now = now_ms();
         let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
-        tenants
-            .get(&tenant)
-            .map(|topics| {
-                topics
-                    .values()
-                    .filter(|m| matches(filter, &m.topic))
-                    .cloned()
-                    .collect()
+        let Some(topics) = tenants.get(&tenant) else {
+            return Vec::new();
+        };
+        topics
+            .values()
+            .filter(|m| matches(filter, &m.topic))
+            .filter_map(|m| match m.expires_at_ms {
+                None => Some(m.clone()),
+                Some(at) if at <= now => None,
+                Some(at) => {
+                    let mut properties = m.properties.as_deref().cloned().unwrap_or_default();
+                    properties.message_expiry_interval =
+                        Some(((at - now + 999) / 1000).clamp(1, i64::from(u32::MAX)) as u32);
+                    Some(RetainedMessage {
+                        properties: Some(Arc::new(properties)),
+                        ..m.clone()
+                    })
+                }
             })
-            .unwrap_or_default()
+            .collect()
     }
 
     fn write_tenants<T>(
@@ -145,17 +171,48 @@ fn record_key(tenant: TenantId, topic: &str) -> String {
     format!("{tenant}/{hex}")
 }
 
-/// `[qos: u8][topic length: u32][topic][payload]`.
+/// Marks the current record format: `[FORMAT][expires_at_ms: i64, 0 = never][the message as
+/// an MQTT 5 PUBLISH]`, so that properties are kept without a format of our own.
+const FORMAT: u8 = 0xFF;
+
 fn encode(message: &RetainedMessage) -> Bytes {
-    let mut buf = BytesMut::with_capacity(5 + message.topic.len() + message.payload.len());
-    buf.put_u8(message.qos as u8);
-    buf.put_u32(message.topic.len() as u32);
-    buf.put_slice(message.topic.as_bytes());
-    buf.put_slice(&message.payload);
+    let publish = Packet::Publish(Publish {
+        dup: false,
+        qos: message.qos,
+        retain: true,
+        topic: Bytes::copy_from_slice(message.topic.as_bytes()),
+        pkid: u16::from(message.qos != QoS::AtMostOnce),
+        payload: message.payload.clone(),
+        properties: message.properties.as_deref().cloned(),
+    });
+    let mut buf = BytesMut::with_capacity(16 + message.topic.len() + message.payload.len());
+    buf.put_u8(FORMAT);
+    buf.put_i64(message.expires_at_ms.unwrap_or(0));
+    // Encoding an in-memory PUBLISH fails only beyond MQTT's size limits, which the bridge's
+    // packet limit keeps it under.
+    let _ = publish.write(&mut buf, None);
     buf.freeze()
 }
 
 fn decode(mut value: Bytes) -> Option<RetainedMessage> {
+    if value.first() == Some(&FORMAT) {
+        value.advance(1);
+        if value.len() < 8 {
+            return None;
+        }
+        let expires_at_ms = Some(value.get_i64()).filter(|at| *at != 0);
+        let Ok(Packet::Publish(p)) = Packet::read(&mut BytesMut::from(&value[..]), None) else {
+            return None;
+        };
+        return Some(RetainedMessage {
+            topic: std::str::from_utf8(&p.topic).ok()?.into(),
+            payload: p.payload,
+            qos: p.qos,
+            properties: p.properties.map(Arc::new),
+            expires_at_ms,
+        });
+    }
+    // The first format: `[qos: u8][topic length: u32][topic][payload]`.
     if value.len() < 5 {
         return None;
     }
@@ -174,6 +231,8 @@ fn decode(mut value: Bytes) -> Option<RetainedMessage> {
         topic,
         payload: value,
         qos,
+        properties: None,
+        expires_at_ms: None,
     })
 }
 
@@ -206,6 +265,7 @@ mod tests {
                         topic,
                         Bytes::copy_from_slice(payload),
                         QoS::AtLeastOnce,
+                        None,
                     )
                     .await
                     .expect("set");
@@ -237,20 +297,29 @@ mod tests {
         let p = Bytes::from_static(b"x");
         let q = QoS::AtMostOnce;
         assert_eq!(
-            retained.set(tenant, "a", p.clone(), q).await.expect("set"),
-            RetainOutcome::Stored
-        );
-        assert_eq!(
-            retained.set(tenant, "b", p.clone(), q).await.expect("set"),
-            RetainOutcome::QuotaExceeded
-        );
-        assert_eq!(
-            retained.set(tenant, "a", p.clone(), q).await.expect("set"),
+            retained
+                .set(tenant, "a", p.clone(), q, None)
+                .await
+                .expect("set"),
             RetainOutcome::Stored
         );
         assert_eq!(
             retained
-                .set(TenantId::random(), "b", p, q)
+                .set(tenant, "b", p.clone(), q, None)
+                .await
+                .expect("set"),
+            RetainOutcome::QuotaExceeded
+        );
+        assert_eq!(
+            retained
+                .set(tenant, "a", p.clone(), q, None)
+                .await
+                .expect("set"),
+            RetainOutcome::Stored
+        );
+        assert_eq!(
+            retained
+                .set(TenantId::random(), "b", p, q, None)
                 .await
                 .expect("set"),
             RetainOutcome::Stored,
@@ -264,8 +333,16 @@ mod tests {
             topic: Arc::from("t/ü"),
             payload: Bytes::from_static(b"\x00\x01"),
             qos: QoS::ExactlyOnce,
+            properties: Some(Arc::new(PublishProperties {
+                user_properties: vec![("k".into(), "v".into())],
+                ..PublishProperties::default()
+            })),
+            expires_at_ms: Some(123),
         };
         assert_eq!(decode(encode(&message)), Some(message));
+        let first_format = Bytes::from_static(b"\x01\0\0\0\x01ab");
+        let old = decode(first_format).expect("the first format still reads");
+        assert_eq!((&*old.topic, &old.payload[..]), ("a", &b"b"[..]));
         assert_eq!(decode(Bytes::from_static(b"\x07\0\0\0\0")), None);
         assert_eq!(decode(Bytes::from_static(b"\x01\0\0\0\x09ab")), None);
     }

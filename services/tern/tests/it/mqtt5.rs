@@ -598,3 +598,65 @@ async fn mqtt5_telemetry_from_mosquitto_pub_is_stored() {
     let points = tern.wait_points(&p, "temp", 1).await;
     assert_eq!(points[0]["value"], 23.5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_3_3_2_3_3_retained_messages_keep_properties_and_expire() {
+    let tern = Tern::start();
+    let (a, b) = (tern.provision("acme", "a"), tern.provision("acme", "b"));
+    let mut publisher = Client::device(&tern, &b).await;
+    let lasting = PublishProperties {
+        user_properties: vec![("unit".into(), "celsius".into())],
+        ..PublishProperties::default()
+    };
+    publisher.publish("r/lasting", "21", true, lasting).await;
+    let brief = PublishProperties {
+        message_expiry_interval: Some(1),
+        ..PublishProperties::default()
+    };
+    publisher.publish("r/brief", "soon gone", true, brief).await;
+
+    let mut early = Client::device(&tern, &a).await;
+    early
+        .subscribe(
+            vec![filter(
+                "r/#",
+                false,
+                false,
+                RetainForwardRule::OnEverySubscribe,
+            )],
+            None,
+        )
+        .await;
+    let mut got = [early.received().await, early.received().await];
+    got.sort_by(|x, y| x.topic.cmp(&y.topic));
+    let brief_props = got[0].properties.clone().expect("properties");
+    assert!(
+        brief_props.message_expiry_interval.is_some_and(|s| s <= 1),
+        "the remaining expiry interval: {brief_props:?}"
+    );
+    assert_eq!(
+        got[1]
+            .properties
+            .clone()
+            .expect("properties")
+            .user_properties,
+        vec![("unit".to_string(), "celsius".to_string())],
+        "a retained message keeps its user properties"
+    );
+
+    // After its expiry interval the brief one is no longer handed to new subscriptions.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut late = Client::device(&tern, &tern.provision("acme", "c")).await;
+    late.subscribe(
+        vec![filter(
+            "r/#",
+            false,
+            false,
+            RetainForwardRule::OnEverySubscribe,
+        )],
+        None,
+    )
+    .await;
+    assert_eq!(&late.received().await.topic[..], b"r/lasting");
+    late.expect_only_marker(&mut publisher, "r/marker").await;
+}
