@@ -163,21 +163,14 @@ impl Connection {
             // Sessions end with the connection for now: say so when a longer one was asked.
             session_expiry_interval: asked_expiry.filter(|s| *s > 0).map(|_| 0),
             receive_max: Some(config.max_inflight.clamp(1, usize::from(u16::MAX)) as u16),
-            max_qos: None,
             retain_available: Some(1),
             max_packet_size: Some(config.max_packet_size as u32),
             assigned_client_identifier: c.connect.client_id.is_empty().then(|| device.to_string()),
             topic_alias_max: Some(TOPIC_ALIAS_MAX),
-            reason_string: None,
-            user_properties: Vec::new(),
             wildcard_subscription_available: Some(1),
             subscription_identifiers_available: Some(1),
             shared_subscription_available: Some(0),
-            server_keep_alive: None,
-            response_information: None,
-            server_reference: None,
-            authentication_method: None,
-            authentication_data: None,
+            ..empty_connack_properties()
         }
     }
 

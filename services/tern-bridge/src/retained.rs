@@ -294,37 +294,25 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let retained = Retained::load(store(&dir), 1).await.expect("load");
         let tenant = TenantId::random();
-        let p = Bytes::from_static(b"x");
-        let q = QoS::AtMostOnce;
-        assert_eq!(
-            retained
-                .set(tenant, "a", p.clone(), q, None)
+        let other = TenantId::random();
+        for (owner, topic, expected) in [
+            (tenant, "a", RetainOutcome::Stored),
+            (tenant, "b", RetainOutcome::QuotaExceeded),
+            (tenant, "a", RetainOutcome::Stored), // replacing is not adding
+            (other, "b", RetainOutcome::Stored),  // the quota is per tenant
+        ] {
+            let outcome = retained
+                .set(
+                    owner,
+                    topic,
+                    Bytes::from_static(b"x"),
+                    QoS::AtMostOnce,
+                    None,
+                )
                 .await
-                .expect("set"),
-            RetainOutcome::Stored
-        );
-        assert_eq!(
-            retained
-                .set(tenant, "b", p.clone(), q, None)
-                .await
-                .expect("set"),
-            RetainOutcome::QuotaExceeded
-        );
-        assert_eq!(
-            retained
-                .set(tenant, "a", p.clone(), q, None)
-                .await
-                .expect("set"),
-            RetainOutcome::Stored
-        );
-        assert_eq!(
-            retained
-                .set(TenantId::random(), "b", p, q, None)
-                .await
-                .expect("set"),
-            RetainOutcome::Stored,
-            "the quota is per tenant"
-        );
+                .expect("set");
+            assert_eq!(outcome, expected, "{topic}");
+        }
     }
 
     #[test]

@@ -299,29 +299,22 @@ impl Commands {
         let mut delivered = Vec::with_capacity(pending.len());
         for command in pending {
             let id = command.id;
-            delivered.push(
-                self.update(tenant, device, id, |c, now| {
-                    c.expire_if_due(now) || c.transition(CommandState::Delivered, now)
-                })
-                .await?
-                .unwrap_or(command),
-            );
+            delivered.push(self.delivered(tenant, device, id).await?.unwrap_or(command));
         }
         Ok(delivered)
     }
 
-    /// The device acknowledged receipt.
+    /// The device acknowledged receipt; returns the command as it now is.
     pub async fn delivered(
         &self,
         tenant: TenantId,
         device: DeviceId,
         id: CommandId,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<Option<Command>, RegistryError> {
         self.update(tenant, device, id, |c, now| {
             c.expire_if_due(now) || c.transition(CommandState::Delivered, now)
         })
         .await
-        .map(|_| ())
     }
 
     /// The device's response: 2xx succeeds, anything else fails. `None` if the device has no
@@ -502,7 +495,7 @@ impl Commands {
         let now = now_ms();
         let mut out = Vec::with_capacity(commands.len());
         for command in commands {
-            if command.clone().expire_if_due(now) {
+            if now >= command.expires_at_ms && !command.state.is_terminal() {
                 let (t, d, id) = (command.tenant_id, command.device_id, command.id);
                 if let Some(updated) = self.update(t, d, id, |c, now| c.expire_if_due(now)).await? {
                     out.push(updated);
