@@ -289,6 +289,34 @@ pub async fn records_crud_and_paged_listing(open: &Open, dir: &Path) {
         store.get_record("device", "a/1").await.expect("get"),
         Some(Bytes::from_static(b"new"))
     );
+    store
+        .put_records(
+            "queue",
+            vec![
+                ("q/2".to_string(), Bytes::from_static(b"two")),
+                ("q/1".to_string(), Bytes::from_static(b"one")),
+            ],
+        )
+        .await
+        .expect("put many");
+    let queued = store
+        .list_records("queue", "q/", None, 10)
+        .await
+        .expect("list");
+    assert_eq!(
+        queued,
+        vec![
+            ("q/1".to_string(), Bytes::from_static(b"one")),
+            ("q/2".to_string(), Bytes::from_static(b"two")),
+        ]
+    );
+    assert!(
+        store
+            .put_records("queue", vec![("bad\0key".to_string(), Bytes::new())])
+            .await
+            .is_err(),
+        "a batch with an invalid key is refused"
+    );
 }
 
 pub async fn invalid_keys_are_refused(open: &Open, dir: &Path) {

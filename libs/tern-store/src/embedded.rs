@@ -240,6 +240,27 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn put_records(
+        &self,
+        kind: &str,
+        records: Vec<(String, Bytes)>,
+    ) -> Result<(), StoreError> {
+        let records = records
+            .into_iter()
+            .map(|(key, value)| Ok((record_key(kind, &key)?, value)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.run(move |inner| {
+            for (key, value) in records {
+                inner.records.insert(key, value.to_vec()).map_err(storage)?;
+            }
+            inner.db.persist(PersistMode::SyncData).map_err(storage)
+        })
+        .await
+    }
+
     /// Point reads run inline: they are served from the memtable or block cache in
     /// microseconds, and a blocking-pool hop per read cost more than the read itself when
     /// thousands of devices connect at once (each connect looks its device up).

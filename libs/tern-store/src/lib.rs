@@ -99,6 +99,12 @@ pub trait Store: Send + Sync + 'static {
     /// Registry records: opaque values under a `kind` and a key. Keys that share a prefix ending
     /// in `/` form a listable collection (e.g. `{tenant}/{device}`).
     async fn put_record(&self, kind: &str, key: &str, value: Bytes) -> Result<(), StoreError>;
+    /// Puts several records of one kind, made durable together (one sync, not one each).
+    async fn put_records(
+        &self,
+        kind: &str,
+        records: Vec<(String, Bytes)>,
+    ) -> Result<(), StoreError>;
     async fn get_record(&self, kind: &str, key: &str) -> Result<Option<Bytes>, StoreError>;
     /// Returns whether the record existed.
     async fn delete_record(&self, kind: &str, key: &str) -> Result<bool, StoreError>;

@@ -16,8 +16,14 @@ pub struct BridgeConfig {
     /// reading from that connection (TCP back-pressure) instead of buffering without bound.
     pub max_inflight: usize,
     /// Deliveries queued per subscribing connection. When full, QoS 0 deliveries are dropped and
-    /// QoS 1 deliveries make the publisher wait (bounded) before they are dropped.
+    /// QoS 1 deliveries make the publisher wait (bounded) before they are dropped. Also the
+    /// most QoS 1 and 2 messages a persistent session stores while its client is away; beyond
+    /// it they are dropped and counted.
     pub max_queued_messages: usize,
+    /// The longest a persistent session outlives its connection, in seconds: MQTT 5 clients
+    /// asking for longer (or "never") get this in the CONNACK; MQTT 3.1.1 clients with
+    /// CleanSession 0 always get it.
+    pub max_session_expiry_secs: u32,
     /// Retained topics per tenant; a retained publish beyond it is delivered but not retained.
     pub max_retained_per_tenant: usize,
     /// Off (unset) by default. When set, clients that CONNECT without credentials are admitted
@@ -65,6 +71,7 @@ impl Default for BridgeConfig {
             connect_timeout_secs: 10,
             max_inflight: 64,
             max_queued_messages: 1000,
+            max_session_expiry_secs: 7 * 24 * 3600,
             max_retained_per_tenant: 10_000,
             anonymous_tenant: None,
             max_connections_per_tenant: 0,

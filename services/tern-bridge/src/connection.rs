@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
-    Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, PingResp, PubAck,
+    Disconnect, DisconnectProperties, DisconnectReasonCode, LastWill, Packet, PingResp, PubAck,
     PubAckProperties, PubAckReason, PubComp, PubRec, PubRecProperties, PubRecReason, PubRel,
     Publish, PublishProperties, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode,
     UnsubAck, UnsubAckReason, Unsubscribe,
@@ -28,13 +28,13 @@ use tracing::Instrument;
 use crate::Bridge;
 use crate::codec::{self, ReadError, Version};
 use crate::commands::{self, is_command_topic, parse_response_topic};
-use crate::fanout::{ToRetain, hand_over, publish_will, retain_message};
+use crate::fanout::{ToRetain, hand_over, publish_will, retain_message, store_for_away};
 use crate::handshake::{Admitted, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
 use crate::metrics::ReasonLabel;
+use crate::persistent::{Away, Leftovers, SavedSubscription};
 use crate::quota::TokenBucket;
-use crate::router::{Delivery, Message, SubscriptionOptions, lower_qos};
-use crate::sessions::SessionGuard;
+use crate::router::{Delivery, Mailbox, Message, SubscriptionOptions, lower_qos};
 use crate::topics::{InvalidTopic, validate_filter, validate_name};
 use tern_eventlog::{EVENT_TOPIC, TELEMETRY_TOPIC, device_record as record};
 
@@ -89,9 +89,57 @@ struct Flow {
     bucket: Option<TokenBucket>,
     /// Not reading until then: the device is over its publish rate.
     paused_until: Option<Instant>,
+    /// Seconds the session outlives the connection (0: it ends with it).
+    session_expiry: u32,
+    /// A persistent session's subscriptions, saved whenever they change; `None` for a clean
+    /// session.
+    saved: Option<Vec<SavedSubscription>>,
 }
 
 impl Flow {
+    /// The connection's delivery queue, created on first use.
+    fn queue(&mut self, capacity: usize) -> mpsc::Sender<Delivery> {
+        self.queue
+            .get_or_insert_with(|| {
+                let (queue, deliveries) = mpsc::channel(capacity);
+                self.deliveries = Some(deliveries);
+                queue
+            })
+            .clone()
+    }
+
+    /// Records a subscription in a persistent session (replacing one with the same filter).
+    fn save_subscription(&mut self, subscription: SavedSubscription) {
+        if let Some(saved) = &mut self.saved {
+            saved.retain(|s| s.filter != subscription.filter);
+            saved.push(subscription);
+        }
+    }
+
+    /// What a persistent session keeps when the connection ends: its subscriptions, and
+    /// every delivery not completed (those in flight first, oldest first, to be resent).
+    fn leftovers(&mut self) -> Leftovers {
+        let mut in_flight: Vec<(u16, InFlight)> = self.awaiting_ack.drain().collect();
+        let oldest = self.next_pkid.wrapping_add(1);
+        in_flight.sort_by_key(|(pkid, _)| pkid.wrapping_sub(oldest));
+        let mut leftovers = Leftovers {
+            expiry_secs: self.session_expiry,
+            subscriptions: self.saved.take().unwrap_or_default(),
+            qos2_received: std::mem::take(&mut self.qos2),
+            ..Leftovers::default()
+        };
+        for (pkid, in_flight) in in_flight {
+            if in_flight.released {
+                leftovers.released.push(pkid);
+            } else if let Some(mut delivery) = in_flight.delivery {
+                delivery.resend = Some(pkid);
+                leftovers.deliveries.push(delivery);
+            }
+        }
+        leftovers.deliveries.extend(self.backlog.drain(..));
+        leftovers
+    }
+
     /// Starts the durable append of the open batch, if any.
     fn seal(&mut self, log: &Arc<dyn EventLog>) {
         if self.batch.is_empty() {
@@ -299,7 +347,6 @@ pub(crate) async fn run(
         let bridge = conn.bridge.clone();
         bridge.metrics.connections_total.inc();
         bridge.metrics.connections.inc();
-        let session = bridge.sessions.claim(tenant, device);
         tracing::info!(
             keepalive = admitted.keepalive,
             protocol = conn.version.label(),
@@ -309,7 +356,7 @@ pub(crate) async fn run(
         let connected = lifecycle::connected(tenant, device, peer, conn.version.label(), transport);
         let connected = tokio::spawn(async move { log.append(vec![connected]).await });
         let will = admitted.will.clone();
-        let close = conn.serve(&admitted, session.id, &session, &shutdown).await;
+        let (close, session_expiry) = conn.serve(&admitted, &shutdown).await;
         bridge.metrics.connections.dec();
         if close.is_error() {
             bridge
@@ -323,7 +370,13 @@ pub(crate) async fn run(
         tracing::info!(reason = close.label(), "device disconnected");
         let mut records = Vec::with_capacity(2);
         if let Some(will) = will.filter(|_| close.publishes_will()) {
-            records.extend(publish_will(&bridge, tenant, device, will).await);
+            // 3.1.3.2.2 (5.0): after the will delay, or when the session ends if sooner; a
+            // device that took its own session over is back before any delay ran out.
+            match admitted.will_delay.min(session_expiry) {
+                0 => records.extend(publish_will(&bridge, tenant, device, will).await),
+                _ if close == Close::TakenOver => {}
+                delay => delay_will(&bridge, tenant, device, will, delay),
+            }
         }
         records.push(lifecycle::disconnected(tenant, device, close.label()));
         // After the connected event, so that a device's lifecycle stays in order in the log.
@@ -411,14 +464,11 @@ impl Connection {
         Ok(())
     }
 
-    /// The packet loop of an authenticated connection.
-    async fn serve(
-        &mut self,
-        admitted: &Admitted,
-        connection: u64,
-        session: &SessionGuard<'_>,
-        shutdown: &Shutdown,
-    ) -> Close {
+    /// The packet loop of an authenticated connection; returns why it ended and how long its
+    /// session outlives it.
+    async fn serve(&mut self, admitted: &Admitted, shutdown: &Shutdown) -> (Close, u32) {
+        let session = &admitted.session;
+        let connection = session.id;
         // 3.1.2.10 (3.1.1), 3.1.2.10 (5.0): the server disconnects after 1.5 keepalive periods
         // of silence.
         let keepalive = admitted.keepalive;
@@ -448,7 +498,12 @@ impl Connection {
                 rate => Some(TokenBucket::new(rate, Instant::now())),
             },
             paused_until: None,
+            session_expiry: admitted.session_expiry,
+            saved: (admitted.session_expiry > 0).then(Vec::new),
         };
+        if let Err(close) = self.begin_session(admitted, &mut flow).await {
+            return (close, 0);
+        }
 
         let close = loop {
             tokio::select! {
@@ -497,7 +552,9 @@ impl Connection {
                 }
             }
         };
-        self.bridge.router.drop_connection(flow.tenant, connection);
+        if flow.session_expiry == 0 {
+            self.bridge.router.drop_connection(flow.tenant, connection);
+        }
         self.bridge
             .command_targets
             .drop_connection(flow.tenant, flow.device, connection);
@@ -524,7 +581,96 @@ impl Connection {
             let _ = self.send(&Packet::Disconnect(disconnect)).await;
         }
         let _ = self.writer.shutdown().await;
-        close
+        self.end_session(admitted, &mut flow).await;
+        (close, flow.session_expiry)
+    }
+
+    /// Resumes the device's persistent session, if it has one: its subscriptions move to this
+    /// connection, QoS 2 exchanges continue, and what it was owed is sent (in flight ones
+    /// again, with DUP), then its pending commands. A new persistent session is saved.
+    async fn begin_session(&mut self, admitted: &Admitted, flow: &mut Flow) -> Result<(), Close> {
+        let bridge = self.bridge.clone();
+        if !admitted.session_present {
+            if flow.saved.is_some() {
+                bridge
+                    .persistent
+                    .save(flow.tenant, flow.device, flow.session_expiry, Vec::new())
+                    .await
+                    .map_err(session_store_failed)?;
+            }
+            return Ok(());
+        }
+        let queue = flow.queue(bridge.config.max_queued_messages.max(1));
+        let Some(resumed) = bridge.persistent.resume(
+            &bridge.router,
+            flow.tenant,
+            flow.device,
+            flow.connection,
+            &queue,
+        ) else {
+            return Ok(());
+        };
+        flow.qos2 = resumed.qos2_received;
+        flow.backlog.extend(resumed.deliveries);
+        for subscription in &resumed.subscriptions {
+            if is_command_topic(&subscription.filter) {
+                let owed = self
+                    .subscribe_commands(
+                        flow,
+                        &subscription.filter,
+                        subscription.options().qos,
+                        &queue,
+                    )
+                    .await?;
+                flow.backlog.extend(owed);
+            }
+        }
+        if let Some(saved) = &mut flow.saved {
+            *saved = resumed.subscriptions;
+        }
+        for pkid in resumed.released {
+            flow.awaiting_ack.insert(
+                pkid,
+                InFlight {
+                    command: None,
+                    released: true,
+                    delivery: None,
+                },
+            );
+            self.send(&Packet::PubRel(PubRel::new(pkid, None))).await?;
+        }
+        Ok(())
+    }
+
+    /// Parks a persistent session for the client's return, or deletes what a session that
+    /// ends now had stored.
+    async fn end_session(&mut self, admitted: &Admitted, flow: &mut Flow) {
+        let bridge = &self.bridge;
+        let (tenant, device) = (flow.tenant, flow.device);
+        let ended = if flow.session_expiry > 0 {
+            let leftovers = flow.leftovers();
+            bridge
+                .persistent
+                .park(
+                    &bridge.router,
+                    tenant,
+                    device,
+                    flow.connection,
+                    leftovers,
+                    flow.deliveries.take(),
+                )
+                .await
+        } else if admitted.session_present || flow.saved.is_some() {
+            bridge
+                .persistent
+                .discard(&bridge.router, tenant, device)
+                .await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = ended {
+            tracing::error!(error = %e, "cannot store the persistent session");
+        }
     }
 
     /// Handles `first` and every further packet already buffered (a pipelining client sends
@@ -594,14 +740,10 @@ impl Connection {
                 flow.reply_in_order(log, Packet::PubComp(PubComp::new(rel.pkid, None)));
             }
             Packet::Subscribe(subscribe) => self.subscribe(subscribe, flow).await?,
-            Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe, flow),
+            Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe, flow).await?,
             Packet::PubAck(ack) => {
-                if let Some(InFlight {
-                    command: Some(command),
-                    ..
-                }) = flow.awaiting_ack.remove(&ack.pkid)
-                {
-                    self.command_delivered(flow.tenant, flow.device, command);
+                if let Some(mut in_flight) = flow.awaiting_ack.remove(&ack.pkid) {
+                    self.completed(flow.tenant, flow.device, &mut in_flight);
                 }
             }
             // QoS 2 towards the client (4.3.3): PUBREC -> PUBREL -> PUBCOMP.
@@ -613,16 +755,16 @@ impl Connection {
                 let (tenant, device) = (flow.tenant, flow.device);
                 match flow.awaiting_ack.get_mut(&rec.pkid) {
                     Some(in_flight) if accepted => {
-                        if let Some(command) = in_flight.command.take() {
-                            self.command_delivered(tenant, device, command);
-                        }
+                        self.completed(tenant, device, in_flight);
                         in_flight.released = true;
                         self.send(&Packet::PubRel(PubRel::new(rec.pkid, None)))
                             .await?;
                     }
                     // Refused by the client (5.0 reason >= 0x80): the exchange ends here.
                     Some(_) => {
-                        flow.awaiting_ack.remove(&rec.pkid);
+                        if let Some(mut in_flight) = flow.awaiting_ack.remove(&rec.pkid) {
+                            self.completed(tenant, device, &mut in_flight);
+                        }
                     }
                     // A PUBREC for an unknown id is still answered, so the client can finish.
                     None => {
@@ -642,6 +784,15 @@ impl Connection {
             }
             Packet::PingReq(_) => self.send(&Packet::PingResp(PingResp)).await?,
             Packet::Disconnect(d) => {
+                if let Some(expiry) = d.properties.and_then(|p| p.session_expiry_interval) {
+                    // 3.14.2.2.2: a session that was to end with the connection cannot be
+                    // made to outlive it now.
+                    if flow.session_expiry == 0 && expiry != 0 {
+                        tracing::info!("DISCONNECT sets a session expiry on a clean session");
+                        return Err(Close::ProtocolError);
+                    }
+                    flow.session_expiry = expiry.min(self.bridge.config.max_session_expiry_secs);
+                }
                 return Err(
                     if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
                         Close::ClientDisconnectWithWill
@@ -743,7 +894,7 @@ impl Connection {
         metrics.deliveries.inc_by(routed.delivered as u64);
         metrics.deliveries_dropped.inc_by(routed.dropped as u64);
         let reply = success_reply(publish, flow);
-        if routed.waiting.is_empty() && !publish.retain {
+        if routed.waiting.is_empty() && routed.away.is_empty() && !publish.retain {
             if let Some(reply) = reply {
                 flow.reply_in_order(&self.bridge.log, reply);
             }
@@ -751,6 +902,7 @@ impl Connection {
         }
         Some(Box::new(Deferred::Routed {
             waiting: routed.waiting,
+            away: routed.away,
             retain: publish.retain.then(|| ToRetain {
                 topic: topic.to_string(),
                 payload: publish.payload.clone(),
@@ -796,10 +948,14 @@ impl Connection {
         let reply = match deferred {
             Deferred::Routed {
                 waiting,
+                away,
                 retain,
                 reply,
             } => {
                 hand_over(&self.bridge, waiting, flow.queue.as_ref()).await;
+                store_for_away(&self.bridge, away)
+                    .await
+                    .map_err(|()| Close::AppendFailed)?;
                 if let Some(retain) = retain {
                     retain_message(&self.bridge, flow.tenant, retain)
                         .await
@@ -840,15 +996,7 @@ impl Connection {
     async fn subscribe(&mut self, subscribe: Subscribe, flow: &mut Flow) -> Result<(), Close> {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut owed = Vec::new();
-        let capacity = self.bridge.config.max_queued_messages.max(1);
-        let queue = flow
-            .queue
-            .get_or_insert_with(|| {
-                let (queue, deliveries) = mpsc::channel(capacity);
-                flow.deliveries = Some(deliveries);
-                queue
-            })
-            .clone();
+        let queue = flow.queue(self.bridge.config.max_queued_messages.max(1));
         let id = subscribe.properties.as_ref().and_then(|p| p.id);
         for filter in &subscribe.filters {
             if let Err(InvalidTopic(why)) = validate_filter(&filter.path) {
@@ -861,42 +1009,25 @@ impl Connection {
                 continue;
             }
             let granted = filter.qos;
+            let options = SubscriptionOptions {
+                qos: granted,
+                no_local: filter.nolocal,
+                retain_as_published: filter.preserve_retain,
+                id,
+            };
+            flow.save_subscription(SavedSubscription::new(&filter.path, options));
             if is_command_topic(&filter.path) {
-                self.bridge.command_targets.subscribe(
-                    flow.tenant,
-                    flow.device,
-                    flow.connection,
-                    &filter.path,
-                    granted,
-                    queue.clone(),
-                );
-                let pending = self
-                    .bridge
-                    .commands
-                    .pending(flow.tenant, flow.device)
-                    .await
-                    .map_err(|e| {
-                        tracing::error!(error = %e, "cannot read pending commands");
-                        Close::AppendFailed
-                    })?;
                 owed.extend(
-                    pending
-                        .iter()
-                        .filter_map(|c| commands::owed(c, &filter.path, granted)),
+                    self.subscribe_commands(flow, &filter.path, granted, &queue)
+                        .await?,
                 );
             } else {
-                let options = SubscriptionOptions {
-                    qos: granted,
-                    no_local: filter.nolocal,
-                    retain_as_published: filter.preserve_retain,
-                    id,
-                };
                 let new = self.bridge.router.subscribe(
                     flow.tenant,
                     flow.connection,
                     &filter.path,
                     options,
-                    queue.clone(),
+                    Mailbox::Live(queue.clone()),
                 );
                 // 3.3.1-6 and 3.8.4-3 (3.1.1), retain handling 3.3.1.3 (5.0): matching
                 // retained messages go to the subscription, flagged as retained.
@@ -922,6 +1053,7 @@ impl Connection {
             }
             codes.push(SubscribeReasonCode::Success(granted));
         }
+        self.save_session(flow).await?;
         let suback = Packet::SubAck(SubAck {
             pkid: subscribe.pkid,
             return_codes: codes,
@@ -931,7 +1063,55 @@ impl Connection {
         Ok(())
     }
 
-    fn unsubscribe(&mut self, unsubscribe: Unsubscribe, flow: &mut Flow) {
+    /// Subscribes the device's connection to its own commands; returns the pending commands
+    /// the filter matches, owed after the SUBACK.
+    async fn subscribe_commands(
+        &mut self,
+        flow: &Flow,
+        filter: &str,
+        granted: QoS,
+        queue: &mpsc::Sender<Delivery>,
+    ) -> Result<Vec<Delivery>, Close> {
+        self.bridge.command_targets.subscribe(
+            flow.tenant,
+            flow.device,
+            flow.connection,
+            filter,
+            granted,
+            queue.clone(),
+        );
+        let pending = self
+            .bridge
+            .commands
+            .pending(flow.tenant, flow.device)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot read pending commands");
+                Close::AppendFailed
+            })?;
+        Ok(pending
+            .iter()
+            .filter_map(|c| commands::owed(c, filter, granted))
+            .collect())
+    }
+
+    /// Saves a persistent session's subscriptions, durably (before the SUBACK or UNSUBACK).
+    async fn save_session(&mut self, flow: &Flow) -> Result<(), Close> {
+        let Some(saved) = &flow.saved else {
+            return Ok(());
+        };
+        self.bridge
+            .persistent
+            .save(flow.tenant, flow.device, flow.session_expiry, saved.clone())
+            .await
+            .map_err(session_store_failed)
+    }
+
+    async fn unsubscribe(
+        &mut self,
+        unsubscribe: Unsubscribe,
+        flow: &mut Flow,
+    ) -> Result<(), Close> {
         let reasons = unsubscribe
             .filters
             .iter()
@@ -946,6 +1126,9 @@ impl Connection {
                     flow.connection,
                     filter,
                 );
+                if let Some(saved) = &mut flow.saved {
+                    saved.retain(|s| &s.filter != filter);
+                }
                 if routed || commanded {
                     UnsubAckReason::Success
                 } else {
@@ -953,12 +1136,25 @@ impl Connection {
                 }
             })
             .collect();
+        self.save_session(flow).await?;
         let unsuback = Packet::UnsubAck(UnsubAck {
             pkid: unsubscribe.pkid,
             reasons,
             properties: None,
         });
         flow.reply_in_order(&self.bridge.log, unsuback);
+        Ok(())
+    }
+
+    /// A QoS 1 or 2 delivery the client has received: its command is delivered and its stored
+    /// copy (persistent sessions) deleted.
+    fn completed(&self, tenant: TenantId, device: DeviceId, in_flight: &mut InFlight) {
+        if let Some(command) = in_flight.command.take() {
+            self.command_delivered(tenant, device, command);
+        }
+        if let Some(seq) = in_flight.delivery.take().and_then(|d| d.stored) {
+            self.bridge.persistent.completed(tenant, device, seq);
+        }
     }
 
     /// Records (in the background) that the device received a command.
@@ -983,6 +1179,11 @@ impl Connection {
                 None
             };
             let command = delivery.command;
+            let resend = delivery.resend;
+            // Kept to be resent after a reconnect, or to delete its stored copy once completed.
+            let kept = (delivery.qos != QoS::AtMostOnce
+                && (flow.saved.is_some() || delivery.stored.is_some()))
+            .then(|| delivery.clone());
             let mut publish = to_publish(delivery, self.version);
             if publish.size() > flow.client_max_packet {
                 // 3.1.2.11.4 (5.0): never send a client more than it said it accepts.
@@ -990,17 +1191,25 @@ impl Connection {
                 continue;
             }
             if publish.qos != QoS::AtMostOnce {
-                publish.pkid = loop {
-                    flow.next_pkid = flow.next_pkid % u16::MAX + 1;
-                    if !flow.awaiting_ack.contains_key(&flow.next_pkid) {
-                        break flow.next_pkid;
+                publish.pkid = match resend.filter(|p| !flow.awaiting_ack.contains_key(p)) {
+                    // 4.4.0-1 (3.1.1), 4.4.0-1 (5.0): resent with its packet id and DUP.
+                    Some(pkid) => {
+                        publish.dup = true;
+                        pkid
                     }
+                    None => loop {
+                        flow.next_pkid = flow.next_pkid % u16::MAX + 1;
+                        if !flow.awaiting_ack.contains_key(&flow.next_pkid) {
+                            break flow.next_pkid;
+                        }
+                    },
                 };
                 flow.awaiting_ack.insert(
                     publish.pkid,
                     InFlight {
                         command,
                         released: false,
+                        delivery: kept,
                     },
                 );
             } else if let Some(command) = command {
@@ -1081,13 +1290,17 @@ struct InFlight {
     command: Option<CommandId>,
     /// QoS 2: PUBREC received and PUBREL sent; waiting for PUBCOMP.
     released: bool,
+    /// The delivery itself, for persistent sessions (see `deliver`).
+    delivery: Option<Delivery>,
 }
 
 /// What a publish still has to wait for after [`Connection::publish`].
 enum Deferred {
-    /// QoS 1 deliveries waiting for room in full queues, and a retained message to store.
+    /// QoS 1 deliveries waiting for room in full queues, deliveries to store for away
+    /// persistent sessions, and a retained message to store.
     Routed {
         waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>,
+        away: Vec<(Arc<Away>, Delivery)>,
         retain: Option<ToRetain>,
         reply: Option<Packet>,
     },
@@ -1138,7 +1351,7 @@ fn refusal(publish: &Publish, why: &str) -> Option<Packet> {
 }
 
 /// The PUBLISH of a delivery (packet id set by the caller).
-fn to_publish(delivery: Delivery, version: Version) -> Publish {
+pub(crate) fn to_publish(delivery: Delivery, version: Version) -> Publish {
     let properties = match version {
         Version::V311 => None,
         Version::V5 if delivery.subscription_ids.is_empty() => {
@@ -1161,6 +1374,35 @@ fn to_publish(delivery: Delivery, version: Version) -> Publish {
         payload: delivery.payload,
         properties,
     }
+}
+
+fn session_store_failed(e: tern_store::StoreError) -> Close {
+    tracing::error!(error = %e, "cannot store the persistent session");
+    Close::AppendFailed
+}
+
+/// Publishes a will once its delay has passed, unless the device connects again first.
+fn delay_will(
+    bridge: &Arc<Bridge>,
+    tenant: TenantId,
+    device: DeviceId,
+    will: LastWill,
+    delay: u32,
+) {
+    let cancelled = bridge.sessions.delay_will(tenant, device);
+    let bridge = bridge.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = cancelled.cancelled() => tracing::info!(%device, "delayed will cancelled: the device is back"),
+            _ = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => {
+                bridge.sessions.will_published(tenant, device, &cancelled);
+                let records = publish_will(&bridge, tenant, device, will).await;
+                if let Err(e) = bridge.log.append(records).await {
+                    tracing::error!(error = %e, "cannot append a delayed will to the event log");
+                }
+            }
+        }
+    });
 }
 
 /// Waits out a rate-limit pause (polled only while there is one).

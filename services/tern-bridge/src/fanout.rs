@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::Bridge;
 use crate::lifecycle;
+use crate::persistent::{Away, Enqueued};
 use crate::retained::RetainOutcome;
 use crate::router::{Delivery, Message};
 use tern_eventlog::{EVENT_TOPIC, TELEMETRY_TOPIC, device_record as record};
@@ -44,6 +45,28 @@ pub(crate) async fn hand_over(
         };
         counter.inc();
     }
+}
+
+/// Stores deliveries for persistent sessions whose clients are away; `Err` means the store
+/// failed and the publish must not be acknowledged.
+pub(crate) async fn store_for_away(
+    bridge: &Bridge,
+    away: Vec<(Arc<Away>, Delivery)>,
+) -> Result<(), ()> {
+    let metrics = &bridge.metrics;
+    for (session, delivery) in away {
+        let counter = match bridge.persistent.enqueue(&session, delivery).await {
+            Ok(Enqueued::Stored) => &metrics.session_messages_stored,
+            Ok(Enqueued::HandedOver) => &metrics.deliveries,
+            Ok(Enqueued::Dropped) => &metrics.deliveries_dropped,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store a message for an away session");
+                return Err(());
+            }
+        };
+        counter.inc();
+    }
+    Ok(())
 }
 
 /// A publish to keep as its topic's retained message.
@@ -147,6 +170,7 @@ pub(crate) async fn publish_will(
                 .deliveries_dropped
                 .inc_by(routed.dropped as u64);
             hand_over(bridge, routed.waiting, None).await;
+            let _ = store_for_away(bridge, routed.away).await;
             if will.retain {
                 let will = ToRetain {
                     topic: topic.to_string(),

@@ -16,6 +16,7 @@ use crate::commands::is_command_topic;
 use crate::connection::Connection;
 use crate::metrics::ReasonLabel;
 use crate::quota::TenantSlot;
+use crate::sessions::SessionGuard;
 use crate::topics::{InvalidTopic, validate_name};
 
 /// Topic aliases a client may set per connection (MQTT 5 Topic Alias Maximum).
@@ -33,6 +34,15 @@ pub(crate) struct Admitted {
     pub max_packet_size: Option<u32>,
     /// The tenant's connection slot, held for the connection's life.
     pub _tenant_slot: TenantSlot,
+    /// The device's claim on its session (takeover, revocation).
+    pub session: SessionGuard,
+    /// How long the session outlives the connection, in seconds; 0 ends it with the
+    /// connection (a clean session).
+    pub session_expiry: u32,
+    /// A persistent session was there to resume (CONNACK Session Present).
+    pub session_present: bool,
+    /// MQTT 5 Will Delay Interval, in seconds.
+    pub will_delay: u32,
 }
 
 impl Connection {
@@ -134,34 +144,90 @@ impl Connection {
                 )
                 .await;
         };
+        // After the device's previous connection (if any) has ended and parked its session.
+        let session = self.bridge.sessions.claim(tenant, device).await;
+        let session_expiry = self.granted_session_expiry(&c);
+        let persistent = &self.bridge.persistent;
+        let mut session_present = persistent.has(tenant, device);
+        if session_present && c.connect.clean_start {
+            // 3.1.2-6 (3.1.1), 3.1.2.4 (5.0): a clean start discards the old session.
+            session_present = false;
+            if let Err(e) = persistent
+                .discard(&self.bridge.router, tenant, device)
+                .await
+            {
+                tracing::error!(error = %e, "cannot discard a persistent session");
+                return self
+                    .refuse(
+                        ServerUnavailable,
+                        "session_store",
+                        "the session store failed",
+                    )
+                    .await;
+            }
+        }
         let connack = ConnAck {
-            session_present: false,
+            session_present,
             code: Success,
-            properties: (self.version == Version::V5).then(|| self.limits(&c, device)),
+            properties: (self.version == Version::V5)
+                .then(|| self.limits(&c, device, session_expiry)),
         };
         self.send(&Packet::ConnAck(connack)).await.ok()?;
         Some(Admitted {
             tenant,
             device,
             keepalive: c.connect.keep_alive,
+            will_delay: c
+                .will
+                .as_ref()
+                .and_then(|w| w.properties.as_ref())
+                .and_then(|p| p.delay_interval)
+                .unwrap_or(0),
             will: c.will,
             receive_maximum: properties.receive_maximum.unwrap_or(u16::MAX),
             max_packet_size: properties.max_packet_size,
             _tenant_slot: tenant_slot,
+            session,
+            session_expiry,
+            session_present,
         })
     }
 
+    /// How long the session may outlive the connection: MQTT 5's Session Expiry Interval, or
+    /// for a 3.1.1 CleanSession 0 the longest allowed, capped by
+    /// `mqtt.max_session_expiry_secs`.
+    fn granted_session_expiry(&self, c: &ConnectPacket) -> u32 {
+        let max = self.bridge.config.max_session_expiry_secs;
+        match self.version {
+            Version::V311 if c.connect.clean_start => 0,
+            Version::V311 => max,
+            Version::V5 => c
+                .connect
+                .properties
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval)
+                .unwrap_or(0)
+                .min(max),
+        }
+    }
+
     /// The CONNACK properties of MQTT 5: what this server supports and allows.
-    fn limits(&self, c: &ConnectPacket, device: DeviceId) -> ConnAckProperties {
+    fn limits(
+        &self,
+        c: &ConnectPacket,
+        device: DeviceId,
+        granted_expiry: u32,
+    ) -> ConnAckProperties {
         let config = &self.bridge.config;
         let asked_expiry = c
             .connect
             .properties
             .as_ref()
-            .and_then(|p| p.session_expiry_interval);
+            .and_then(|p| p.session_expiry_interval)
+            .unwrap_or(0);
         ConnAckProperties {
-            // Sessions end with the connection for now: say so when a longer one was asked.
-            session_expiry_interval: asked_expiry.filter(|s| *s > 0).map(|_| 0),
+            // 3.2.2.3.2: said only when it differs from what the client asked.
+            session_expiry_interval: (asked_expiry != granted_expiry).then_some(granted_expiry),
             receive_max: Some(config.max_inflight.clamp(1, usize::from(u16::MAX)) as u16),
             retain_available: Some(1),
             max_packet_size: Some(config.max_packet_size as u32),

@@ -8,7 +8,8 @@
 //! with retained messages and wills. Connects, disconnects and wills are appended to the
 //! `lifecycle` stream. Publishes from one connection are appended concurrently and
 //! acknowledged in order, so a device that pipelines QoS 1 messages is not held to one fsync
-//! per message.
+//! per message. Persistent sessions (`persistent.rs`) keep a client's subscriptions and its
+//! QoS 1 and 2 messages while it is away, across restarts.
 
 mod codec;
 #[cfg(test)]
@@ -20,6 +21,7 @@ mod fanout;
 mod handshake;
 mod lifecycle;
 mod metrics;
+mod persistent;
 mod quota;
 mod retained;
 mod router;
@@ -50,6 +52,7 @@ pub use websocket::{WEBSOCKET_PATH, websocket_routes};
 use crate::commands::CommandTargets;
 use crate::connection::Io;
 use crate::metrics::BridgeMetrics;
+use crate::persistent::PersistentSessions;
 use crate::quota::TenantConnections;
 use crate::retained::Retained;
 use crate::router::Router;
@@ -68,7 +71,9 @@ pub struct BridgeServices {
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     #[error("cannot load retained messages: {0}")]
-    Retained(#[from] StoreError),
+    Retained(#[source] StoreError),
+    #[error("cannot load persistent sessions: {0}")]
+    Sessions(#[source] StoreError),
     #[error("cannot set up the anonymous tenant {name:?} (`mqtt.anonymous_tenant`): {source}")]
     AnonymousTenant { name: String, source: RegistryError },
 }
@@ -82,6 +87,7 @@ pub struct Bridge {
     metrics: BridgeMetrics,
     sessions: Arc<Sessions>,
     router: Router,
+    persistent: PersistentSessions,
     retained: Retained,
     commands: Arc<Commands>,
     /// The connections subscribed to their device's commands.
@@ -111,14 +117,27 @@ impl Bridge {
             log,
             store,
         } = services;
-        let retained = Retained::load(store, config.max_retained_per_tenant).await?;
+        let retained = Retained::load(store.clone(), config.max_retained_per_tenant)
+            .await
+            .map_err(BridgeError::Retained)?;
+        let sessions = Arc::new(Sessions::default());
+        let router = Router::default();
+        let metrics = BridgeMetrics::register(metrics);
+        let persistent = PersistentSessions::load(
+            store,
+            &router,
+            config.max_queued_messages,
+            metrics.sessions_away.clone(),
+            || sessions.next_id(),
+        )
+        .await
+        .map_err(BridgeError::Sessions)?;
         let anonymous_tenant = match &config.anonymous_tenant {
             None => None,
             Some(name) => Some(anonymous_tenant(&registry, name).await?),
         };
         let command_targets = Arc::new(CommandTargets::default());
         commands.set_route(command_targets.clone());
-        let sessions = Arc::new(Sessions::default());
         registry.set_access_listener(sessions.clone());
         let slots = Arc::new(Semaphore::new(config.max_connections));
         Ok(Self {
@@ -126,9 +145,10 @@ impl Bridge {
             identity,
             registry,
             log,
-            metrics: BridgeMetrics::register(metrics),
+            metrics,
             sessions,
-            router: Router::default(),
+            router,
+            persistent,
             retained,
             commands,
             command_targets,
@@ -156,9 +176,10 @@ impl Bridge {
                 );
             }
         };
-        tokio::join!(tcp, tls);
+        tokio::join!(tcp, tls, self.expire_sessions(shutdown.clone()));
         self.connections.close();
         self.connections.wait().await;
+        self.persistent.flush().await;
         tracing::info!("MQTT listeners stopped");
     }
 
@@ -212,6 +233,18 @@ impl Bridge {
                 connection::run(bridge, io, peer, transport, shutdown).await;
                 drop(permit);
             });
+        }
+    }
+
+    /// Ends persistent sessions whose expiry passed, every second until shutdown.
+    async fn expire_sessions(&self, shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.persistent.sweep(&self.router).await;
         }
     }
 

@@ -39,6 +39,8 @@ pub(crate) struct BridgeMetrics {
     pub deliveries_dropped: Counter,
     pub retained_refused: Counter,
     pub append_seconds: Histogram,
+    pub sessions_away: Gauge,
+    pub session_messages_stored: Counter,
 }
 
 impl BridgeMetrics {
@@ -70,6 +72,8 @@ impl BridgeMetrics {
             deliveries_dropped: Counter::default(),
             retained_refused: Counter::default(),
             append_seconds: latency_histogram(),
+            sessions_away: Gauge::default(),
+            session_messages_stored: Counter::default(),
         };
         registry.register("tern_bridge", |r| {
             r.register(
@@ -121,13 +125,23 @@ impl BridgeMetrics {
             );
             r.register(
                 "deliveries_dropped",
-                "Deliveries dropped because a subscriber's queue was full",
+                "Deliveries dropped: a subscriber's queue was full, or QoS 0 to an away session",
                 m.deliveries_dropped.clone(),
             );
             r.register(
                 "retained_refused",
                 "Retained publishes not retained because the tenant's quota was reached",
                 m.retained_refused.clone(),
+            );
+            r.register(
+                "sessions_away",
+                "Persistent sessions whose clients are away",
+                m.sessions_away.clone(),
+            );
+            r.register(
+                "session_messages_stored",
+                "QoS 1 and 2 messages stored for away persistent sessions",
+                m.session_messages_stored.clone(),
             );
             r.register(
                 "log_append_seconds",

@@ -172,11 +172,36 @@ fn record_key(tenant: TenantId, topic: &str) -> String {
 }
 
 /// Marks the current record format: `[FORMAT][expires_at_ms: i64, 0 = never][the message as
-/// an MQTT 5 PUBLISH]`, so that properties are kept without a format of our own.
+/// an MQTT 5 PUBLISH]`, so that properties are kept without a format of our own. Persistent
+/// sessions store their queued messages the same way.
 const FORMAT: u8 = 0xFF;
 
+/// A PUBLISH as a record value, with the time its message expires.
+pub(crate) fn encode_publish(publish: Publish, expires_at_ms: Option<i64>) -> Bytes {
+    let mut buf = BytesMut::with_capacity(16 + publish.topic.len() + publish.payload.len());
+    buf.put_u8(FORMAT);
+    buf.put_i64(expires_at_ms.unwrap_or(0));
+    // Encoding an in-memory PUBLISH fails only beyond MQTT's size limits, which the bridge's
+    // packet limit keeps it under.
+    let _ = Packet::Publish(publish).write(&mut buf, None);
+    buf.freeze()
+}
+
+/// The PUBLISH and expiry time of a record written by [`encode_publish`].
+pub(crate) fn decode_publish(mut value: Bytes) -> Option<(Publish, Option<i64>)> {
+    if value.first() != Some(&FORMAT) || value.len() < 9 {
+        return None;
+    }
+    value.advance(1);
+    let expires_at_ms = Some(value.get_i64()).filter(|at| *at != 0);
+    match Packet::read(&mut BytesMut::from(&value[..]), None) {
+        Ok(Packet::Publish(publish)) => Some((publish, expires_at_ms)),
+        _ => None,
+    }
+}
+
 fn encode(message: &RetainedMessage) -> Bytes {
-    let publish = Packet::Publish(Publish {
+    let publish = Publish {
         dup: false,
         qos: message.qos,
         retain: true,
@@ -184,26 +209,13 @@ fn encode(message: &RetainedMessage) -> Bytes {
         pkid: u16::from(message.qos != QoS::AtMostOnce),
         payload: message.payload.clone(),
         properties: message.properties.as_deref().cloned(),
-    });
-    let mut buf = BytesMut::with_capacity(16 + message.topic.len() + message.payload.len());
-    buf.put_u8(FORMAT);
-    buf.put_i64(message.expires_at_ms.unwrap_or(0));
-    // Encoding an in-memory PUBLISH fails only beyond MQTT's size limits, which the bridge's
-    // packet limit keeps it under.
-    let _ = publish.write(&mut buf, None);
-    buf.freeze()
+    };
+    encode_publish(publish, message.expires_at_ms)
 }
 
 fn decode(mut value: Bytes) -> Option<RetainedMessage> {
     if value.first() == Some(&FORMAT) {
-        value.advance(1);
-        if value.len() < 8 {
-            return None;
-        }
-        let expires_at_ms = Some(value.get_i64()).filter(|at| *at != 0);
-        let Ok(Packet::Publish(p)) = Packet::read(&mut BytesMut::from(&value[..]), None) else {
-            return None;
-        };
+        let (p, expires_at_ms) = decode_publish(value)?;
         return Some(RetainedMessage {
             topic: std::str::from_utf8(&p.topic).ok()?.into(),
             payload: p.payload,

@@ -4,17 +4,20 @@
 //! tenant. Each connection has a bounded queue of deliveries. When a subscriber's queue is
 //! full, a QoS 0 delivery is dropped and counted (at most once allows it); a QoS 1 delivery is
 //! handed back to the publishing connection, which waits for room before acknowledging (back
-//! pressure), for a bounded time.
+//! pressure), for a bounded time. A persistent session whose client is away keeps its
+//! subscriptions here with an [`Away`](crate::persistent::Away) mailbox instead: its QoS 1 and 2
+//! deliveries are queued durably for the client's return (`persistent.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use tern_core::{CommandId, TenantId};
 use tokio::sync::mpsc;
 
+use crate::persistent::Away;
 use crate::topics::matches;
 
 /// A message on its way to one subscriber.
@@ -34,6 +37,10 @@ pub(crate) struct Delivery {
     pub properties: Option<Arc<PublishProperties>>,
     /// MQTT 5 identifiers of the subscriptions this matched (3.3.4).
     pub subscription_ids: Vec<usize>,
+    /// Its record in a persistent session's queue, deleted once the client completes it.
+    pub stored: Option<u64>,
+    /// The packet id of an earlier attempt: resent with DUP and that id (4.4.0-1).
+    pub resend: Option<u16>,
 }
 
 impl Delivery {
@@ -47,8 +54,39 @@ impl Delivery {
             command: None,
             properties: None,
             subscription_ids: Vec::new(),
+            stored: None,
+            resend: None,
         }
     }
+
+    /// A delivery read back from a stored PUBLISH (see `persistent.rs`).
+    pub fn from_publish(publish: Publish) -> Self {
+        let mut properties = publish.properties;
+        let subscription_ids = properties
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.subscription_identifiers))
+            .unwrap_or_default();
+        Self {
+            properties: properties.map(Arc::new),
+            subscription_ids,
+            resend: publish.dup.then_some(publish.pkid),
+            ..Self::new(
+                String::from_utf8_lossy(&publish.topic).into(),
+                publish.payload,
+                publish.qos,
+                publish.retain,
+            )
+        }
+    }
+}
+
+/// Where a subscription's deliveries go.
+#[derive(Clone)]
+pub(crate) enum Mailbox {
+    /// A connected client's bounded queue.
+    Live(mpsc::Sender<Delivery>),
+    /// A persistent session whose client is away.
+    Away(Arc<Away>),
 }
 
 /// What a subscription asked for (MQTT 5 subscription options; 3.1.1 uses the defaults).
@@ -78,7 +116,7 @@ struct Subscriber {
     connection: u64,
     filter: String,
     options: SubscriptionOptions,
-    queue: mpsc::Sender<Delivery>,
+    mailbox: Mailbox,
 }
 
 /// A publish to route.
@@ -93,12 +131,15 @@ pub(crate) struct Message<'a> {
 }
 
 /// What routing one publish did.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Routed {
     pub delivered: usize,
     pub dropped: usize,
     /// QoS 1 deliveries whose subscriber queue was full: the publisher waits to hand them over.
     pub waiting: Vec<(mpsc::Sender<Delivery>, Delivery)>,
+    /// QoS 1 and 2 deliveries to persistent sessions whose clients are away: stored before
+    /// the publisher is acknowledged.
+    pub away: Vec<(Arc<Away>, Delivery)>,
 }
 
 #[derive(Default)]
@@ -120,7 +161,7 @@ struct Target<'a> {
     qos: QoS,
     retain: bool,
     ids: Vec<usize>,
-    queue: &'a mpsc::Sender<Delivery>,
+    mailbox: &'a Mailbox,
 }
 
 impl Router {
@@ -132,7 +173,7 @@ impl Router {
         connection: u64,
         filter: &str,
         options: SubscriptionOptions,
-        queue: mpsc::Sender<Delivery>,
+        mailbox: Mailbox,
     ) -> bool {
         let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
         let subscribers = tenants.entry(tenant).or_default();
@@ -143,9 +184,24 @@ impl Router {
             connection,
             filter: filter.to_string(),
             options,
-            queue,
+            mailbox,
         });
         new
+    }
+
+    /// Moves a connection's subscriptions to another connection id and mailbox: a persistent
+    /// session parked when its client leaves, or taken back when it returns.
+    pub fn rebind(&self, tenant: TenantId, from: u64, to: u64, mailbox: Mailbox) {
+        let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
+        for s in tenants
+            .get_mut(&tenant)
+            .into_iter()
+            .flatten()
+            .filter(|s| s.connection == from)
+        {
+            s.connection = to;
+            s.mailbox = mailbox.clone();
+        }
     }
 
     /// Returns whether the subscription existed.
@@ -197,7 +253,7 @@ impl Router {
                         qos: s.options.qos,
                         retain,
                         ids: Vec::new(),
-                        queue: &s.queue,
+                        mailbox: &s.mailbox,
                     });
                     targets.last_mut().expect("just pushed")
                 }
@@ -221,12 +277,24 @@ impl Router {
                     target.retain,
                 )
             };
-            match target.queue.try_send(delivery) {
+            let queue = match target.mailbox {
+                Mailbox::Live(queue) => queue,
+                // At most once is not kept for an absent client.
+                Mailbox::Away(_) if delivery.qos == QoS::AtMostOnce => {
+                    routed.dropped += 1;
+                    continue;
+                }
+                Mailbox::Away(away) => {
+                    routed.away.push((away.clone(), delivery));
+                    continue;
+                }
+            };
+            match queue.try_send(delivery) {
                 Ok(()) => routed.delivered += 1,
                 Err(mpsc::error::TrySendError::Full(delivery))
                     if delivery.qos != QoS::AtMostOnce =>
                 {
-                    routed.waiting.push((target.queue.clone(), delivery));
+                    routed.waiting.push((queue.clone(), delivery));
                 }
                 Err(_) => routed.dropped += 1,
             }
@@ -250,8 +318,9 @@ mod tests {
         }
     }
 
-    fn subscriber(capacity: usize) -> (mpsc::Sender<Delivery>, mpsc::Receiver<Delivery>) {
-        mpsc::channel(capacity)
+    fn subscriber(capacity: usize) -> (Mailbox, mpsc::Receiver<Delivery>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Mailbox::Live(tx), rx)
     }
 
     #[test]

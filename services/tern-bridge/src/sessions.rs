@@ -1,29 +1,39 @@
 //! Live connections by device: for session takeover (when a device connects again, the older
 //! connection is closed, MQTT 3.1.1 section 3.1.4) and for revocation (a disabled, deleted or
-//! revoked device's connection is closed at once).
+//! revoked device's connection is closed at once). A new connection waits for the one it
+//! replaces to end, so that a persistent session is parked before it is taken back, and
+//! cancels the device's delayed will (MQTT 5 Will Delay Interval, 3.1.3.2.2).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tern_core::{DeviceId, TenantId};
 use tern_registry::AccessRevoked;
 use tokio_util::sync::CancellationToken;
 
+/// How long a new connection waits for the one it replaces to wind down.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
 struct Live {
     id: u64,
     taken_over: CancellationToken,
     revoked: CancellationToken,
+    /// Cancelled when the connection has ended (its guard dropped).
+    ended: CancellationToken,
 }
 
 #[derive(Default)]
 pub(crate) struct Sessions {
     live: Mutex<HashMap<(TenantId, DeviceId), Live>>,
+    /// Wills waiting out their delay, cancelled when the device connects again.
+    delayed_wills: Mutex<HashMap<(TenantId, DeviceId), CancellationToken>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
 /// Removes the session when the connection ends (unless a newer one took it over).
-pub(crate) struct SessionGuard<'a> {
-    sessions: &'a Sessions,
+pub(crate) struct SessionGuard {
+    sessions: Arc<Sessions>,
     key: (TenantId, DeviceId),
     /// Unique per connection for the life of the process.
     pub id: u64,
@@ -31,33 +41,81 @@ pub(crate) struct SessionGuard<'a> {
     pub closed: CancellationToken,
     /// Cancelled when the device's access is revoked.
     pub revoked: CancellationToken,
+    ended: CancellationToken,
 }
 
 impl Sessions {
-    /// Registers a connection and closes the device's previous one, if any.
-    pub fn claim(&self, tenant: TenantId, device: DeviceId) -> SessionGuard<'_> {
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (closed, revoked) = (CancellationToken::new(), CancellationToken::new());
+    /// A connection id unique for the life of the process (also used for the subscriptions
+    /// of persistent sessions loaded at start-up).
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Registers a connection, closes the device's previous one (if any) and waits for it to
+    /// end; cancels the device's delayed will.
+    pub async fn claim(self: &Arc<Self>, tenant: TenantId, device: DeviceId) -> SessionGuard {
+        let id = self.next_id();
+        let (closed, revoked, ended) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
         let previous = self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
             (tenant, device),
             Live {
                 id,
                 taken_over: closed.clone(),
                 revoked: revoked.clone(),
+                ended: ended.clone(),
             },
         );
-        if let Some(old) = previous {
-            old.taken_over.cancel();
-        }
-        SessionGuard {
-            sessions: self,
+        let guard = SessionGuard {
+            sessions: self.clone(),
             key: (tenant, device),
             id,
             closed,
             revoked,
+            ended,
+        };
+        if let Some(old) = previous {
+            old.taken_over.cancel();
+            if tokio::time::timeout(TAKEOVER_WAIT, old.ended.cancelled())
+                .await
+                .is_err()
+            {
+                tracing::warn!(%tenant, %device, "the replaced connection did not end in time");
+            }
         }
+        // After the previous connection ended: it may have just delayed its will.
+        if let Some(will) = self.delayed_wills().remove(&(tenant, device)) {
+            will.cancel();
+        }
+        guard
+    }
+
+    /// Registers a will waiting out its delay; the token is cancelled if the device connects
+    /// again first.
+    pub fn delay_will(&self, tenant: TenantId, device: DeviceId) -> CancellationToken {
+        let token = CancellationToken::new();
+        if let Some(older) = self.delayed_wills().insert((tenant, device), token.clone()) {
+            older.cancel();
+        }
+        token
+    }
+
+    /// Forgets a delayed will that was published.
+    pub fn will_published(&self, tenant: TenantId, device: DeviceId, token: &CancellationToken) {
+        let mut wills = self.delayed_wills();
+        if wills.get(&(tenant, device)).is_some_and(|t| t.eq(token)) {
+            wills.remove(&(tenant, device));
+        }
+    }
+
+    fn delayed_wills(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(TenantId, DeviceId), CancellationToken>> {
+        self.delayed_wills.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -70,12 +128,13 @@ impl AccessRevoked for Sessions {
     }
 }
 
-impl Drop for SessionGuard<'_> {
+impl Drop for SessionGuard {
     fn drop(&mut self) {
         let mut live = self.sessions.live.lock().unwrap_or_else(|e| e.into_inner());
         if live.get(&self.key).is_some_and(|l| l.id == self.id) {
             live.remove(&self.key);
         }
+        self.ended.cancel();
     }
 }
 
@@ -83,30 +142,49 @@ impl Drop for SessionGuard<'_> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_second_claim_closes_the_first_and_survives_its_drop() {
-        let sessions = Sessions::default();
+    #[tokio::test]
+    async fn a_second_claim_closes_the_first_waits_for_it_and_survives_its_drop() {
+        let sessions = Arc::new(Sessions::default());
         let (t, d) = (TenantId::random(), DeviceId::random());
-        let first = sessions.claim(t, d);
-        let second = sessions.claim(t, d);
-        assert!(first.closed.is_cancelled());
-        assert!(!second.closed.is_cancelled());
+        let first = sessions.claim(t, d).await;
+        let claiming = tokio::spawn({
+            let sessions = sessions.clone();
+            async move { sessions.claim(t, d).await }
+        });
+        first.closed.cancelled().await;
+        tokio::task::yield_now().await;
+        assert!(!claiming.is_finished(), "waits for the first to end");
         drop(first);
-        let third = sessions.claim(t, d);
-        assert!(
-            second.closed.is_cancelled(),
-            "the first guard's drop must not remove the second"
-        );
+        let second = claiming.await.expect("claimed");
+        assert!(!second.closed.is_cancelled());
+        let third = tokio::spawn({
+            let sessions = sessions.clone();
+            async move { sessions.claim(t, d).await }
+        });
+        second.closed.cancelled().await;
+        drop(second);
+        let third = third.await.expect("claimed");
         drop(third);
         assert!(sessions.live.lock().expect("lock").is_empty());
     }
 
-    #[test]
-    fn revocation_closes_only_that_devices_live_session() {
-        let sessions = Sessions::default();
+    #[tokio::test]
+    async fn a_new_connection_cancels_the_delayed_will() {
+        let sessions = Arc::new(Sessions::default());
         let (t, d) = (TenantId::random(), DeviceId::random());
-        let other = sessions.claim(t, DeviceId::random());
-        let live = sessions.claim(t, d);
+        let will = sessions.delay_will(t, d);
+        let other = sessions.delay_will(t, DeviceId::random());
+        let _live = sessions.claim(t, d).await;
+        assert!(will.is_cancelled());
+        assert!(!other.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn revocation_closes_only_that_devices_live_session() {
+        let sessions = Arc::new(Sessions::default());
+        let (t, d) = (TenantId::random(), DeviceId::random());
+        let other = sessions.claim(t, DeviceId::random()).await;
+        let live = sessions.claim(t, d).await;
         sessions.access_revoked(t, d);
         assert!(live.revoked.is_cancelled());
         assert!(!live.closed.is_cancelled(), "not a takeover");

@@ -18,6 +18,7 @@ mod pubsub;
 mod quotas;
 mod rest_api;
 mod revocation;
+mod sessions;
 mod simulator;
 mod tenancy;
 mod tls;

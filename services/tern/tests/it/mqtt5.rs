@@ -157,7 +157,7 @@ async fn mqtt5_3_2_2_3_connack_properties_announce_what_the_server_supports() {
     let p = tern.provision("acme", "a");
     let mut opts = options(&tern, &p);
     opts.set_client_id(String::new());
-    opts.set_session_expiry_interval(Some(3600));
+    opts.set_session_expiry_interval(Some(u32::MAX));
     let client = connect(opts).await.expect("connect");
     assert_eq!(client.connack.code, ConnectReturnCode::Success);
     let props = client
@@ -172,8 +172,8 @@ async fn mqtt5_3_2_2_3_connack_properties_announce_what_the_server_supports() {
     assert_eq!(props.subscription_identifiers_available, Some(1));
     assert_eq!(
         props.session_expiry_interval,
-        Some(0),
-        "sessions end with the connection"
+        Some(604_800),
+        "3.2.2.3.2: \"never\" is capped by mqtt.max_session_expiry_secs"
     );
     assert_eq!(
         props.assigned_client_identifier.as_deref(),
