@@ -35,7 +35,7 @@ use crate::metrics::ReasonLabel;
 use crate::persistent::{Away, Leftovers, SavedSubscription};
 use crate::quota::TokenBucket;
 use crate::router::{Delivery, Mailbox, Message, SubscriptionOptions, lower_qos};
-use crate::topics::{InvalidTopic, validate_filter, validate_name};
+use crate::topics::{InvalidTopic, parse_filter, validate_name};
 use tern_eventlog::{EVENT_TOPIC, TELEMETRY_TOPIC, device_record as record};
 
 /// QoS 1 deliveries a client may have unacknowledged before the bridge waits for PUBACKs
@@ -999,13 +999,21 @@ impl Connection {
         let queue = flow.queue(self.bridge.config.max_queued_messages.max(1));
         let id = subscribe.properties.as_ref().and_then(|p| p.id);
         for filter in &subscribe.filters {
-            if let Err(InvalidTopic(why)) = validate_filter(&filter.path) {
-                tracing::info!(filter = %filter.path, why, "invalid topic filter; closing");
+            let shared = match parse_filter(&filter.path) {
+                Ok(parsed) => parsed.group.is_some(),
+                Err(InvalidTopic(why)) => {
+                    tracing::info!(filter = %filter.path, why, "invalid topic filter; closing");
+                    return Err(Close::ProtocolError);
+                }
+            };
+            if shared && filter.nolocal {
+                // 3.8.3-4 (5.0): No Local on a shared subscription is a protocol error.
+                tracing::info!(filter = %filter.path, "No Local on a shared subscription; closing");
                 return Err(Close::ProtocolError);
             }
-            if filter.path.starts_with("$share/") {
-                // Advertised as unavailable in the CONNACK (shared_subscription_available 0).
-                codes.push(SubscribeReasonCode::SharedSubscriptionsNotSupported);
+            if shared && is_command_topic(strip_share(&filter.path)) {
+                // Commands belong to one device: there is nothing to share.
+                codes.push(SubscribeReasonCode::NotAuthorized);
                 continue;
             }
             let granted = filter.qos;
@@ -1031,11 +1039,13 @@ impl Connection {
                 );
                 // 3.3.1-6 and 3.8.4-3 (3.1.1), retain handling 3.3.1.3 (5.0): matching
                 // retained messages go to the subscription, flagged as retained.
-                let send_retained = match filter.retain_forward_rule {
-                    RetainForwardRule::OnEverySubscribe => true,
-                    RetainForwardRule::OnNewSubscribe => new,
-                    RetainForwardRule::Never => false,
-                };
+                // 4.8.2 (5.0): none for shared subscriptions.
+                let send_retained = !shared
+                    && match filter.retain_forward_rule {
+                        RetainForwardRule::OnEverySubscribe => true,
+                        RetainForwardRule::OnNewSubscribe => new,
+                        RetainForwardRule::Never => false,
+                    };
                 if send_retained {
                     for message in self.bridge.retained.matching(flow.tenant, &filter.path) {
                         owed.push(Delivery {
@@ -1374,6 +1384,11 @@ pub(crate) fn to_publish(delivery: Delivery, version: Version) -> Publish {
         payload: delivery.payload,
         properties,
     }
+}
+
+/// The filter a `$share/{group}/{filter}` subscription matches with (the path if not shared).
+fn strip_share(path: &str) -> &str {
+    parse_filter(path).map_or(path, |parsed| parsed.filter)
 }
 
 fn session_store_failed(e: tern_store::StoreError) -> Close {

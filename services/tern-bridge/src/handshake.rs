@@ -235,7 +235,7 @@ impl Connection {
             topic_alias_max: Some(TOPIC_ALIAS_MAX),
             wildcard_subscription_available: Some(1),
             subscription_identifiers_available: Some(1),
-            shared_subscription_available: Some(0),
+            shared_subscription_available: Some(1),
             ..empty_connack_properties()
         }
     }

@@ -9,6 +9,7 @@
 //! deliveries are queued durably for the client's return (`persistent.rs`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use tern_core::{CommandId, TenantId};
 use tokio::sync::mpsc;
 
 use crate::persistent::Away;
-use crate::topics::matches;
+use crate::topics::{matches, parse_filter};
 
 /// A message on its way to one subscriber.
 #[derive(Debug, Clone)]
@@ -114,9 +115,21 @@ impl SubscriptionOptions {
 
 struct Subscriber {
     connection: u64,
+    /// As subscribed, `$share/{group}/` included: what UNSUBSCRIBE names.
     filter: String,
+    /// Shared subscriptions (4.8.2): the group, and where the matched filter starts.
+    group: Option<(Box<str>, usize)>,
     options: SubscriptionOptions,
     mailbox: Mailbox,
+}
+
+impl Subscriber {
+    fn topic_filter(&self) -> &str {
+        match &self.group {
+            Some((_, start)) => &self.filter[*start..],
+            None => &self.filter,
+        }
+    }
 }
 
 /// A publish to route.
@@ -145,6 +158,8 @@ pub(crate) struct Routed {
 #[derive(Default)]
 pub(crate) struct Router {
     tenants: RwLock<HashMap<TenantId, Vec<Subscriber>>>,
+    /// Turns through the members of shared subscription groups.
+    next_share: AtomicUsize,
 }
 
 fn qos_rank(qos: QoS) -> u8 {
@@ -167,6 +182,7 @@ struct Target<'a> {
 impl Router {
     /// Adds or replaces (same connection, same filter) a subscription; returns whether it is
     /// new (MQTT 5 retain handling 1 sends retained messages only to new subscriptions).
+    /// `filter` must be valid (`topics::parse_filter`).
     pub fn subscribe(
         &self,
         tenant: TenantId,
@@ -175,6 +191,10 @@ impl Router {
         options: SubscriptionOptions,
         mailbox: Mailbox,
     ) -> bool {
+        let group = parse_filter(filter).ok().and_then(|parsed| {
+            let start = filter.len() - parsed.filter.len();
+            parsed.group.map(|group| (Box::from(group), start))
+        });
         let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
         let subscribers = tenants.entry(tenant).or_default();
         let before = subscribers.len();
@@ -183,6 +203,7 @@ impl Router {
         subscribers.push(Subscriber {
             connection,
             filter: filter.to_string(),
+            group,
             options,
             mailbox,
         });
@@ -237,10 +258,22 @@ impl Router {
         };
         // A handful of targets per publish, so a Vec beats a map.
         let mut targets: Vec<Target<'_>> = Vec::new();
+        let mut groups: Vec<(&str, &str, Vec<&Subscriber>)> = Vec::new();
         for s in subscribers
             .iter()
-            .filter(|s| matches(&s.filter, message.topic))
+            .filter(|s| matches(s.topic_filter(), message.topic))
         {
+            if let Some((group, _)) = &s.group {
+                let filter = s.topic_filter();
+                match groups
+                    .iter_mut()
+                    .find(|(g, f, _)| g == &&**group && *f == filter)
+                {
+                    Some((_, _, members)) => members.push(s),
+                    None => groups.push((group, filter, vec![s])),
+                }
+                continue;
+            }
             if s.options.no_local && message.from == Some(s.connection) {
                 continue;
             }
@@ -263,6 +296,23 @@ impl Router {
             }
             target.retain |= retain;
             target.ids.extend(s.options.id);
+        }
+        // 4.8.2: each group's message goes to one member: the next in turn whose queue has
+        // room, else the next in turn.
+        for (_, _, members) in groups {
+            let start = self.next_share.fetch_add(1, Ordering::Relaxed);
+            let n = members.len();
+            let s = (0..n)
+                .map(|i| members[(start + i) % n])
+                .find(|s| matches!(&s.mailbox, Mailbox::Live(q) if q.capacity() > 0))
+                .unwrap_or(members[start % n]);
+            targets.push(Target {
+                connection: s.connection,
+                qos: s.options.qos,
+                retain: s.options.retain_as_published && message.retain,
+                ids: s.options.id.into_iter().collect(),
+                mailbox: &s.mailbox,
+            });
         }
         let topic: Arc<str> = Arc::from(message.topic);
         let mut routed = Routed::default();
@@ -506,5 +556,62 @@ mod tests {
         assert!(rx.try_recv().is_ok(), "others still get it");
         assert!(router.unsubscribe(tenant, 2, "a/b"));
         assert!(!router.unsubscribe(tenant, 2, "a/b"));
+    }
+
+    #[test]
+    fn shared_groups_give_each_message_to_one_member_in_turn() {
+        let router = Router::default();
+        let tenant = TenantId::random();
+        let (w1, mut rx1) = subscriber(8);
+        let (w2, mut rx2) = subscriber(8);
+        let (plain, mut rx_plain) = subscriber(8);
+        let qos1 = SubscriptionOptions::qos(QoS::AtLeastOnce);
+        router.subscribe(tenant, 1, "$share/g/jobs/+", qos1, w1);
+        router.subscribe(tenant, 2, "$share/g/jobs/+", qos1, w2.clone());
+        // The same connection with a plain subscription too gets its own copy of each.
+        router.subscribe(tenant, 2, "jobs/#", qos1, w2);
+        router.subscribe(tenant, 3, "jobs/+", qos1, plain);
+        let payload = Bytes::from_static(b"job");
+        for _ in 0..4 {
+            router.route(tenant, &msg("jobs/x", &payload, QoS::AtLeastOnce));
+        }
+        let drain =
+            |rx: &mut mpsc::Receiver<Delivery>| std::iter::from_fn(|| rx.try_recv().ok()).count();
+        let (one, two) = (drain(&mut rx1), drain(&mut rx2));
+        assert_eq!(
+            one + two,
+            4 + 4,
+            "4 shared copies in all, plus connection 2's own 4"
+        );
+        assert_eq!(one, 2, "the group takes turns");
+        assert_eq!(drain(&mut rx_plain), 4);
+        assert!(router.unsubscribe(tenant, 1, "$share/g/jobs/+"));
+        router.route(tenant, &msg("jobs/x", &payload, QoS::AtLeastOnce));
+        assert_eq!(
+            (drain(&mut rx1), drain(&mut rx2)),
+            (0, 2),
+            "the other member gets it"
+        );
+    }
+
+    #[test]
+    fn a_full_member_is_skipped_for_one_with_room() {
+        let router = Router::default();
+        let tenant = TenantId::random();
+        let (full, mut rx_full) = subscriber(1);
+        let (roomy, mut rx_roomy) = subscriber(8);
+        let qos1 = SubscriptionOptions::qos(QoS::AtLeastOnce);
+        router.subscribe(tenant, 1, "$share/g/t", qos1, full);
+        router.subscribe(tenant, 2, "$share/g/t", qos1, roomy);
+        let payload = Bytes::new();
+        for _ in 0..5 {
+            let routed = router.route(tenant, &msg("t", &payload, QoS::AtLeastOnce));
+            assert!(
+                routed.waiting.is_empty(),
+                "never waits while a member has room"
+            );
+        }
+        assert_eq!(rx_full.try_recv().ok().map(|_| 1).unwrap_or(0), 1);
+        assert_eq!(std::iter::from_fn(|| rx_roomy.try_recv().ok()).count(), 4);
     }
 }

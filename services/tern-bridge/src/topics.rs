@@ -37,6 +37,43 @@ pub(crate) fn validate_filter(filter: &str) -> Result<(), InvalidTopic> {
     Ok(())
 }
 
+/// The prefix of shared subscriptions (MQTT 5 section 4.8.2).
+const SHARE_PREFIX: &str = "$share/";
+
+/// A filter as subscribed: plain, or `$share/{group}/{filter}` (one of the group's
+/// subscribers gets each message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SubscribedFilter<'a> {
+    pub group: Option<&'a str>,
+    /// The filter topics are matched against.
+    pub filter: &'a str,
+}
+
+/// Parses and validates a SUBSCRIBE filter, shared ones included (4.8.2: the share name is
+/// at least one character and has no `/`, `+` or `#`; the filter after it is a valid filter).
+pub(crate) fn parse_filter(path: &str) -> Result<SubscribedFilter<'_>, InvalidTopic> {
+    let Some(rest) = path.strip_prefix(SHARE_PREFIX) else {
+        validate_filter(path)?;
+        return Ok(SubscribedFilter {
+            group: None,
+            filter: path,
+        });
+    };
+    let (group, filter) = rest
+        .split_once('/')
+        .ok_or(InvalidTopic("expected $share/{group}/{filter}"))?;
+    if group.is_empty() || group.contains(['+', '#']) {
+        return Err(InvalidTopic(
+            "a share name is one or more characters without `+`, `#` or `/`",
+        ));
+    }
+    validate_filter(filter)?;
+    Ok(SubscribedFilter {
+        group: Some(group),
+        filter,
+    })
+}
+
 /// Whether `filter` matches `topic` (both valid). Topics beginning with `$` are not matched by
 /// filters beginning with a wildcard (section 4.7.2).
 pub(crate) fn matches(filter: &str, topic: &str) -> bool {
@@ -65,6 +102,28 @@ pub(crate) fn matches(filter: &str, topic: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_filters_name_a_group_and_a_valid_filter() {
+        assert_eq!(
+            parse_filter("$share/workers/jobs/+"),
+            Ok(SubscribedFilter {
+                group: Some("workers"),
+                filter: "jobs/+"
+            })
+        );
+        assert_eq!(parse_filter("jobs/#").map(|f| f.group), Ok(None));
+        for bad in [
+            "$share/",
+            "$share/g",
+            "$share//a",
+            "$share/g+/a",
+            "$share/g/a/#/b",
+        ] {
+            assert!(parse_filter(bad).is_err(), "{bad}");
+        }
+        assert!(parse_filter("$shared/a").is_ok(), "not the share prefix");
+    }
 
     fn check(filter: &str, topic: &str, expected: bool) {
         assert_eq!(matches(filter, topic), expected, "{filter} ~ {topic}");

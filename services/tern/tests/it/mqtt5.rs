@@ -168,7 +168,7 @@ async fn mqtt5_3_2_2_3_connack_properties_announce_what_the_server_supports() {
     assert_eq!(props.max_packet_size, Some(262_144), "mqtt.max_packet_size");
     assert_eq!(props.topic_alias_max, Some(64));
     assert_eq!(props.retain_available, Some(1));
-    assert_eq!(props.shared_subscription_available, Some(0));
+    assert_eq!(props.shared_subscription_available, Some(1));
     assert_eq!(props.subscription_identifiers_available, Some(1));
     assert_eq!(
         props.session_expiry_interval,
@@ -325,7 +325,7 @@ async fn mqtt5_3_8_3_1_subscription_options_no_local_retain_as_published_retain_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt5_3_8_2_1_2_subscription_identifiers_and_4_8_2_shared_subscriptions_refused() {
+async fn mqtt5_3_8_2_1_2_subscription_identifiers_are_carried_by_one_copy() {
     let tern = Tern::start();
     let (a, b) = (tern.provision("acme", "a"), tern.provision("acme", "b"));
     let mut sub = Client::device(&tern, &a).await;
@@ -339,21 +339,6 @@ async fn mqtt5_3_8_2_1_2_subscription_identifiers_and_4_8_2_shared_subscriptions
         Some(22),
     )
     .await;
-    let codes = sub
-        .subscribe(
-            vec![filter(
-                "$share/g/m/#",
-                false,
-                false,
-                RetainForwardRule::Never,
-            )],
-            None,
-        )
-        .await;
-    assert_eq!(
-        codes,
-        vec![SubscribeReasonCode::SharedSubscriptionsNotSupported]
-    );
 
     let mut publisher = Client::device(&tern, &b).await;
     publisher
@@ -363,6 +348,100 @@ async fn mqtt5_3_8_2_1_2_subscription_identifiers_and_4_8_2_shared_subscriptions
     let mut ids = got.properties.expect("ids").subscription_identifiers;
     ids.sort_unstable();
     assert_eq!(ids, [11, 22], "one copy carrying both identifiers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_4_8_2_shared_subscriptions_give_each_message_to_one_member_of_the_group() {
+    let tern = Tern::start();
+    let p = |name| tern.provision("acme", name);
+    let (w1, w2, watcher, b) = (p("w1"), p("w2"), p("watcher"), p("b"));
+    let shared = |path| {
+        vec![filter(
+            path,
+            false,
+            false,
+            RetainForwardRule::OnEverySubscribe,
+        )]
+    };
+    let mut publisher = Client::device(&tern, &b).await;
+    // A retained message is not sent to a new shared subscription (4.8.2).
+    publisher
+        .publish("jobs/old", "retained", true, PublishProperties::default())
+        .await;
+    let mut workers = Vec::new();
+    for w in [&w1, &w2] {
+        let mut worker = Client::device(&tern, w).await;
+        let codes = worker
+            .subscribe(shared("$share/workers/jobs/+"), None)
+            .await;
+        assert_eq!(codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+        workers.push(worker);
+    }
+    let mut everything = Client::watching(&tern, &watcher, "jobs/+").await;
+    // Commands are one device's own: `$share` cannot reach them.
+    let codes = workers[0]
+        .subscribe(shared("$share/workers/command/req/#"), None)
+        .await;
+    assert_eq!(codes, vec![SubscribeReasonCode::NotAuthorized]);
+
+    for i in 0..6 {
+        publisher
+            .publish(
+                &format!("jobs/{i}"),
+                "job",
+                false,
+                PublishProperties::default(),
+            )
+            .await;
+    }
+    for _ in 0..6 {
+        everything.received().await;
+    }
+    let mut got = Vec::new();
+    for worker in &mut workers {
+        let mut mine = Vec::new();
+        while mine.len() < 3 {
+            let p = worker.received().await;
+            mine.push(String::from_utf8_lossy(&p.topic).into_owned());
+        }
+        got.extend(mine);
+    }
+    got.sort();
+    let expected: Vec<String> = (0..6).map(|i| format!("jobs/{i}")).collect();
+    assert_eq!(got, expected, "each job once, split between the members");
+    // And nothing more: each worker's next message is its own marker.
+    for (worker, name) in workers.iter_mut().zip(["w1", "w2"]) {
+        let topic = format!("only/{name}");
+        worker
+            .subscribe(
+                vec![filter(&topic, false, false, RetainForwardRule::Never)],
+                None,
+            )
+            .await;
+        worker.expect_only_marker(&mut publisher, &topic).await;
+    }
+    // No Local on a shared subscription is a protocol error (3.8.3-4).
+    let mut rude = Client::device(&tern, &tern.provision("acme", "rude")).await;
+    rude.client
+        .subscribe_many(vec![filter(
+            "$share/g/a",
+            true,
+            false,
+            RetainForwardRule::Never,
+        )])
+        .await
+        .expect("queue");
+    let reason = loop {
+        match rude.next().await {
+            Ok(_) => continue,
+            Err(ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+                reason_code,
+                ..
+            })) => break reason_code,
+            Err(other) => panic!("expected DISCONNECT 0x82, got {other:?}"),
+        }
+    };
+    assert_eq!(reason, DisconnectReasonCode::ProtocolError);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,11 +41,15 @@ async fn nothing_crosses_between_tenants_on_any_path() {
     for filter in ["#", "shared/name", "command/req/#"] {
         spy.subscribe(filter, QoS::AtLeastOnce).await;
     }
+    // The same share name in both tenants: two separate groups.
     assert_eq!(
         spy.subscribe("$share/g/#", QoS::AtLeastOnce).await,
-        vec![SubscribeReasonCode::Failure],
-        "shared subscriptions are refused"
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
     );
+    let mut acme_worker = Mqtt::device(&tern, &tern.provision("acme", "a-worker")).await;
+    acme_worker
+        .subscribe("$share/g/shared/name", QoS::AtLeastOnce)
+        .await;
 
     // Live traffic, the will and a new command in acme: none of it reaches globex.
     acme_publisher.publish("shared/name", "acme live").await;
@@ -53,6 +57,9 @@ async fn nothing_crosses_between_tenants_on_any_path() {
     // Inside acme both arrive, so they were published before globex's marker below.
     assert_eq!(acme_watcher.received().await.payload, "acme live");
     assert_eq!(acme_watcher.received().await.payload, "acme will");
+    // acme's group of one got both: globex's member of a group named alike took nothing.
+    assert_eq!(acme_worker.received().await.payload, "acme live");
+    assert_eq!(acme_worker.received().await.payload, "acme will");
     let out = tern.cli(&["command", "send", "a", "secret-2", "--tenant", "acme"]);
     assert!(out.status.success());
     let mut globex_publisher = Mqtt::device(&tern, &globex_pub).await;
