@@ -95,6 +95,9 @@ pub struct Device {
     /// tokens are revoked, so a stolen token stops working before it expires.
     #[serde(default)]
     pub tokens_valid_from_s: i64,
+    /// The gateway device that may publish on this device's behalf (`telemetry/{device}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_id: Option<DeviceId>,
 }
 
 /// What a caller supplies to register a device.
@@ -106,6 +109,9 @@ pub struct NewDevice {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub hardware_id: Option<String>,
+    /// The gateway (a device of the same tenant, by id or name) that may act for this one.
+    #[serde(default)]
+    pub gateway: Option<String>,
 }
 
 const MAX_NAME_LEN: usize = 128;

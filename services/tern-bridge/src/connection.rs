@@ -16,6 +16,7 @@ use rumqttc::v5::mqttbytes::v5::{
 use tern_core::{CommandId, DeviceId, TenantId};
 use tern_eventlog::{EventLog, LogError, Position, Record};
 use tern_proto::v1::EventKind;
+use tern_registry::RegistryError;
 use tern_runtime::Shutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::net::TcpStream;
@@ -843,6 +844,14 @@ impl Connection {
             TELEMETRY_TOPIC => EventKind::Telemetry,
             EVENT_TOPIC => EventKind::Event,
             t if is_command_topic(t) => return self.command_response(&publish, t, flow),
+            t if let Some((kind, child)) = child_topic(t) => {
+                let child_at = t.len() - child.len();
+                return Ok(Some(Box::new(Deferred::ForChild {
+                    publish,
+                    kind,
+                    child_at,
+                })));
+            }
             t => {
                 if let Err(InvalidTopic(why)) = validate_name(t) {
                     tracing::info!(topic = t, why, "invalid topic name; closing");
@@ -925,13 +934,7 @@ impl Connection {
             Ok(parsed) => parsed,
             Err(why) => {
                 tracing::info!(topic, why, "publish under command/ refused");
-                return match (self.version, refusal(publish, why)) {
-                    (Version::V5, Some(reply)) => {
-                        flow.reply_in_order(&self.bridge.log, reply);
-                        Ok(None)
-                    }
-                    _ => Err(Close::NotAuthorized),
-                };
+                return self.refuse_publish(publish, why, flow).map(|()| None);
             }
         };
         self.bridge.metrics.command_responses_in.inc();
@@ -943,9 +946,75 @@ impl Connection {
         })))
     }
 
+    /// Refuses a publish the device may not make: with a reason code in MQTT 5 (QoS 1 and 2),
+    /// by closing otherwise (3.3.5).
+    fn refuse_publish(
+        &mut self,
+        publish: &Publish,
+        why: &str,
+        flow: &mut Flow,
+    ) -> Result<(), Close> {
+        match (self.version, refusal(publish, why)) {
+            (Version::V5, Some(reply)) => {
+                flow.reply_in_order(&self.bridge.log, reply);
+                Ok(())
+            }
+            _ => Err(Close::NotAuthorized),
+        }
+    }
+
+    /// A gateway's publish for a child device (`telemetry/{child}`, `event/{child}`): appended
+    /// as the child's, in order with the gateway's other publishes, if the child names this
+    /// device as its gateway.
+    async fn publish_for_child(
+        &mut self,
+        publish: Publish,
+        kind: EventKind,
+        child: &str,
+        flow: &mut Flow,
+    ) -> Result<(), Close> {
+        let registry = self.bridge.registry.clone();
+        let child = match registry.child_of(flow.tenant, flow.device, child).await {
+            Ok(child) => child,
+            Err(
+                e @ (RegistryError::NotFound(_)
+                | RegistryError::Forbidden(_)
+                | RegistryError::Invalid(_)),
+            ) => {
+                tracing::info!(child, error = %e, "publish for a child device refused");
+                let why = format!("not a gateway of {child:?}");
+                return self.refuse_publish(&publish, &why, flow);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot look up a child device");
+                return Err(Close::AppendFailed);
+            }
+        };
+        let counter = match kind {
+            EventKind::Event => &self.bridge.metrics.events_in,
+            _ => &self.bridge.metrics.telemetry_in,
+        };
+        counter.inc();
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        let reply = success_reply(&publish, flow);
+        flow.batch
+            .push(record(flow.tenant, child.id, kind, &topic, publish.payload));
+        flow.batch_replies.extend(reply);
+        flow.unacked += 1;
+        Ok(())
+    }
+
     /// The waiting part of a publish; its reply goes out in order afterwards.
     async fn finish(&mut self, deferred: Deferred, flow: &mut Flow) -> Result<(), Close> {
         let reply = match deferred {
+            Deferred::ForChild {
+                publish,
+                kind,
+                child_at,
+            } => {
+                let topic = String::from_utf8_lossy(&publish.topic[child_at..]).into_owned();
+                return self.publish_for_child(publish, kind, &topic, flow).await;
+            }
             Deferred::Routed {
                 waiting,
                 away,
@@ -1314,6 +1383,12 @@ enum Deferred {
         retain: Option<ToRetain>,
         reply: Option<Packet>,
     },
+    /// A gateway's publish for a child device; the child starts at byte `child_at` of the topic.
+    ForChild {
+        publish: Publish,
+        kind: EventKind,
+        child_at: usize,
+    },
     /// A device's answer to a command; acknowledged once the command's state is stored.
     CommandResponse {
         command: CommandId,
@@ -1384,6 +1459,16 @@ pub(crate) fn to_publish(delivery: Delivery, version: Version) -> Publish {
         payload: delivery.payload,
         properties,
     }
+}
+
+/// `telemetry/{child}` or `event/{child}`: what a gateway publishes for a child device.
+fn child_topic(topic: &str) -> Option<(EventKind, &str)> {
+    let (kind, child) = if let Some(child) = topic.strip_prefix("telemetry/") {
+        (EventKind::Telemetry, child)
+    } else {
+        (EventKind::Event, topic.strip_prefix("event/")?)
+    };
+    Some((kind, child))
 }
 
 /// The filter a `$share/{group}/{filter}` subscription matches with (the path if not shared).

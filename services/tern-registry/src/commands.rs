@@ -652,6 +652,7 @@ mod tests {
             created_at_ms: 0,
             disabled: false,
             tokens_valid_from_s: 0,
+            gateway_id: None,
         };
         Fixture {
             commands: Arc::new(Commands::new(store, log.clone(), CommandsConfig::default())),

@@ -57,6 +57,18 @@ pub struct DevicePatch {
     pub disabled: Option<bool>,
     /// Replaces all labels.
     pub labels: Option<BTreeMap<String, String>>,
+    /// Sets (a device id or name) or, with `null`, clears the device's gateway.
+    #[serde(default, deserialize_with = "present")]
+    pub gateway: Option<Option<String>>,
+}
+
+/// Tells an explicit `null` (`Some(None)`) from an absent field (`None`).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 /// The registry over a store. Writes are serialised so that uniqueness checks (names,
@@ -98,6 +110,12 @@ impl Registry {
             validate_labels(labels)?;
         }
         let mut device = self.device(tenant, reference).await?;
+        if let Some(gateway) = &patch.gateway {
+            device.gateway_id = match gateway {
+                Some(gateway) => Some(self.gateway_for(&device, gateway).await?),
+                None => None,
+            };
+        }
         let _guard = self.write_lock.lock().await;
         if let Some(labels) = patch.labels {
             device.labels = labels;
@@ -263,7 +281,7 @@ impl Registry {
                 )));
             }
         }
-        let device = Device {
+        let mut device = Device {
             id: DeviceId::random(),
             tenant_id: tenant.id,
             name: new.name,
@@ -272,7 +290,11 @@ impl Registry {
             created_at_ms: now_ms(),
             disabled: false,
             tokens_valid_from_s: 0,
+            gateway_id: None,
         };
+        if let Some(gateway) = &new.gateway {
+            device.gateway_id = Some(self.gateway_for(&device, gateway).await?);
+        }
         let id = device.id.to_string();
         self.put(DEVICE, &format!("{}/{id}", tenant.id), &device)
             .await?;
@@ -283,6 +305,52 @@ impl Registry {
             self.store
                 .put_record(DEVICE_HARDWARE_ID, &key, id.into_bytes().into())
                 .await?;
+        }
+        Ok(device)
+    }
+
+    /// Resolves the gateway a device names: another device of its tenant.
+    async fn gateway_for(
+        &self,
+        device: &Device,
+        reference: &str,
+    ) -> Result<DeviceId, RegistryError> {
+        let gateway = match self.device_of(device.tenant_id, reference).await {
+            Err(RegistryError::NotFound(_)) => {
+                return Err(ValidationError::new(
+                    "gateway",
+                    format!("no device {reference:?} in this tenant"),
+                )
+                .into());
+            }
+            other => other?,
+        };
+        if gateway.id == device.id {
+            return Err(
+                ValidationError::new("gateway", "a device cannot be its own gateway").into(),
+            );
+        }
+        Ok(gateway.id)
+    }
+
+    /// The device `child` (id or name) of the gateway's tenant, if `gateway` may act for it:
+    /// the child names it as its gateway and is not disabled.
+    pub async fn child_of(
+        &self,
+        tenant: TenantId,
+        gateway: DeviceId,
+        child: &str,
+    ) -> Result<Device, RegistryError> {
+        let device = self.device_of(tenant, child).await?;
+        if device.gateway_id != Some(gateway) {
+            return Err(RegistryError::Forbidden(format!(
+                "this device is not the gateway of {child:?}"
+            )));
+        }
+        if device.disabled {
+            return Err(RegistryError::Forbidden(format!(
+                "device {child:?} is disabled"
+            )));
         }
         Ok(device)
     }
@@ -422,6 +490,7 @@ mod tests {
             name: name.into(),
             labels: BTreeMap::from([("site".into(), "berlin".into())]),
             hardware_id: hardware_id.map(Into::into),
+            gateway: None,
         }
     }
 

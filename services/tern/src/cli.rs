@@ -171,6 +171,10 @@ pub enum DeviceCommand {
         /// Manufacturer identity (serial number, MAC, IMEI), unique within the tenant.
         #[arg(long)]
         hardware_id: Option<String>,
+        /// The gateway device (id or name) that may publish for this one
+        /// (`telemetry/{device}`, `event/{device}`).
+        #[arg(long)]
+        gateway: Option<String>,
     },
     /// List the tenant's devices.
     List,

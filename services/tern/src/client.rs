@@ -120,6 +120,7 @@ const DEVICE_FIELDS: &[&str] = &[
     "tenant_id",
     "labels",
     "hardware_id",
+    "gateway_id",
     "disabled",
 ];
 
@@ -172,8 +173,14 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     name,
                     labels,
                     hardware_id,
+                    gateway,
                 } => {
-                    let body = json!({ "name": name, "labels": parse_labels(&labels)?, "hardware_id": hardware_id });
+                    let body = json!({
+                        "name": name,
+                        "labels": parse_labels(&labels)?,
+                        "hardware_id": hardware_id,
+                        "gateway": gateway,
+                    });
                     let d = client.call(Method::POST, &base, Some(body)).await?;
                     output::record(out, &d, DEVICE_FIELDS);
                 }

@@ -264,6 +264,7 @@ impl Received {
     }
 }
 
+#[derive(Clone)]
 pub struct Provisioned {
     pub tenant: String,
     pub device_id: String,

@@ -11,6 +11,7 @@ mod dashboard;
 mod device_edge;
 mod device_http;
 mod durability;
+mod gateways;
 mod grpc;
 mod mqtt311;
 mod mqtt5;
