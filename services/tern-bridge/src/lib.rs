@@ -11,6 +11,7 @@
 //! per message. Persistent sessions (`persistent.rs`) keep a client's subscriptions and its
 //! QoS 1 and 2 messages while it is away, across restarts.
 
+mod coap;
 mod codec;
 #[cfg(test)]
 mod codec_robustness;
@@ -41,10 +42,11 @@ use tern_registry::{Commands, Registry, RegistryError};
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::{Store, StoreError};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
+pub use coap::ACCESS_TOKEN_OPTION as COAP_ACCESS_TOKEN_OPTION;
 pub use config::{BridgeConfig, TlsConfig};
 pub use tls::{TlsError, TlsReloader};
 pub use websocket::{WEBSOCKET_PATH, websocket_routes};
@@ -176,7 +178,12 @@ impl Bridge {
                 );
             }
         };
-        tokio::join!(tcp, tls, self.expire_sessions(shutdown.clone()));
+        let coap = async {
+            if let Some(socket) = listeners.coap {
+                coap::serve(self.clone(), socket, shutdown.clone()).await;
+            }
+        };
+        tokio::join!(tcp, tls, coap, self.expire_sessions(shutdown.clone()));
         self.connections.close();
         self.connections.wait().await;
         self.persistent.flush().await;
@@ -259,11 +266,13 @@ impl Bridge {
     }
 }
 
-/// The sockets the bridge accepts MQTT on.
+/// The sockets the bridge accepts devices on.
 pub struct Listeners {
     pub tcp: TcpListener,
     /// MQTT over TLS, with its certificate.
     pub tls: Option<(TcpListener, Arc<TlsReloader>)>,
+    /// The CoAP endpoint.
+    pub coap: Option<UdpSocket>,
 }
 
 async fn anonymous_tenant(registry: &Registry, name: &str) -> Result<TenantId, BridgeError> {

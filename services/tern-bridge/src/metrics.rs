@@ -41,6 +41,11 @@ pub(crate) struct BridgeMetrics {
     pub append_seconds: Histogram,
     pub sessions_away: Gauge,
     pub session_messages_stored: Counter,
+    pub coap_requests: Counter,
+    pub coap_duplicates: Counter,
+    pub coap_malformed: Counter,
+    pub coap_refused: Counter,
+    pub coap_observers: Gauge,
 }
 
 impl BridgeMetrics {
@@ -74,6 +79,11 @@ impl BridgeMetrics {
             append_seconds: latency_histogram(),
             sessions_away: Gauge::default(),
             session_messages_stored: Counter::default(),
+            coap_requests: Counter::default(),
+            coap_duplicates: Counter::default(),
+            coap_malformed: Counter::default(),
+            coap_refused: Counter::default(),
+            coap_observers: Gauge::default(),
         };
         registry.register("tern_bridge", |r| {
             r.register(
@@ -142,6 +152,31 @@ impl BridgeMetrics {
                 "session_messages_stored",
                 "QoS 1 and 2 messages stored for away persistent sessions",
                 m.session_messages_stored.clone(),
+            );
+            r.register(
+                "coap_requests",
+                "CoAP requests handled",
+                m.coap_requests.clone(),
+            );
+            r.register(
+                "coap_duplicates",
+                "CoAP retransmissions answered from the exchange cache",
+                m.coap_duplicates.clone(),
+            );
+            r.register(
+                "coap_malformed",
+                "CoAP datagrams that could not be parsed",
+                m.coap_malformed.clone(),
+            );
+            r.register(
+                "coap_refused",
+                "CoAP requests refused with 5.03 because the endpoint was overloaded",
+                m.coap_refused.clone(),
+            );
+            r.register(
+                "coap_observers",
+                "Devices observing their commands over CoAP",
+                m.coap_observers.clone(),
             );
             r.register(
                 "log_append_seconds",

@@ -22,6 +22,8 @@ pub struct UpConfig {
     pub mqtt_port: u16,
     /// MQTT over TLS; listens only when `mqtt.tls` has a certificate and key.
     pub mqtts_port: u16,
+    /// CoAP (UDP).
+    pub coap_port: u16,
     pub http_port: u16,
     pub grpc_port: u16,
     /// Seconds to wait for connections and consumers to drain on SIGINT/SIGTERM.
@@ -55,6 +57,7 @@ impl Default for UpConfig {
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             mqtt_port: 1883,
             mqtts_port: 8883,
+            coap_port: 5683,
             http_port: 8080,
             grpc_port: tern_proto::DEFAULT_GRPC_PORT,
             shutdown_timeout_secs: 30,
@@ -92,6 +95,8 @@ struct Flags<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtts_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    coap_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     http_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     grpc_port: Option<u16>,
@@ -112,6 +117,7 @@ impl UpConfig {
             data_dir: args.data_dir.as_ref(),
             mqtt_port: args.mqtt_port,
             mqtts_port: args.mqtts_port,
+            coap_port: args.coap_port,
             http_port: args.http_port,
             grpc_port: args.grpc_port,
             bind: args.bind,

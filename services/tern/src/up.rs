@@ -13,7 +13,7 @@ use tern_identity::{Identity, IdentityGrpc, grpc_auth};
 use tern_registry::{Commands, Registry, RegistryGrpc};
 use tern_runtime::{MetricsRegistry, Shutdown, logging, shutdown_signal};
 use tern_store::{EmbeddedStore, Store};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 use crate::cli::UpArgs;
 use crate::config::UpConfig;
@@ -70,6 +70,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some((listener, _)) => Some(listener.local_addr()?),
         None => None,
     };
+    let coap_addr = SocketAddr::new(config.bind, config.coap_port);
+    let coap_socket = UdpSocket::bind(coap_addr)
+        .await
+        .with_context(|| format!("cannot listen on UDP {coap_addr} (`coap_port`)"))?;
+    let coap_addr = coap_socket.local_addr()?;
     let http_listener = listen(&config, config.http_port, "http_port").await?;
     let grpc_listener = listen(&config, config.grpc_port, "grpc_port").await?;
     let (mqtt_addr, http_addr, grpc_addr) = (
@@ -105,6 +110,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let listeners = Listeners {
         tcp: mqtt_listener,
         tls: tls_listener,
+        coap: Some(coap_socket),
     };
     let bridge_task = tokio::spawn(bridge.clone().serve(listeners, stop_bridge.clone()));
 
@@ -148,7 +154,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     gateway.set_ready(true);
     let mqtts = mqtts_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     tracing::info!(
-        mqtt = %mqtt_addr, mqtts, http = %http_addr, grpc = %grpc_addr, data_dir = %data.display(),
+        mqtt = %mqtt_addr, mqtts, coap = %coap_addr, http = %http_addr, grpc = %grpc_addr, data_dir = %data.display(),
         "Tern is up"
     );
 

@@ -19,10 +19,19 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free UDP port")
+}
+
 /// A running `tern up` in its own data directory.
 pub struct Tern {
     pub dir: tempfile::TempDir,
     pub mqtt_port: u16,
+    /// UDP.
+    pub coap_port: u16,
     pub http_port: u16,
     pub grpc_port: u16,
     env: Vec<(String, String)>,
@@ -39,6 +48,7 @@ impl Tern {
         let mut tern = Self {
             dir: tempfile::tempdir().expect("tempdir"),
             mqtt_port: free_port(),
+            coap_port: free_udp_port(),
             http_port: free_port(),
             grpc_port: free_port(),
             env: env
@@ -65,6 +75,7 @@ impl Tern {
             .args(["up", "--bind", "127.0.0.1"])
             .args(["--data-dir", self.data_dir().to_str().expect("utf-8 path")])
             .args(["--mqtt-port", &self.mqtt_port.to_string()])
+            .args(["--coap-port", &self.coap_port.to_string()])
             .args(["--http-port", &self.http_port.to_string()])
             .args(["--grpc-port", &self.grpc_port.to_string()])
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

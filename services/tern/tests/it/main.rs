@@ -5,6 +5,7 @@
 mod harness;
 
 mod anonymous;
+mod coap;
 mod commands;
 mod config_errors;
 mod dashboard;
