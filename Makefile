@@ -52,6 +52,17 @@ bench: deps ## Benchmarks: Tern beside Mosquitto and nats-server (BENCH_ARGS="--
 	$(CARGO) build --release --locked -p tern -p tern-sim
 	python3 deploy/bench/bench.py $(BENCH_ARGS)
 
+.PHONY: fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_CORPUS := $(HOME)/.cache/tern/fuzz-corpus/mqtt_codec
+fuzz: ## Fuzz the MQTT codec with cargo fuzz for FUZZ_SECONDS (not part of make test)
+	@command -v cargo-fuzz >/dev/null || cargo install --locked --quiet cargo-fuzz
+	@mkdir -p $(FUZZ_CORPUS)
+	# New inputs go to the cache; the checked-in seeds (fuzz/corpus) stay as they are.
+	# RUSTC_BOOTSTRAP: cargo fuzz needs sanitizer flags that stable rustc gates.
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run mqtt_codec $(FUZZ_CORPUS) corpus/mqtt_codec \
+		-- -max_total_time=$(FUZZ_SECONDS)
+
 .PHONY: clean
 clean: ## Remove build output and bin/ (not ./data)
 	$(CARGO) clean

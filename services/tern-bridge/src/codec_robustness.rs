@@ -109,3 +109,28 @@ fn oversized_frames_are_refused_from_the_header() {
         Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_))
     ));
 }
+
+/// The checked-in seeds of the `mqtt_codec` fuzz target (fuzz/corpus) stay valid streams:
+/// a CONNECT, then every packet read to the end.
+#[test]
+fn fuzz_corpus_seeds_are_whole_valid_streams() {
+    use crate::codec::{read, read_connect};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/mqtt_codec");
+    for (name, packets) in [
+        ("v311_session", 5),
+        ("v5_session", 5),
+        ("v5_topic_alias", 2),
+        ("v5_user_property", 1),
+        ("v311_puback_pubrel", 2),
+    ] {
+        let bytes = std::fs::read(dir.join(name)).expect("seed file");
+        let mut buf = BytesMut::from(&bytes[..]);
+        let connect = read_connect(&mut buf, 1 << 20).expect(name);
+        let mut read_packets = 0;
+        while !buf.is_empty() {
+            read(&mut buf, connect.version, 1 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
+            read_packets += 1;
+        }
+        assert_eq!(read_packets, packets, "{name}");
+    }
+}

@@ -19,6 +19,8 @@ mod commands;
 mod config;
 mod connection;
 mod fanout;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod handshake;
 mod lifecycle;
 mod metrics;
