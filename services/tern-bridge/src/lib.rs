@@ -167,15 +167,31 @@ impl Bridge {
     /// accepting, lets every connection (WebSocket ones included) finish acknowledging what it
     /// has already received, and returns.
     pub async fn serve(self: Arc<Self>, listeners: Listeners, shutdown: Shutdown) {
-        let tcp = self.clone().accept(listeners.tcp, None, shutdown.clone());
+        let tcp = self
+            .clone()
+            .accept(listeners.tcp, None, Protocol::Mqtt, shutdown.clone());
         let tls = async {
             if let Some((listener, tls)) = listeners.tls {
                 let watch = tls.clone().watch(
                     Duration::from_secs(self.config.tls.reload_interval_secs.max(1)),
                     shutdown.clone(),
                 );
+                let wss = async {
+                    if let Some(wss) = listeners.wss {
+                        let tls = Some(tls.clone());
+                        self.clone()
+                            .accept(wss, tls, Protocol::WebSocket, shutdown.clone())
+                            .await;
+                    }
+                };
                 tokio::join!(
-                    self.clone().accept(listener, Some(tls), shutdown.clone()),
+                    self.clone().accept(
+                        listener,
+                        Some(tls.clone()),
+                        Protocol::Mqtt,
+                        shutdown.clone()
+                    ),
+                    wss,
                     watch
                 );
             }
@@ -196,6 +212,7 @@ impl Bridge {
         self: Arc<Self>,
         listener: TcpListener,
         tls: Option<Arc<TlsReloader>>,
+        protocol: Protocol,
         shutdown: Shutdown,
     ) {
         loop {
@@ -220,27 +237,36 @@ impl Bridge {
             let shutdown = shutdown.clone();
             let tls = tls.as_ref().map(|t| t.acceptor());
             self.connections.spawn(async move {
-                let (io, transport) = match tls {
-                    None => (Io::tcp(stream), "tcp"),
-                    Some(acceptor) => {
-                        let limit = Duration::from_secs(bridge.config.connect_timeout_secs);
-                        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => (Io::stream(tls), "tls"),
-                            Ok(Err(e)) => {
-                                tracing::info!(%peer, error = %e, "TLS handshake failed");
-                                bridge.metrics.tls_failures.inc();
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::info!(%peer, "TLS handshake timed out");
-                                bridge.metrics.tls_failures.inc();
-                                return;
-                            }
-                        }
+                let Some(acceptor) = tls else {
+                    connection::run(bridge, Io::tcp(stream), peer, "tcp", shutdown).await;
+                    drop(permit);
+                    return;
+                };
+                let limit = Duration::from_secs(bridge.config.connect_timeout_secs);
+                let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake failed");
+                        bridge.metrics.tls_failures.inc();
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        bridge.metrics.tls_failures.inc();
+                        return;
                     }
                 };
-                connection::run(bridge, io, peer, transport, shutdown).await;
-                drop(permit);
+                match protocol {
+                    Protocol::Mqtt => {
+                        connection::run(bridge, Io::stream(tls), peer, "tls", shutdown).await;
+                        drop(permit);
+                    }
+                    Protocol::WebSocket => {
+                        // The upgrade takes the connection's slot of its own.
+                        drop(permit);
+                        websocket::serve_wss(bridge, tls, peer, shutdown).await;
+                    }
+                }
             });
         }
     }
@@ -268,11 +294,21 @@ impl Bridge {
     }
 }
 
+/// What a listener speaks once TLS (if any) is set up.
+#[derive(Clone, Copy)]
+enum Protocol {
+    Mqtt,
+    /// HTTP upgraded to MQTT over WebSocket (WSS).
+    WebSocket,
+}
+
 /// The sockets the bridge accepts devices on.
 pub struct Listeners {
     pub tcp: TcpListener,
     /// MQTT over TLS, with its certificate.
     pub tls: Option<(TcpListener, Arc<TlsReloader>)>,
+    /// MQTT over WebSocket over TLS (same certificate); only with `tls`.
+    pub wss: Option<TcpListener>,
     /// The CoAP endpoint.
     pub coap: Option<UdpSocket>,
 }

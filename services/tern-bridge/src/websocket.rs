@@ -1,5 +1,6 @@
 //! MQTT over WebSocket (MQTT 5.0 section 6, 3.1.1 section 6): `GET /mqtt` on the HTTP port,
-//! subprotocol `mqtt`, MQTT packets in binary messages. This is how browsers connect.
+//! subprotocol `mqtt`, MQTT packets in binary messages. This is how browsers connect. The same
+//! route is served over TLS (WSS) on its own port, with the MQTT TLS certificate.
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,6 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use tern_runtime::Shutdown;
 use tokio_util::io::{CopyToBytes, SinkWriter, StreamReader};
 
@@ -23,18 +26,40 @@ use crate::connection::{self, AsyncStream, Io};
 pub const WEBSOCKET_PATH: &str = "/mqtt";
 const SUBPROTOCOL: &str = "mqtt";
 
-type Shared = State<(Arc<Bridge>, Shutdown)>;
+type Shared = State<(Arc<Bridge>, Shutdown, &'static str)>;
 
 /// The `/mqtt` route, to merge into the HTTP server. The server must be run with
 /// `into_make_service_with_connect_info::<SocketAddr>()`. Connections end on `shutdown`.
 pub fn websocket_routes(bridge: Arc<Bridge>, shutdown: Shutdown) -> Router {
+    routes(bridge, shutdown, "websocket")
+}
+
+fn routes(bridge: Arc<Bridge>, shutdown: Shutdown, transport: &'static str) -> Router {
     Router::new()
         .route(WEBSOCKET_PATH, get(upgrade))
-        .with_state((bridge, shutdown))
+        .with_state((bridge, shutdown, transport))
+}
+
+/// Serves `/mqtt` (HTTP/1.1 and its upgrade) on one TLS connection of the WSS port.
+pub(crate) async fn serve_wss(
+    bridge: Arc<Bridge>,
+    stream: impl AsyncStream + 'static,
+    peer: SocketAddr,
+    shutdown: Shutdown,
+) {
+    let service =
+        routes(bridge, shutdown, "websocket_tls").layer(axum::Extension(ConnectInfo(peer)));
+    let served = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+        .with_upgrades()
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(%peer, error = %e, "WSS connection ended with an error");
+    }
 }
 
 async fn upgrade(
-    State((bridge, shutdown)): Shared,
+    State((bridge, shutdown, transport)): Shared,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -66,7 +91,7 @@ async fn upgrade(
             let tracker = bridge.connections.clone();
             tracker.track_future(async move {
                 let io = Io::stream(byte_stream(socket));
-                connection::run(bridge, io, peer, "websocket", shutdown).await;
+                connection::run(bridge, io, peer, transport, shutdown).await;
                 drop(permit);
             })
         })

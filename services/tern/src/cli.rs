@@ -133,6 +133,9 @@ pub struct UpArgs {
     /// MQTT over TLS port, when `mqtt.tls` has a certificate [default: 8883].
     #[arg(long)]
     pub mqtts_port: Option<u16>,
+    /// MQTT over WebSocket over TLS port, when `mqtt.tls` has a certificate [default: 8084].
+    #[arg(long)]
+    pub wss_port: Option<u16>,
     /// CoAP port (UDP) [default: 5683].
     #[arg(long)]
     pub coap_port: Option<u16>,

@@ -22,6 +22,8 @@ pub struct UpConfig {
     pub mqtt_port: u16,
     /// MQTT over TLS; listens only when `mqtt.tls` has a certificate and key.
     pub mqtts_port: u16,
+    /// MQTT over WebSocket over TLS (`/mqtt`); listens only when `mqtt.tls` is set.
+    pub wss_port: u16,
     /// CoAP (UDP).
     pub coap_port: u16,
     pub http_port: u16,
@@ -57,6 +59,7 @@ impl Default for UpConfig {
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             mqtt_port: 1883,
             mqtts_port: 8883,
+            wss_port: 8084,
             coap_port: 5683,
             http_port: 8080,
             grpc_port: tern_proto::DEFAULT_GRPC_PORT,
@@ -95,6 +98,8 @@ struct Flags<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtts_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    wss_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     coap_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_port: Option<u16>,
@@ -117,6 +122,7 @@ impl UpConfig {
             data_dir: args.data_dir.as_ref(),
             mqtt_port: args.mqtt_port,
             mqtts_port: args.mqtts_port,
+            wss_port: args.wss_port,
             coap_port: args.coap_port,
             http_port: args.http_port,
             grpc_port: args.grpc_port,
@@ -180,6 +186,7 @@ impl UpConfig {
         let ports = [
             ("mqtt_port", self.mqtt_port),
             ("mqtts_port", if tls { self.mqtts_port } else { 0 }),
+            ("wss_port", if tls { self.wss_port } else { 0 }),
             ("http_port", self.http_port),
             ("grpc_port", self.grpc_port),
         ];

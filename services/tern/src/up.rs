@@ -66,8 +66,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some(tls) => Some((listen(&config, config.mqtts_port, "mqtts_port").await?, tls)),
         None => None,
     };
+    let wss_listener = match &tls_listener {
+        Some(_) => Some(listen(&config, config.wss_port, "wss_port").await?),
+        None => None,
+    };
     let mqtts_addr = match &tls_listener {
         Some((listener, _)) => Some(listener.local_addr()?),
+        None => None,
+    };
+    let wss_addr = match &wss_listener {
+        Some(listener) => Some(listener.local_addr()?),
         None => None,
     };
     let coap_addr = SocketAddr::new(config.bind, config.coap_port);
@@ -110,6 +118,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let listeners = Listeners {
         tcp: mqtt_listener,
         tls: tls_listener,
+        wss: wss_listener,
         coap: Some(coap_socket),
     };
     let bridge_task = tokio::spawn(bridge.clone().serve(listeners, stop_bridge.clone()));
@@ -153,8 +162,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     gateway.set_ready(true);
     let mqtts = mqtts_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+    let wss = wss_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     tracing::info!(
-        mqtt = %mqtt_addr, mqtts, coap = %coap_addr, http = %http_addr, grpc = %grpc_addr, data_dir = %data.display(),
+        mqtt = %mqtt_addr, mqtts, wss, coap = %coap_addr, http = %http_addr, grpc = %grpc_addr, data_dir = %data.display(),
         "Tern is up"
     );
 

@@ -184,3 +184,48 @@ async fn mqtt_over_tls_with_mosquitto_and_a_renewed_certificate_without_restart(
     );
     assert!(tern.log().contains("TLS certificate reloaded"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_speaks_mqtt_over_websocket_over_tls() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let pki = pki(certs.path(), "wss");
+    let wss_port = free_port();
+    let tern = Tern::start_with_env(&[
+        ("TERN_MQTTS_PORT", &free_port().to_string()),
+        ("TERN_WSS_PORT", &wss_port.to_string()),
+        (
+            "TERN_MQTT__TLS__CERT_FILE",
+            pki.cert.to_str().expect("utf-8"),
+        ),
+        ("TERN_MQTT__TLS__KEY_FILE", pki.key.to_str().expect("utf-8")),
+    ]);
+    let p = tern.provision("acme", "browser");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/it/interop/paho_websocket.py"
+    );
+    let out = tokio::task::block_in_place(|| {
+        Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(wss_port.to_string())
+            .args([&p.device_id, &p.access_token])
+            .arg(&pki.ca)
+            .output()
+            .expect("run /usr/bin/python3 (make deps installs python3-paho-mqtt)")
+    });
+    assert!(
+        out.status.success(),
+        "paho over WSS: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tern.wait_points(&p, "ws", 2).await.len(), 2);
+    // The lifecycle says how the device came in.
+    let (_, events) = tern
+        .get(
+            &p.api_token,
+            "/api/v1/tenants/acme/devices/browser/events?kind=lifecycle&from=0",
+        )
+        .await;
+    assert!(events.to_string().contains("websocket_tls"), "{events}");
+}

@@ -1,8 +1,9 @@
 """MQTT over WebSocket with the Eclipse Paho Python client (Debian's python3-paho-mqtt).
 
-Usage: paho_websocket.py HTTP_PORT DEVICE TOKEN
+Usage: paho_websocket.py PORT DEVICE TOKEN [CA_FILE]
 
-Connects to ws://127.0.0.1:HTTP_PORT/mqtt (subprotocol "mqtt") with MQTT 3.1.1 and again with
+Connects to ws://127.0.0.1:PORT/mqtt (subprotocol "mqtt"), or with CA_FILE to
+wss://localhost:PORT/mqtt trusting that CA, with MQTT 3.1.1 and again with
 MQTT 5, subscribes to its own topic, publishes QoS 1 and expects the message back; publishes
 telemetry {"ws": 1} for the caller to find in the store. Prints "ok" or what went wrong.
 """
@@ -20,9 +21,11 @@ def fail(why):
     sys.exit(1)
 
 
-def round_trip(port, device, token, protocol):
+def round_trip(port, device, token, protocol, ca):
     c = mqtt.Client(client_id=device, protocol=protocol, transport="websockets")
     c.ws_set_options(path="/mqtt")
+    if ca:
+        c.tls_set(ca_certs=ca)
     c.username_pw_set(device, token)
     connected, subscribed, received = threading.Event(), threading.Event(), threading.Event()
     got = []
@@ -34,7 +37,7 @@ def round_trip(port, device, token, protocol):
         received.set()
 
     c.on_message = on_message
-    c.connect("127.0.0.1", port, keepalive=30)
+    c.connect("localhost" if ca else "127.0.0.1", port, keepalive=30)
     c.loop_start()
     if not connected.wait(TIMEOUT):
         fail(f"no CONNACK over WebSocket ({protocol})")
@@ -54,8 +57,9 @@ def round_trip(port, device, token, protocol):
 def main():
     port = int(sys.argv[1])
     device, token = sys.argv[2], sys.argv[3]
-    round_trip(port, device, token, mqtt.MQTTv311)
-    round_trip(port, device, token, mqtt.MQTTv5)
+    ca = sys.argv[4] if len(sys.argv) > 4 else None
+    round_trip(port, device, token, mqtt.MQTTv311, ca)
+    round_trip(port, device, token, mqtt.MQTTv5, ca)
     print("ok")
 
 
