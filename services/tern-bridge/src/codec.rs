@@ -6,6 +6,7 @@
 //! default subscription options), and written by lowering to 3.1.1 (reason codes mapped to the
 //! 3.1.1 return codes; packets 3.1.1 does not have, such as a server DISCONNECT, are not sent).
 
+use crate::reauth::{self, AuthRequest};
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5::{
@@ -98,14 +99,41 @@ pub(crate) fn read_connect(buf: &mut BytesMut, max: usize) -> Result<ConnectPack
     })
 }
 
+/// What a client sent on an established connection.
+#[derive(Debug)]
+// Packet is nearly every value: boxing it would cost an allocation per packet.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Incoming {
+    Packet(Packet),
+    /// MQTT 5 AUTH, which rumqttc's codec does not read (`reauth.rs` does).
+    Auth(AuthRequest),
+}
+
 /// Reads the next packet of an established connection.
-pub(crate) fn read(buf: &mut BytesMut, version: Version, max: usize) -> Result<Packet, ReadError> {
+pub(crate) fn read(
+    buf: &mut BytesMut,
+    version: Version,
+    max: usize,
+) -> Result<Incoming, ReadError> {
     whole_frame(buf)?;
+    if version == Version::V5 && buf.first().is_some_and(|b| b >> 4 == AUTH_PACKET_TYPE) {
+        let len = frame_len(buf)?.unwrap_or(buf.len());
+        if len > max {
+            return Err(ReadError::TooLarge(max));
+        }
+        let frame = buf.split_to(len).freeze();
+        return reauth::parse(frame)
+            .map(Incoming::Auth)
+            .ok_or_else(|| ReadError::Malformed("malformed AUTH packet".into()));
+    }
     complete(match version {
         Version::V5 => read_v5(buf, max),
         Version::V311 => read_v4(buf, max).and_then(lift),
     })
+    .map(Incoming::Packet)
 }
+
+const AUTH_PACKET_TYPE: u8 = 15;
 
 /// `Incomplete` until the whole frame at the start of `buf` has arrived.
 ///
@@ -411,7 +439,9 @@ mod tests {
         publish.pkid = 7;
         publish.retain = true;
         let mut buf = v4_bytes(v4::Packet::Publish(publish.clone()));
-        let lifted = read(&mut buf, Version::V311, 1024).expect("read");
+        let Ok(Incoming::Packet(lifted)) = read(&mut buf, Version::V311, 1024) else {
+            panic!("a packet");
+        };
         let mut out = BytesMut::new();
         assert!(write(&lifted, Version::V311, &mut out).expect("write"));
         assert_eq!(out, v4_bytes(v4::Packet::Publish(publish)));
@@ -437,7 +467,7 @@ mod tests {
         ] {
             let mut buf = BytesMut::from(bytes);
             match read(&mut buf, Version::V5, 1024).expect("read") {
-                Packet::Disconnect(d) => assert_eq!(d.reason_code, reason),
+                Incoming::Packet(Packet::Disconnect(d)) => assert_eq!(d.reason_code, reason),
                 other => panic!("{other:?}"),
             }
             assert!(buf.is_empty());

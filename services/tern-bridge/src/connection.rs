@@ -27,17 +27,19 @@ use tokio::time::{Instant, timeout_at};
 use tracing::Instrument;
 
 use crate::Bridge;
-use crate::codec::{self, ReadError, Version};
+use crate::codec::{self, Incoming, ReadError, Version};
 use crate::commands::{self, is_command_topic, parse_response_topic};
 use crate::fanout::{ToRetain, hand_over, publish_will, retain_message, store_for_away};
-use crate::handshake::{Admitted, TOPIC_ALIAS_MAX};
+use crate::handshake::{Admitted, TOKEN_AUTH_METHOD, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
 use crate::metrics::ReasonLabel;
 use crate::persistent::{Away, Leftovers, SavedSubscription};
 use crate::quota::TokenBucket;
+use crate::reauth::{self, AuthRequest};
 use crate::router::{Delivery, Mailbox, Message, SubscriptionOptions, lower_qos};
 use crate::topics::{InvalidTopic, parse_filter, validate_name};
 use tern_eventlog::{EVENT_TOPIC, TELEMETRY_TOPIC, device_record as record};
+use tern_identity::DeviceAuthError;
 
 /// QoS 1 deliveries a client may have unacknowledged before the bridge waits for PUBACKs
 /// (lower if the client's MQTT 5 Receive Maximum says so).
@@ -95,6 +97,9 @@ struct Flow {
     /// A persistent session's subscriptions, saved whenever they change; `None` for a clean
     /// session.
     saved: Option<Vec<SavedSubscription>>,
+    /// With the `token` authentication method: the connection ends when its token expires,
+    /// unless an AUTH brings a newer one first.
+    token_expiry: Option<Instant>,
 }
 
 impl Flow {
@@ -192,6 +197,8 @@ pub(crate) enum Close {
     ClientDisconnectWithWill,
     ClientClosed,
     KeepaliveExpired,
+    /// The access token of a `token`-authenticated connection expired without a refresh.
+    TokenExpired,
     TakenOver,
     /// The device was disabled or deleted, or its tokens revoked.
     Revoked,
@@ -212,6 +219,7 @@ impl Close {
             Self::ClientDisconnectWithWill => "client_disconnect_with_will",
             Self::ClientClosed => "client_closed",
             Self::KeepaliveExpired => "keepalive_expired",
+            Self::TokenExpired => "token_expired",
             Self::TakenOver => "session_taken_over",
             Self::Revoked => "access_revoked",
             Self::ServerShutdown => "server_shutdown",
@@ -254,6 +262,7 @@ impl Close {
             | Self::ClientClosed
             | Self::WriteFailed => return None,
             Self::KeepaliveExpired => R::KeepAliveTimeout,
+            Self::TokenExpired => R::MaximumConnectTime,
             Self::TakenOver => R::SessionTakenOver,
             Self::Revoked => R::AdministrativeAction,
             Self::ServerShutdown => R::ServerShuttingDown,
@@ -436,7 +445,7 @@ impl Connection {
         }
     }
 
-    async fn read_packet(&mut self) -> Result<Option<Packet>, ReadError> {
+    async fn read_packet(&mut self) -> Result<Option<Incoming>, ReadError> {
         let (version, max) = (self.version, self.bridge.config.max_packet_size);
         self.read_with(|buf| codec::read(buf, version, max)).await
     }
@@ -501,6 +510,7 @@ impl Connection {
             paused_until: None,
             session_expiry: admitted.session_expiry,
             saved: (admitted.session_expiry > 0).then(Vec::new),
+            token_expiry: admitted.token_expires_at_ms.map(instant_of),
         };
         if let Err(close) = self.begin_session(admitted, &mut flow).await {
             return (close, 0);
@@ -527,7 +537,10 @@ impl Connection {
                         break close;
                     }
                 }
-                _ = sleep_until_paused(flow.paused_until), if flow.paused_until.is_some() => {
+                _ = sleep_until_some(flow.token_expiry), if flow.token_expiry.is_some() => {
+                    break Close::TokenExpired;
+                }
+                _ = sleep_until_some(flow.paused_until), if flow.paused_until.is_some() => {
                     flow.paused_until = None;
                     // The device was not silent: this side was not reading.
                     deadline = Instant::now() + grace.unwrap_or(far_future);
@@ -678,7 +691,7 @@ impl Connection {
     /// many per read), so that their publishes are appended as one batch.
     async fn handle_burst(
         &mut self,
-        first: Packet,
+        first: Incoming,
         flow: &mut Flow,
         max_inflight: usize,
     ) -> Result<(), Close> {
@@ -686,14 +699,15 @@ impl Connection {
         loop {
             // Publishes take the synchronous path; only other packets and deferred publish
             // work build a future.
-            let is_publish = matches!(packet, Packet::Publish(_));
+            let is_publish = matches!(packet, Incoming::Packet(Packet::Publish(_)));
             let handled = match packet {
-                Packet::Publish(publish) => match self.publish(publish, flow) {
+                Incoming::Packet(Packet::Publish(publish)) => match self.publish(publish, flow) {
                     Ok(Some(deferred)) => self.finish(*deferred, flow).await,
                     Ok(None) => Ok(()),
                     Err(close) => Err(close),
                 },
-                other => self.handle(other, flow).await,
+                Incoming::Packet(other) => self.handle(other, flow).await,
+                Incoming::Auth(request) => self.reauthenticate(request, flow).await,
             };
             if let Err(close) = handled {
                 flow.seal(&self.bridge.log);
@@ -811,6 +825,49 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// MQTT 5 re-authentication (4.12.1): a fresh access token for the same device extends the
+    /// connection's life; anything else ends it.
+    async fn reauthenticate(&mut self, request: AuthRequest, flow: &mut Flow) -> Result<(), Close> {
+        if flow.token_expiry.is_none()
+            || request.reason != reauth::REAUTHENTICATE
+            || request.method.as_deref() != Some(TOKEN_AUTH_METHOD)
+        {
+            // 4.12.0-7 and 4.12.1-1: only with the CONNECT's method, to re-authenticate.
+            tracing::info!("AUTH without the connection's authentication method; closing");
+            return Err(Close::ProtocolError);
+        }
+        let token = request
+            .data
+            .as_ref()
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .unwrap_or_default();
+        let identity = self.bridge.identity.clone();
+        match identity.authenticate_device_token(token).await {
+            Ok((device, principal))
+                if device.id == flow.device && device.tenant_id == flow.tenant =>
+            {
+                flow.token_expiry = Some(instant_of(principal.expires_at_ms));
+                tracing::info!("access token refreshed");
+                self.outbox.clear();
+                self.outbox
+                    .extend_from_slice(&reauth::success(TOKEN_AUTH_METHOD));
+                self.flush_outbox().await
+            }
+            Ok(_) => {
+                tracing::info!("AUTH with another device's token; closing");
+                Err(Close::NotAuthorized)
+            }
+            Err(DeviceAuthError::Registry(e)) => {
+                tracing::error!(error = %e, "cannot check a refreshed token");
+                Err(Close::AppendFailed)
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "re-authentication failed; closing");
+                Err(Close::NotAuthorized)
+            }
+        }
     }
 
     /// An inbound PUBLISH: telemetry and events go to the log (acknowledged once durable),
@@ -1505,8 +1562,14 @@ fn delay_will(
     });
 }
 
-/// Waits out a rate-limit pause (polled only while there is one).
-async fn sleep_until_paused(until: Option<Instant>) {
+/// The instant a wall-clock time (ms since the epoch) falls on, for timers.
+fn instant_of(at_ms: i64) -> Instant {
+    let from_now = u64::try_from(at_ms - tern_core::now_ms()).unwrap_or(0);
+    Instant::now() + Duration::from_millis(from_now)
+}
+
+/// Sleeps until `until` (polled only while there is one: a pause, or a token's expiry).
+async fn sleep_until_some(until: Option<Instant>) {
     match until {
         Some(until) => tokio::time::sleep_until(until).await,
         None => std::future::pending().await,

@@ -23,8 +23,10 @@ pub fn mqtt_stream(data: &[u8]) {
 }
 
 fn drain(buf: &mut BytesMut, version: Version) {
-    while let Ok(packet) = codec::read(buf, version, MAX_PACKET) {
-        let mut out = BytesMut::new();
-        let _ = codec::write(&packet, version, &mut out);
+    while let Ok(incoming) = codec::read(buf, version, MAX_PACKET) {
+        if let codec::Incoming::Packet(packet) = incoming {
+            let mut out = BytesMut::new();
+            let _ = codec::write(&packet, version, &mut out);
+        }
     }
 }

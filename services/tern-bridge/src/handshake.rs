@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, LastWill, Login, Packet,
-};
+use rumqttc::v5::mqttbytes::v5::{ConnAck, ConnAckProperties, ConnectReturnCode, LastWill, Packet};
 use tern_core::{DeviceId, TenantId};
 use tern_identity::DeviceAuthError;
 use tokio::io::AsyncWriteExt;
@@ -21,6 +19,11 @@ use crate::topics::{InvalidTopic, validate_name};
 
 /// Topic aliases a client may set per connection (MQTT 5 Topic Alias Maximum).
 pub(crate) const TOPIC_ALIAS_MAX: u16 = 64;
+
+/// The MQTT 5 enhanced authentication method (4.12): the access token as Authentication Data,
+/// in CONNECT and in AUTH (reason 0x19) to refresh it on a live connection. Such a connection
+/// lives only as long as its latest token.
+pub(crate) const TOKEN_AUTH_METHOD: &str = "token";
 
 /// An admitted client.
 pub(crate) struct Admitted {
@@ -43,6 +46,8 @@ pub(crate) struct Admitted {
     pub session_present: bool,
     /// MQTT 5 Will Delay Interval, in seconds.
     pub will_delay: u32,
+    /// With the `token` authentication method: when the token expires (ms since the epoch).
+    pub token_expires_at_ms: Option<i64>,
 }
 
 impl Connection {
@@ -83,15 +88,19 @@ impl Connection {
     async fn authenticate(&mut self, c: ConnectPacket) -> Option<Admitted> {
         use ConnectReturnCode::*;
         let properties = c.connect.properties.clone().unwrap_or_default();
-        if properties.authentication_method.is_some() {
-            return self
-                .refuse(
-                    BadAuthenticationMethod,
-                    "auth_method",
-                    "enhanced authentication is not supported: send the device id as user name and its token as password",
-                )
-                .await;
-        }
+        let token_auth = match properties.authentication_method.as_deref() {
+            None => false,
+            Some(TOKEN_AUTH_METHOD) => true,
+            Some(_) => {
+                return self
+                    .refuse(
+                        BadAuthenticationMethod,
+                        "auth_method",
+                        "the authentication method is \"token\" (the access token as authentication data); or send the device id as user name and the token as password",
+                    )
+                    .await;
+            }
+        };
         if properties.receive_maximum == Some(0) {
             return self
                 .refuse(
@@ -114,13 +123,36 @@ impl Connection {
                 }
             };
         }
-        let (tenant, device) = match &c.login {
-            Some(login) => {
-                self.authenticate_device(login, &c.connect.client_id)
-                    .await?
+        let client_id = c.connect.client_id.as_str();
+        let user_name = c.login.as_ref().map(|l| l.username.as_str());
+        let (tenant, device, token_expires_at_ms) = match (&c.login, token_auth) {
+            (_, true) => {
+                let Some(token) = properties
+                    .authentication_data
+                    .as_ref()
+                    .and_then(|d| std::str::from_utf8(d).ok())
+                else {
+                    return self
+                        .refuse(
+                            BadAuthenticationMethod,
+                            "auth_data",
+                            "with the \"token\" method, the authentication data is the access token",
+                        )
+                        .await;
+                };
+                let (tenant, device, expires) = self
+                    .authenticate_device(token, user_name, client_id)
+                    .await?;
+                (tenant, device, Some(expires))
             }
-            None => match self.bridge.anonymous_tenant {
-                Some(tenant) => (tenant, self.anonymous_device(tenant, &c).await?),
+            (Some(login), false) => {
+                let (tenant, device, _) = self
+                    .authenticate_device(&login.password, user_name, client_id)
+                    .await?;
+                (tenant, device, None)
+            }
+            (None, false) => match self.bridge.anonymous_tenant {
+                Some(tenant) => (tenant, self.anonymous_device(tenant, &c).await?, None),
                 None => {
                     tracing::info!("CONNECT without credentials");
                     return self
@@ -190,6 +222,7 @@ impl Connection {
             session,
             session_expiry,
             session_present,
+            token_expires_at_ms,
         })
     }
 
@@ -236,46 +269,45 @@ impl Connection {
             wildcard_subscription_available: Some(1),
             subscription_identifiers_available: Some(1),
             shared_subscription_available: Some(1),
+            // 3.2.2.3.17: the same method as the CONNECT's.
+            authentication_method: c
+                .connect
+                .properties
+                .as_ref()
+                .and_then(|p| p.authentication_method.clone()),
             ..empty_connack_properties()
         }
     }
 
-    /// A device's own credentials: its id as user name and its access token as password.
+    /// A device's own credentials: its access token (as password, or as authentication data
+    /// with the `token` method), and its id as user name and client id (either may be left
+    /// out where the token says who it is). Returns when the token expires.
     async fn authenticate_device(
         &mut self,
-        login: &Login,
+        token: &str,
+        user_name: Option<&str>,
         client_id: &str,
-    ) -> Option<(TenantId, DeviceId)> {
+    ) -> Option<(TenantId, DeviceId, i64)> {
         use ConnectReturnCode::*;
-        let Ok(device_id) = DeviceId::parse(&login.username) else {
-            tracing::info!("CONNECT user name is not a device id");
-            return self
-                .refuse(
-                    BadUserNamePassword,
-                    "bad_username",
-                    "the user name must be the device id",
-                )
-                .await;
+        let claimed = match user_name.filter(|u| !u.is_empty()).map(DeviceId::parse) {
+            None => None,
+            Some(Ok(id)) => Some(id),
+            Some(Err(_)) => {
+                tracing::info!("CONNECT user name is not a device id");
+                return self
+                    .refuse(
+                        BadUserNamePassword,
+                        "bad_username",
+                        "the user name must be the device id",
+                    )
+                    .await;
+            }
         };
-        if !client_id.is_empty() && client_id != login.username {
-            tracing::info!(client_id, "client id differs from the device id");
-            return self
-                .refuse(
-                    ClientIdentifierNotValid,
-                    "bad_client_id",
-                    "the client id must be the device id or empty",
-                )
-                .await;
-        }
-        let device = match self
-            .bridge
-            .identity
-            .authenticate_device(&login.password)
-            .await
+        let (device, principal) = match self.bridge.identity.authenticate_device_token(token).await
         {
-            Ok(device) => device,
+            Ok(authenticated) => authenticated,
             Err(e) => {
-                tracing::info!(%device_id, error = %e, "device authentication failed");
+                tracing::info!(claimed = ?claimed, error = %e, "device authentication failed");
                 let (code, metric) = match e {
                     DeviceAuthError::InvalidToken => (BadUserNamePassword, "bad_token"),
                     DeviceAuthError::Revoked => (BadUserNamePassword, "revoked_token"),
@@ -290,8 +322,8 @@ impl Connection {
                 return self.refuse(code, metric, &why).await;
             }
         };
-        if device.id != device_id {
-            tracing::info!(%device_id, "token belongs to another device");
+        if claimed.is_some_and(|id| id != device.id) {
+            tracing::info!(claimed = ?claimed, "token belongs to another device");
             return self
                 .refuse(
                     BadUserNamePassword,
@@ -300,7 +332,17 @@ impl Connection {
                 )
                 .await;
         }
-        Some((device.tenant_id, device.id))
+        if !client_id.is_empty() && client_id != device.id.to_string() {
+            tracing::info!(client_id, "client id differs from the device id");
+            return self
+                .refuse(
+                    ClientIdentifierNotValid,
+                    "bad_client_id",
+                    "the client id must be the device id or empty",
+                )
+                .await;
+        }
+        Some((device.tenant_id, device.id, principal.expires_at_ms))
     }
 
     /// Anonymous mode: a client id that names a registered device of the tenant acts as that

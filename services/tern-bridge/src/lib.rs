@@ -26,6 +26,7 @@ mod lifecycle;
 mod metrics;
 mod persistent;
 mod quota;
+mod reauth;
 mod retained;
 mod router;
 mod sessions;

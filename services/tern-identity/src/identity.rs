@@ -242,6 +242,17 @@ impl Identity {
     /// HTTP): signature, issuer, audience, expiry, not revoked, and the device exists and is
     /// enabled.
     pub async fn authenticate_device(&self, token: &str) -> Result<Device, DeviceAuthError> {
+        self.authenticate_device_token(token)
+            .await
+            .map(|(device, _)| device)
+    }
+
+    /// [`Identity::authenticate_device`], with the token's claims (its expiry, for a
+    /// connection that lives only as long as its token).
+    pub async fn authenticate_device_token(
+        &self,
+        token: &str,
+    ) -> Result<(Device, DevicePrincipal), DeviceAuthError> {
         let principal = self
             .verify_device_token(token)
             .map_err(|_| DeviceAuthError::InvalidToken)?;
@@ -259,7 +270,7 @@ impl Identity {
         if device.disabled {
             return Err(DeviceAuthError::Disabled);
         }
-        Ok(device)
+        Ok((device, principal))
     }
 
     /// Verifies a device access token's signature, issuer, audience and expiry. Whether the

@@ -183,11 +183,12 @@ impl Coap {
                 return;
             }
         };
-        let _ = self.socket.send_to(&bytes, peer).await;
+        // Remembered before it is sent: a retransmission may arrive as soon as it is out.
         self.exchanges
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .answered(peer, message_id, bytes);
+            .answered(peer, message_id, bytes.clone());
+        let _ = self.socket.send_to(&bytes, peer).await;
     }
 
     /// Fills in the request's response.

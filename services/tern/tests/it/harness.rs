@@ -19,6 +19,14 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// `N` distinct free TCP ports: all bound at once, so no two are the same.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("addr").port())
+}
+
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
@@ -45,12 +53,13 @@ impl Tern {
 
     /// Starts with extra `TERN_...` environment (configuration overrides).
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let [mqtt_port, http_port, grpc_port] = free_ports();
         let mut tern = Self {
             dir: tempfile::tempdir().expect("tempdir"),
-            mqtt_port: free_port(),
+            mqtt_port,
             coap_port: free_udp_port(),
-            http_port: free_port(),
-            grpc_port: free_port(),
+            http_port,
+            grpc_port,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -18,6 +18,7 @@ mod mqtt311;
 mod mqtt5;
 mod pubsub;
 mod quotas;
+mod reauth;
 mod rest_api;
 mod revocation;
 mod sessions;
