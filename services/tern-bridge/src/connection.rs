@@ -24,6 +24,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tracing::Instrument;
 
 use crate::Bridge;
@@ -288,6 +289,8 @@ impl Close {
 pub(crate) struct Io {
     reader: Reader,
     writer: Box<dyn AsyncWrite + Send + Unpin>,
+    /// The client certificate chain a TLS client presented (verified by the TLS layer).
+    client_certificates: Option<Vec<CertificateDer<'static>>>,
 }
 
 /// Plain TCP is read by readiness, so an idle connection holds no read buffer; other streams
@@ -307,6 +310,20 @@ impl Io {
         Self {
             reader: Reader::Tcp(reader),
             writer: Box::new(writer),
+            client_certificates: None,
+        }
+    }
+
+    /// A TLS connection, with the client certificate chain it presented, if any.
+    pub(crate) fn tls(stream: tokio_rustls::server::TlsStream<TcpStream>) -> Self {
+        let certificates = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
+        Self {
+            client_certificates: certificates,
+            ..Self::stream(stream)
         }
     }
 
@@ -315,6 +332,7 @@ impl Io {
         Self {
             reader: Reader::Stream(reader),
             writer: Box::new(writer),
+            client_certificates: None,
         }
     }
 }
@@ -327,6 +345,8 @@ pub(crate) struct Connection {
     outbox: BytesMut,
     /// Decided by CONNECT; 3.1.1 until then.
     pub(crate) version: Version,
+    /// A TLS client certificate chain: the device's identity (taken by the handshake).
+    pub(crate) client_certificates: Option<Vec<CertificateDer<'static>>>,
 }
 
 pub(crate) async fn run(
@@ -345,6 +365,7 @@ pub(crate) async fn run(
             inbox: BytesMut::new(),
             outbox: BytesMut::new(),
             version: Version::V311,
+            client_certificates: io.client_certificates,
         };
         // Boxed, so the CONNECT's state does not stay in the connection's task.
         let Some(admitted) = Box::pin(conn.handshake()).await else {

@@ -16,6 +16,7 @@ use crate::metrics::ReasonLabel;
 use crate::quota::TenantSlot;
 use crate::sessions::SessionGuard;
 use crate::topics::{InvalidTopic, validate_name};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 /// Topic aliases a client may set per connection (MQTT 5 Topic Alias Maximum).
 pub(crate) const TOPIC_ALIAS_MAX: u16 = 64;
@@ -125,7 +126,15 @@ impl Connection {
         }
         let client_id = c.connect.client_id.as_str();
         let user_name = c.login.as_ref().map(|l| l.username.as_str());
+        let certificates = self.client_certificates.take();
         let (tenant, device, token_expires_at_ms) = match (&c.login, token_auth) {
+            // A client certificate is the device's identity: no token is needed.
+            _ if let Some(chain) = &certificates => {
+                let (tenant, device) = self
+                    .authenticate_certificate(chain, user_name, client_id)
+                    .await?;
+                (tenant, device, None)
+            }
             (_, true) => {
                 let Some(token) = properties
                     .authentication_data
@@ -308,18 +317,7 @@ impl Connection {
             Ok(authenticated) => authenticated,
             Err(e) => {
                 tracing::info!(claimed = ?claimed, error = %e, "device authentication failed");
-                let (code, metric) = match e {
-                    DeviceAuthError::InvalidToken => (BadUserNamePassword, "bad_token"),
-                    DeviceAuthError::Revoked => (BadUserNamePassword, "revoked_token"),
-                    DeviceAuthError::UnknownDevice => (NotAuthorized, "unknown_device"),
-                    DeviceAuthError::Disabled => (NotAuthorized, "device_disabled"),
-                    DeviceAuthError::Registry(_) => (ServerUnavailable, "registry_unavailable"),
-                };
-                let why = match e {
-                    DeviceAuthError::Registry(_) => "credentials cannot be checked now".to_string(),
-                    other => other.to_string(),
-                };
-                return self.refuse(code, metric, &why).await;
+                return self.refuse_device(e).await;
             }
         };
         if claimed.is_some_and(|id| id != device.id) {
@@ -343,6 +341,62 @@ impl Connection {
                 .await;
         }
         Some((device.tenant_id, device.id, principal.expires_at_ms))
+    }
+
+    /// A device by its TLS client certificate (mTLS): issued by its tenant's CA, naming the
+    /// device in its Common Name. A user name, if sent, must name the same device.
+    async fn authenticate_certificate(
+        &mut self,
+        chain: &[CertificateDer<'static>],
+        user_name: Option<&str>,
+        client_id: &str,
+    ) -> Option<(TenantId, DeviceId)> {
+        use ConnectReturnCode::*;
+        let identity = self.bridge.identity.clone();
+        let device = match identity.authenticate_certificate(chain).await {
+            Ok(device) => device,
+            Err(e) => {
+                tracing::info!(error = %e, "client certificate refused");
+                return self.refuse_device(e).await;
+            }
+        };
+        let id = device.id.to_string();
+        if user_name.is_some_and(|u| !u.is_empty() && u != id && u != device.name) {
+            return self
+                .refuse(
+                    BadUserNamePassword,
+                    "certificate_device_mismatch",
+                    "the user name names another device than the client certificate",
+                )
+                .await;
+        }
+        if !client_id.is_empty() && client_id != id {
+            return self
+                .refuse(
+                    ClientIdentifierNotValid,
+                    "bad_client_id",
+                    "the client id must be the device id or empty",
+                )
+                .await;
+        }
+        Some((device.tenant_id, device.id))
+    }
+
+    /// Refuses a device whose credentials did not pass, with the code that says why.
+    async fn refuse_device<T>(&mut self, e: DeviceAuthError) -> Option<T> {
+        use ConnectReturnCode::*;
+        let (code, metric) = match e {
+            DeviceAuthError::InvalidToken => (BadUserNamePassword, "bad_token"),
+            DeviceAuthError::Revoked => (BadUserNamePassword, "revoked_token"),
+            DeviceAuthError::UnknownDevice => (NotAuthorized, "unknown_device"),
+            DeviceAuthError::Disabled => (NotAuthorized, "device_disabled"),
+            DeviceAuthError::Registry(_) => (ServerUnavailable, "registry_unavailable"),
+        };
+        let why = match e {
+            DeviceAuthError::Registry(_) => "credentials cannot be checked now".to_string(),
+            other => other.to_string(),
+        };
+        self.refuse(code, metric, &why).await
     }
 
     /// Anonymous mode: a client id that names a registered device of the tenant acts as that

@@ -51,7 +51,7 @@ use tokio_util::task::TaskTracker;
 
 pub use coap::ACCESS_TOKEN_OPTION as COAP_ACCESS_TOKEN_OPTION;
 pub use config::{BridgeConfig, TlsConfig};
-pub use tls::{TlsError, TlsReloader};
+pub use tls::{TenantCaVerifier, TlsError, TlsReloader};
 pub use websocket::{WEBSOCKET_PATH, websocket_routes};
 
 use crate::commands::CommandTargets;
@@ -259,7 +259,7 @@ impl Bridge {
                 };
                 match protocol {
                     Protocol::Mqtt => {
-                        connection::run(bridge, Io::stream(tls), peer, "tls", shutdown).await;
+                        connection::run(bridge, Io::tls(tls), peer, "tls", shutdown).await;
                         drop(permit);
                     }
                     Protocol::WebSocket => {

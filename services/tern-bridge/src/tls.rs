@@ -1,15 +1,26 @@
 //! MQTT over TLS (port 8883): the server certificate from PEM files, reloaded when the files
-//! change, so a renewed certificate (cert-manager, ACME) is served without a restart.
+//! change, so a renewed certificate (cert-manager, ACME) is served without a restart. Client
+//! certificates are asked for but optional: one that chains to a CA its tenant registered
+//! identifies the device (mTLS, [`TenantCaVerifier`]); without one, devices use tokens.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use tern_identity::Identity;
 use tern_runtime::Shutdown;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
+use tokio_rustls::rustls::crypto::{
+    WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature,
+};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use tokio_rustls::rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme,
+};
 
 /// Why a certificate and key could not be used; names the file.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +43,7 @@ pub enum TlsError {
 pub struct TlsReloader {
     cert: PathBuf,
     key: PathBuf,
+    clients: Option<Arc<dyn ClientCertVerifier>>,
     current: RwLock<Loaded>,
 }
 
@@ -41,12 +53,18 @@ struct Loaded {
 }
 
 impl TlsReloader {
-    /// Loads the certificate chain and key; an error here stops start-up.
-    pub fn load(cert: &Path, key: &Path) -> Result<Arc<Self>, TlsError> {
-        let acceptor = acceptor(cert, key)?;
+    /// Loads the certificate chain and key; an error here stops start-up. `clients` checks
+    /// client certificates (none: not asked for).
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        clients: Option<Arc<dyn ClientCertVerifier>>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let acceptor = acceptor(cert, key, clients.clone())?;
         Ok(Arc::new(Self {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
+            clients,
             current: RwLock::new(Loaded {
                 acceptor,
                 stamp: stamp(cert, key),
@@ -81,7 +99,7 @@ impl TlsReloader {
         if now.is_none() || now == self.current.read().unwrap_or_else(|e| e.into_inner()).stamp {
             return false;
         }
-        match acceptor(&self.cert, &self.key) {
+        match acceptor(&self.cert, &self.key, self.clients.clone()) {
             Ok(acceptor) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Loaded {
                     acceptor,
@@ -104,7 +122,11 @@ fn stamp(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
     Some((modified(cert)?, modified(key)?))
 }
 
-fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+fn acceptor(
+    cert: &Path,
+    key: &Path,
+    clients: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<TlsAcceptor, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<_, _>>())
         .map_err(|e| TlsError::Certificate {
@@ -123,13 +145,92 @@ fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private_key))
+        .and_then(|builder| {
+            let builder = match clients {
+                Some(verifier) => builder.with_client_cert_verifier(verifier),
+                None => builder.with_no_client_auth(),
+            };
+            builder.with_single_cert(chain, private_key)
+        })
         .map_err(|e| TlsError::Config {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             reason: e.to_string(),
         })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts client certificates issued by a CA some tenant registered (which one, and which
+/// device, the connection finds out from the same certificate); never requires one.
+pub struct TenantCaVerifier {
+    identity: Arc<Identity>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+// rustls wants verifiers to be Debug; the identity holds keys and is not.
+impl std::fmt::Debug for TenantCaVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantCaVerifier").finish_non_exhaustive()
+    }
+}
+
+impl TenantCaVerifier {
+    pub fn new(identity: Arc<Identity>) -> Arc<Self> {
+        let provider = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider();
+        Arc::new(Self {
+            identity,
+            algorithms: provider.signature_verification_algorithms,
+        })
+    }
+}
+
+impl ClientCertVerifier for TenantCaVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, tokio_rustls::rustls::Error> {
+        let chain: Vec<CertificateDer<'_>> = std::iter::once(end_entity.clone())
+            .chain(intermediates.iter().cloned())
+            .collect();
+        match self.identity.certificate_identity(&chain) {
+            Some(_) => Ok(ClientCertVerified::assertion()),
+            None => Err(tokio_rustls::rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 #[cfg(test)]
@@ -141,10 +242,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cert = dir.path().join("cert.pem");
         let key = dir.path().join("key.pem");
-        let err = TlsReloader::load(&cert, &key).err().expect("missing files");
+        let err = TlsReloader::load(&cert, &key, None)
+            .err()
+            .expect("missing files");
         assert!(err.to_string().contains("cert.pem"), "{err}");
         std::fs::write(&cert, "not pem").expect("write");
-        let err = TlsReloader::load(&cert, &key)
+        let err = TlsReloader::load(&cert, &key, None)
             .err()
             .expect("no certificate");
         assert!(matches!(err, TlsError::NoCertificate { .. }), "{err}");

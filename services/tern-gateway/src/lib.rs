@@ -5,6 +5,7 @@
 //! `{"error": {"code", "message", "field"?}}`, with the status that fits the failure.
 
 mod auth;
+mod certificates;
 mod commands;
 mod device_api;
 mod error;

@@ -19,7 +19,7 @@ use tern_store::RangeQuery;
 
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
-use crate::{ApiError, Gateway, commands, device_api, status};
+use crate::{ApiError, Gateway, certificates, commands, device_api, status};
 
 type Shared = State<Arc<Gateway>>;
 type ApiResult<T> = Result<T, ApiError>;
@@ -42,6 +42,14 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
             post(create_device).get(list_devices),
         )
         .route(&format!("{tenant}/api-tokens"), post(create_api_token))
+        .route(
+            &format!("{tenant}/cas"),
+            post(certificates::add).get(certificates::list),
+        )
+        .route(
+            &format!("{tenant}/cas/{{ca}}"),
+            axum::routing::delete(certificates::delete),
+        )
         .route(
             device,
             get(get_device).patch(update_device).delete(delete_device),

@@ -7,6 +7,7 @@ use tern_core::{Caller, Device, DeviceId, TenantId, ValidationError, now_ms, val
 use tern_registry::{Registry, RegistryError};
 use tern_store::Store;
 
+use crate::certificates::{TenantCa, TenantCas};
 use crate::keys::SigningKey;
 use crate::secrets::{new_token, token_hash};
 use crate::{DeviceAuthError, IdentityError};
@@ -84,6 +85,8 @@ struct RefreshRecord {
 }
 
 pub struct Identity {
+    /// Tenants' CAs for device client certificates.
+    cas: TenantCas,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     key: SigningKey,
@@ -104,7 +107,9 @@ impl Identity {
             .into());
         }
         let key = SigningKey::load_or_create(&store).await?;
+        let cas = TenantCas::load(store.clone()).await?;
         Ok(Self {
+            cas,
             store,
             registry,
             key,
@@ -236,6 +241,69 @@ impl Identity {
             .delete_record(DEVICE_REFRESH_TOKEN, &format!("{tenant}/{device}/{hash}"))
             .await?;
         Ok(())
+    }
+
+    /// Registers a CA certificate (PEM) whose client certificates identify the tenant's
+    /// devices (mTLS).
+    pub async fn add_tenant_ca(
+        &self,
+        tenant: TenantId,
+        pem: &str,
+    ) -> Result<TenantCa, IdentityError> {
+        self.cas.add(tenant, pem).await
+    }
+
+    pub fn tenant_cas(&self, tenant: TenantId) -> Vec<TenantCa> {
+        self.cas.list(tenant)
+    }
+
+    /// Returns whether the CA existed.
+    pub async fn delete_tenant_ca(
+        &self,
+        tenant: TenantId,
+        id: &str,
+    ) -> Result<bool, IdentityError> {
+        self.cas.delete(tenant, id).await
+    }
+
+    /// Whether any tenant registered a CA: TLS servers ask for client certificates only then.
+    pub fn client_certificates_in_use(&self) -> bool {
+        self.cas.any()
+    }
+
+    /// The tenant whose registered CA issued a client certificate chain (leaf first), and the
+    /// device reference (id or name) its subject Common Name gives. Synchronous, for the TLS
+    /// handshake.
+    pub fn certificate_identity(
+        &self,
+        chain: &[rustls_pki_types::CertificateDer<'_>],
+    ) -> Option<(TenantId, String)> {
+        self.cas.identify(chain)
+    }
+
+    /// A device by its client certificate: issued by its tenant's CA, naming an existing,
+    /// enabled device.
+    pub async fn authenticate_certificate(
+        &self,
+        chain: &[rustls_pki_types::CertificateDer<'_>],
+    ) -> Result<Device, DeviceAuthError> {
+        let (tenant, reference) = self
+            .certificate_identity(chain)
+            .ok_or(DeviceAuthError::InvalidToken)?;
+        let device = self
+            .registry
+            .device_of(tenant, &reference)
+            .await
+            .map_err(|e| match e {
+                RegistryError::NotFound(_) | RegistryError::Invalid(_) => {
+                    DeviceAuthError::UnknownDevice
+                }
+                other => DeviceAuthError::Registry(other),
+            })?;
+        if device.disabled {
+            return Err(DeviceAuthError::Disabled);
+        }
+        Ok(device)
     }
 
     /// Everything a device's access token must pass, for every way a device comes in (MQTT,

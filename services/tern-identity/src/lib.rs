@@ -3,6 +3,8 @@
 //! - Devices get a short-lived access token (a JWT signed with Ed25519, verified locally by the
 //!   bridge) and a long-lived, revocable refresh token that is exchanged (and rotated) for new
 //!   access tokens.
+//! - Or a device presents a client certificate issued by a CA its tenant registered
+//!   (`certificates.rs`).
 //! - API callers use opaque API tokens bound to one tenant; the operator token that `tern up`
 //!   creates on first start may manage every tenant.
 //!
@@ -10,12 +12,14 @@
 //! secrets of that entropy (argon2 is for low-entropy passwords, which arrive with the user
 //! directory). Lookups go by that hash, so no stored secret is ever compared byte by byte.
 
+mod certificates;
 mod error;
 mod grpc;
 mod identity;
 mod keys;
 mod secrets;
 
+pub use certificates::TenantCa;
 pub use error::{DeviceAuthError, IdentityError};
 pub use grpc::{IdentityGrpc, grpc_auth};
 pub use identity::{ApiToken, DevicePrincipal, DeviceTokens, Identity, IdentityConfig};

@@ -78,6 +78,20 @@ pub enum AdminCommand {
     /// Send commands to devices and follow them.
     #[command(subcommand)]
     Command(CommandAction),
+    /// The tenant's CA certificates: devices with client certificates they issued connect
+    /// over MQTT/TLS without a token (mTLS).
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Register a CA certificate (PEM file).
+    Add { file: PathBuf },
+    /// List the tenant's CA certificates.
+    List,
+    /// Delete a CA certificate (by id, its SHA-256 fingerprint).
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]

@@ -4,7 +4,9 @@ use anyhow::{Context, bail};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::cli::{AdminCommand, CommandAction, DeviceCommand, Global, TenantCommand, TokenCommand};
+use crate::cli::{
+    AdminCommand, CaCommand, CommandAction, DeviceCommand, Global, TenantCommand, TokenCommand,
+};
 use crate::output;
 
 struct Client {
@@ -292,6 +294,28 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     );
                     let c = client.call(Method::POST, &path, None).await?;
                     output::record(out, &c, COMMAND_FIELDS);
+                }
+            }
+        }
+        AdminCommand::Ca(cmd) => {
+            let base = format!("/api/v1/tenants/{}/cas", seg(tenant(&global)?));
+            let fields = ["id", "subject", "not_after_ms"];
+            match cmd {
+                CaCommand::Add { file } => {
+                    let pem = std::fs::read_to_string(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    let body = json!({ "certificate": pem });
+                    let ca = client.call(Method::POST, &base, Some(body)).await?;
+                    output::record(out, &ca, &fields);
+                }
+                CaCommand::List => {
+                    let list = client.call(Method::GET, &base, None).await?;
+                    output::table(out, &list, &fields);
+                }
+                CaCommand::Delete { id } => {
+                    client
+                        .call(Method::DELETE, &format!("{base}/{}", seg(&id)), None)
+                        .await?;
                 }
             }
         }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tern_analytics::Ingest;
-use tern_bridge::{Bridge, BridgeServices, Listeners, TlsReloader, websocket_routes};
+use tern_bridge::{
+    Bridge, BridgeServices, Listeners, TenantCaVerifier, TlsReloader, websocket_routes,
+};
 use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog};
 use tern_gateway::{Gateway, GatewayServices};
 use tern_identity::{Identity, IdentityGrpc, grpc_auth};
@@ -56,7 +58,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Loaded before any listener binds: a bad certificate stops start-up, naming the file.
     let tls = match (&config.mqtt.tls.cert_file, &config.mqtt.tls.key_file) {
         (Some(cert), Some(key)) => Some(
-            TlsReloader::load(cert, key)
+            TlsReloader::load(cert, key, Some(TenantCaVerifier::new(identity.clone())))
                 .context("invalid configuration: `mqtt.tls.cert_file` / `mqtt.tls.key_file`")?,
         ),
         _ => None,

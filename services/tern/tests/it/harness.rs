@@ -53,17 +53,24 @@ impl Tern {
 
     /// Starts with extra `TERN_...` environment (configuration overrides).
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
-        let [mqtt_port, http_port, grpc_port] = free_ports();
+        let [mqtt_port, http_port, grpc_port, mqtts_port, wss_port] = free_ports();
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // The TLS listeners start only with a certificate; then they must not collide either.
+        for (key, port) in [("TERN_MQTTS_PORT", mqtts_port), ("TERN_WSS_PORT", wss_port)] {
+            if !env.iter().any(|(k, _)| k == key) {
+                env.push((key.to_string(), port.to_string()));
+            }
+        }
         let mut tern = Self {
             dir: tempfile::tempdir().expect("tempdir"),
             mqtt_port,
             coap_port: free_udp_port(),
             http_port,
             grpc_port,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            env,
             child: None,
         };
         tern.spawn();

@@ -229,3 +229,193 @@ async fn paho_speaks_mqtt_over_websocket_over_tls() {
         .await;
     assert!(events.to_string().contains("websocket_tls"), "{events}");
 }
+
+/// A client certificate for `cn` signed by the CA of `pki` (EC P-256, clientAuth).
+fn client_cert(dir: &Path, pki: &Pki, cn: &str) -> (PathBuf, PathBuf) {
+    let (key, csr, cert) = (
+        dir.join(format!("{cn}.key")),
+        dir.join(format!("{cn}.csr")),
+        dir.join(format!("{cn}.pem")),
+    );
+    let ext = dir.join(format!("{cn}.cnf"));
+    std::fs::write(
+        &ext,
+        "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n",
+    )
+    .expect("ext");
+    let path = |p: &Path| p.to_str().expect("utf-8").to_string();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &path(&key),
+            "-out",
+            &path(&csr),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    let ca_key = pki.ca.with_file_name(
+        pki.ca
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name")
+            .replace("ca.pem", "ca.key"),
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &path(&csr),
+            "-CA",
+            &path(&pki.ca),
+            "-CAkey",
+            &path(&ca_key),
+            "-CAcreateserial",
+            "-out",
+            &path(&cert),
+            "-days",
+            "2",
+            "-extfile",
+            &path(&ext),
+        ],
+    );
+    (cert, key)
+}
+
+/// mosquitto_pub over TLS with a client certificate and no user name or password.
+fn mtls_pub(
+    port: u16,
+    server_ca: &Path,
+    client: &(PathBuf, PathBuf),
+    id: &str,
+    payload: &str,
+) -> bool {
+    Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &port.to_string(), "-i", id])
+        .arg("--cafile")
+        .arg(server_ca)
+        .arg("--cert")
+        .arg(&client.0)
+        .arg("--key")
+        .arg(&client.1)
+        .args(["-q", "1", "-t", "telemetry", "-m", payload])
+        .output()
+        .expect("mosquitto_pub")
+        .status
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_devices_connect_with_certificates_from_their_tenants_ca_only() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let dir = certs.path();
+    let server = pki(dir, "server");
+    let (acme_ca, globex_ca, stranger_ca) =
+        (pki(dir, "acme"), pki(dir, "globex"), pki(dir, "stranger"));
+    let port = free_port();
+    let tern = Tern::start_with_env(&[
+        ("TERN_MQTTS_PORT", &port.to_string()),
+        (
+            "TERN_MQTT__TLS__CERT_FILE",
+            server.cert.to_str().expect("utf-8"),
+        ),
+        (
+            "TERN_MQTT__TLS__KEY_FILE",
+            server.key.to_str().expect("utf-8"),
+        ),
+    ]);
+    let meter = tern.provision("acme", "meter");
+    let _globex = tern.provision("globex", "other");
+    let ca_path = |p: &Pki| p.ca.to_str().expect("utf-8").to_string();
+    let added = tern.cli_json(&["ca", "add", &ca_path(&acme_ca), "--tenant", "acme"]);
+    assert!(
+        added["subject"]
+            .as_str()
+            .expect("subject")
+            .contains("acme test CA")
+    );
+    tern.cli_json(&["ca", "add", &ca_path(&globex_ca), "--tenant", "globex"]);
+    // The same CA for a second tenant, and a certificate that is not a CA, are refused.
+    let twice = tern.cli(&["ca", "add", &ca_path(&acme_ca), "--tenant", "globex"]);
+    assert!(!twice.status.success());
+    let leaf = tern.cli(&[
+        "ca",
+        "add",
+        server.cert.to_str().expect("utf-8"),
+        "--tenant",
+        "acme",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&leaf.stderr).contains("not a CA"),
+        "{leaf:?}"
+    );
+
+    // acme's CA vouches for "meter": no token needed.
+    let by_acme = client_cert(dir, &acme_ca, "meter");
+    assert!(mtls_pub(
+        port,
+        &server.ca,
+        &by_acme,
+        &meter.device_id,
+        r#"{"kwh": 1}"#
+    ));
+    assert_eq!(tern.wait_points(&meter, "kwh", 1).await.len(), 1);
+    // globex's CA cannot vouch for acme's device (the name is looked up in globex), and an
+    // unregistered CA is refused in the TLS handshake.
+    let by_globex = client_cert(dir, &globex_ca, "meter");
+    assert!(!mtls_pub(
+        port,
+        &server.ca,
+        &by_globex,
+        &meter.device_id,
+        r#"{"kwh": 2}"#
+    ));
+    let by_stranger = client_cert(dir, &stranger_ca, "meter");
+    assert!(!mtls_pub(
+        port,
+        &server.ca,
+        &by_stranger,
+        &meter.device_id,
+        r#"{"kwh": 3}"#
+    ));
+    // Devices without certificates still use tokens on the same port.
+    assert!(tls_pub(port, &meter, Some(&server.ca), r#"{"kwh": 4}"#));
+
+    // A deleted CA no longer admits its devices.
+    let id = added["id"].as_str().expect("id").to_string();
+    assert!(
+        tern.cli(&["ca", "delete", &id, "--tenant", "acme"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        tern.cli_json(&["ca", "list", "--tenant", "acme"]),
+        serde_json::json!([])
+    );
+    assert!(!mtls_pub(
+        port,
+        &server.ca,
+        &by_acme,
+        &meter.device_id,
+        r#"{"kwh": 5}"#
+    ));
+    let points = tern.wait_points(&meter, "kwh", 2).await;
+    let values: Vec<f64> = points
+        .iter()
+        .map(|p| p["value"].as_f64().expect("value"))
+        .collect();
+    assert_eq!(
+        values,
+        [1.0, 4.0],
+        "only the admitted publishes were stored"
+    );
+}
