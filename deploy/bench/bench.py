@@ -5,7 +5,7 @@ Each scenario starts a fresh server on free loopback ports, drives it with tern-
 generator and load for every server), samples the server's CPU time and peak RSS from /proc,
 and stops it. Results go to docs/benchmarks.json and docs/benchmarks.md.
 
-  bench.py [--duration SECONDS] [--scale FACTOR] [--only S2d,S4]
+  bench.py [--duration SECONDS] [--scale FACTOR] [--only S2d,S4] [--servers tern]
 
 --scale multiplies device and connection counts (0.1 for a quick look, 10 on a big machine).
 """
@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -127,17 +128,32 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def sim(server, args, label):
+def sim(server, args, label, on_provisioned=None):
+    """Runs tern-sim; `on_provisioned` is called once its clients are provisioned (before any
+    connects), so that a scenario can sample the server between the two phases."""
     cmd = [SIM, "--broker", f"127.0.0.1:{server.mqtt}", "--label", label] + args
     if server.name == "tern":
         cmd += ["--tern-server", f"http://127.0.0.1:{server.http}", "--tern-tenant", "bench"]
     env = dict(os.environ)
     if server.name == "tern":
         env["TERN_TOKEN"] = server.token
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    if out.returncode != 0:
-        raise RuntimeError(f"tern-sim failed: {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    errors = []
+
+    def watch_stderr():
+        for line in proc.stderr:
+            errors.append(line)
+            if on_provisioned and line.startswith("provisioned "):
+                on_provisioned()
+
+    watcher = threading.Thread(target=watch_stderr)
+    watcher.start()
+    stdout = proc.stdout.read()
+    proc.wait(timeout=3600)
+    watcher.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"tern-sim failed: {''.join(errors).strip()[-2000:]}")
+    return json.loads(stdout)
 
 
 def measure(server_name, durable, fn):
@@ -211,10 +227,15 @@ def scenarios(duration, scale):
         # Offered at 5,000 connects/s, above what any server here sustains, rather than all at
         # once: an instantaneous storm measures the clients' SYN retransmission back-off more
         # than the server.
-        result = sim(server, ["--devices", str(conns), "--idle", "--keepalive", "60",
-                              "--duration", "3", "--source-addrs", "8", "--ramp", "5000"], "")
         pid = server.proc.pid
+        provisioned = {}
+        # Memory per connection counts from after provisioning: Tern's device records and
+        # tokens are not connections (the peers have none).
+        result = sim(server, ["--devices", str(conns), "--idle", "--keepalive", "60",
+                              "--duration", "3", "--source-addrs", "8", "--ramp", "5000"], "",
+                     on_provisioned=lambda: provisioned.setdefault("rss", memory_kib(pid, "VmRSS")))
         result["server_rss_with_connections_kib"] = memory_kib(pid, "VmRSS")
+        result["server_rss_provisioned_kib"] = provisioned.get("rss")
         return result
 
     def fan_out(server):
@@ -249,10 +270,12 @@ def main():
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--only", default="")
+    parser.add_argument("--servers", default="", help="only these servers, e.g. tern (quick before/after checks)")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs"))
     opts = parser.parse_args()
     limit = raise_fd_limit()
     only = set(filter(None, opts.only.split(",")))
+    servers = set(filter(None, opts.servers.split(",")))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     with open("/proc/meminfo") as f:
@@ -277,6 +300,8 @@ def main():
             continue
         row = {"id": sid, "title": title, "key": key, "runs": {}}
         for name in ([tern] if tern else []) + peers:
+            if servers and name not in servers:
+                continue
             print(f"{sid} on {name} ...", file=sys.stderr, flush=True)
             try:
                 row["runs"][name] = measure(name, durable, fn)
@@ -353,7 +378,8 @@ def render(meta, results):
                         f"p50 {fmt(rtt.get('p50_us'))} µs, p99 {fmt(rtt.get('p99_us'))} µs, "
                         f"p999 {fmt(rtt.get('p999_us'))} µs")
             if "server_rss_with_connections_kib" in r and r.get("connected"):
-                per = (r["server_rss_with_connections_kib"] - r["server_rss_before_kib"]) / r["connected"]
+                base = r.get("server_rss_provisioned_kib") or r["server_rss_before_kib"]
+                per = (r["server_rss_with_connections_kib"] - base) / r["connected"]
                 note = f"{r['connected']:,} connected; {per:.2f} KiB server RSS per connection"
             if name != "tern" and tern and "error" not in tern and tern.get(row["key"]) and r.get(row["key"]):
                 note += f"{'; ' if note else ''}Tern/{name} = {tern[row['key']] / r[row['key']]:.2f}"

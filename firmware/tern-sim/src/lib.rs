@@ -203,6 +203,11 @@ pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         };
 
     let provision_seconds = provision_started.elapsed().as_secs_f64();
+    // A phase marker for whoever watches the run (the benchmark samples server memory here).
+    eprintln!(
+        "provisioned {} clients in {provision_seconds:.1} s",
+        args.devices + args.subscribers
+    );
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
     let mut subscribers = Vec::new();
     // Each subscriber reports whether it subscribed; failures are counted, not fatal.

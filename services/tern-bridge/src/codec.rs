@@ -135,6 +135,15 @@ pub(crate) fn read(
 
 const AUTH_PACKET_TYPE: u8 = 15;
 
+/// Whether a whole frame is at the start of `buf`; an error for a malformed fixed header.
+pub(crate) fn frame_ready(buf: &[u8]) -> Result<bool, ReadError> {
+    match whole_frame(buf) {
+        Ok(()) => Ok(true),
+        Err(ReadError::Incomplete) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// `Incomplete` until the whole frame at the start of `buf` has arrived.
 ///
 /// The codecs split a frame off the buffer before parsing it, and report a body that ends

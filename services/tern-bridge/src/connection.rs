@@ -48,6 +48,8 @@ const OUTBOUND_WINDOW: usize = 64;
 
 /// Bytes reserved for a read when the buffer runs low.
 const READ_CHUNK: usize = 8 * 1024;
+/// Bytes reserved for the first read after the buffer was released.
+const FIRST_READ: usize = 1024;
 
 /// Publishes appended together (or a reply that must keep its place in the order of
 /// acknowledgements), waiting for the durable append.
@@ -349,13 +351,15 @@ pub(crate) struct Connection {
     pub(crate) client_certificates: Option<Vec<CertificateDer<'static>>>,
 }
 
-pub(crate) async fn run(
+/// A connection's whole life. Not an `async fn` itself: one future (the instrumented block)
+/// rather than two nested ones that would both hold the arguments.
+pub(crate) fn run(
     bridge: Arc<Bridge>,
     io: Io,
     peer: SocketAddr,
     transport: &'static str,
     shutdown: Shutdown,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     let span = tracing::info_span!("mqtt", %peer, transport, tenant = tracing::field::Empty, device = tracing::field::Empty);
     async move {
         let mut conn = Connection {
@@ -368,7 +372,7 @@ pub(crate) async fn run(
             client_certificates: io.client_certificates,
         };
         // Boxed, so the CONNECT's state does not stay in the connection's task.
-        let Some(admitted) = Box::pin(conn.handshake()).await else {
+        let Some(mut admitted) = Box::pin(conn.handshake()).await else {
             return;
         };
         let (tenant, device) = (admitted.tenant, admitted.device);
@@ -386,8 +390,8 @@ pub(crate) async fn run(
         let log = bridge.log.clone();
         let connected = lifecycle::connected(tenant, device, peer, conn.version.label(), transport);
         let connected = tokio::spawn(async move { log.append(vec![connected]).await });
-        let will = admitted.will.clone();
         let (close, session_expiry) = conn.serve(&admitted, &shutdown).await;
+        let will = admitted.will.take();
         bridge.metrics.connections.dec();
         if close.is_error() {
             bridge
@@ -404,9 +408,11 @@ pub(crate) async fn run(
             // 3.1.3.2.2 (5.0): after the will delay, or when the session ends if sooner; a
             // device that took its own session over is back before any delay ran out.
             match admitted.will_delay.min(session_expiry) {
-                0 => records.extend(publish_will(&bridge, tenant, device, will).await),
+                // Boxed, like the other once-per-connection steps: their state would otherwise
+                // sit in every idle connection's task.
+                0 => records.extend(Box::pin(publish_will(&bridge, tenant, device, *will)).await),
                 _ if close == Close::TakenOver => {}
-                delay => delay_will(&bridge, tenant, device, will, delay),
+                delay => delay_will(&bridge, tenant, device, *will, delay),
             }
         }
         records.push(lifecycle::disconnected(tenant, device, close.label()));
@@ -417,7 +423,6 @@ pub(crate) async fn run(
         }
     }
     .instrument(span)
-    .await
 }
 
 impl Connection {
@@ -431,44 +436,65 @@ impl Connection {
         mut parse: impl FnMut(&mut BytesMut) -> Result<T, ReadError>,
     ) -> Result<Option<T>, ReadError> {
         loop {
+            // The parse result is dropped before any await: kept in scope, it would take its
+            // full size (a whole packet) in every idle connection's task.
             match parse(&mut self.inbox) {
-                Err(ReadError::Incomplete) => {
-                    if self.inbox.is_empty() {
-                        self.inbox = BytesMut::new();
-                    }
-                    let reserve = |inbox: &mut BytesMut| {
-                        if inbox.capacity() - inbox.len() < READ_CHUNK / 4 {
-                            inbox.reserve(READ_CHUNK);
-                        }
-                    };
-                    match &mut self.reader {
-                        Reader::Tcp(reader) => {
-                            reader.readable().await?;
-                            reserve(&mut self.inbox);
-                            match reader.try_read_buf(&mut self.inbox) {
-                                Ok(0) => return Ok(None),
-                                Ok(_) => {}
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                                Err(e) => return Err(e.into()),
-                            }
-                        }
-                        Reader::Stream(reader) => {
-                            reserve(&mut self.inbox);
-                            // Cancel-safe: no data is lost if another branch wins.
-                            if reader.read_buf(&mut self.inbox).await? == 0 {
-                                return Ok(None);
-                            }
-                        }
-                    }
-                }
+                Err(ReadError::Incomplete) => {}
                 other => return other.map(Some),
+            }
+            if !self.fill_inbox().await? {
+                return Ok(None);
             }
         }
     }
 
-    async fn read_packet(&mut self) -> Result<Option<Incoming>, ReadError> {
-        let (version, max) = (self.version, self.bridge.config.max_packet_size);
-        self.read_with(|buf| codec::read(buf, version, max)).await
+    /// Waits until the inbox holds a whole packet (`false`: the client closed). Cancel-safe.
+    async fn packet_ready(&mut self) -> Result<bool, ReadError> {
+        loop {
+            if codec::frame_ready(&self.inbox)? {
+                return Ok(true);
+            }
+            if !self.fill_inbox().await? {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Reads what the socket has into the inbox; `false` once the client closed. Cancel-safe:
+    /// bytes read stay in the inbox.
+    async fn fill_inbox(&mut self) -> Result<bool, ReadError> {
+        if self.inbox.is_empty() {
+            self.inbox = BytesMut::new();
+        }
+        // A connection waking from idle starts small (most wake for one small packet: a
+        // CONNECT, a PINGREQ); one that keeps reading gets full chunks.
+        let reserve = |inbox: &mut BytesMut| {
+            let chunk = if inbox.capacity() == 0 {
+                FIRST_READ
+            } else {
+                READ_CHUNK
+            };
+            if inbox.capacity() - inbox.len() < chunk / 4 {
+                inbox.reserve(chunk);
+            }
+        };
+        match &mut self.reader {
+            Reader::Tcp(reader) => {
+                reader.readable().await?;
+                reserve(&mut self.inbox);
+                match reader.try_read_buf(&mut self.inbox) {
+                    Ok(0) => Ok(false),
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Reader::Stream(reader) => {
+                reserve(&mut self.inbox);
+                // Cancel-safe: no data is lost if another branch wins.
+                Ok(reader.read_buf(&mut self.inbox).await? > 0)
+            }
+        }
     }
 
     /// Writes the outbox and flushes: TLS and WebSocket streams hold written bytes until then
@@ -483,11 +509,21 @@ impl Connection {
 
     /// Sends one packet in the connection's version (nothing if 3.1.1 lacks it).
     pub(crate) async fn send(&mut self, packet: &Packet) -> Result<(), Close> {
+        let wrote = self.encode(packet)?;
+        self.flush_encoded(wrote).await
+    }
+
+    /// Encodes one packet into the outbox; returns whether the version has it. Callers that
+    /// build the packet in place encode, then flush: the packet is gone before the await.
+    fn encode(&mut self, packet: &Packet) -> Result<bool, Close> {
         self.outbox.clear();
-        let wrote = codec::write(packet, self.version, &mut self.outbox).map_err(|e| {
+        codec::write(packet, self.version, &mut self.outbox).map_err(|e| {
             tracing::error!(error = %e, "cannot encode a packet");
             Close::WriteFailed
-        })?;
+        })
+    }
+
+    async fn flush_encoded(&mut self, wrote: bool) -> Result<(), Close> {
         if wrote {
             self.flush_outbox().await?;
             self.bridge.metrics.packets_out.inc();
@@ -533,7 +569,7 @@ impl Connection {
             saved: (admitted.session_expiry > 0).then(Vec::new),
             token_expiry: admitted.token_expires_at_ms.map(instant_of),
         };
-        if let Err(close) = self.begin_session(admitted, &mut flow).await {
+        if let Err(close) = Box::pin(self.begin_session(admitted, &mut flow)).await {
             return (close, 0);
         }
 
@@ -566,22 +602,24 @@ impl Connection {
                     // The device was not silent: this side was not reading.
                     deadline = Instant::now() + grace.unwrap_or(far_future);
                 }
-                read = timeout_at(deadline, self.read_packet()),
+                // Waits for a whole packet without parsing it: the parsed packet never sits in
+                // this loop's state (it would take a packet's size in every idle connection).
+                ready = timeout_at(deadline, self.packet_ready()),
                     if flow.unacked < max_inflight && flow.paused_until.is_none() =>
                 {
-                    let packet = match read {
+                    match ready {
                         Err(_) => break Close::KeepaliveExpired,
-                        Ok(Ok(None)) => break Close::ClientClosed,
+                        Ok(Ok(false)) => break Close::ClientClosed,
                         Ok(Err(e)) => {
                             tracing::info!(error = %e, "bad packet; closing");
                             break Close::from_read_error(&e);
                         }
-                        Ok(Ok(Some(packet))) => packet,
-                    };
+                        Ok(Ok(true)) => {}
+                    }
                     deadline = Instant::now() + grace.unwrap_or(far_future);
                     // Boxed: the burst's state (packets, deferred publish work) would otherwise sit
                     // inline in every idle connection's task for its whole life.
-                    if let Err(close) = Box::pin(self.handle_burst(packet, &mut flow, max_inflight)).await {
+                    if let Err(close) = Box::pin(self.handle_burst(&mut flow, max_inflight)).await {
                         break close;
                     }
                 }
@@ -613,10 +651,12 @@ impl Connection {
                     server_reference: None,
                 }),
             };
-            let _ = self.send(&Packet::Disconnect(disconnect)).await;
+            if let Ok(wrote) = self.encode(&Packet::Disconnect(disconnect)) {
+                let _ = self.flush_encoded(wrote).await;
+            }
         }
         let _ = self.writer.shutdown().await;
-        self.end_session(admitted, &mut flow).await;
+        Box::pin(self.end_session(admitted, &mut flow)).await;
         (close, flow.session_expiry)
     }
 
@@ -708,16 +748,23 @@ impl Connection {
         }
     }
 
-    /// Handles `first` and every further packet already buffered (a pipelining client sends
-    /// many per read), so that their publishes are appended as one batch.
-    async fn handle_burst(
-        &mut self,
-        first: Incoming,
-        flow: &mut Flow,
-        max_inflight: usize,
-    ) -> Result<(), Close> {
-        let mut packet = first;
+    /// Handles every whole packet buffered (a pipelining client sends many per read; there is
+    /// at least one), so that their publishes are appended as one batch.
+    async fn handle_burst(&mut self, flow: &mut Flow, max_inflight: usize) -> Result<(), Close> {
         loop {
+            let packet = match codec::read(
+                &mut self.inbox,
+                self.version,
+                self.bridge.config.max_packet_size,
+            ) {
+                Ok(next) => next,
+                Err(ReadError::Incomplete) => break,
+                Err(e) => {
+                    tracing::info!(error = %e, "bad packet; closing");
+                    flow.seal(&self.bridge.log);
+                    return Err(Close::from_read_error(&e));
+                }
+            };
             // Publishes take the synchronous path; only other packets and deferred publish
             // work build a future.
             let is_publish = matches!(packet, Incoming::Packet(Packet::Publish(_)));
@@ -744,19 +791,6 @@ impl Connection {
             if flow.unacked >= max_inflight {
                 break;
             }
-            packet = match codec::read(
-                &mut self.inbox,
-                self.version,
-                self.bridge.config.max_packet_size,
-            ) {
-                Ok(next) => next,
-                Err(ReadError::Incomplete) => break,
-                Err(e) => {
-                    tracing::info!(error = %e, "bad packet; closing");
-                    flow.seal(&self.bridge.log);
-                    return Err(Close::from_read_error(&e));
-                }
-            };
         }
         flow.seal(&self.bridge.log);
         Ok(())

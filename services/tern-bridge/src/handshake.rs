@@ -31,7 +31,8 @@ pub(crate) struct Admitted {
     pub tenant: TenantId,
     pub device: DeviceId,
     pub keepalive: u16,
-    pub will: Option<LastWill>,
+    /// Boxed: most devices have none, and this stays in the connection's task.
+    pub will: Option<Box<LastWill>>,
     /// MQTT 5 Receive Maximum of the client: QoS 1 deliveries it accepts unacknowledged.
     pub receive_maximum: u16,
     /// MQTT 5 Maximum Packet Size of the client; larger deliveries are dropped (3.1.2.11.4).
@@ -224,7 +225,7 @@ impl Connection {
                 .and_then(|w| w.properties.as_ref())
                 .and_then(|p| p.delay_interval)
                 .unwrap_or(0),
-            will: c.will,
+            will: c.will.map(Box::new),
             receive_maximum: properties.receive_maximum.unwrap_or(u16::MAX),
             max_packet_size: properties.max_packet_size,
             _tenant_slot: tenant_slot,
