@@ -274,10 +274,7 @@ async fn coap_retransmissions_are_stored_once_and_bad_datagrams_harm_nobody() {
     );
 
     let points = tern.wait_points(&p, "kwh", 2).await;
-    let values: Vec<f64> = points
-        .iter()
-        .map(|p| p["value"].as_f64().expect("value"))
-        .collect();
+    let values = crate::harness::values(&points);
     assert_eq!(
         values,
         [7.0, 8.0],

@@ -110,10 +110,7 @@ async fn a_gateway_publishes_for_its_children_and_for_no_other_device() {
     );
 
     let points = tern.wait_points(&kid, "temp", 2).await;
-    let values: Vec<f64> = points
-        .iter()
-        .map(|p| p["value"].as_f64().expect("value"))
-        .collect();
+    let values = crate::harness::values(&points);
     assert_eq!(values, [20.0, 21.0], "stored as the child's, in order");
     // Refused publishes never reach the log; the gateway's own series stays empty too.
     for other in [&stranger, &gw] {

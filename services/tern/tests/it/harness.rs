@@ -470,3 +470,38 @@ fn probe_status(url: &str) -> std::io::Result<u16> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other("no status line"))
 }
+
+/// The values of points returned by [`Tern::wait_points`], in order.
+pub fn values(points: &[Value]) -> Vec<f64> {
+    points
+        .iter()
+        .map(|p| p["value"].as_f64().expect("value"))
+        .collect()
+}
+
+/// Runs `interop/paho_websocket.py` (Eclipse Paho from Debian's python3-paho-mqtt) as device
+/// `p` against `port` over WebSocket, or over WSS trusting `ca`; panics with its output if it
+/// fails.
+pub fn paho_websocket(port: u16, p: &Provisioned, ca: Option<&std::path::Path>) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/it/interop/paho_websocket.py"
+    );
+    let out = tokio::task::block_in_place(|| {
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(script)
+            .arg(port.to_string())
+            .args([&p.device_id, &p.access_token]);
+        if let Some(ca) = ca {
+            cmd.arg(ca);
+        }
+        cmd.output()
+            .expect("run /usr/bin/python3 (make deps installs python3-paho-mqtt)")
+    });
+    assert!(
+        out.status.success(),
+        "paho: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -5,6 +5,7 @@
 mod harness;
 
 mod anonymous;
+mod browser;
 mod coap;
 mod commands;
 mod config_errors;

@@ -1,5 +1,6 @@
 //! The cross-tenant matrix of the device edge: for each way one device could reach another
-//! tenant (publish, subscribe, retained, will, shared subscription, commands, HTTP, REST),
+//! tenant (publish, subscribe, retained, will, shared subscription, gateway topic, commands,
+//! HTTP, REST),
 //! tenant globex's device tries to reach or see tenant acme and gets nothing.
 
 use rumqttc::{LastWill, QoS, SubscribeReasonCode};
@@ -94,6 +95,37 @@ async fn nothing_crosses_between_tenants_on_any_path() {
         )
         .await;
     assert_ne!(command["state"], "succeeded", "{command}");
+    // globex's device cannot publish as acme's through the gateway topic (3.1.1: closed).
+    let mut would_be_gateway = Mqtt::device(&tern, &tern.provision("globex", "g-gw")).await;
+    would_be_gateway
+        .client
+        .publish(
+            format!("telemetry/{}", acme.device_id),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"stolen": 1}"#,
+        )
+        .await
+        .expect("queue");
+    loop {
+        match tokio::time::timeout(crate::harness::PATIENCE, would_be_gateway.events.poll())
+            .await
+            .expect("closed in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                panic!("a gateway publish for another tenant's device was acknowledged")
+            }
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    let (_, stolen) = tern
+        .get(
+            &acme.api_token,
+            "/api/v1/tenants/acme/devices/a/telemetry?metric=stolen&from=0",
+        )
+        .await;
+    assert_eq!(stolen["points"], json!([]));
     for path in [
         "/api/v1/tenants/acme/devices",
         "/api/v1/tenants/acme/devices/a/telemetry/latest",

@@ -200,25 +200,7 @@ async fn paho_speaks_mqtt_over_websocket_over_tls() {
         ("TERN_MQTT__TLS__KEY_FILE", pki.key.to_str().expect("utf-8")),
     ]);
     let p = tern.provision("acme", "browser");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/it/interop/paho_websocket.py"
-    );
-    let out = tokio::task::block_in_place(|| {
-        Command::new("/usr/bin/python3")
-            .arg(script)
-            .arg(wss_port.to_string())
-            .args([&p.device_id, &p.access_token])
-            .arg(&pki.ca)
-            .output()
-            .expect("run /usr/bin/python3 (make deps installs python3-paho-mqtt)")
-    });
-    assert!(
-        out.status.success(),
-        "paho over WSS: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::harness::paho_websocket(wss_port, &p, Some(&pki.ca));
     assert_eq!(tern.wait_points(&p, "ws", 2).await.len(), 2);
     // The lifecycle says how the device came in.
     let (_, events) = tern
@@ -409,10 +391,7 @@ async fn mtls_devices_connect_with_certificates_from_their_tenants_ca_only() {
         r#"{"kwh": 5}"#
     ));
     let points = tern.wait_points(&meter, "kwh", 2).await;
-    let values: Vec<f64> = points
-        .iter()
-        .map(|p| p["value"].as_f64().expect("value"))
-        .collect();
+    let values = crate::harness::values(&points);
     assert_eq!(
         values,
         [1.0, 4.0],

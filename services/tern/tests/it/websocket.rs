@@ -3,7 +3,6 @@
 //! upgrade without the subprotocol.
 
 use std::io::{Read, Write};
-use std::process::Command;
 
 use crate::harness::Tern;
 
@@ -11,24 +10,7 @@ use crate::harness::Tern;
 async fn paho_speaks_mqtt_311_and_5_over_websocket() {
     let tern = Tern::start();
     let p = tern.provision("acme", "a");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/it/interop/paho_websocket.py"
-    );
-    let out = tokio::task::block_in_place(|| {
-        Command::new("/usr/bin/python3")
-            .arg(script)
-            .arg(tern.http_port.to_string())
-            .args([&p.device_id, &p.access_token])
-            .output()
-            .expect("run /usr/bin/python3 (make deps installs python3-paho-mqtt)")
-    });
-    assert!(
-        out.status.success(),
-        "paho: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::harness::paho_websocket(tern.http_port, &p, None);
     let points = tern.wait_points(&p, "ws", 2).await;
     assert_eq!(
         points.len(),
