@@ -51,6 +51,9 @@ pub struct TlsConfig {
     pub key_file: Option<PathBuf>,
     /// How often the files are checked for a renewed certificate, in seconds.
     pub reload_interval_secs: u64,
+    /// Refuse TLS clients without a client certificate from a tenant's CA (mTLS only; by
+    /// default certificates are optional and devices may use tokens).
+    pub require_client_certificate: bool,
 }
 
 impl Default for TlsConfig {
@@ -59,6 +62,7 @@ impl Default for TlsConfig {
             cert_file: None,
             key_file: None,
             reload_interval_secs: 10,
+            require_client_certificate: false,
         }
     }
 }

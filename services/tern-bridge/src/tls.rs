@@ -161,10 +161,12 @@ fn acceptor(
 }
 
 /// Accepts client certificates issued by a CA some tenant registered (which one, and which
-/// device, the connection finds out from the same certificate); never requires one.
+/// device, the connection finds out from the same certificate); requires one only when
+/// `mqtt.tls.require_client_certificate` says so.
 pub struct TenantCaVerifier {
     identity: Arc<Identity>,
     algorithms: WebPkiSupportedAlgorithms,
+    mandatory: bool,
 }
 
 // rustls wants verifiers to be Debug; the identity holds keys and is not.
@@ -175,11 +177,12 @@ impl std::fmt::Debug for TenantCaVerifier {
 }
 
 impl TenantCaVerifier {
-    pub fn new(identity: Arc<Identity>) -> Arc<Self> {
+    pub fn new(identity: Arc<Identity>, mandatory: bool) -> Arc<Self> {
         let provider = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider();
         Arc::new(Self {
             identity,
             algorithms: provider.signature_verification_algorithms,
+            mandatory,
         })
     }
 }
@@ -190,7 +193,7 @@ impl ClientCertVerifier for TenantCaVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.mandatory
     }
 
     fn verify_client_cert(

@@ -58,8 +58,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Loaded before any listener binds: a bad certificate stops start-up, naming the file.
     let tls = match (&config.mqtt.tls.cert_file, &config.mqtt.tls.key_file) {
         (Some(cert), Some(key)) => Some(
-            TlsReloader::load(cert, key, Some(TenantCaVerifier::new(identity.clone())))
-                .context("invalid configuration: `mqtt.tls.cert_file` / `mqtt.tls.key_file`")?,
+            TlsReloader::load(
+                cert,
+                key,
+                Some(TenantCaVerifier::new(
+                    identity.clone(),
+                    config.mqtt.tls.require_client_certificate,
+                )),
+            )
+            .context("invalid configuration: `mqtt.tls.cert_file` / `mqtt.tls.key_file`")?,
         ),
         _ => None,
     };

@@ -398,3 +398,47 @@ async fn mtls_devices_connect_with_certificates_from_their_tenants_ca_only() {
         "only the admitted publishes were stored"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_require_client_certificate_a_token_alone_does_not_get_through() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let dir = certs.path();
+    let (server, acme_ca) = (pki(dir, "server"), pki(dir, "acme"));
+    let port = free_port();
+    let tern = Tern::start_with_env(&[
+        ("TERN_MQTTS_PORT", &port.to_string()),
+        (
+            "TERN_MQTT__TLS__CERT_FILE",
+            server.cert.to_str().expect("utf-8"),
+        ),
+        (
+            "TERN_MQTT__TLS__KEY_FILE",
+            server.key.to_str().expect("utf-8"),
+        ),
+        ("TERN_MQTT__TLS__REQUIRE_CLIENT_CERTIFICATE", "true"),
+    ]);
+    let meter = tern.provision("acme", "meter");
+    tern.cli_json(&[
+        "ca",
+        "add",
+        acme_ca.ca.to_str().expect("utf-8"),
+        "--tenant",
+        "acme",
+    ]);
+    assert!(
+        !tls_pub(port, &meter, Some(&server.ca), r#"{"kwh": 1}"#),
+        "a valid token without a certificate is refused in the handshake"
+    );
+    let cert = client_cert(dir, &acme_ca, "meter");
+    assert!(mtls_pub(
+        port,
+        &server.ca,
+        &cert,
+        &meter.device_id,
+        r#"{"kwh": 2}"#
+    ));
+    assert_eq!(
+        crate::harness::values(&tern.wait_points(&meter, "kwh", 1).await),
+        [2.0]
+    );
+}
