@@ -36,6 +36,9 @@ pub struct BridgeConfig {
     /// Publishes per second per connection (burst: one second's worth); a device over it is
     /// slowed down by not reading from it. 0: no limit.
     pub max_publish_rate_per_device: u32,
+    /// Publishes per second of all a tenant's connections together (burst: one second's
+    /// worth); over it, its devices are slowed down the same way. 0: no limit.
+    pub max_publish_rate_per_tenant: u32,
     pub tls: TlsConfig,
 }
 
@@ -80,6 +83,7 @@ impl Default for BridgeConfig {
             anonymous_tenant: None,
             max_connections_per_tenant: 0,
             max_publish_rate_per_device: 0,
+            max_publish_rate_per_tenant: 0,
             tls: TlsConfig::default(),
         }
     }

@@ -781,9 +781,7 @@ impl Connection {
                 flow.seal(&self.bridge.log);
                 return Err(close);
             }
-            if is_publish
-                && let Some(wait) = flow.bucket.as_mut().and_then(|b| b.take(Instant::now()))
-            {
+            if is_publish && let Some(wait) = self.publish_wait(flow) {
                 self.bridge.metrics.rate_limited.inc();
                 flow.paused_until = Some(Instant::now() + wait);
                 break;
@@ -794,6 +792,18 @@ impl Connection {
         }
         flow.seal(&self.bridge.log);
         Ok(())
+    }
+
+    /// How long to stop reading after a publish that took the device or its tenant over its
+    /// rate (`mqtt.max_publish_rate_per_device`, `..._per_tenant`).
+    fn publish_wait(&self, flow: &mut Flow) -> Option<Duration> {
+        let now = Instant::now();
+        let device = flow.bucket.as_mut().and_then(|b| b.take(now));
+        let tenant = match self.bridge.config.max_publish_rate_per_tenant {
+            0 => None,
+            rate => self.bridge.tenant_rates.take(flow.tenant, rate, now),
+        };
+        device.max(tenant)
     }
 
     /// Handles one packet; `Err` ends the connection (a DISCONNECT included).

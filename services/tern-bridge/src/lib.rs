@@ -58,7 +58,7 @@ use crate::commands::CommandTargets;
 use crate::connection::Io;
 use crate::metrics::BridgeMetrics;
 use crate::persistent::PersistentSessions;
-use crate::quota::TenantConnections;
+use crate::quota::{TenantConnections, TenantRates};
 use crate::retained::Retained;
 use crate::router::Router;
 use crate::sessions::Sessions;
@@ -101,6 +101,8 @@ pub struct Bridge {
     anonymous_tenant: Option<TenantId>,
     /// Connections per tenant (`mqtt.max_connections_per_tenant`).
     tenant_connections: Arc<TenantConnections>,
+    /// Publish rates per tenant (`mqtt.max_publish_rate_per_tenant`).
+    tenant_rates: TenantRates,
     /// Connection slots (`mqtt.max_connections`) across every transport.
     slots: Arc<Semaphore>,
     /// Every connection's task, so that shutdown can wait for them.
@@ -160,6 +162,7 @@ impl Bridge {
             anonymous_tenant,
             slots,
             tenant_connections: Arc::default(),
+            tenant_rates: TenantRates::default(),
             connections: TaskTracker::new(),
         })
     }

@@ -1,6 +1,6 @@
 //! Per-tenant and per-device limits: connections per tenant (refused with MQTT 5 "quota
-//! exceeded") and publishes per second per device (a token bucket; a device over its rate is
-//! slowed down by not reading its connection, never by dropping what it sent).
+//! exceeded") and publishes per second per device and per tenant (token buckets; a device over
+//! either rate is slowed down by not reading its connection, never by dropping what it sent).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,24 @@ impl TokenBucket {
         self.last = now;
         self.tokens -= 1.0;
         (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
+/// One bucket per tenant, shared by all its connections (`mqtt.max_publish_rate_per_tenant`).
+#[derive(Default)]
+pub(crate) struct TenantRates {
+    buckets: Mutex<HashMap<TenantId, TokenBucket>>,
+}
+
+impl TenantRates {
+    /// Takes one of the tenant's tokens; when none is left, how long until the next one.
+    pub fn take(&self, tenant: TenantId, rate_per_s: u32, now: Instant) -> Option<Duration> {
+        self.buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant)
+            .or_insert_with(|| TokenBucket::new(rate_per_s, now))
+            .take(now)
     }
 }
 
@@ -96,6 +114,21 @@ mod tests {
         // After the wait, the debt is paid and the next token is due 0.1 s later.
         assert_eq!(bucket.take(start + Duration::from_millis(200)), None);
         assert!(bucket.take(start + Duration::from_millis(200)).is_some());
+    }
+
+    #[test]
+    fn a_tenants_connections_share_one_bucket_and_tenants_do_not() {
+        let rates = TenantRates::default();
+        let (a, b) = (TenantId::random(), TenantId::random());
+        let now = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(rates.take(a, 5, now), None);
+        }
+        assert!(
+            rates.take(a, 5, now).is_some(),
+            "a's burst is spent, whoever asks"
+        );
+        assert_eq!(rates.take(b, 5, now), None, "b has its own");
     }
 
     #[test]

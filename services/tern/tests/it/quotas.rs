@@ -1,5 +1,5 @@
-//! Per-tenant connection quotas and per-device publish rates (mqtt.max_connections_per_tenant,
-//! mqtt.max_publish_rate_per_device).
+//! Per-tenant connection quotas and per-device and per-tenant publish rates
+//! (mqtt.max_connections_per_tenant, mqtt.max_publish_rate_per_device, ..._per_tenant).
 
 use std::time::{Duration, Instant};
 
@@ -82,4 +82,35 @@ async fn a_device_over_its_publish_rate_is_slowed_down_not_dropped() {
         60,
         "nothing dropped"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_publish_rate_is_slowed_down_across_devices_not_dropped() {
+    let tern = Tern::start_with_env(&[("TERN_MQTT__MAX_PUBLISH_RATE_PER_TENANT", "20")]);
+    let (a, b) = (tern.provision("acme", "a"), tern.provision("acme", "b"));
+    let payloads = || {
+        (0..30)
+            .map(|i| format!(r#"{{"n": {i}}}"#).into_bytes())
+            .collect::<Vec<_>>()
+    };
+    let (mut first, mut second) = (Mqtt::device(&tern, &a).await, Mqtt::device(&tern, &b).await);
+    let started = Instant::now();
+    tokio::join!(
+        first.publish_acked("telemetry", payloads()),
+        second.publish_acked("telemetry", payloads())
+    );
+    let took = started.elapsed();
+    // 60 publishes against one tenant bucket of 20/s with a burst of 20: at least 2 s, though
+    // no device has a limit of its own. (A lower bound only.)
+    assert!(
+        took >= Duration::from_millis(1800),
+        "not slowed down: {took:?}"
+    );
+    for p in [&a, &b] {
+        assert_eq!(
+            tern.wait_points(p, "n", 30).await.len(),
+            30,
+            "nothing dropped"
+        );
+    }
 }
