@@ -1,4 +1,4 @@
-//! Command delivery on the device's own topics (design.md, "Device-facing contract").
+//! Command and twin delivery on the device's own topics (design.md, "Device-facing contract").
 //!
 //! A device subscribes to `command/req/#` (any filter whose first level is `command`) and
 //! receives `command/req/{id}/{name}` with the command's JSON payload; it answers by publishing
@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
 use tern_core::{Command, CommandId, DeviceId, TenantId};
-use tern_registry::CommandRoute;
+use tern_registry::{CommandRoute, DesiredState, TwinRoute};
 use tokio::sync::mpsc;
 
 use crate::router::Delivery;
@@ -21,12 +21,43 @@ use crate::topics::matches;
 /// The first topic level reserved for commands.
 pub(crate) const COMMAND_LEVEL: &str = "command";
 const RESPONSE_PREFIX: &str = "command/res/";
+/// The first topic level reserved for the device's twin.
+const TWIN_LEVEL: &str = "twin";
+/// Where a device receives its desired state (the whole document and its version).
+pub(crate) const TWIN_DESIRED_TOPIC: &str = "twin/desired";
+/// Where a device publishes changes of its reported state (a JSON merge patch).
+pub(crate) const TWIN_REPORTED_TOPIC: &str = "twin/reported";
+
+fn is_under(level: &str, topic: &str) -> bool {
+    topic
+        .strip_prefix(level)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
 
 /// Whether a topic name or filter is in the command namespace.
 pub(crate) fn is_command_topic(topic: &str) -> bool {
-    topic
-        .strip_prefix(COMMAND_LEVEL)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    is_under(COMMAND_LEVEL, topic)
+}
+
+/// Whether a topic name or filter is in the twin namespace.
+pub(crate) fn is_twin_topic(topic: &str) -> bool {
+    is_under(TWIN_LEVEL, topic)
+}
+
+/// Topics that belong to one device (its commands and its twin), never to the tenant's
+/// router.
+pub(crate) fn is_device_topic(topic: &str) -> bool {
+    is_command_topic(topic) || is_twin_topic(topic)
+}
+
+/// The delivery of a desired state on `twin/desired`.
+pub(crate) fn desired_delivery(state: &DesiredState, qos: QoS) -> Delivery {
+    Delivery::new(
+        TWIN_DESIRED_TOPIC.into(),
+        Bytes::from(serde_json::to_vec(state).unwrap_or_default()),
+        qos,
+        false,
+    )
 }
 
 /// Parses `command/res/{id}/{status}`.
@@ -143,6 +174,19 @@ impl CommandTargets {
 /// The delivery of `command` to a subscription with `granted` QoS, if the filter matches.
 pub(crate) fn owed(command: &Command, filter: &str, granted: QoS) -> Option<Delivery> {
     matches(filter, &command.request_topic()).then(|| delivery(command, granted))
+}
+
+impl TwinRoute for CommandTargets {
+    fn desired_changed(&self, tenant: TenantId, device: DeviceId, state: &DesiredState) {
+        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(target) = devices.get(&(tenant, device))
+            && let Some(qos) = target.granted(TWIN_DESIRED_TOPIC)
+        {
+            // A full queue skips this version; the next change or subscription brings the
+            // whole document again.
+            let _ = target.queue.try_send(desired_delivery(state, qos));
+        }
+    }
 }
 
 impl CommandRoute for CommandTargets {

@@ -29,7 +29,10 @@ use tracing::Instrument;
 
 use crate::Bridge;
 use crate::codec::{self, Incoming, ReadError, Version};
-use crate::commands::{self, is_command_topic, parse_response_topic};
+use crate::commands::{
+    self, TWIN_DESIRED_TOPIC, TWIN_REPORTED_TOPIC, is_command_topic, is_device_topic,
+    is_twin_topic, parse_response_topic,
+};
 use crate::fanout::{ToRetain, hand_over, publish_will, retain_message, store_for_away};
 use crate::handshake::{Admitted, TOKEN_AUTH_METHOD, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
@@ -688,9 +691,9 @@ impl Connection {
         flow.qos2 = resumed.qos2_received;
         flow.backlog.extend(resumed.deliveries);
         for subscription in &resumed.subscriptions {
-            if is_command_topic(&subscription.filter) {
+            if is_device_topic(&subscription.filter) {
                 let owed = self
-                    .subscribe_commands(
+                    .subscribe_device_topic(
                         flow,
                         &subscription.filter,
                         subscription.options().qos,
@@ -966,6 +969,14 @@ impl Connection {
             TELEMETRY_TOPIC => EventKind::Telemetry,
             EVENT_TOPIC => EventKind::Event,
             t if is_command_topic(t) => return self.command_response(&publish, t, flow),
+            TWIN_REPORTED_TOPIC => {
+                return Ok(Some(Box::new(Deferred::TwinReported { publish })));
+            }
+            t if is_twin_topic(t) => {
+                let why = "devices may publish only twin/reported under twin/";
+                tracing::info!(topic = t, why, "publish refused");
+                return self.refuse_publish(&publish, why, flow).map(|()| None);
+            }
             t if let Some((kind, child)) = child_topic(t) => {
                 let child_at = t.len() - child.len();
                 return Ok(Some(Box::new(Deferred::ForChild {
@@ -1126,9 +1137,41 @@ impl Connection {
         Ok(())
     }
 
+    /// A `twin/reported` publish: merged into the device's reported state, then acknowledged
+    /// in order; a payload that is not a JSON object (or too large) is refused.
+    async fn twin_reported(&mut self, publish: Publish, flow: &mut Flow) -> Result<(), Close> {
+        let patch: serde_json::Value = match serde_json::from_slice(&publish.payload) {
+            Ok(patch) => patch,
+            Err(_) => {
+                let why = "twin/reported takes a JSON object (a merge patch)";
+                return self.refuse_publish(&publish, why, flow);
+            }
+        };
+        let twins = self.bridge.twins.clone();
+        match twins
+            .update_reported(flow.tenant, flow.device, &patch)
+            .await
+        {
+            Ok(_) => {
+                if let Some(reply) = success_reply(&publish, flow) {
+                    flow.reply_in_order(&self.bridge.log, reply);
+                }
+                Ok(())
+            }
+            Err(RegistryError::Invalid(e)) => self.refuse_publish(&publish, &e.to_string(), flow),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store a reported state");
+                Err(Close::AppendFailed)
+            }
+        }
+    }
+
     /// The waiting part of a publish; its reply goes out in order afterwards.
     async fn finish(&mut self, deferred: Deferred, flow: &mut Flow) -> Result<(), Close> {
         let reply = match deferred {
+            Deferred::TwinReported { publish } => {
+                return self.twin_reported(publish, flow).await;
+            }
             Deferred::ForChild {
                 publish,
                 kind,
@@ -1202,8 +1245,8 @@ impl Connection {
                 tracing::info!(filter = %filter.path, "No Local on a shared subscription; closing");
                 return Err(Close::ProtocolError);
             }
-            if shared && is_command_topic(strip_share(&filter.path)) {
-                // Commands belong to one device: there is nothing to share.
+            if shared && is_device_topic(strip_share(&filter.path)) {
+                // Commands and twins belong to one device: there is nothing to share.
                 codes.push(SubscribeReasonCode::NotAuthorized);
                 continue;
             }
@@ -1215,9 +1258,9 @@ impl Connection {
                 id,
             };
             flow.save_subscription(SavedSubscription::new(&filter.path, options));
-            if is_command_topic(&filter.path) {
+            if is_device_topic(&filter.path) {
                 owed.extend(
-                    self.subscribe_commands(flow, &filter.path, granted, &queue)
+                    self.subscribe_device_topic(flow, &filter.path, granted, &queue)
                         .await?,
                 );
             } else {
@@ -1266,7 +1309,7 @@ impl Connection {
 
     /// Subscribes the device's connection to its own commands; returns the pending commands
     /// the filter matches, owed after the SUBACK.
-    async fn subscribe_commands(
+    async fn subscribe_device_topic(
         &mut self,
         flow: &Flow,
         filter: &str,
@@ -1290,10 +1333,20 @@ impl Connection {
                 tracing::error!(error = %e, "cannot read pending commands");
                 Close::AppendFailed
             })?;
-        Ok(pending
+        let mut owed: Vec<Delivery> = pending
             .iter()
             .filter_map(|c| commands::owed(c, filter, granted))
-            .collect())
+            .collect();
+        if crate::topics::matches(filter, TWIN_DESIRED_TOPIC) {
+            // The current desired state, like a retained message.
+            let twins = self.bridge.twins.clone();
+            let state = twins.desired(flow.tenant, flow.device).await.map_err(|e| {
+                tracing::error!(error = %e, "cannot read the desired state");
+                Close::AppendFailed
+            })?;
+            owed.push(commands::desired_delivery(&state, granted));
+        }
+        Ok(owed)
     }
 
     /// Saves a persistent session's subscriptions, durably (before the SUBACK or UNSUBACK).
@@ -1505,6 +1558,8 @@ enum Deferred {
         retain: Option<ToRetain>,
         reply: Option<Packet>,
     },
+    /// The device's reported state changed (a JSON merge patch); acknowledged once stored.
+    TwinReported { publish: Publish },
     /// A gateway's publish for a child device; the child starts at byte `child_at` of the topic.
     ForChild {
         publish: Publish,

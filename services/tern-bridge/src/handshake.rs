@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 
 use crate::codec::{self, ConnectPacket, ReadError, Version};
-use crate::commands::is_command_topic;
+use crate::commands::is_device_topic;
 use crate::connection::Connection;
 use crate::metrics::ReasonLabel;
 use crate::quota::TenantSlot;
@@ -479,13 +479,15 @@ fn empty_connack_properties() -> ConnAckProperties {
     }
 }
 
-/// A will topic must be a valid topic name outside the command namespace.
+/// A will topic must be a valid topic name outside the device's own (command, twin) topics.
 fn valid_will_topic(topic: &[u8]) -> Result<(), InvalidTopic> {
     let topic =
         std::str::from_utf8(topic).map_err(|_| InvalidTopic("topic names must be UTF-8"))?;
     validate_name(topic)?;
-    if is_command_topic(topic) {
-        return Err(InvalidTopic("wills may not be published under command/"));
+    if is_device_topic(topic) {
+        return Err(InvalidTopic(
+            "wills may not be published under command/ or twin/",
+        ));
     }
     Ok(())
 }

@@ -41,7 +41,7 @@ use std::time::Duration;
 use tern_core::TenantId;
 use tern_eventlog::EventLog;
 use tern_identity::Identity;
-use tern_registry::{Commands, Registry, RegistryError};
+use tern_registry::{Commands, Registry, RegistryError, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::{Store, StoreError};
 
@@ -68,6 +68,7 @@ pub struct BridgeServices {
     pub identity: Arc<Identity>,
     pub registry: Arc<Registry>,
     pub commands: Arc<Commands>,
+    pub twins: Arc<Twins>,
     pub log: Arc<dyn EventLog>,
     pub store: Arc<dyn Store>,
 }
@@ -95,7 +96,8 @@ pub struct Bridge {
     persistent: PersistentSessions,
     retained: Retained,
     commands: Arc<Commands>,
-    /// The connections subscribed to their device's commands.
+    twins: Arc<Twins>,
+    /// The connections subscribed to their device's commands and twin.
     command_targets: Arc<CommandTargets>,
     /// Where clients without credentials go; `None` refuses them.
     anonymous_tenant: Option<TenantId>,
@@ -121,6 +123,7 @@ impl Bridge {
             identity,
             registry,
             commands,
+            twins,
             log,
             store,
         } = services;
@@ -145,6 +148,7 @@ impl Bridge {
         };
         let command_targets = Arc::new(CommandTargets::default());
         commands.set_route(command_targets.clone());
+        twins.set_route(command_targets.clone());
         registry.set_access_listener(sessions.clone());
         let slots = Arc::new(Semaphore::new(config.max_connections));
         Ok(Self {
@@ -158,6 +162,7 @@ impl Bridge {
             persistent,
             retained,
             commands,
+            twins,
             command_targets,
             anonymous_tenant,
             slots,

@@ -494,7 +494,7 @@ fn expiry(secs: u32) -> Duration {
 
 fn subscribe_away(router: &Router, session: &Arc<Away>) {
     for s in &session.state().subscriptions {
-        if !crate::commands::is_command_topic(&s.filter) {
+        if !crate::commands::is_device_topic(&s.filter) {
             router.subscribe(
                 session.tenant,
                 session.connection,

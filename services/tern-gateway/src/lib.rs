@@ -13,6 +13,7 @@ mod extract;
 mod observe;
 mod routes;
 mod status;
+mod twins;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Router;
 use tern_eventlog::EventLog;
 use tern_identity::Identity;
-use tern_registry::{Commands, Registry};
+use tern_registry::{Commands, Registry, Twins};
 use tern_runtime::MetricsRegistry;
 use tern_store::Store;
 
@@ -31,6 +32,7 @@ pub struct GatewayServices {
     pub registry: Arc<Registry>,
     pub identity: Arc<Identity>,
     pub commands: Arc<Commands>,
+    pub twins: Arc<Twins>,
     pub store: Arc<dyn Store>,
     /// Where the HTTP device API appends messages.
     pub log: Arc<dyn EventLog>,
@@ -41,6 +43,7 @@ pub struct Gateway {
     registry: Arc<Registry>,
     identity: Arc<Identity>,
     commands: Arc<Commands>,
+    twins: Arc<Twins>,
     store: Arc<dyn Store>,
     log: Arc<dyn EventLog>,
     metrics: MetricsRegistry,
@@ -57,6 +60,7 @@ impl Gateway {
             registry,
             identity,
             commands,
+            twins,
             store,
             log,
         } = services;
@@ -64,6 +68,7 @@ impl Gateway {
             registry,
             identity,
             commands,
+            twins,
             store,
             log,
             http_metrics: observe::HttpMetrics::register(metrics),

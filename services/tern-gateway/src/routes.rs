@@ -19,7 +19,7 @@ use tern_store::RangeQuery;
 
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
-use crate::{ApiError, Gateway, certificates, commands, device_api, status};
+use crate::{ApiError, Gateway, certificates, commands, device_api, status, twins};
 
 type Shared = State<Arc<Gateway>>;
 type ApiResult<T> = Result<T, ApiError>;
@@ -62,6 +62,11 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .route(&format!("{device}/telemetry/latest"), get(latest))
         .route(&format!("{device}/events"), get(events))
         .route(&format!("{device}/status"), get(status::status))
+        .route(&format!("{device}/twin"), get(twins::show))
+        .route(
+            &format!("{device}/twin/desired"),
+            axum::routing::patch(twins::patch_desired),
+        )
         .route(
             &format!("{device}/commands"),
             post(commands::send).get(commands::list),
@@ -78,6 +83,11 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .route("/device/v1/telemetry", post(device_api::telemetry))
         .route("/device/v1/event", post(device_api::event))
         .route("/device/v1/commands", get(device_api::commands))
+        .route("/device/v1/twin", get(twins::device_show))
+        .route(
+            "/device/v1/twin/reported",
+            axum::routing::patch(twins::device_patch_reported),
+        )
         .route(
             "/device/v1/commands/{command}/response",
             post(device_api::respond),

@@ -1,4 +1,5 @@
-//! The device registry: tenants, the devices they own, and the commands sent to them.
+//! The device registry: tenants, the devices they own, the commands sent to them and their
+//! twins.
 //!
 //! Tenants and devices can be referred to by id or by name (names are unique: tenant names
 //! platform-wide, device names within their tenant), so people can type `acme` and `boiler-1`
@@ -8,8 +9,10 @@ mod commands;
 mod error;
 mod grpc;
 mod registry;
+mod twins;
 
 pub use commands::{COMMANDS_TOPIC, CommandRoute, Commands, CommandsConfig, NewCommand};
 pub use error::RegistryError;
 pub use grpc::{RegistryGrpc, request_tenant_id};
 pub use registry::{AccessRevoked, DevicePatch, Registry, validate_tenant_name};
+pub use twins::{DesiredState, Twin, TwinMetadata, TwinRoute, Twins, TwinsConfig};

@@ -209,6 +209,18 @@ pub enum DeviceCommand {
     Enable { device: String },
     /// Whether the device is connected, since when and how, and when it was last heard from.
     Status { device: String },
+    /// The device's twin: desired and reported state, versions, field times.
+    Twin { device: String },
+    /// Change the device's desired state with a JSON merge patch (null deletes a field); the
+    /// device gets the whole new document on twin/desired.
+    Desire {
+        device: String,
+        #[arg(value_name = "JSON")]
+        patch: String,
+        /// Apply only if the desired state is still at this version.
+        #[arg(long)]
+        version: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]

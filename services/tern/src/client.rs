@@ -116,6 +116,7 @@ const COMMAND_FIELDS: &[&str] = &[
 ];
 
 const TENANT_FIELDS: &[&str] = &["id", "name", "created_at_ms"];
+const TWIN_FIELDS: [&str; 4] = ["desired", "desired_version", "reported", "reported_version"];
 const DEVICE_FIELDS: &[&str] = &[
     "id",
     "name",
@@ -203,6 +204,23 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                 DeviceCommand::Enable { device } => {
                     let d = set_disabled(&client, &base, &device, false).await?;
                     output::record(out, &d, DEVICE_FIELDS);
+                }
+                DeviceCommand::Twin { device } => {
+                    let path = format!("{base}/{}/twin", seg(&device));
+                    let twin = client.call(Method::GET, &path, None).await?;
+                    output::record(out, &twin, &TWIN_FIELDS);
+                }
+                DeviceCommand::Desire {
+                    device,
+                    patch,
+                    version,
+                } => {
+                    let patch: Value = serde_json::from_str(&patch)
+                        .context("the desired-state patch must be JSON, e.g. '{\"fan\": 2}'")?;
+                    let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
+                    let path = format!("{base}/{}/twin/desired{query}", seg(&device));
+                    let twin = client.call(Method::PATCH, &path, Some(patch)).await?;
+                    output::record(out, &twin, &TWIN_FIELDS);
                 }
                 DeviceCommand::Status { device } => {
                     let path = format!("{base}/{}/status", seg(&device));

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tern_bridge::BridgeConfig;
 use tern_identity::IdentityConfig;
-use tern_registry::CommandsConfig;
+use tern_registry::{CommandsConfig, TwinsConfig};
 use tern_runtime::logging::LogFormat;
 
 use crate::cli::UpArgs;
@@ -34,6 +34,7 @@ pub struct UpConfig {
     pub mqtt: BridgeConfig,
     pub identity: IdentityConfig,
     pub commands: CommandsConfig,
+    pub twins: TwinsConfig,
     pub eventlog: EventLogConfig,
 }
 
@@ -68,6 +69,7 @@ impl Default for UpConfig {
             mqtt: BridgeConfig::default(),
             identity: IdentityConfig::default(),
             commands: CommandsConfig::default(),
+            twins: TwinsConfig::default(),
             eventlog: EventLogConfig::default(),
         }
     }
@@ -170,6 +172,8 @@ impl UpConfig {
                 .then_some("`commands.default_ttl_secs` must be 1..=`commands.max_ttl_secs`"),
             (self.commands.max_payload_bytes == 0)
                 .then_some("`commands.max_payload_bytes` must be at least 1"),
+            (self.twins.max_document_bytes == 0)
+                .then_some("`twins.max_document_bytes` must be at least 1"),
         ];
         let problems: Vec<&str> = problems.into_iter().flatten().collect();
         if let Some(first) = problems.first() {

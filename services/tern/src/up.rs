@@ -12,7 +12,7 @@ use tern_bridge::{
 use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog};
 use tern_gateway::{Gateway, GatewayServices};
 use tern_identity::{Identity, IdentityGrpc, grpc_auth};
-use tern_registry::{Commands, Registry, RegistryGrpc};
+use tern_registry::{Commands, Registry, RegistryGrpc, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown, logging, shutdown_signal};
 use tern_store::{EmbeddedStore, Store};
 use tokio::net::{TcpListener, UdpSocket};
@@ -110,6 +110,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         log.clone(),
         config.commands.clone(),
     ));
+    let twins = Arc::new(Twins::new(store.clone(), config.twins.clone()));
     let bridge = Arc::new(
         Bridge::new(
             config.mqtt.clone(),
@@ -117,6 +118,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 identity: identity.clone(),
                 registry: registry.clone(),
                 commands: commands.clone(),
+                twins: twins.clone(),
                 log: log.clone(),
                 store: store.clone(),
             },
@@ -140,6 +142,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             registry: registry.clone(),
             identity: identity.clone(),
             commands: commands.clone(),
+            twins,
             store: store.clone(),
             log: log.clone(),
         },

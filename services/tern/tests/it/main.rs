@@ -26,4 +26,5 @@ mod sessions;
 mod simulator;
 mod tenancy;
 mod tls;
+mod twins;
 mod websocket;
