@@ -7,6 +7,7 @@ mod command;
 mod error;
 mod model;
 mod payload;
+mod selector;
 mod time;
 
 pub use command::{
@@ -18,4 +19,5 @@ pub use model::{
     Caller, Device, DeviceId, NewDevice, Tenant, TenantId, validate_labels, validate_name,
 };
 pub use payload::{DecodedTelemetry, decode_telemetry};
+pub use selector::Selector;
 pub use time::now_ms;

@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use tern_core::{Caller, Device, ErrorCode, NewDevice, Tenant, now_ms};
+use tern_core::{Caller, Device, DeviceId, ErrorCode, NewDevice, Selector, Tenant, now_ms};
 use tern_identity::{ApiToken, DeviceTokens};
 use tern_registry::DevicePatch;
 use tern_store::RangeQuery;
@@ -195,15 +195,45 @@ async fn create_device(
     Ok((StatusCode::CREATED, Json(device)))
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeviceQuery {
+    /// A label selector (`site=berlin,env!=prod,camera,tier in (a,b)`).
+    selector: Option<String>,
+    /// Page size; the `x-next-after` response header is the next page's `after`.
+    limit: Option<usize>,
+    /// A device id: list from the one after it.
+    after: Option<String>,
+}
+
+/// The tenant's devices: all of them, or one page of those a selector selects.
 async fn list_devices(
     State(gw): Shared,
     Authenticated(caller): Authenticated,
     Path(tenant): Path<String>,
-) -> ApiResult<Json<Vec<Device>>> {
+    ApiQuery(query): ApiQuery<DeviceQuery>,
+) -> ApiResult<(axum::http::HeaderMap, Json<Vec<Device>>)> {
     let tenant = gw.registry.tenant_for(caller, &tenant).await?;
-    Ok(Json(
-        gw.registry.list_devices(&tenant.id.to_string()).await?,
-    ))
+    let selector = Selector::parse(query.selector.as_deref().unwrap_or_default())?;
+    let after = match query.after.as_deref() {
+        None => None,
+        Some(after) => Some(
+            DeviceId::parse(after)
+                .map_err(|_| ApiError::bad_request("after", "`after` must be a device id"))?,
+        ),
+    };
+    let limit = query.limit.unwrap_or(usize::MAX).clamp(1, usize::MAX);
+    let (devices, next) = gw
+        .registry
+        .select_devices(tenant.id, &selector, after, limit)
+        .await?;
+    let mut headers = axum::http::HeaderMap::new();
+    if let Some(next) = next
+        && let Ok(value) = next.to_string().parse()
+    {
+        headers.insert("x-next-after", value);
+    }
+    Ok((headers, Json(devices)))
 }
 
 /// Resolves the tenant (for the caller) and the device of a device route.

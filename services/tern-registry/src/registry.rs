@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tern_core::{
-    Caller, Device, DeviceId, NewDevice, Tenant, TenantId, ValidationError, now_ms,
+    Caller, Device, DeviceId, NewDevice, Selector, Tenant, TenantId, ValidationError, now_ms,
     validate_labels, validate_name,
 };
 use tern_store::Store;
@@ -389,6 +389,42 @@ impl Registry {
     pub async fn list_devices(&self, tenant: &str) -> Result<Vec<Device>, RegistryError> {
         let tenant = self.tenant(tenant).await?;
         self.list(DEVICE, &format!("{}/", tenant.id)).await
+    }
+
+    /// Up to `limit` devices of the tenant whose labels `selector` selects, in id order, after
+    /// the device id `after`. The second value is the cursor of the next page (the last device
+    /// returned) when the page is full.
+    pub async fn select_devices(
+        &self,
+        tenant: TenantId,
+        selector: &Selector,
+        after: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<(Vec<Device>, Option<DeviceId>), RegistryError> {
+        let prefix = format!("{tenant}/");
+        let mut cursor = after.map(|id| format!("{prefix}{id}"));
+        let mut out = Vec::new();
+        loop {
+            let page = self
+                .store
+                .list_records(DEVICE, &prefix, cursor.as_deref(), PAGE)
+                .await?;
+            let full = page.len() == PAGE;
+            for (key, bytes) in page {
+                let device: Device = decode(&key, &bytes)?;
+                cursor = Some(key);
+                if selector.matches(&device.labels) {
+                    out.push(device);
+                    if out.len() == limit {
+                        let next = out.last().map(|d| d.id);
+                        return Ok((out, next));
+                    }
+                }
+            }
+            if !full {
+                return Ok((out, None));
+            }
+        }
     }
 
     pub async fn delete_device(

@@ -197,7 +197,11 @@ pub enum DeviceCommand {
         gateway: Option<String>,
     },
     /// List the tenant's devices.
-    List,
+    List {
+        /// Only those whose labels this selects: `site=berlin,env!=prod,camera,tier in (a,b)`.
+        #[arg(long, short = 'l')]
+        selector: Option<String>,
+    },
     /// Show one device (by id or name).
     Show { device: String },
     /// Delete a device and revoke its credentials.

@@ -187,8 +187,12 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     let d = client.call(Method::POST, &base, Some(body)).await?;
                     output::record(out, &d, DEVICE_FIELDS);
                 }
-                DeviceCommand::List => {
-                    let list = client.call(Method::GET, &base, None).await?;
+                DeviceCommand::List { selector } => {
+                    let path = match selector {
+                        Some(selector) => format!("{base}?selector={}", seg(&selector)),
+                        None => base.clone(),
+                    };
+                    let list = client.call(Method::GET, &path, None).await?;
                     output::table(out, &list, &["id", "name", "labels", "hardware_id"]);
                 }
                 DeviceCommand::Show { device } => {
