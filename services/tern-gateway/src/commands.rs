@@ -160,3 +160,69 @@ pub(crate) async fn cancel(
         gw.commands.cancel(device.tenant_id, device.id, id).await?,
     ))
 }
+
+/// Devices one bulk request may address; a selector that selects more must be narrowed.
+const MAX_BULK_DEVICES: usize = 10_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SendToSelected {
+    /// A label selector (see `GET .../devices`); the empty selector selects every device.
+    selector: String,
+    name: String,
+    #[serde(default)]
+    payload: serde_json::Value,
+    ttl_secs: Option<u64>,
+    /// Made per device (`{key}/{device id}`), so that a retried bulk request sends nothing
+    /// twice.
+    idempotency_key: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct SentToSelected {
+    count: usize,
+    commands: Vec<Command>,
+}
+
+/// `POST /api/v1/tenants/{tenant}/commands`: the same command to every device a label
+/// selector selects (each gets its own command, with its own state).
+pub(crate) async fn send_to_selected(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<SendToSelected>,
+) -> ApiResult<(StatusCode, Json<SentToSelected>)> {
+    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    let selector = tern_core::Selector::parse(&body.selector)?;
+    let (devices, more) = gw
+        .registry
+        .select_devices(tenant.id, &selector, None, MAX_BULK_DEVICES)
+        .await?;
+    if more.is_some() {
+        return Err(ApiError::bad_request(
+            "selector",
+            format!("selects more than {MAX_BULK_DEVICES} devices; narrow it"),
+        ));
+    }
+    let mut commands = Vec::with_capacity(devices.len());
+    for device in &devices {
+        let new = NewCommand {
+            name: body.name.clone(),
+            payload: body.payload.clone(),
+            ttl_secs: body.ttl_secs,
+            idempotency_key: body
+                .idempotency_key
+                .as_ref()
+                .map(|key| format!("{key}/{}", device.id)),
+        };
+        commands.push(gw.commands.send(device, new).await?.0);
+    }
+    tracing::info!(tenant = %tenant.id, selector = %body.selector, count = commands.len(), name = %body.name, "command sent to selected devices");
+    Ok((
+        StatusCode::CREATED,
+        Json(SentToSelected {
+            count: commands.len(),
+            commands,
+        }),
+    ))
+}

@@ -43,6 +43,10 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route(&format!("{tenant}/api-tokens"), post(create_api_token))
         .route(
+            &format!("{tenant}/commands"),
+            post(commands::send_to_selected),
+        )
+        .route(
             &format!("{tenant}/cas"),
             post(certificates::add).get(certificates::list),
         )

@@ -96,6 +96,23 @@ pub enum CaCommand {
 
 #[derive(Subcommand)]
 pub enum CommandAction {
+    /// Send a command to every device a label selector selects (each gets its own command).
+    Bulk {
+        /// Command name, e.g. `reboot`.
+        name: String,
+        /// Label selector: `site=berlin,env!=prod,camera,tier in (a,b)`.
+        #[arg(long, short = 'l')]
+        selector: String,
+        /// JSON payload sent to each device.
+        #[arg(long, value_name = "JSON")]
+        payload: Option<String>,
+        /// Seconds before an unanswered command expires [default: commands.default_ttl_secs].
+        #[arg(long, value_name = "SECS")]
+        ttl: Option<u64>,
+        /// Retrying with the same key sends nothing twice.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
     /// Send a command to a device (by id or name). With --wait, wait for the device's answer
     /// and exit non-zero unless it succeeded.
     Send {

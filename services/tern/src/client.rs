@@ -253,7 +253,29 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::Command(cmd) => {
             let devices = format!("/api/v1/tenants/{}/devices", seg(tenant(&global)?));
+            let json_payload = |payload: Option<String>| -> anyhow::Result<Value> {
+                match payload {
+                    Some(text) => serde_json::from_str(&text)
+                        .with_context(|| format!("--payload is not JSON: {text}")),
+                    None => Ok(Value::Null),
+                }
+            };
             match cmd {
+                CommandAction::Bulk {
+                    name,
+                    selector,
+                    payload,
+                    ttl,
+                    idempotency_key,
+                } => {
+                    let body = json!({
+                        "selector": selector, "name": name, "payload": json_payload(payload)?,
+                        "ttl_secs": ttl, "idempotency_key": idempotency_key,
+                    });
+                    let path = format!("/api/v1/tenants/{}/commands", seg(tenant(&global)?));
+                    let sent = client.call(Method::POST, &path, Some(body)).await?;
+                    output::table(out, &sent["commands"], COMMAND_FIELDS);
+                }
                 CommandAction::Send {
                     device,
                     name,
@@ -262,13 +284,8 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     idempotency_key,
                     wait,
                 } => {
-                    let payload: Value = match payload {
-                        Some(text) => serde_json::from_str(&text)
-                            .with_context(|| format!("--payload is not JSON: {text}"))?,
-                        None => Value::Null,
-                    };
                     let body = json!({
-                        "name": name, "payload": payload, "ttl_secs": ttl,
+                        "name": name, "payload": json_payload(payload)?, "ttl_secs": ttl,
                         "idempotency_key": idempotency_key, "wait_secs": wait,
                     });
                     let path = format!("{devices}/{}/commands", seg(&device));

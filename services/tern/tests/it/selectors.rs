@@ -95,3 +95,73 @@ async fn devices_are_selected_by_labels_and_paged() {
         .await;
     assert_eq!(status, 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_goes_to_every_selected_device_once_even_when_retried() {
+    let tern = Tern::start();
+    tern.cli_json(&["tenant", "create", "acme"]);
+    for (name, site) in [("b1", "berlin"), ("b2", "berlin"), ("p1", "paris")] {
+        tern.cli_json(&[
+            "device",
+            "create",
+            name,
+            "--tenant",
+            "acme",
+            "--label",
+            &format!("site={site}"),
+        ]);
+    }
+    let bulk = || {
+        tern.cli_json(&[
+            "command",
+            "bulk",
+            "reboot",
+            "--selector",
+            "site=berlin",
+            "--payload",
+            r#"{"delay_s": 5}"#,
+            "--idempotency-key",
+            "maintenance-1",
+            "--tenant",
+            "acme",
+        ])
+    };
+    let first = bulk();
+    let ids = |sent: &Value| {
+        let mut ids: Vec<String> = sent
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|c| c["id"].as_str().expect("id").to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(first.as_array().expect("array").len(), 2, "b1 and b2");
+    assert_eq!(
+        ids(&bulk()),
+        ids(&first),
+        "a retry with the same key sends nothing new"
+    );
+    for (device, expected) in [("b1", 1), ("b2", 1), ("p1", 0)] {
+        let listed = tern.cli_json(&["command", "list", device, "--tenant", "acme"]);
+        assert_eq!(
+            listed.as_array().expect("array").len(),
+            expected,
+            "{device}"
+        );
+    }
+    let bad = tern.cli(&[
+        "command",
+        "bulk",
+        "reboot",
+        "--selector",
+        "tier in a",
+        "--tenant",
+        "acme",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("selector"),
+        "{bad:?}"
+    );
+}
