@@ -467,15 +467,25 @@ impl PersistentSessions {
     /// Ends the sessions whose expiry passed; returns how many.
     pub async fn sweep(&self, router: &Router) -> usize {
         let now = Instant::now();
-        let expired: Vec<(TenantId, DeviceId)> = self
-            .away()
-            .iter()
-            .filter(|(_, s)| s.state().expires_at <= now)
-            .map(|(key, _)| *key)
-            .collect();
-        for (tenant, device) in &expired {
+        // Taken out of the map in one step with the check: a session its client resumed (or
+        // resumed and parked again, with a new expiry) since is not this one any more.
+        let expired: Vec<Arc<Away>> = {
+            let mut away = self.away();
+            let keys: Vec<(TenantId, DeviceId)> = away
+                .iter()
+                .filter(|(_, s)| s.state().expires_at <= now)
+                .map(|(key, _)| *key)
+                .collect();
+            let taken = keys.iter().filter_map(|key| away.remove(key)).collect();
+            self.away_gauge.set(away.len() as i64);
+            taken
+        };
+        for session in &expired {
+            let (tenant, device) = (session.tenant, session.device);
             tracing::info!(%tenant, %device, "persistent session expired");
-            if let Err(e) = self.discard(router, *tenant, *device).await {
+            session.state().ended = true;
+            router.drop_connection(tenant, session.connection);
+            if let Err(e) = self.delete_stored(tenant, device).await {
                 tracing::warn!(error = %e, %tenant, %device, "cannot delete an expired session");
             }
         }
