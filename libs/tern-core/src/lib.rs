@@ -6,6 +6,7 @@
 mod command;
 mod error;
 mod model;
+mod operation;
 mod payload;
 mod selector;
 mod time;
@@ -18,6 +19,7 @@ pub use error::{ErrorCode, ValidationError};
 pub use model::{
     Caller, Device, DeviceId, NewDevice, Tenant, TenantId, validate_labels, validate_name,
 };
+pub use operation::{OPERATION_PREFIX, Operation, Wifi};
 pub use payload::{DecodedTelemetry, decode_telemetry};
 pub use selector::Selector;
 pub use time::now_ms;

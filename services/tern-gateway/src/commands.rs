@@ -8,7 +8,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use tern_core::{Command, CommandId};
+use tern_core::{Command, CommandId, OPERATION_PREFIX, Operation};
 use tern_registry::NewCommand;
 
 use crate::auth::Authenticated;
@@ -37,6 +37,19 @@ pub(crate) struct SendCommand {
     wait_secs: Option<u64>,
 }
 
+/// Names under `tern.` belong to the typed operations (`.../operations/{operation}`).
+fn reserved_name(name: &str) -> ApiResult<()> {
+    if name.starts_with(OPERATION_PREFIX) {
+        return Err(ApiError::bad_request(
+            "name",
+            format!(
+                "names starting with `{OPERATION_PREFIX}` are the typed management operations: POST .../devices/{{device}}/operations/{{operation}}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn wait_duration(field: &str, secs: Option<u64>) -> ApiResult<Option<Duration>> {
     match secs {
         Some(s) if s > MAX_WAIT_SECS => Err(ApiError::bad_request(
@@ -57,6 +70,7 @@ pub(crate) async fn send(
     ApiJson(body): ApiJson<SendCommand>,
 ) -> ApiResult<(StatusCode, Json<Command>)> {
     let device = device_for(&gw, caller, &tenant, &device).await?;
+    reserved_name(&body.name)?;
     let wait = wait_duration("wait_secs", body.wait_secs)?;
     let (command, created) = gw
         .commands
@@ -193,6 +207,7 @@ pub(crate) async fn send_to_selected(
     ApiJson(body): ApiJson<SendToSelected>,
 ) -> ApiResult<(StatusCode, Json<SentToSelected>)> {
     let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    reserved_name(&body.name)?;
     let selector = tern_core::Selector::parse(&body.selector)?;
     let (devices, more) = gw
         .registry
@@ -225,4 +240,52 @@ pub(crate) async fn send_to_selected(
             commands,
         }),
     ))
+}
+
+/// `POST .../devices/{device}/operations/{operation}`: a typed management operation (see
+/// `tern_core::Operation`), validated, then sent as the command `tern.{operation}`. The body
+/// holds the operation's parameters and, optionally, `ttl_secs` and `idempotency_key`.
+pub(crate) async fn operate(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, device, operation)): Path<(String, String, String)>,
+    ApiJson(mut body): ApiJson<serde_json::Map<String, serde_json::Value>>,
+) -> ApiResult<(StatusCode, Json<Command>)> {
+    let device = device_for(&gw, caller, &tenant, &device).await?;
+    let ttl_secs = match body.remove("ttl_secs") {
+        None => None,
+        Some(ttl) => Some(
+            ttl.as_u64()
+                .ok_or_else(|| ApiError::bad_request("ttl_secs", "`ttl_secs` must be a number"))?,
+        ),
+    };
+    let idempotency_key = match body.remove("idempotency_key") {
+        None => None,
+        Some(serde_json::Value::String(key)) => Some(key),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "idempotency_key",
+                "`idempotency_key` must be a string",
+            ));
+        }
+    };
+    let operation = Operation::parse(&operation, body)?;
+    let (command, created) = gw
+        .commands
+        .send(
+            &device,
+            NewCommand {
+                name: operation.command_name(),
+                payload: operation.payload(),
+                ttl_secs,
+                idempotency_key,
+            },
+        )
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(command)))
 }

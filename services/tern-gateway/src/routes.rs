@@ -83,6 +83,10 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
             &format!("{device}/commands/{{command}}/cancel"),
             post(commands::cancel),
         )
+        .route(
+            &format!("{device}/operations/{{operation}}"),
+            post(commands::operate),
+        )
         .route("/api/v1/token/refresh", post(refresh_device_tokens))
         .route("/device/v1/telemetry", post(device_api::telemetry))
         .route("/device/v1/event", post(device_api::event))

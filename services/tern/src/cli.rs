@@ -230,6 +230,15 @@ pub enum DeviceCommand {
     Enable { device: String },
     /// Whether the device is connected, since when and how, and when it was last heard from.
     Status { device: String },
+    /// Send a typed management operation (reboot, locate, lock, unlock, wipe, feature,
+    /// configure, rotate_credentials, update, decommission; see docs/devices.md).
+    Operate {
+        device: String,
+        operation: String,
+        /// The operation's parameters as a JSON object, e.g. '{"feature": "camera", "enabled": false}'.
+        #[arg(long, value_name = "JSON")]
+        params: Option<String>,
+    },
     /// The device's twin: desired and reported state, versions, field times.
     Twin { device: String },
     /// Change the device's desired state with a JSON merge patch (null deletes a field); the

@@ -209,6 +209,20 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     let d = set_disabled(&client, &base, &device, false).await?;
                     output::record(out, &d, DEVICE_FIELDS);
                 }
+                DeviceCommand::Operate {
+                    device,
+                    operation,
+                    params,
+                } => {
+                    let params: Value = match params {
+                        Some(text) => serde_json::from_str(&text)
+                            .with_context(|| format!("--params is not JSON: {text}"))?,
+                        None => json!({}),
+                    };
+                    let path = format!("{base}/{}/operations/{}", seg(&device), seg(&operation));
+                    let c = client.call(Method::POST, &path, Some(params)).await?;
+                    output::record(out, &c, COMMAND_FIELDS);
+                }
                 DeviceCommand::Twin { device } => {
                     let path = format!("{base}/{}/twin", seg(&device));
                     let twin = client.call(Method::GET, &path, None).await?;

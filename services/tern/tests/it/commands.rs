@@ -316,3 +316,77 @@ async fn commands_are_private_to_their_device_and_tenant() {
     let (status, err) = send(&tern, &a, "a", json!({"name": "x", "wait_secs": 100000})).await;
     assert_eq!((status, &err["error"]["field"]), (400, &json!("wait_secs")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_operations_are_validated_and_reach_the_device_as_tern_commands() {
+    let tern = Tern::start();
+    let p = tern.provision("acme", "cam-1");
+    let mut device = Mqtt::device(&tern, &p).await;
+    device.subscribe("command/req/#", QoS::AtLeastOnce).await;
+
+    let sent = tern.cli_json(&[
+        "device",
+        "operate",
+        "cam-1",
+        "feature",
+        "--params",
+        r#"{"feature": "camera", "enabled": false}"#,
+        "--tenant",
+        "acme",
+    ]);
+    assert_eq!(sent["name"], "tern.feature");
+    let got = device.received().await;
+    assert_eq!(
+        got.topic,
+        format!(
+            "command/req/{}/tern.feature",
+            sent["id"].as_str().expect("id")
+        )
+    );
+    let payload: Value = serde_json::from_str(&got.payload).expect("JSON");
+    assert_eq!(
+        payload,
+        json!({"operation": "feature", "feature": "camera", "enabled": false})
+    );
+
+    let operate = |operation: &str, body: Value| {
+        let url = format!(
+            "{}/api/v1/tenants/acme/devices/cam-1/operations/{operation}",
+            tern.http()
+        );
+        let token = p.api_token.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .expect("POST");
+            (r.status().as_u16(), r.json::<Value>().await.expect("JSON"))
+        }
+    };
+    let (status, reboot) = operate("reboot", json!({"delay_s": 5, "ttl_secs": 30})).await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        reboot["payload"],
+        json!({"operation": "reboot", "delay_s": 5})
+    );
+    for (operation, body, field) in [
+        ("feature", json!({"enabled": true}), "feature"),
+        (
+            "update",
+            json!({"version": "2", "url": "https://x", "sha256": "zz"}),
+            "sha256",
+        ),
+        ("self_destruct", json!({}), "self_destruct"),
+    ] {
+        let (status, error) = operate(operation, body).await;
+        assert_eq!(status, 400, "{operation}");
+        assert!(error.to_string().contains(field), "{operation}: {error}");
+    }
+    // The tern. names are the operations' own.
+    let (status, error) = send(&tern, &p, "cam-1", json!({"name": "tern.wipe"})).await;
+    assert_eq!(status, 400);
+    assert!(error.to_string().contains("operations"), "{error}");
+}
