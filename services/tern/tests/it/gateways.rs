@@ -147,21 +147,7 @@ async fn a_gateway_publishes_for_its_children_and_for_no_other_device() {
 
     // MQTT 3.1.1 has no refusal code: the connection is closed instead.
     let mut v311 = Mqtt::device(&tern, &tern.provision("acme", "gw311")).await;
-    v311.client
-        .publish("telemetry/kid", rumqttc::QoS::AtLeastOnce, false, "{}")
-        .await
-        .expect("queue");
-    let closed = loop {
-        match tokio::time::timeout(PATIENCE, v311.events.poll())
-            .await
-            .expect("in time")
-        {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break false,
-            Ok(_) => continue,
-            Err(_) => break true,
-        }
-    };
-    assert!(closed, "refused by closing the connection");
+    v311.publish_expecting_close("telemetry/kid", "{}").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -406,6 +406,27 @@ impl Mqtt {
         );
     }
 
+    /// Publishes QoS 1 and expects the server to refuse it the MQTT 3.1.1 way: by closing the
+    /// connection, never with a PUBACK.
+    pub async fn publish_expecting_close(&mut self, topic: &str, payload: &str) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
+            .await
+            .expect("queue publish");
+        loop {
+            match tokio::time::timeout(PATIENCE, self.events.poll())
+                .await
+                .expect("closed in time")
+            {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    panic!("the publish to {topic} was acknowledged, not refused")
+                }
+                Ok(_) => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
     /// Publishes `n` QoS 1 messages and waits for all their PUBACKs.
     pub async fn publish_acked(&mut self, topic: &str, payloads: Vec<Vec<u8>>) {
         let n = payloads.len();

@@ -212,6 +212,24 @@ async fn paho_speaks_mqtt_over_websocket_over_tls() {
     assert!(events.to_string().contains("websocket_tls"), "{events}");
 }
 
+/// `tern up` with MQTT over TLS on `port`, serving `server`'s certificate, and `extra` env.
+fn tls_tern(server: &Pki, port: u16, extra: &[(&str, &str)]) -> Tern {
+    let port = port.to_string();
+    let mut env = vec![
+        ("TERN_MQTTS_PORT", port.as_str()),
+        (
+            "TERN_MQTT__TLS__CERT_FILE",
+            server.cert.to_str().expect("utf-8"),
+        ),
+        (
+            "TERN_MQTT__TLS__KEY_FILE",
+            server.key.to_str().expect("utf-8"),
+        ),
+    ];
+    env.extend_from_slice(extra);
+    Tern::start_with_env(&env)
+}
+
 /// A client certificate for `cn` signed by the CA of `pki` (EC P-256, clientAuth).
 fn client_cert(dir: &Path, pki: &Pki, cn: &str) -> (PathBuf, PathBuf) {
     let (key, csr, cert) = (
@@ -304,17 +322,7 @@ async fn mtls_devices_connect_with_certificates_from_their_tenants_ca_only() {
     let (acme_ca, globex_ca, stranger_ca) =
         (pki(dir, "acme"), pki(dir, "globex"), pki(dir, "stranger"));
     let port = free_port();
-    let tern = Tern::start_with_env(&[
-        ("TERN_MQTTS_PORT", &port.to_string()),
-        (
-            "TERN_MQTT__TLS__CERT_FILE",
-            server.cert.to_str().expect("utf-8"),
-        ),
-        (
-            "TERN_MQTT__TLS__KEY_FILE",
-            server.key.to_str().expect("utf-8"),
-        ),
-    ]);
+    let tern = tls_tern(&server, port, &[]);
     let meter = tern.provision("acme", "meter");
     let _globex = tern.provision("globex", "other");
     let ca_path = |p: &Pki| p.ca.to_str().expect("utf-8").to_string();
@@ -405,18 +413,11 @@ async fn with_require_client_certificate_a_token_alone_does_not_get_through() {
     let dir = certs.path();
     let (server, acme_ca) = (pki(dir, "server"), pki(dir, "acme"));
     let port = free_port();
-    let tern = Tern::start_with_env(&[
-        ("TERN_MQTTS_PORT", &port.to_string()),
-        (
-            "TERN_MQTT__TLS__CERT_FILE",
-            server.cert.to_str().expect("utf-8"),
-        ),
-        (
-            "TERN_MQTT__TLS__KEY_FILE",
-            server.key.to_str().expect("utf-8"),
-        ),
-        ("TERN_MQTT__TLS__REQUIRE_CLIENT_CERTIFICATE", "true"),
-    ]);
+    let tern = tls_tern(
+        &server,
+        port,
+        &[("TERN_MQTT__TLS__REQUIRE_CLIENT_CERTIFICATE", "true")],
+    );
     let meter = tern.provision("acme", "meter");
     tern.cli_json(&[
         "ca",

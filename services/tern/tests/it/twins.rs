@@ -5,7 +5,7 @@
 use rumqttc::QoS;
 use serde_json::{Value, json};
 
-use crate::harness::{Mqtt, PATIENCE, Tern};
+use crate::harness::{Mqtt, Tern};
 
 fn desired(got: &crate::harness::Received) -> Value {
     serde_json::from_str(&got.payload).expect("JSON")
@@ -109,22 +109,8 @@ async fn desired_state_reaches_the_device_and_reported_state_comes_back() {
     // A reported state that is not a JSON object is refused (3.1.1: the connection closes)
     // and changes nothing.
     device
-        .client
-        .publish("twin/reported", QoS::AtLeastOnce, false, "not json")
-        .await
-        .expect("queue");
-    loop {
-        match tokio::time::timeout(PATIENCE, device.events.poll())
-            .await
-            .expect("closed in time")
-        {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
-                panic!("a malformed reported state was acknowledged")
-            }
-            Ok(_) => continue,
-            Err(_) => break,
-        }
-    }
+        .publish_expecting_close("twin/reported", "not json")
+        .await;
     let (_, twin) = tern
         .get(&p.api_token, "/api/v1/tenants/acme/devices/thermostat/twin")
         .await;
