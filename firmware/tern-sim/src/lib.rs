@@ -3,6 +3,7 @@
 
 mod commander;
 mod mqtt;
+mod mqtt5;
 mod provision;
 mod stats;
 
@@ -67,6 +68,9 @@ pub struct Args {
     /// Connect and hold the connections (pinging) without publishing.
     #[arg(long)]
     pub idle: bool,
+    /// Speak MQTT 5 instead of 3.1.1.
+    #[arg(long)]
+    pub mqtt5: bool,
     /// Spread connections over 127.0.0.1..=127.0.0.N to exceed one address's port range.
     #[arg(long, default_value_t = 1)]
     pub source_addrs: u8,
@@ -341,7 +345,14 @@ async fn publisher(
 ) -> (DeviceStats, u64) {
     let mut stats = DeviceStats::new();
     let began = Instant::now();
-    let connection = mqtt::connect(args.broker, source(&args, index), &creds, args.keepalive).await;
+    let connection = mqtt::connect(
+        args.broker,
+        source(&args, index),
+        &creds,
+        args.keepalive,
+        args.mqtt5,
+    )
+    .await;
     let _ = connected.send(()).await;
     let (mut reader, mut writer) = match connection {
         Ok(c) => c,
@@ -483,8 +494,14 @@ async fn subscriber(
 ) -> DeviceStats {
     let mut stats = DeviceStats::new();
     let setup = async {
-        let (mut reader, mut writer) =
-            mqtt::connect(args.broker, source(&args, index), &creds, args.keepalive).await?;
+        let (mut reader, mut writer) = mqtt::connect(
+            args.broker,
+            source(&args, index),
+            &creds,
+            args.keepalive,
+            args.mqtt5,
+        )
+        .await?;
         writer.subscribe(&args.sub_topic, qos(args.qos)).await?;
         loop {
             if let Packet::SubAck(_) = reader.next().await? {

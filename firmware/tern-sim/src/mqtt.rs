@@ -1,5 +1,6 @@
-//! A lean MQTT 3.1.1 client for load generation: one connection, pipelined publishes written in
-//! batches, acknowledgements matched to send times. It uses the same codec as the bridge.
+//! A lean MQTT client for load generation: one connection, pipelined publishes written in
+//! batches, acknowledgements matched to send times. It uses the same codec as the bridge;
+//! MQTT 3.1.1 by default, MQTT 5 with `--mqtt5` (`mqtt5.rs` translates on the wire).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -22,11 +23,13 @@ pub struct Credentials {
 pub struct Reader {
     half: OwnedReadHalf,
     inbox: BytesMut,
+    mqtt5: bool,
 }
 
 pub struct Writer {
     half: OwnedWriteHalf,
     pub outbox: BytesMut,
+    mqtt5: bool,
 }
 
 /// Opens a TCP connection (from `source`, when given, so one machine can exceed the ephemeral
@@ -36,6 +39,7 @@ pub async fn connect(
     source: Option<IpAddr>,
     credentials: &Credentials,
     keepalive_secs: u16,
+    mqtt5: bool,
 ) -> anyhow::Result<(Reader, Writer)> {
     let socket = if broker.is_ipv4() {
         TcpSocket::new_v4()?
@@ -56,10 +60,12 @@ pub async fn connect(
     let mut reader = Reader {
         half: half_r,
         inbox: BytesMut::with_capacity(4096),
+        mqtt5,
     };
     let mut writer = Writer {
         half: half_w,
         outbox: BytesMut::with_capacity(4096),
+        mqtt5,
     };
     let mut connect = Connect::new(credentials.client_id.clone());
     connect.keep_alive = keepalive_secs;
@@ -78,6 +84,15 @@ pub async fn connect(
 impl Reader {
     pub async fn next(&mut self) -> anyhow::Result<Packet> {
         loop {
+            if self.mqtt5 {
+                if let Some(packet) = crate::mqtt5::read(&mut self.inbox, MAX_PACKET)? {
+                    return Ok(packet);
+                }
+                if self.half.read_buf(&mut self.inbox).await? == 0 {
+                    bail!("connection closed by the broker");
+                }
+                continue;
+            }
             match Packet::read(&mut self.inbox, MAX_PACKET) {
                 Ok(packet) => return Ok(packet),
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
@@ -94,6 +109,9 @@ impl Reader {
 impl Writer {
     /// Encodes a packet into the outbox; nothing is sent until [`Writer::flush`].
     pub fn push(&mut self, packet: &Packet) -> anyhow::Result<()> {
+        if self.mqtt5 {
+            return crate::mqtt5::write(packet, &mut self.outbox, MAX_PACKET);
+        }
         packet.write(&mut self.outbox, MAX_PACKET)?;
         Ok(())
     }

@@ -96,3 +96,68 @@ async fn simulated_devices_answer_commands_sent_through_the_api() {
     assert_eq!(commands["succeeded"].as_u64(), Some(sent), "{report}");
     assert!(commands["round_trip"]["p99_us"].as_u64().expect("p99") > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_speaks_mqtt_5_for_publishers_and_subscribers() {
+    let tern = Tern::start();
+    let token = tern.operator_token();
+    let server = tern.http();
+    let broker = format!("127.0.0.1:{}", tern.mqtt_port);
+    let args = tern_sim::Args::parse_from([
+        "tern-sim",
+        "--broker",
+        &broker,
+        "--mqtt5",
+        "--devices",
+        "3",
+        "--qos",
+        "1",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+        "--topic",
+        "bench/{device}",
+        "--payload",
+        "binary",
+        "--subscribers",
+        "1",
+        "--sub-topic",
+        "bench/#",
+        "--tern-server",
+        &server,
+        "--tern-token",
+        &token,
+        "--tern-tenant",
+        "sim",
+    ]);
+    let report = tern_sim::run(args).await.expect("simulation");
+    assert_eq!(
+        report["errors"].as_array().map(Vec::len),
+        Some(0),
+        "{report}"
+    );
+    let acked = report["acked"].as_u64().expect("acked");
+    assert!(
+        acked > 0 && acked == report["sent"].as_u64().expect("sent"),
+        "{report}"
+    );
+    assert!(
+        report["received"].as_u64().expect("received") > 0,
+        "{report}"
+    );
+    // The bridge saw MQTT 5 connections.
+    let path = "/api/v1/tenants/sim/devices/sim-0/events?kind=lifecycle&from=0";
+    let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
+    loop {
+        let (_, events) = tern.get(&token, path).await;
+        if events.to_string().contains("mqtt/5") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no MQTT 5 connection: {events}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
