@@ -331,17 +331,22 @@ impl Connection {
                 )
                 .await;
         }
-        if !client_id.is_empty() && client_id != device.id.to_string() {
-            tracing::info!(client_id, "client id differs from the device id");
-            return self
-                .refuse(
-                    ClientIdentifierNotValid,
-                    "bad_client_id",
-                    "the client id must be the device id or empty",
-                )
-                .await;
-        }
+        self.client_id_names(client_id, device.id).await?;
         Some((device.tenant_id, device.id, principal.expires_at_ms))
+    }
+
+    /// The client id must be the device id, or empty (3.1.3-6: the server assigns one).
+    async fn client_id_names(&mut self, client_id: &str, device: DeviceId) -> Option<()> {
+        if client_id.is_empty() || client_id == device.to_string() {
+            return Some(());
+        }
+        tracing::info!(client_id, "client id differs from the device id");
+        self.refuse(
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "bad_client_id",
+            "the client id must be the device id or empty",
+        )
+        .await
     }
 
     /// A device by its TLS client certificate (mTLS): issued by its tenant's CA, naming the
@@ -371,15 +376,7 @@ impl Connection {
                 )
                 .await;
         }
-        if !client_id.is_empty() && client_id != id {
-            return self
-                .refuse(
-                    ClientIdentifierNotValid,
-                    "bad_client_id",
-                    "the client id must be the device id or empty",
-                )
-                .await;
-        }
+        self.client_id_names(client_id, device.id).await?;
         Some((device.tenant_id, device.id))
     }
 

@@ -5,31 +5,34 @@ use clap::Parser;
 
 use crate::harness::Tern;
 
+/// tern-sim's arguments for `tern`: its broker, provisioning in tenant `sim` with the operator
+/// token, and `extra`.
+fn sim_args(tern: &Tern, extra: &[&str]) -> tern_sim::Args {
+    let (token, server) = (tern.operator_token(), tern.http());
+    let broker = format!("127.0.0.1:{}", tern.mqtt_port);
+    let mut args = vec!["tern-sim", "--broker", &broker, "--tern-server", &server];
+    args.extend(["--tern-token", &token, "--tern-tenant", "sim"]);
+    args.extend_from_slice(extra);
+    tern_sim::Args::parse_from(args)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_provisions_publishes_and_its_data_is_stored() {
     let tern = Tern::start();
     let token = tern.operator_token();
-    let server = tern.http();
-    let broker = format!("127.0.0.1:{}", tern.mqtt_port);
-    let args = tern_sim::Args::parse_from([
-        "tern-sim",
-        "--broker",
-        &broker,
-        "--devices",
-        "5",
-        "--qos",
-        "1",
-        "--rate",
-        "50",
-        "--duration",
-        "1",
-        "--tern-server",
-        &server,
-        "--tern-token",
-        &token,
-        "--tern-tenant",
-        "sim",
-    ]);
+    let args = sim_args(
+        &tern,
+        &[
+            "--devices",
+            "5",
+            "--qos",
+            "1",
+            "--rate",
+            "50",
+            "--duration",
+            "1",
+        ],
+    );
     let report = tern_sim::run(args).await.expect("simulation");
     assert_eq!(report["connected"], 5, "{report}");
     assert_eq!(
@@ -67,28 +70,20 @@ async fn the_simulator_provisions_publishes_and_its_data_is_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_devices_answer_commands_sent_through_the_api() {
     let tern = Tern::start();
-    let token = tern.operator_token();
-    let (server, broker) = (tern.http(), format!("127.0.0.1:{}", tern.mqtt_port));
-    let args = tern_sim::Args::parse_from([
-        "tern-sim",
-        "--broker",
-        &broker,
-        "--devices",
-        "4",
-        "--rate",
-        "5",
-        "--duration",
-        "1",
-        "--answer-commands",
-        "--command-rate",
-        "20",
-        "--tern-server",
-        &server,
-        "--tern-token",
-        &token,
-        "--tern-tenant",
-        "sim",
-    ]);
+    let args = sim_args(
+        &tern,
+        &[
+            "--devices",
+            "4",
+            "--rate",
+            "5",
+            "--duration",
+            "1",
+            "--answer-commands",
+            "--command-rate",
+            "20",
+        ],
+    );
     let report = tern_sim::run(args).await.expect("simulation");
     let commands = &report["commands"];
     let sent = commands["sent"].as_u64().expect("sent");
@@ -101,36 +96,28 @@ async fn simulated_devices_answer_commands_sent_through_the_api() {
 async fn the_simulator_speaks_mqtt_5_for_publishers_and_subscribers() {
     let tern = Tern::start();
     let token = tern.operator_token();
-    let server = tern.http();
-    let broker = format!("127.0.0.1:{}", tern.mqtt_port);
-    let args = tern_sim::Args::parse_from([
-        "tern-sim",
-        "--broker",
-        &broker,
-        "--mqtt5",
-        "--devices",
-        "3",
-        "--qos",
-        "1",
-        "--rate",
-        "20",
-        "--duration",
-        "1",
-        "--topic",
-        "bench/{device}",
-        "--payload",
-        "binary",
-        "--subscribers",
-        "1",
-        "--sub-topic",
-        "bench/#",
-        "--tern-server",
-        &server,
-        "--tern-token",
-        &token,
-        "--tern-tenant",
-        "sim",
-    ]);
+    let args = sim_args(
+        &tern,
+        &[
+            "--mqtt5",
+            "--devices",
+            "3",
+            "--qos",
+            "1",
+            "--rate",
+            "20",
+            "--duration",
+            "1",
+            "--topic",
+            "bench/{device}",
+            "--payload",
+            "binary",
+            "--subscribers",
+            "1",
+            "--sub-topic",
+            "bench/#",
+        ],
+    );
     let report = tern_sim::run(args).await.expect("simulation");
     assert_eq!(
         report["errors"].as_array().map(Vec::len),
