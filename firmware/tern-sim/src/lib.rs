@@ -71,6 +71,15 @@ pub struct Args {
     /// Speak MQTT 5 instead of 3.1.1.
     #[arg(long)]
     pub mqtt5: bool,
+    /// Connect over TLS, trusting the CA certificates in this PEM file.
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the broker's certificate must carry (with --tls-ca).
+    #[arg(long, default_value = "localhost")]
+    pub tls_server_name: String,
+    /// Built from --tls-ca once, shared by every connection.
+    #[arg(skip)]
+    pub tls: Option<mqtt::Tls>,
     /// Spread connections over 127.0.0.1..=127.0.0.N to exceed one address's port range.
     #[arg(long, default_value_t = 1)]
     pub source_addrs: u8,
@@ -162,7 +171,10 @@ fn source(args: &Args, i: usize) -> Option<IpAddr> {
 }
 
 /// Runs the simulation and returns the JSON report.
-pub async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
+pub async fn run(mut args: Args) -> anyhow::Result<serde_json::Value> {
+    if let Some(ca) = &args.tls_ca {
+        args.tls = Some(mqtt::Tls::new(ca, &args.tls_server_name)?);
+    }
     let args = Arc::new(args);
     let provision_started = Instant::now();
     // Publishers first, then subscribers: in Tern every client is a provisioned device.
@@ -351,6 +363,7 @@ async fn publisher(
         &creds,
         args.keepalive,
         args.mqtt5,
+        args.tls.as_ref(),
     )
     .await;
     let _ = connected.send(()).await;
@@ -500,6 +513,7 @@ async fn subscriber(
             &creds,
             args.keepalive,
             args.mqtt5,
+            args.tls.as_ref(),
         )
         .await?;
         writer.subscribe(&args.sub_topic, qos(args.qos)).await?;

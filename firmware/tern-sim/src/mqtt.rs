@@ -3,15 +3,20 @@
 //! MQTT 3.1.1 by default, MQTT 5 with `--mqtt5` (`mqtt5.rs` translates on the wire).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use bytes::BytesMut;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, Publish, Subscribe};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpSocket;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 pub const MAX_PACKET: usize = 16 * 1024 * 1024;
 
@@ -21,15 +26,43 @@ pub struct Credentials {
 }
 
 pub struct Reader {
-    half: OwnedReadHalf,
+    half: Box<dyn AsyncRead + Send + Unpin>,
     inbox: BytesMut,
     mqtt5: bool,
 }
 
 pub struct Writer {
-    half: OwnedWriteHalf,
+    half: Box<dyn AsyncWrite + Send + Unpin>,
     pub outbox: BytesMut,
     mqtt5: bool,
+}
+
+/// TLS towards the broker: a connector trusting the given CAs, and the name to verify.
+#[derive(Clone)]
+pub struct Tls {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl Tls {
+    pub fn new(ca: &Path, server_name: &str) -> anyhow::Result<Self> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("cannot read {}", ca.display()))?
+        {
+            roots.add(cert.with_context(|| format!("bad certificate in {}", ca.display()))?)?;
+        }
+        let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name: ServerName::try_from(server_name.to_string())
+                .with_context(|| format!("--tls-server-name {server_name:?}"))?,
+        })
+    }
 }
 
 /// Opens a TCP connection (from `source`, when given, so one machine can exceed the ephemeral
@@ -40,6 +73,7 @@ pub async fn connect(
     credentials: &Credentials,
     keepalive_secs: u16,
     mqtt5: bool,
+    tls: Option<&Tls>,
 ) -> anyhow::Result<(Reader, Writer)> {
     let socket = if broker.is_ipv4() {
         TcpSocket::new_v4()?
@@ -56,7 +90,24 @@ pub async fn connect(
         .await
         .with_context(|| format!("connect {broker}"))?;
     stream.set_nodelay(true)?;
-    let (half_r, half_w) = stream.into_split();
+    let (half_r, half_w): (
+        Box<dyn AsyncRead + Send + Unpin>,
+        Box<dyn AsyncWrite + Send + Unpin>,
+    ) = match tls {
+        None => {
+            let (r, w) = stream.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        Some(tls) => {
+            let stream = tls
+                .connector
+                .connect(tls.server_name.clone(), stream)
+                .await
+                .with_context(|| format!("TLS handshake with {broker}"))?;
+            let (r, w) = tokio::io::split(stream);
+            (Box::new(r), Box::new(w))
+        }
+    };
     let mut reader = Reader {
         half: half_r,
         inbox: BytesMut::with_capacity(4096),
@@ -119,6 +170,8 @@ impl Writer {
     pub async fn flush(&mut self) -> anyhow::Result<()> {
         if !self.outbox.is_empty() {
             self.half.write_all(&self.outbox).await?;
+            // TLS holds written bytes until flushed.
+            self.half.flush().await?;
             self.outbox.clear();
         }
         Ok(())
