@@ -1233,19 +1233,20 @@ impl Connection {
         let queue = flow.queue(self.bridge.config.max_queued_messages.max(1));
         let id = subscribe.properties.as_ref().and_then(|p| p.id);
         for filter in &subscribe.filters {
-            let shared = match parse_filter(&filter.path) {
-                Ok(parsed) => parsed.group.is_some(),
+            let parsed = match parse_filter(&filter.path) {
+                Ok(parsed) => parsed,
                 Err(InvalidTopic(why)) => {
                     tracing::info!(filter = %filter.path, why, "invalid topic filter; closing");
                     return Err(Close::ProtocolError);
                 }
             };
+            let shared = parsed.group.is_some();
             if shared && filter.nolocal {
                 // 3.8.3-4 (5.0): No Local on a shared subscription is a protocol error.
                 tracing::info!(filter = %filter.path, "No Local on a shared subscription; closing");
                 return Err(Close::ProtocolError);
             }
-            if shared && is_device_topic(strip_share(&filter.path)) {
+            if shared && is_device_topic(parsed.filter) {
                 // Commands and twins belong to one device: there is nothing to share.
                 codes.push(SubscribeReasonCode::NotAuthorized);
                 continue;
@@ -1646,11 +1647,6 @@ fn child_topic(topic: &str) -> Option<(EventKind, &str)> {
         (EventKind::Event, topic.strip_prefix("event/")?)
     };
     Some((kind, child))
-}
-
-/// The filter a `$share/{group}/{filter}` subscription matches with (the path if not shared).
-fn strip_share(path: &str) -> &str {
-    parse_filter(path).map_or(path, |parsed| parsed.filter)
 }
 
 fn session_store_failed(e: tern_store::StoreError) -> Close {

@@ -53,19 +53,20 @@ pub(crate) async fn store_for_away(
     bridge: &Bridge,
     away: Vec<(Arc<Away>, Delivery)>,
 ) -> Result<(), ()> {
-    let metrics = &bridge.metrics;
-    for (session, delivery) in away {
-        let counter = match bridge.persistent.enqueue(&session, delivery).await {
-            Ok(Enqueued::Stored) => &metrics.session_messages_stored,
-            Ok(Enqueued::HandedOver) => &metrics.deliveries,
-            Ok(Enqueued::Dropped) => &metrics.deliveries_dropped,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot store a message for an away session");
-                return Err(());
-            }
-        };
-        counter.inc();
+    if away.is_empty() {
+        return Ok(());
     }
+    let Enqueued {
+        stored,
+        handed_over,
+        dropped,
+    } = bridge.persistent.enqueue(away).await.map_err(|e| {
+        tracing::error!(error = %e, "cannot store a message for away sessions");
+    })?;
+    let metrics = &bridge.metrics;
+    metrics.session_messages_stored.inc_by(stored);
+    metrics.deliveries.inc_by(handed_over);
+    metrics.deliveries_dropped.inc_by(dropped);
     Ok(())
 }
 

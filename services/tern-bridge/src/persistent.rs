@@ -143,14 +143,14 @@ pub(crate) struct Resumed {
     pub qos2_received: HashSet<u16>,
 }
 
-/// What happened to a delivery for an away session.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Enqueued {
-    Stored,
+/// What happened to the deliveries of one publish for away sessions.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Enqueued {
+    pub stored: u64,
     /// The client had just returned: handed to its connection instead.
-    HandedOver,
-    /// The session's queue is full (`mqtt.max_queued_messages`) or the session ended.
-    Dropped,
+    pub handed_over: u64,
+    /// The session's queue was full (`mqtt.max_queued_messages`) or the session ended.
+    pub dropped: u64,
 }
 
 pub(crate) struct PersistentSessions {
@@ -407,43 +407,41 @@ impl PersistentSessions {
         Ok(())
     }
 
-    /// Stores a delivery for an away client, durably; the publisher is acknowledged after.
+    /// Stores one publish's deliveries for away clients, durably and in one write; the
+    /// publisher is acknowledged after. A client that has just returned gets its delivery
+    /// handed to its connection instead.
     pub async fn enqueue(
         &self,
-        session: &Away,
-        mut delivery: Delivery,
+        deliveries: Vec<(Arc<Away>, Delivery)>,
     ) -> Result<Enqueued, StoreError> {
-        let value = {
+        let mut outcome = Enqueued::default();
+        let mut records = Vec::new();
+        let mut returned = Vec::new();
+        for (session, mut delivery) in deliveries {
             let mut state = session.state();
             if let Some(queue) = state.returned.clone() {
-                Err((queue, delivery))
+                returned.push((queue, delivery));
             } else if state.ended || state.queued.len() >= self.max_queued {
-                return Ok(Enqueued::Dropped);
+                outcome.dropped += 1;
             } else {
-                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                delivery.stored = Some(seq);
+                delivery.stored = Some(self.next_seq.fetch_add(1, Ordering::Relaxed));
                 let queued = Queued {
                     expires_at_ms: expires_at(&delivery, now_ms()),
                     delivery,
                 };
-                let value = record(session.tenant, session.device, &queued);
+                records.push(record(session.tenant, session.device, &queued));
                 state.queued.push_back(queued);
-                Ok(value)
+                outcome.stored += 1;
             }
-        };
-        let value = match value {
-            Ok(value) => value,
-            Err((returned, delivery)) => {
-                return Ok(
-                    match returned.send_timeout(delivery, HAND_OVER_WAIT).await {
-                        Ok(()) => Enqueued::HandedOver,
-                        Err(_) => Enqueued::Dropped,
-                    },
-                );
+        }
+        self.store.put_records(MESSAGE_KIND, records).await?;
+        for (queue, delivery) in returned {
+            match queue.send_timeout(delivery, HAND_OVER_WAIT).await {
+                Ok(()) => outcome.handed_over += 1,
+                Err(_) => outcome.dropped += 1,
             }
-        };
-        self.store.put_records(MESSAGE_KIND, vec![value]).await?;
-        Ok(Enqueued::Stored)
+        }
+        Ok(outcome)
     }
 
     /// A stored delivery the client completed: its record goes (in the background).
@@ -659,25 +657,26 @@ mod tests {
             );
             assert_eq!(routed.away.len(), 1, "routed to the away session");
             let (away, routed) = routed.away.into_iter().next().expect("away");
-            assert_eq!(
-                sessions.enqueue(&away, routed).await.expect("enqueue"),
-                Enqueued::Stored
-            );
+            let enqueue = |d: Delivery| sessions.enqueue(vec![(away.clone(), d)]);
+            let stored = Enqueued {
+                stored: 1,
+                ..Enqueued::default()
+            };
+            assert_eq!(enqueue(routed).await.expect("enqueue"), stored);
             let mut expiring = delivery("expired", QoS::AtLeastOnce);
             expiring.properties = Some(Arc::new(PublishProperties {
                 message_expiry_interval: Some(0),
                 ..PublishProperties::default()
             }));
+            assert_eq!(enqueue(expiring).await.expect("enqueue"), stored);
             assert_eq!(
-                sessions.enqueue(&away, expiring).await.expect("enqueue"),
-                Enqueued::Stored
-            );
-            assert_eq!(
-                sessions
-                    .enqueue(&away, delivery("over", QoS::AtLeastOnce))
+                enqueue(delivery("over", QoS::AtLeastOnce))
                     .await
                     .expect("enqueue"),
-                Enqueued::Dropped,
+                Enqueued {
+                    dropped: 1,
+                    ..Enqueued::default()
+                },
                 "the queue holds max_queued"
             );
         }

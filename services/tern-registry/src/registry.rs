@@ -388,7 +388,11 @@ impl Registry {
 
     pub async fn list_devices(&self, tenant: &str) -> Result<Vec<Device>, RegistryError> {
         let tenant = self.tenant(tenant).await?;
-        self.list(DEVICE, &format!("{}/", tenant.id)).await
+        let everything = Selector::default();
+        Ok(self
+            .select_devices(tenant.id, &everything, None, usize::MAX)
+            .await?
+            .0)
     }
 
     /// Up to `limit` devices of the tenant whose labels `selector` selects, in id order, after

@@ -526,3 +526,32 @@ pub fn paho_websocket(port: u16, p: &Provisioned, ca: Option<&std::path::Path>) 
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// tern-sim's arguments against the broker on `port` (the plain MQTT port or the TLS one),
+/// provisioning in tenant `sim` with the operator token, and `extra`.
+pub fn sim_args(tern: &Tern, port: u16, extra: &[&str]) -> tern_sim::Args {
+    use clap::Parser;
+    let (token, server) = (tern.operator_token(), tern.http());
+    let broker = format!("127.0.0.1:{port}");
+    let mut args = vec!["tern-sim", "--broker", &broker, "--tern-server", &server];
+    args.extend(["--tern-token", &token, "--tern-tenant", "sim"]);
+    args.extend_from_slice(extra);
+    tern_sim::Args::parse_from(args)
+}
+
+/// Runs tern-sim and checks that it reported no errors and that every publish (at least one)
+/// was acknowledged; returns the report and the number acknowledged.
+pub async fn run_sim_all_acked(args: tern_sim::Args) -> (Value, u64) {
+    let report = tern_sim::run(args).await.expect("simulation");
+    assert_eq!(
+        report["errors"].as_array().map(Vec::len),
+        Some(0),
+        "{report}"
+    );
+    let acked = report["acked"].as_u64().expect("acked");
+    assert!(
+        acked > 0 && acked == report["sent"].as_u64().expect("sent"),
+        "{report}"
+    );
+    (report, acked)
+}

@@ -1,20 +1,7 @@
 //! A smoke run of the fleet simulator against `tern up`: provisioning through the API, QoS 1
 //! publishing, and the data arriving in the store. (Load runs are `make bench`, not tests.)
 
-use clap::Parser;
-
-use crate::harness::Tern;
-
-/// tern-sim's arguments for `tern`: its broker, provisioning in tenant `sim` with the operator
-/// token, and `extra`.
-fn sim_args(tern: &Tern, extra: &[&str]) -> tern_sim::Args {
-    let (token, server) = (tern.operator_token(), tern.http());
-    let broker = format!("127.0.0.1:{}", tern.mqtt_port);
-    let mut args = vec!["tern-sim", "--broker", &broker, "--tern-server", &server];
-    args.extend(["--tern-token", &token, "--tern-tenant", "sim"]);
-    args.extend_from_slice(extra);
-    tern_sim::Args::parse_from(args)
-}
+use crate::harness::{Tern, run_sim_all_acked, sim_args};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_provisions_publishes_and_its_data_is_stored() {
@@ -22,6 +9,7 @@ async fn the_simulator_provisions_publishes_and_its_data_is_stored() {
     let token = tern.operator_token();
     let args = sim_args(
         &tern,
+        tern.mqtt_port,
         &[
             "--devices",
             "5",
@@ -33,18 +21,8 @@ async fn the_simulator_provisions_publishes_and_its_data_is_stored() {
             "1",
         ],
     );
-    let report = tern_sim::run(args).await.expect("simulation");
+    let (report, acked) = run_sim_all_acked(args).await;
     assert_eq!(report["connected"], 5, "{report}");
-    assert_eq!(
-        report["errors"].as_array().map(Vec::len),
-        Some(0),
-        "{report}"
-    );
-    let acked = report["acked"].as_u64().expect("acked");
-    assert!(
-        acked > 0 && acked == report["sent"].as_u64().expect("sent"),
-        "{report}"
-    );
     assert!(report["ack_latency"]["p99_us"].as_u64().expect("p99") > 0);
 
     // Every acknowledged message becomes exactly one point of `value` for its device.
@@ -72,6 +50,7 @@ async fn simulated_devices_answer_commands_sent_through_the_api() {
     let tern = Tern::start();
     let args = sim_args(
         &tern,
+        tern.mqtt_port,
         &[
             "--devices",
             "4",
@@ -98,6 +77,7 @@ async fn the_simulator_speaks_mqtt_5_for_publishers_and_subscribers() {
     let token = tern.operator_token();
     let args = sim_args(
         &tern,
+        tern.mqtt_port,
         &[
             "--mqtt5",
             "--devices",
@@ -118,17 +98,7 @@ async fn the_simulator_speaks_mqtt_5_for_publishers_and_subscribers() {
             "bench/#",
         ],
     );
-    let report = tern_sim::run(args).await.expect("simulation");
-    assert_eq!(
-        report["errors"].as_array().map(Vec::len),
-        Some(0),
-        "{report}"
-    );
-    let acked = report["acked"].as_u64().expect("acked");
-    assert!(
-        acked > 0 && acked == report["sent"].as_u64().expect("sent"),
-        "{report}"
-    );
+    let (report, _) = run_sim_all_acked(args).await;
     assert!(
         report["received"].as_u64().expect("received") > 0,
         "{report}"

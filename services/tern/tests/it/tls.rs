@@ -446,42 +446,30 @@ async fn with_require_client_certificate_a_token_alone_does_not_get_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_publishes_over_tls() {
-    use clap::Parser;
     let certs = tempfile::tempdir().expect("tempdir");
     let server = pki(certs.path(), "server");
     let port = free_port();
     let tern = tls_tern(&server, port, &[]);
-    let (token, http) = (tern.operator_token(), tern.http());
-    let broker = format!("127.0.0.1:{port}");
+    let token = tern.operator_token();
     let ca = server.ca.to_str().expect("utf-8").to_string();
-    let args = tern_sim::Args::parse_from([
-        "tern-sim",
-        "--broker",
-        &broker,
-        "--tls-ca",
-        &ca,
-        "--devices",
-        "3",
-        "--qos",
-        "1",
-        "--rate",
-        "20",
-        "--duration",
-        "1",
-        "--tern-server",
-        &http,
-        "--tern-token",
-        &token,
-        "--tern-tenant",
-        "sim",
-    ]);
-    let report = tern_sim::run(args).await.expect("simulation");
-    assert_eq!(report["connected"], 3, "{report}");
-    let acked = report["acked"].as_u64().expect("acked");
-    assert!(
-        acked > 0 && acked == report["sent"].as_u64().expect("sent"),
-        "{report}"
+    let args = crate::harness::sim_args(
+        &tern,
+        port,
+        &[
+            "--tls-ca",
+            &ca,
+            "--devices",
+            "3",
+            "--qos",
+            "1",
+            "--rate",
+            "20",
+            "--duration",
+            "1",
+        ],
     );
+    let (report, _) = crate::harness::run_sim_all_acked(args).await;
+    assert_eq!(report["connected"], 3, "{report}");
     // The bridge's lifecycle events say how the simulator came in.
     let path = "/api/v1/tenants/sim/devices/sim-0/events?kind=lifecycle&from=0";
     let deadline = Instant::now() + PATIENCE;
