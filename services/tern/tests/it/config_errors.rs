@@ -2,17 +2,23 @@
 
 use std::process::Command;
 
-use crate::harness::{TERN, free_port};
+use crate::harness::{TERN, free_ports, free_udp_port};
 
 fn up_with(env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tempdir");
+    // Every listener on a free port: a default one (CoAP's 5683) would collide with the
+    // other tests that start at the same time.
+    let [mqtt, http, grpc, mqtts, wss] = free_ports();
     let out = Command::new(TERN)
         .args(["up", "--bind", "127.0.0.1", "--data-dir"])
         .arg(dir.path().join("data"))
         .args(args)
-        .env("TERN_MQTT_PORT", free_port().to_string())
-        .env("TERN_HTTP_PORT", free_port().to_string())
-        .env("TERN_GRPC_PORT", free_port().to_string())
+        .env("TERN_MQTT_PORT", mqtt.to_string())
+        .env("TERN_HTTP_PORT", http.to_string())
+        .env("TERN_GRPC_PORT", grpc.to_string())
+        .env("TERN_MQTTS_PORT", mqtts.to_string())
+        .env("TERN_WSS_PORT", wss.to_string())
+        .env("TERN_COAP_PORT", free_udp_port().to_string())
         .envs(env.iter().copied())
         .current_dir(dir.path())
         .output()
