@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::{Point, RangeQuery, RawEvent, Store, StoreError, WriteBatch};
+use crate::{Point, RangeQuery, RawEvent, Resolution, Rollup, Store, StoreError, WriteBatch};
 
 /// Opens the store under a directory; opening it again after dropping it must see the same data.
 pub type Open = dyn Fn(&Path) -> Arc<dyn Store>;
@@ -125,6 +125,109 @@ pub async fn rewriting_a_message_is_idempotent(open: &Open, dir: &Path) {
     let all = range("t", "d", i64::MIN, i64::MAX);
     assert_eq!(store.points(&all, "temp").await.expect("query").len(), 2);
     assert_eq!(store.events(&all, None).await.expect("query").len(), 1);
+}
+
+/// The rollups of `points` computed from scratch, per resolution and bucket start; points
+/// repeated with the same (timestamp, message id) count once, as in the store.
+pub fn expected_rollups(points: &[Point], resolution: Resolution) -> Vec<Rollup> {
+    let mut seen = std::collections::HashSet::new();
+    let mut buckets: std::collections::BTreeMap<i64, Rollup> = Default::default();
+    for p in points {
+        if !seen.insert((p.ts_ms, p.message_id.clone())) {
+            continue;
+        }
+        let start = resolution.bucket_start(p.ts_ms);
+        let one = Rollup::of(start, p.value);
+        buckets
+            .entry(start)
+            .and_modify(|r| r.merge(&one))
+            .or_insert(one);
+    }
+    buckets.into_values().collect()
+}
+
+/// Compares rollups allowing for the rounding of sums added in another order.
+pub fn assert_rollups_eq(actual: &[Rollup], expected: &[Rollup]) {
+    assert_eq!(actual.len(), expected.len(), "{actual:?} vs {expected:?}");
+    for (a, e) in actual.iter().zip(expected) {
+        assert_eq!(
+            (a.start_ms, a.count, a.min, a.max),
+            (e.start_ms, e.count, e.min, e.max)
+        );
+        assert!(
+            (a.sum - e.sum).abs() <= 1e-9 * e.sum.abs().max(1.0),
+            "sum {} vs {}",
+            a.sum,
+            e.sum
+        );
+    }
+}
+
+pub async fn rollups_count_each_point_once(open: &Open, dir: &Path) {
+    let store = open(dir);
+    const MIN: i64 = 60_000;
+    let points = vec![
+        point("t", "d", "temp", 10, 1.0, "a"),
+        point("t", "d", "temp", 20, 3.0, "b"),
+        point("t", "d", "temp", MIN + 5, 10.0, "c"),
+        point("t", "d", "temp", 61 * MIN, -4.0, "d"),
+        point("t", "d", "temp", -5, 7.0, "e"),
+    ];
+    write_points(store.as_ref(), points[..3].to_vec()).await;
+    // A replay of the first batch in one write with a late point and a point before the epoch.
+    let mut replay = points.clone();
+    replay.push(points[0].clone());
+    write_points(store.as_ref(), replay).await;
+    // The same point under another store handle after reopening counts once too.
+    drop(store);
+    let store = open(dir);
+    write_points(store.as_ref(), points[3..].to_vec()).await;
+    write_points(
+        store.as_ref(),
+        vec![point("t", "other", "temp", 15, 99.0, "x")],
+    )
+    .await;
+
+    let all = range("t", "d", i64::MIN / 2, i64::MAX);
+    for resolution in Resolution::ALL {
+        let actual = store
+            .rollups(&all, "temp", resolution)
+            .await
+            .expect("rollups");
+        assert_rollups_eq(&actual, &expected_rollups(&points, resolution));
+    }
+    let minutes = store
+        .rollups(&all, "temp", Resolution::Minute)
+        .await
+        .expect("rollups");
+    assert_eq!(minutes[1].start_ms, 0);
+    assert_eq!((minutes[1].count, minutes[1].sum), (2, 4.0));
+    assert_eq!(minutes[1].mean(), 2.0);
+
+    // A range starting inside a bucket includes that bucket; the end is exclusive.
+    let inside = store
+        .rollups(
+            &range("t", "d", MIN + 30_000, 61 * MIN),
+            "temp",
+            Resolution::Minute,
+        )
+        .await
+        .expect("rollups");
+    assert_eq!(
+        inside.iter().map(|r| r.start_ms).collect::<Vec<_>>(),
+        vec![MIN]
+    );
+    let hours = store
+        .rollups(&range("t", "d", 0, i64::MAX), "temp", Resolution::Hour)
+        .await
+        .expect("rollups");
+    assert_eq!(
+        hours
+            .iter()
+            .map(|r| (r.start_ms, r.count))
+            .collect::<Vec<_>>(),
+        vec![(0, 3), (60 * MIN, 1)]
+    );
 }
 
 pub async fn latest_values_only_move_forward(open: &Open, dir: &Path) {
@@ -366,6 +469,7 @@ macro_rules! store_conformance_tests {
             $crate::store_conformance_tests!(@tests $open;
                 range_queries_respect_bounds_order_and_limit,
                 rewriting_a_message_is_idempotent,
+                rollups_count_each_point_once,
                 latest_values_only_move_forward,
                 tenants_and_devices_do_not_bleed,
                 events_round_trip,

@@ -1,5 +1,7 @@
-//! The embedded store on fjall (one directory, four keyspaces: points, latest, events, records).
+//! The embedded store on fjall (one directory, five keyspaces: points, rollups, latest, events,
+//! records).
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -8,15 +10,20 @@ use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use crate::keys::{component, decode_ts, encode_ts, prefix};
-use crate::{LatestValue, Point, RangeQuery, RawEvent, Store, StoreError, WriteBatch};
+use crate::{
+    LatestValue, Point, RangeQuery, RawEvent, Resolution, Rollup, Store, StoreError, WriteBatch,
+};
 
 struct Inner {
     db: Database,
     points: Keyspace,
+    /// `series 0 resolution 0 bucket-start` → count, sum, min, max.
+    rollups: Keyspace,
     latest: Keyspace,
     events: Keyspace,
     records: Keyspace,
-    /// Serialises writes, so the read-modify-write of latest values cannot interleave.
+    /// Serialises writes, so the read-modify-write of latest values and rollups cannot
+    /// interleave.
     write_lock: Mutex<()>,
 }
 
@@ -35,6 +42,7 @@ impl EmbeddedStore {
         };
         let inner = Inner {
             points: keyspace("points")?,
+            rollups: keyspace("rollups")?,
             latest: keyspace("latest")?,
             events: keyspace("events")?,
             records: keyspace("records")?,
@@ -78,6 +86,38 @@ fn record_key(kind: &str, key: &str) -> Result<Vec<u8>, StoreError> {
     Ok(k)
 }
 
+fn rollup_prefix(series: &[u8], resolution: Resolution) -> Vec<u8> {
+    let mut key = series.to_vec();
+    key.extend_from_slice(resolution.as_str().as_bytes());
+    key.push(0);
+    key
+}
+
+fn encode_rollup(r: &Rollup) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    out.extend_from_slice(&r.count.to_be_bytes());
+    for f in [r.sum, r.min, r.max] {
+        out.extend_from_slice(&f.to_be_bytes());
+    }
+    out
+}
+
+fn decode_rollup(start_ms: i64, bytes: &[u8]) -> Result<Rollup, StoreError> {
+    let word = |i: usize| -> Result<[u8; 8], StoreError> {
+        bytes
+            .get(i * 8..i * 8 + 8)
+            .and_then(|w| w.try_into().ok())
+            .ok_or_else(corrupt)
+    };
+    Ok(Rollup {
+        start_ms,
+        count: u64::from_be_bytes(word(0)?),
+        sum: f64::from_be_bytes(word(1)?),
+        min: f64::from_be_bytes(word(2)?),
+        max: f64::from_be_bytes(word(3)?),
+    })
+}
+
 fn with_ts(mut prefix: Vec<u8>, ts_ms: i64, suffix: &str) -> Vec<u8> {
     prefix.extend_from_slice(&encode_ts(ts_ms));
     prefix.extend_from_slice(suffix.as_bytes());
@@ -97,7 +137,10 @@ impl Store for EmbeddedStore {
                 .map_err(|_| StoreError::Storage("store write lock poisoned".into()))?;
             let mut write = inner.db.batch();
             // Newest value per series in this batch, to merge with what is stored.
-            let mut newest: std::collections::HashMap<Vec<u8>, (i64, f64)> = Default::default();
+            let mut newest: HashMap<Vec<u8>, (i64, f64)> = HashMap::new();
+            // What this batch adds to each rollup bucket; only points new to the store count.
+            let mut rollups: HashMap<Vec<u8>, Rollup> = HashMap::new();
+            let mut fresh: HashSet<Vec<u8>> = HashSet::new();
             for p in &batch.points {
                 let series = series_prefix(&p.tenant, &p.device, &p.metric)?;
                 component("message_id", &p.message_id)?;
@@ -107,11 +150,19 @@ impl Store for EmbeddedStore {
                         reason: "must be a finite number".into(),
                     });
                 }
-                write.insert(
-                    &inner.points,
-                    with_ts(series.clone(), p.ts_ms, &p.message_id),
-                    p.value.to_be_bytes().to_vec(),
-                );
+                let key = with_ts(series.clone(), p.ts_ms, &p.message_id);
+                if !fresh.contains(&key) && !inner.points.contains_key(&key).map_err(storage)? {
+                    for resolution in Resolution::ALL {
+                        let start = resolution.bucket_start(p.ts_ms);
+                        let point = Rollup::of(start, p.value);
+                        rollups
+                            .entry(with_ts(rollup_prefix(&series, resolution), start, ""))
+                            .and_modify(|r| r.merge(&point))
+                            .or_insert(point);
+                    }
+                    fresh.insert(key.clone());
+                }
+                write.insert(&inner.points, key, p.value.to_be_bytes().to_vec());
                 let slot = newest.entry(series).or_insert((p.ts_ms, p.value));
                 if p.ts_ms >= slot.0 {
                     *slot = (p.ts_ms, p.value);
@@ -128,6 +179,12 @@ impl Store for EmbeddedStore {
                     v.extend_from_slice(&value.to_be_bytes());
                     write.insert(&inner.latest, series, v);
                 }
+            }
+            for (key, mut rollup) in rollups {
+                if let Some(stored) = inner.rollups.get(&key).map_err(storage)? {
+                    rollup.merge(&decode_rollup(rollup.start_ms, &stored)?);
+                }
+                write.insert(&inner.rollups, key, encode_rollup(&rollup));
             }
             for e in &batch.events {
                 component("message_id", &e.message_id)?;
@@ -167,6 +224,37 @@ impl Store for EmbeddedStore {
                     value: f64::from_be_bytes(value),
                     message_id: String::from_utf8_lossy(&rest[8..]).into_owned(),
                 });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn rollups(
+        &self,
+        query: &RangeQuery,
+        metric: &str,
+        resolution: Resolution,
+    ) -> Result<Vec<Rollup>, StoreError> {
+        let prefix = rollup_prefix(
+            &series_prefix(&query.tenant, &query.device, metric)?,
+            resolution,
+        );
+        let query = query.clone();
+        self.run(move |inner| {
+            let start = with_ts(prefix.clone(), resolution.bucket_start(query.from_ms), "");
+            let end = with_ts(prefix.clone(), query.to_ms, "");
+            let range = inner.rollups.range(start..end);
+            let iter: Box<dyn Iterator<Item = fjall::Guard>> = if query.descending {
+                Box::new(range.rev())
+            } else {
+                Box::new(range)
+            };
+            let mut out = Vec::new();
+            for guard in iter.take(query.limit) {
+                let (key, value) = guard.into_inner().map_err(storage)?;
+                let start_ms = decode_ts(&key[prefix.len()..]).ok_or_else(corrupt)?;
+                out.push(decode_rollup(start_ms, &value)?);
             }
             Ok(out)
         })
@@ -390,4 +478,81 @@ mod tests {
     }
 
     crate::store_conformance_tests!(open);
+
+    mod rollup_properties {
+        use proptest::prelude::*;
+
+        use crate::conformance::{assert_rollups_eq, expected_rollups};
+        use crate::{Point, RangeQuery, Resolution, WriteBatch};
+
+        /// Messages over about two days with values of any sign, sent in a random order with
+        /// repeats (replays are common in an at-least-once pipeline).
+        fn points() -> impl Strategy<Value = Vec<Point>> {
+            let messages =
+                prop::collection::vec((-3_600_000i64..2 * 86_400_000, -1e6f64..1e6), 1..60);
+            (
+                messages,
+                prop::collection::vec(any::<prop::sample::Index>(), 1..150),
+            )
+                .prop_map(|(messages, order)| {
+                    order
+                        .into_iter()
+                        .map(|pick| {
+                            let i = pick.index(messages.len());
+                            Point {
+                                tenant: "t".into(),
+                                device: "d".into(),
+                                metric: "m".into(),
+                                ts_ms: messages[i].0,
+                                value: messages[i].1,
+                                message_id: format!("m{i}"),
+                            }
+                        })
+                        .collect()
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+
+            /// However points are split into batches and replayed, every rollup equals the
+            /// aggregate of the distinct raw points in its bucket.
+            #[test]
+            fn rollups_equal_aggregates_of_raw_points(
+                points in points(),
+                cuts in prop::collection::vec(0usize..150, 0..6),
+                replay_from in 0usize..150,
+            ) {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store = super::open(dir.path());
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (points.len() + 1)).collect();
+                bounds.extend([0, points.len()]);
+                bounds.sort_unstable();
+                let replay = points[replay_from % points.len()..].to_vec();
+                runtime.block_on(async {
+                    for pair in bounds.windows(2) {
+                        let batch = points[pair[0]..pair[1]].to_vec();
+                        store.write(WriteBatch { points: batch, events: vec![] }).await.expect("write");
+                    }
+                    store.write(WriteBatch { points: replay, events: vec![] }).await.expect("replay");
+                    let all = RangeQuery {
+                        tenant: "t".into(),
+                        device: "d".into(),
+                        from_ms: i64::MIN / 2,
+                        to_ms: i64::MAX,
+                        limit: 100_000,
+                        descending: false,
+                    };
+                    for resolution in Resolution::ALL {
+                        let actual = store.rollups(&all, "m", resolution).await.expect("rollups");
+                        assert_rollups_eq(&actual, &expected_rollups(&points, resolution));
+                    }
+                });
+            }
+        }
+    }
 }

@@ -1,5 +1,8 @@
 //! The store: time series, latest values, raw events and registry records.
 //!
+//! Every numeric series also has per-minute, per-hour and per-day [`Rollup`]s, maintained by
+//! the same write that stores its points.
+//!
 //! Time series are keyed by (tenant, device, metric, timestamp, message id): the natural ScyllaDB
 //! partition/clustering layout and the same key order in the embedded LSM store, so a range query
 //! is one contiguous scan. Writes are idempotent: writing a point or event with the same message id
@@ -51,6 +54,83 @@ pub struct LatestValue {
     pub value: f64,
 }
 
+/// The bucket size of a rollup: the store keeps per-minute, per-hour and per-day aggregates of
+/// every metric so that long ranges are read from a few buckets instead of every raw point.
+/// Buckets are aligned to the epoch (UTC days for [`Resolution::Day`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Resolution {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Resolution {
+    /// Finest first.
+    pub const ALL: [Resolution; 3] = [Resolution::Minute, Resolution::Hour, Resolution::Day];
+
+    pub fn bucket_ms(self) -> i64 {
+        match self {
+            Resolution::Minute => 60_000,
+            Resolution::Hour => 3_600_000,
+            Resolution::Day => 86_400_000,
+        }
+    }
+
+    /// The start of the bucket that holds `ts_ms`.
+    pub fn bucket_start(self, ts_ms: i64) -> i64 {
+        ts_ms.div_euclid(self.bucket_ms()) * self.bucket_ms()
+    }
+
+    /// `1m`, `1h` or `1d`, as in the query API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::Minute => "1m",
+            Resolution::Hour => "1h",
+            Resolution::Day => "1d",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+}
+
+/// The aggregates of one metric over one bucket. The mean is `sum / count`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rollup {
+    /// The bucket's start, milliseconds since the epoch.
+    pub start_ms: i64,
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Rollup {
+    /// The rollup of a single value.
+    pub fn of(start_ms: i64, value: f64) -> Self {
+        Self {
+            start_ms,
+            count: 1,
+            sum: value,
+            min: value,
+            max: value,
+        }
+    }
+
+    /// Adds another rollup of the same bucket.
+    pub fn merge(&mut self, other: &Rollup) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+
+    pub fn mean(&self) -> f64 {
+        self.sum / self.count as f64
+    }
+}
+
 /// A time range `[from_ms, to_ms)` of one device, newest first when `descending`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RangeQuery {
@@ -84,6 +164,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Points of one metric in a time range.
     async fn points(&self, query: &RangeQuery, metric: &str) -> Result<Vec<Point>, StoreError>;
+
+    /// Rollups of one metric: the buckets of `resolution` that overlap the range (so the first
+    /// may start before `from_ms`). `write` adds each point that is new to the store (by
+    /// series, timestamp and message id) to its minute, hour and day buckets exactly once, in
+    /// the same durable write, so replays do not count twice and late points land in their
+    /// own buckets.
+    async fn rollups(
+        &self,
+        query: &RangeQuery,
+        metric: &str,
+        resolution: Resolution,
+    ) -> Result<Vec<Rollup>, StoreError>;
 
     /// The latest value of every metric of a device, by metric name.
     async fn latest(&self, tenant: &str, device: &str) -> Result<Vec<LatestValue>, StoreError>;
