@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tern_core::{Caller, Device, DeviceId, ErrorCode, NewDevice, Selector, Tenant, now_ms};
 use tern_identity::{ApiToken, DeviceTokens};
 use tern_registry::DevicePatch;
-use tern_store::RangeQuery;
+use tern_store::{RangeQuery, Resolution};
 
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
@@ -384,6 +384,8 @@ struct RangeParams {
     order: Option<String>,
     /// Events only: `event`, `telemetry` (non-numeric) or `lifecycle`.
     kind: Option<String>,
+    /// Telemetry only: `raw` (default), `1m`, `1h`, `1d` or `auto`.
+    resolution: Option<String>,
 }
 
 /// The kinds of raw events the store keeps.
@@ -430,11 +432,61 @@ struct Sample {
     value: f64,
 }
 
+/// A point of a series: a raw sample, or a rollup bucket whose `value` is the mean.
+#[derive(Serialize)]
+struct SeriesPoint {
+    ts: i64,
+    value: f64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    bucket: Option<Bucket>,
+}
+
+#[derive(Serialize)]
+struct Bucket {
+    min: f64,
+    max: f64,
+    count: u64,
+    sum: f64,
+}
+
 #[derive(Serialize)]
 struct Series {
     device_id: String,
     metric: String,
-    points: Vec<Sample>,
+    /// `raw`, `1m`, `1h` or `1d`: what `auto` chose, or what was asked for.
+    resolution: &'static str,
+    points: Vec<SeriesPoint>,
+}
+
+/// Raw points serve ranges up to this long under `resolution=auto`.
+const AUTO_RAW_MAX_MS: i64 = 3_600_000;
+
+/// `None` is raw points. `auto` takes raw points for ranges up to an hour, else the finest
+/// rollup with at most `limit` buckets in the range (days when even those are more), so a
+/// long chart reads a bounded number of buckets and never the raw points.
+fn resolution_for(params: &RangeParams, query: &RangeQuery) -> ApiResult<Option<Resolution>> {
+    match params.resolution.as_deref() {
+        None | Some("raw") => Ok(None),
+        Some("auto") => {
+            let span = query.to_ms.min(now_ms()).saturating_sub(query.from_ms);
+            if span <= AUTO_RAW_MAX_MS {
+                return Ok(None);
+            }
+            let fits = |r: &Resolution| span / r.bucket_ms() < query.limit as i64;
+            Ok(Some(
+                Resolution::ALL
+                    .into_iter()
+                    .find(fits)
+                    .unwrap_or(Resolution::Day),
+            ))
+        }
+        Some(other) => Resolution::parse(other).map(Some).ok_or_else(|| {
+            ApiError::bad_request(
+                "resolution",
+                format!("`resolution` must be auto, raw, 1m, 1h or 1d, not {other:?}"),
+            )
+        }),
+    }
 }
 
 async fn telemetry(
@@ -456,17 +508,41 @@ async fn telemetry(
         ));
     }
     let query = params.query(&device)?;
-    let points = gw.store.points(&query, &metric).await?;
+    let resolution = resolution_for(&params, &query)?;
+    let points = match resolution {
+        None => gw
+            .store
+            .points(&query, &metric)
+            .await?
+            .into_iter()
+            .map(|p| SeriesPoint {
+                ts: p.ts_ms,
+                value: p.value,
+                bucket: None,
+            })
+            .collect(),
+        Some(resolution) => gw
+            .store
+            .rollups(&query, &metric, resolution)
+            .await?
+            .into_iter()
+            .map(|r| SeriesPoint {
+                ts: r.start_ms,
+                value: r.mean(),
+                bucket: Some(Bucket {
+                    min: r.min,
+                    max: r.max,
+                    count: r.count,
+                    sum: r.sum,
+                }),
+            })
+            .collect(),
+    };
     Ok(Json(Series {
         device_id: device.id.to_string(),
         metric,
-        points: points
-            .into_iter()
-            .map(|p| Sample {
-                ts: p.ts_ms,
-                value: p.value,
-            })
-            .collect(),
+        resolution: resolution.map_or("raw", Resolution::as_str),
+        points,
     }))
 }
 
@@ -534,6 +610,12 @@ async fn events(
         return Err(ApiError::bad_request(
             "metric",
             "`metric` applies to telemetry, not events",
+        ));
+    }
+    if params.resolution.is_some() {
+        return Err(ApiError::bad_request(
+            "resolution",
+            "`resolution` applies to telemetry, not events",
         ));
     }
     let kind = params.kind.as_deref();

@@ -22,6 +22,7 @@ mod quotas;
 mod reauth;
 mod rest_api;
 mod revocation;
+mod rollups;
 mod selectors;
 mod sessions;
 mod simulator;
