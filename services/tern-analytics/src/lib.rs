@@ -7,5 +7,6 @@
 
 mod ingest;
 mod metrics;
+pub mod rules;
 
 pub use ingest::{INGEST_GROUP, Ingest, event_to_writes};

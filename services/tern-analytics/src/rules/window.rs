@@ -1,0 +1,454 @@
+//! Running one rule over messages: filters emit a row per matching message; windowed rules keep
+//! per-group windows and emit a row per window when it closes.
+//!
+//! Event time: each message's own timestamp. Each group (a device, when grouping by device)
+//! has a watermark, the newest timestamp it has seen; a window closes when the watermark passes
+//! its end plus the allowed lateness, or when the wall clock does (so a device that goes quiet
+//! still gets its last window). Out-of-order messages inside the lateness count; later ones are
+//! dropped and counted as late.
+//!
+//! The state is plain data (serde), checkpointed to the store by the engine; every row carries
+//! a deterministic `trigger` (the message id, or the group and window start) that becomes its
+//! actions' idempotency key, so a replay after a crash repeats no action.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Map;
+
+use super::expr::{Column, Scope, Value};
+use super::sql::{AggregateFn, Plan, Windowed};
+
+/// A message as rules see it.
+pub struct Message<'a> {
+    pub device: &'a str,
+    pub message_id: &'a str,
+    pub ts_ms: i64,
+    pub metrics: &'a [(String, f64)],
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+impl Scope for Message<'_> {
+    fn column(&self, column: &Column) -> Value {
+        match column {
+            Column::Device => Value::Text(self.device.to_string()),
+            Column::Ts => Value::Number(self.ts_ms as f64),
+            Column::Metric(name) => self
+                .metrics
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(Value::Null, |(_, v)| Value::Number(*v)),
+            Column::Label(name) => self
+                .labels
+                .get(name)
+                .map_or(Value::Null, |v| Value::Text(v.clone())),
+        }
+    }
+}
+
+/// A row a rule emits, to be acted on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Firing {
+    /// Unique per rule and row, stable across replays.
+    pub trigger: String,
+    /// The device the row is about, when it is about one.
+    pub device: Option<String>,
+    /// The group the row is about (its key values joined), for alert deduplication.
+    pub subject: String,
+    pub ts_ms: i64,
+    pub row: Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct Accumulator {
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Accumulator {
+    fn add(&mut self, value: f64) {
+        if self.count == 0 {
+            (self.min, self.max) = (value, value);
+        }
+        self.count += 1;
+        self.sum += value;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+    }
+
+    fn result(&self, function: AggregateFn) -> Value {
+        if function == AggregateFn::Count {
+            return Value::Number(self.count as f64);
+        }
+        if self.count == 0 {
+            return Value::Null;
+        }
+        Value::Number(match function {
+            AggregateFn::Sum => self.sum,
+            AggregateFn::Avg => self.sum / self.count as f64,
+            AggregateFn::Min => self.min,
+            _ => self.max,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Group {
+    keys: Vec<Value>,
+    watermark_ms: i64,
+    /// Windows ending at or before this have fired; a message for them is late.
+    fired_until_ms: i64,
+    /// Open windows by start: one accumulator per aggregate of the rule.
+    windows: BTreeMap<i64, Vec<Accumulator>>,
+}
+
+/// The state of one rule: its open windows per group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuleState {
+    groups: BTreeMap<String, Group>,
+    /// Messages dropped because their windows had closed.
+    pub late_messages: u64,
+}
+
+struct WindowScope<'a> {
+    keys: &'a [Value],
+    aggregates: Vec<Value>,
+    window: (i64, i64),
+}
+
+impl Scope for WindowScope<'_> {
+    fn column(&self, _: &Column) -> Value {
+        Value::Null
+    }
+    fn group_key(&self, index: usize) -> Value {
+        self.keys.get(index).cloned().unwrap_or(Value::Null)
+    }
+    fn aggregate(&self, index: usize) -> Value {
+        self.aggregates.get(index).cloned().unwrap_or(Value::Null)
+    }
+    fn window(&self) -> Option<(i64, i64)> {
+        Some(self.window)
+    }
+}
+
+fn json(value: Value) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+impl RuleState {
+    /// Open groups; the engine bounds them per rule.
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Feeds one message; rows it completes go to `out`. Returns false when the message was
+    /// late for every window it belongs to.
+    pub fn on_message(
+        &mut self,
+        plan: &Plan,
+        lateness_ms: i64,
+        message: &Message,
+        out: &mut Vec<Firing>,
+    ) -> bool {
+        if plan.filter.as_ref().is_some_and(|f| !f.holds(message)) {
+            return true;
+        }
+        let Some(windowed) = &plan.windowed else {
+            out.push(row_of(plan, message));
+            return true;
+        };
+        let keys: Vec<Value> = windowed.keys.iter().map(|k| message.column(k)).collect();
+        let key = keys
+            .iter()
+            .map(Value::key_text)
+            .collect::<Vec<_>>()
+            .join(",");
+        let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
+            keys,
+            watermark_ms: i64::MIN,
+            fired_until_ms: i64::MIN,
+            windows: BTreeMap::new(),
+        });
+        let spec = windowed.window;
+        let ts = message.ts_ms;
+        let mut accepted = false;
+        let mut start = ts.div_euclid(spec.slide_ms) * spec.slide_ms;
+        while start > ts - spec.size_ms {
+            let end = start + spec.size_ms;
+            let closed = end <= group.fired_until_ms
+                || end.saturating_add(lateness_ms) <= group.watermark_ms;
+            if !closed {
+                accepted = true;
+                let accumulators = group
+                    .windows
+                    .entry(start)
+                    .or_insert_with(|| vec![Accumulator::default(); windowed.aggregates.len()]);
+                for (aggregate, acc) in windowed.aggregates.iter().zip(accumulators.iter_mut()) {
+                    match &aggregate.argument {
+                        None => acc.add(0.0),
+                        Some(argument) => match argument.eval(message) {
+                            Value::Number(n) => acc.add(n),
+                            Value::Null => {}
+                            // count(x) counts non-NULL values of any type.
+                            _ if aggregate.function == AggregateFn::Count => acc.add(0.0),
+                            _ => {}
+                        },
+                    }
+                }
+            }
+            start -= spec.slide_ms;
+        }
+        if !accepted {
+            self.late_messages += 1;
+            return false;
+        }
+        group.watermark_ms = group.watermark_ms.max(ts);
+        let until = group.watermark_ms.saturating_sub(lateness_ms);
+        fire(plan, windowed, &key, group, until, out);
+        true
+    }
+
+    /// Closes the windows the wall clock has passed (plus lateness), and forgets groups with
+    /// nothing open that have been quiet for a window and the lateness.
+    pub fn on_time(&mut self, plan: &Plan, lateness_ms: i64, now_ms: i64, out: &mut Vec<Firing>) {
+        let Some(windowed) = &plan.windowed else {
+            return;
+        };
+        let until = now_ms.saturating_sub(lateness_ms);
+        for (key, group) in self.groups.iter_mut() {
+            fire(plan, windowed, key, group, until, out);
+        }
+        let quiet = until.saturating_sub(windowed.window.size_ms);
+        self.groups
+            .retain(|_, g| !g.windows.is_empty() || g.watermark_ms > quiet);
+    }
+}
+
+/// Fires, in order, the group's windows that end at or before `until`.
+fn fire(
+    plan: &Plan,
+    windowed: &Windowed,
+    key: &str,
+    group: &mut Group,
+    until: i64,
+    out: &mut Vec<Firing>,
+) {
+    while let Some(entry) = group.windows.first_entry() {
+        let start = *entry.key();
+        let end = start + windowed.window.size_ms;
+        if end > until {
+            break;
+        }
+        let accumulators = entry.remove();
+        group.fired_until_ms = group.fired_until_ms.max(end);
+        let scope = WindowScope {
+            keys: &group.keys,
+            aggregates: windowed
+                .aggregates
+                .iter()
+                .zip(&accumulators)
+                .map(|(a, acc)| acc.result(a.function))
+                .collect(),
+            window: (start, end),
+        };
+        if windowed.having.as_ref().is_some_and(|h| !h.holds(&scope)) {
+            continue;
+        }
+        let device = windowed
+            .keys
+            .iter()
+            .position(|k| *k == Column::Device)
+            .and_then(|i| match &group.keys[i] {
+                Value::Text(d) => Some(d.clone()),
+                _ => None,
+            });
+        out.push(Firing {
+            trigger: format!("{key}@{start}"),
+            device,
+            subject: key.to_string(),
+            ts_ms: end,
+            row: plan
+                .columns
+                .iter()
+                .map(|(name, e)| (name.clone(), json(e.eval(&scope))))
+                .collect(),
+        });
+    }
+}
+
+fn row_of(plan: &Plan, message: &Message) -> Firing {
+    let mut row = Map::new();
+    if plan.select_all {
+        row.insert("device".into(), message.device.into());
+        row.insert("ts".into(), message.ts_ms.into());
+        for (name, value) in message.metrics {
+            row.insert(name.clone(), json(Value::Number(*value)));
+        }
+    }
+    for (name, e) in &plan.columns {
+        row.insert(name.clone(), json(e.eval(message)));
+    }
+    Firing {
+        trigger: message.message_id.to_string(),
+        device: Some(message.device.to_string()),
+        subject: message.device.to_string(),
+        ts_ms: message.ts_ms,
+        row,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::sql::compile;
+
+    const MIN: i64 = 60_000;
+
+    struct Feed {
+        plan: Plan,
+        state: RuleState,
+        lateness: i64,
+        labels: BTreeMap<String, String>,
+        fired: Vec<Firing>,
+        n: u32,
+    }
+
+    impl Feed {
+        fn new(sql: &str, lateness: i64) -> Self {
+            Self {
+                plan: compile(sql).expect("plan"),
+                state: RuleState::default(),
+                lateness,
+                labels: BTreeMap::from([("site".to_string(), "berlin".to_string())]),
+                fired: Vec::new(),
+                n: 0,
+            }
+        }
+
+        fn send(&mut self, device: &str, ts_ms: i64, temp: f64) -> bool {
+            self.n += 1;
+            let metrics = vec![("temp".to_string(), temp)];
+            let message = Message {
+                device,
+                message_id: &format!("m{}", self.n),
+                ts_ms,
+                metrics: &metrics,
+                labels: &self.labels,
+            };
+            self.state
+                .on_message(&self.plan, self.lateness, &message, &mut self.fired)
+        }
+
+        fn rows(&mut self) -> Vec<(i64, f64)> {
+            self.fired
+                .drain(..)
+                .map(|f| {
+                    (
+                        f.row["window_start"].as_f64().unwrap_or(f64::NAN) as i64,
+                        f.row["v"].as_f64().unwrap_or(f64::NAN),
+                    )
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_filter_emits_matching_messages_with_label_columns() {
+        let mut feed = Feed::new(
+            "SELECT device, temp, labels.site FROM telemetry WHERE temp > 50 AND labels.site = 'berlin'",
+            0,
+        );
+        feed.send("d1", 1, 40.0);
+        feed.send("d1", 2, 60.0);
+        feed.labels.insert("site".into(), "paris".into());
+        feed.send("d1", 3, 70.0);
+        assert_eq!(feed.fired.len(), 1);
+        let firing = &feed.fired[0];
+        assert_eq!(
+            (firing.trigger.as_str(), firing.device.as_deref()),
+            ("m2", Some("d1"))
+        );
+        assert_eq!(
+            serde_json::Value::Object(firing.row.clone()),
+            serde_json::json!({"device": "d1", "temp": 60.0, "site": "berlin"})
+        );
+    }
+
+    #[test]
+    fn tumbling_windows_take_out_of_order_messages_within_lateness_and_drop_later_ones() {
+        let sql = "SELECT device, window_start, sum(temp) AS v FROM telemetry GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)";
+        let mut feed = Feed::new(sql, 10_000);
+        feed.send("d", 5_000, 1.0);
+        feed.send("d", 61_000, 2.0);
+        // Out of order but within the lateness: still counts for the first minute.
+        feed.send("d", 30_000, 4.0);
+        assert!(
+            feed.rows().is_empty(),
+            "the first window waits for its lateness"
+        );
+        feed.send("d", MIN + 10_000, 8.0);
+        assert_eq!(feed.rows(), vec![(0, 5.0)]);
+        // Too late: the first window has fired.
+        assert!(!feed.send("d", 59_000, 100.0));
+        assert_eq!(feed.state.late_messages, 1);
+        // The wall clock closes the last window of a device that went quiet.
+        let mut fired = Vec::new();
+        feed.state
+            .on_time(&feed.plan, feed.lateness, 2 * MIN + 10_000, &mut fired);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].row["v"], 10.0);
+        assert_eq!(fired[0].trigger, format!("{:?}@{MIN}", "d"));
+    }
+
+    #[test]
+    fn hopping_windows_count_each_message_in_every_window_that_covers_it() {
+        let sql = "SELECT window_start, count(*) AS v FROM telemetry GROUP BY HOP(ts, INTERVAL '1' MINUTE, INTERVAL '3' MINUTE)";
+        let mut feed = Feed::new(sql, MIN);
+        feed.send("a", 90_000, 1.0); // windows starting at -1, 0 and 1 minute
+        feed.send("b", 150_000, 1.0); // 0, 1, 2 (another device, same global group)
+        // Out of order: the windows starting at -1 and 0 are open (their end plus a minute of
+        // lateness is after the watermark, 2.5 minutes); the one at -2 is closed.
+        assert!(feed.send("a", 30_000, 1.0));
+        assert_eq!(
+            feed.state.late_messages, 0,
+            "late only for some of its windows"
+        );
+        feed.send("a", 10 * MIN, 1.0);
+        assert_eq!(
+            feed.rows(),
+            vec![(-MIN, 2.0), (0, 3.0), (MIN, 2.0), (2 * MIN, 1.0)]
+        );
+    }
+
+    #[test]
+    fn having_filters_windows_and_groups_by_label() {
+        let sql = "SELECT labels.site, avg(temp) AS v, window_start FROM telemetry \
+                   GROUP BY labels.site, TUMBLE(ts, INTERVAL '1' MINUTE) HAVING avg(temp) > 10";
+        let mut feed = Feed::new(sql, 0);
+        feed.send("a", 1_000, 5.0);
+        feed.send("b", 2_000, 25.0);
+        feed.send("a", MIN + 1_000, 1.0);
+        feed.send("a", 2 * MIN + 1_000, 1.0);
+        assert_eq!(feed.fired.len(), 1, "the second minute's average is 1");
+        assert_eq!(feed.fired[0].row["site"], "berlin");
+        assert_eq!(
+            feed.fired[0].device, None,
+            "grouped by label: no single device"
+        );
+        assert_eq!(feed.rows(), vec![(0, 15.0)]);
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let sql = "SELECT device, sum(temp) AS v FROM telemetry GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)";
+        let mut feed = Feed::new(sql, 0);
+        feed.send("d", 1_000, 2.0);
+        let saved = serde_json::to_vec(&feed.state).expect("encode");
+        feed.state = serde_json::from_slice(&saved).expect("decode");
+        feed.send("d", 2_000, 3.0);
+        feed.send("d", MIN, 0.0);
+        assert_eq!(feed.fired[0].row["v"], 5.0);
+    }
+}
