@@ -5,6 +5,7 @@
 //! Delivery is at-least-once: offsets are committed only after the store write is durable, and
 //! store writes are idempotent by message id, so a replay after a crash stores nothing twice.
 
+pub mod alerts;
 mod ingest;
 mod metrics;
 pub mod rules;

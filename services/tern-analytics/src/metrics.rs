@@ -62,3 +62,47 @@ impl IngestMetrics {
         m
     }
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ActionLabel {
+    /// `alert` or `command`.
+    pub action: String,
+    /// `done` or `dead_letter`.
+    pub outcome: String,
+}
+
+#[derive(Clone)]
+pub(crate) struct RuleMetrics {
+    pub messages: Counter,
+    pub firings: Counter,
+    pub late: Counter,
+    pub over_limit: Counter,
+    pub actions: Family<ActionLabel, Counter>,
+    pub publish_to_action_seconds: Histogram,
+}
+
+impl RuleMetrics {
+    pub fn register(registry: &MetricsRegistry) -> Self {
+        let m = Self {
+            messages: Counter::default(),
+            firings: Counter::default(),
+            late: Counter::default(),
+            over_limit: Counter::default(),
+            actions: Family::default(),
+            publish_to_action_seconds: latency_histogram(),
+        };
+        registry.register("tern_rules", |r| {
+            r.register("messages", "Telemetry messages evaluated by rules", m.messages.clone());
+            r.register("firings", "Rows emitted by rules", m.firings.clone());
+            r.register("late_messages", "Messages dropped because their windows had closed", m.late.clone());
+            r.register("over_limit_messages", "Messages refused because a rule reached `rules.max_groups_per_rule`", m.over_limit.clone());
+            r.register("actions", "Actions carried out, by action and outcome", m.actions.clone());
+            r.register(
+                "publish_to_action_seconds",
+                "From a message's arrival at the platform to the end of the actions it caused (filter rules)",
+                m.publish_to_action_seconds.clone(),
+            );
+        });
+        m
+    }
+}

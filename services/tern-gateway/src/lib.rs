@@ -12,6 +12,7 @@ mod error;
 mod extract;
 mod observe;
 mod routes;
+mod rules;
 mod status;
 mod twins;
 
@@ -19,6 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
+use tern_analytics::alerts::Alerts;
+use tern_analytics::rules::Rules;
 use tern_eventlog::EventLog;
 use tern_identity::Identity;
 use tern_registry::{Commands, Registry, Twins};
@@ -33,6 +36,8 @@ pub struct GatewayServices {
     pub identity: Arc<Identity>,
     pub commands: Arc<Commands>,
     pub twins: Arc<Twins>,
+    pub rules: Arc<Rules>,
+    pub alerts: Arc<Alerts>,
     pub store: Arc<dyn Store>,
     /// Where the HTTP device API appends messages.
     pub log: Arc<dyn EventLog>,
@@ -44,6 +49,8 @@ pub struct Gateway {
     identity: Arc<Identity>,
     commands: Arc<Commands>,
     twins: Arc<Twins>,
+    rules: Arc<Rules>,
+    alerts: Arc<Alerts>,
     store: Arc<dyn Store>,
     log: Arc<dyn EventLog>,
     metrics: MetricsRegistry,
@@ -61,6 +68,8 @@ impl Gateway {
             identity,
             commands,
             twins,
+            rules,
+            alerts,
             store,
             log,
         } = services;
@@ -69,6 +78,8 @@ impl Gateway {
             identity,
             commands,
             twins,
+            rules,
+            alerts,
             store,
             log,
             http_metrics: observe::HttpMetrics::register(metrics),

@@ -19,7 +19,7 @@ use tern_store::{RangeQuery, Resolution};
 
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
-use crate::{ApiError, Gateway, certificates, commands, device_api, status, twins};
+use crate::{ApiError, Gateway, certificates, commands, device_api, rules, status, twins};
 
 type Shared = State<Arc<Gateway>>;
 type ApiResult<T> = Result<T, ApiError>;
@@ -45,6 +45,32 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .route(
             &format!("{tenant}/commands"),
             post(commands::send_to_selected),
+        )
+        .route(
+            &format!("{tenant}/rules"),
+            post(rules::create).get(rules::list),
+        )
+        .route(&format!("{tenant}/rule-tests"), post(rules::test))
+        .route(
+            &format!("{tenant}/rules/{{rule}}"),
+            get(rules::show).patch(rules::update).delete(rules::delete),
+        )
+        .route(
+            &format!("{tenant}/rules/{{rule}}/dead-letters"),
+            get(rules::show_dead_letters),
+        )
+        .route(&format!("{tenant}/alerts"), get(rules::list_alerts))
+        .route(
+            &format!("{tenant}/alerts/{{alert}}"),
+            get(rules::show_alert),
+        )
+        .route(
+            &format!("{tenant}/alerts/{{alert}}/ack"),
+            post(rules::acknowledge),
+        )
+        .route(
+            &format!("{tenant}/alerts/{{alert}}/clear"),
+            post(rules::clear),
         )
         .route(
             &format!("{tenant}/cas"),

@@ -82,6 +82,94 @@ pub enum AdminCommand {
     /// over MQTT/TLS without a token (mTLS).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Rules: SQL over the tenant's telemetry that raises alerts or sends commands.
+    #[command(subcommand)]
+    Rule(RuleCommand),
+    /// Alerts raised by rules.
+    #[command(subcommand)]
+    Alert(AlertCommand),
+}
+
+#[derive(Subcommand)]
+pub enum RuleCommand {
+    /// Save a rule; it runs at once unless --disabled.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// e.g. "SELECT device, temp FROM telemetry WHERE temp > 50" (see docs/rules.md).
+        #[arg(long)]
+        sql: String,
+        /// alert[:info|warning|critical], command:NAME or command:NAME@SELECTOR; repeatable.
+        #[arg(long = "action", required = true)]
+        actions: Vec<String>,
+        /// Seconds a window waits for late messages after its end.
+        #[arg(long)]
+        lateness: Option<u64>,
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// The tenant's rules.
+    List,
+    /// One rule (by name or id).
+    Show {
+        rule: String,
+    },
+    /// Change a rule's SQL or actions (the rule's windows start afresh).
+    Update {
+        rule: String,
+        #[arg(long)]
+        sql: Option<String>,
+        /// Replaces all actions; repeatable.
+        #[arg(long = "action")]
+        actions: Vec<String>,
+        #[arg(long)]
+        lateness: Option<u64>,
+    },
+    /// Run a rule's SQL over stored telemetry and show the rows it would have emitted,
+    /// without acting on them.
+    Test {
+        #[arg(long)]
+        sql: String,
+        /// Start of the range, ms since the epoch (default: an hour ago).
+        #[arg(long)]
+        from: Option<i64>,
+        /// End of the range, ms since the epoch (default: now).
+        #[arg(long)]
+        to: Option<i64>,
+    },
+    Enable {
+        rule: String,
+    },
+    Disable {
+        rule: String,
+    },
+    Delete {
+        rule: String,
+    },
+    /// Actions the rule could not carry out, with the error.
+    DeadLetters {
+        rule: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AlertCommand {
+    /// The tenant's alerts, most recently raised first.
+    List {
+        /// active, acknowledged or cleared.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this rule's (name or id).
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only this device's (name or id).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Acknowledge an alert: someone is on it.
+    Ack { id: String },
+    /// Clear an alert; the rule's next firing opens a new one.
+    Clear { id: String },
 }
 
 #[derive(Subcommand)]

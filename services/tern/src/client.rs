@@ -5,7 +5,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::cli::{
-    AdminCommand, CaCommand, CommandAction, DeviceCommand, Global, TenantCommand, TokenCommand,
+    AdminCommand, AlertCommand, CaCommand, CommandAction, DeviceCommand, Global, Output,
+    RuleCommand, TenantCommand, TokenCommand,
 };
 use crate::output;
 
@@ -372,6 +373,8 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                 }
             }
         }
+        AdminCommand::Rule(cmd) => rule(&client, out, tenant(&global)?, cmd).await?,
+        AdminCommand::Alert(cmd) => alert(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::Token(cmd) => {
             let tenant = seg(tenant(&global)?);
             match cmd {
@@ -402,6 +405,148 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     output::record(out, &t, &["id", "name", "tenant_id", "token"]);
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+const RULE_FIELDS: &[&str] = &["id", "name", "enabled", "sql", "actions", "version"];
+
+async fn rule(client: &Client, out: Output, tenant: &str, cmd: RuleCommand) -> anyhow::Result<()> {
+    let base = format!("/api/v1/tenants/{}/rules", seg(tenant));
+    let one = |rule: &str| format!("{base}/{}", seg(rule));
+    match cmd {
+        RuleCommand::Create {
+            name,
+            sql,
+            actions,
+            lateness,
+            disabled,
+        } => {
+            let body = json!({
+                "name": name, "sql": sql, "actions": actions,
+                "allowed_lateness_secs": lateness, "enabled": !disabled,
+            });
+            let r = client.call(Method::POST, &base, Some(body)).await?;
+            output::record(out, &r, RULE_FIELDS);
+        }
+        RuleCommand::List => {
+            let list = client.call(Method::GET, &base, None).await?;
+            output::table(out, &list, RULE_FIELDS);
+        }
+        RuleCommand::Show { rule } => {
+            let r = client.call(Method::GET, &one(&rule), None).await?;
+            output::record(out, &r, &[RULE_FIELDS, &["allowed_lateness_secs"]].concat());
+        }
+        RuleCommand::Update {
+            rule,
+            sql,
+            actions,
+            lateness,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(sql) = sql {
+                body.insert("sql".into(), sql.into());
+            }
+            if !actions.is_empty() {
+                body.insert("actions".into(), actions.into());
+            }
+            if let Some(lateness) = lateness {
+                body.insert("allowed_lateness_secs".into(), lateness.into());
+            }
+            let r = client
+                .call(Method::PATCH, &one(&rule), Some(Value::Object(body)))
+                .await?;
+            output::record(out, &r, RULE_FIELDS);
+        }
+        RuleCommand::Test { sql, from, to } => {
+            let body = json!({ "sql": sql, "from": from, "to": to });
+            let result = client
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/tenants/{}/rule-tests", seg(tenant)),
+                    Some(body),
+                )
+                .await?;
+            output::record(out, &result, &["messages", "rows"]);
+        }
+        RuleCommand::Enable { rule } => {
+            let r = client
+                .call(Method::PATCH, &one(&rule), Some(json!({ "enabled": true })))
+                .await?;
+            output::record(out, &r, RULE_FIELDS);
+        }
+        RuleCommand::Disable { rule } => {
+            let r = client
+                .call(
+                    Method::PATCH,
+                    &one(&rule),
+                    Some(json!({ "enabled": false })),
+                )
+                .await?;
+            output::record(out, &r, RULE_FIELDS);
+        }
+        RuleCommand::Delete { rule } => {
+            client.call(Method::DELETE, &one(&rule), None).await?;
+        }
+        RuleCommand::DeadLetters { rule } => {
+            let list = client
+                .call(Method::GET, &format!("{}/dead-letters", one(&rule)), None)
+                .await?;
+            output::table(out, &list, &["at_ms", "action", "trigger", "error"]);
+        }
+    }
+    Ok(())
+}
+
+const ALERT_FIELDS: &[&str] = &[
+    "id",
+    "rule_name",
+    "subject",
+    "severity",
+    "state",
+    "count",
+    "last_raised_at_ms",
+];
+
+async fn alert(
+    client: &Client,
+    out: Output,
+    tenant: &str,
+    cmd: AlertCommand,
+) -> anyhow::Result<()> {
+    let base = format!("/api/v1/tenants/{}/alerts", seg(tenant));
+    match cmd {
+        AlertCommand::List {
+            state,
+            rule,
+            device,
+        } => {
+            let mut query = Vec::new();
+            for (key, value) in [("state", state), ("rule", rule), ("device", device)] {
+                if let Some(value) = value {
+                    query.push(format!("{key}={}", seg(&value)));
+                }
+            }
+            let path = if query.is_empty() {
+                base
+            } else {
+                format!("{base}?{}", query.join("&"))
+            };
+            let list = client.call(Method::GET, &path, None).await?;
+            output::table(out, &list, ALERT_FIELDS);
+        }
+        AlertCommand::Ack { id } => {
+            let a = client
+                .call(Method::POST, &format!("{base}/{}/ack", seg(&id)), None)
+                .await?;
+            output::record(out, &a, ALERT_FIELDS);
+        }
+        AlertCommand::Clear { id } => {
+            let a = client
+                .call(Method::POST, &format!("{base}/{}/clear", seg(&id)), None)
+                .await?;
+            output::record(out, &a, ALERT_FIELDS);
         }
     }
     Ok(())

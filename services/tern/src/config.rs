@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use tern_analytics::rules::RulesConfig;
 use tern_bridge::BridgeConfig;
 use tern_identity::IdentityConfig;
 use tern_registry::{CommandsConfig, TwinsConfig};
@@ -35,6 +36,7 @@ pub struct UpConfig {
     pub identity: IdentityConfig,
     pub commands: CommandsConfig,
     pub twins: TwinsConfig,
+    pub rules: RulesConfig,
     pub eventlog: EventLogConfig,
 }
 
@@ -70,6 +72,7 @@ impl Default for UpConfig {
             identity: IdentityConfig::default(),
             commands: CommandsConfig::default(),
             twins: TwinsConfig::default(),
+            rules: RulesConfig::default(),
             eventlog: EventLogConfig::default(),
         }
     }
@@ -174,6 +177,10 @@ impl UpConfig {
                 .then_some("`commands.max_payload_bytes` must be at least 1"),
             (self.twins.max_document_bytes == 0)
                 .then_some("`twins.max_document_bytes` must be at least 1"),
+            (self.rules.max_rules_per_tenant == 0)
+                .then_some("`rules.max_rules_per_tenant` must be at least 1"),
+            (self.rules.max_groups_per_rule == 0)
+                .then_some("`rules.max_groups_per_rule` must be at least 1"),
         ];
         let problems: Vec<&str> = problems.into_iter().flatten().collect();
         if let Some(first) = problems.first() {

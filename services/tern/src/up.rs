@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tern_analytics::Ingest;
+use tern_analytics::alerts::Alerts;
+use tern_analytics::rules::{RuleEngine, RuleServices, Rules};
 use tern_bridge::{
     Bridge, BridgeServices, Listeners, TenantCaVerifier, TlsReloader, websocket_routes,
 };
@@ -136,6 +138,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let ingest = Ingest::new(log.clone(), store.clone(), &metrics);
     let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
+    let rules = Arc::new(Rules::new(store.clone(), config.rules.max_rules_per_tenant));
+    let alerts = Arc::new(Alerts::new(store.clone()));
+    let rule_engine = RuleEngine::new(
+        RuleServices {
+            log: log.clone(),
+            store: store.clone(),
+            registry: registry.clone(),
+            commands: commands.clone(),
+            rules: rules.clone(),
+            alerts: alerts.clone(),
+        },
+        config.rules.clone(),
+        &metrics,
+    );
+    let rules_task = tokio::spawn(rule_engine.run(stop_ingest.clone()));
 
     let gateway = Gateway::new(
         GatewayServices {
@@ -143,6 +160,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             identity: identity.clone(),
             commands: commands.clone(),
             twins,
+            rules,
+            alerts,
             store: store.clone(),
             log: log.clone(),
         },
@@ -190,6 +209,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         stop_ingest.cancel();
         if let Ok(Err(e)) = ingest_task.await {
             tracing::error!(error = %e, "ingest stopped with an error");
+        }
+        if let Ok(Err(e)) = rules_task.await {
+            tracing::error!(error = %e, "the rule engine stopped with an error");
         }
         stop_apis.cancel();
         let _ = http_task.await;

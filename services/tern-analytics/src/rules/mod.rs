@@ -1,5 +1,18 @@
-//! Rules: per-tenant SQL over the event log, with actions.
+//! Rules: per-tenant SQL over the event log's telemetry, with actions (alerts, commands).
+//!
+//! `sql` compiles a rule, `window` runs one rule's state machine, `repository` keeps saved
+//! rules, `engine` runs every enabled rule as the consumer group `analytics-rules` with
+//! checkpoints and carries out what rules emit; alerts live in `crate::alerts`.
 
+mod backtest;
+mod engine;
 pub mod expr;
+mod model;
+mod repository;
 pub mod sql;
 pub mod window;
+
+pub use backtest::{TestReport, TestRow, test_rule};
+pub use engine::{RULES_GROUP, RuleEngine, RuleServices, RulesConfig, dead_letters};
+pub use model::{Action, Rule, Severity};
+pub use repository::{NewRule, RulePatch, Rules, validate};

@@ -104,6 +104,17 @@ struct Group {
     windows: BTreeMap<i64, Vec<Accumulator>>,
 }
 
+/// What became of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Filtered out, emitted, or added to its windows.
+    Taken,
+    /// Every window it belongs to had closed.
+    Late,
+    /// It would open a group beyond the rule's limit.
+    OverLimit,
+}
+
 /// The state of one rule: its open windows per group.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RuleState {
@@ -143,21 +154,22 @@ impl RuleState {
         self.groups.len()
     }
 
-    /// Feeds one message; rows it completes go to `out`. Returns false when the message was
-    /// late for every window it belongs to.
+    /// Feeds one message; rows it completes go to `out`. A windowed rule keeps at most
+    /// `max_groups` groups.
     pub fn on_message(
         &mut self,
         plan: &Plan,
         lateness_ms: i64,
+        max_groups: usize,
         message: &Message,
         out: &mut Vec<Firing>,
-    ) -> bool {
+    ) -> Outcome {
         if plan.filter.as_ref().is_some_and(|f| !f.holds(message)) {
-            return true;
+            return Outcome::Taken;
         }
         let Some(windowed) = &plan.windowed else {
             out.push(row_of(plan, message));
-            return true;
+            return Outcome::Taken;
         };
         let keys: Vec<Value> = windowed.keys.iter().map(|k| message.column(k)).collect();
         let key = keys
@@ -165,6 +177,9 @@ impl RuleState {
             .map(Value::key_text)
             .collect::<Vec<_>>()
             .join(",");
+        if self.groups.len() >= max_groups && !self.groups.contains_key(&key) {
+            return Outcome::OverLimit;
+        }
         let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
             keys,
             watermark_ms: i64::MIN,
@@ -202,12 +217,12 @@ impl RuleState {
         }
         if !accepted {
             self.late_messages += 1;
-            return false;
+            return Outcome::Late;
         }
         group.watermark_ms = group.watermark_ms.max(ts);
         let until = group.watermark_ms.saturating_sub(lateness_ms);
         fire(plan, windowed, &key, group, until, out);
-        true
+        Outcome::Taken
     }
 
     /// Closes the windows the wall clock has passed (plus lateness), and forgets groups with
@@ -337,8 +352,10 @@ mod tests {
                 metrics: &metrics,
                 labels: &self.labels,
             };
-            self.state
-                .on_message(&self.plan, self.lateness, &message, &mut self.fired)
+            let outcome =
+                self.state
+                    .on_message(&self.plan, self.lateness, 2, &message, &mut self.fired);
+            outcome == Outcome::Taken
         }
 
         fn rows(&mut self) -> Vec<(i64, f64)> {
@@ -445,6 +462,10 @@ mod tests {
         let sql = "SELECT device, sum(temp) AS v FROM telemetry GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)";
         let mut feed = Feed::new(sql, 0);
         feed.send("d", 1_000, 2.0);
+        // The feed allows two groups: a third device is refused, a known one is not.
+        feed.send("e", 1_000, 2.0);
+        assert!(!feed.send("f", 1_000, 2.0));
+        assert_eq!(feed.state.groups(), 2);
         let saved = serde_json::to_vec(&feed.state).expect("encode");
         feed.state = serde_json::from_slice(&saved).expect("decode");
         feed.send("d", 2_000, 3.0);

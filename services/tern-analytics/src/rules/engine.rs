@@ -1,0 +1,538 @@
+//! The rule engine: every enabled rule, run over the `telemetry` stream as the consumer group
+//! `analytics-rules`.
+//!
+//! After each batch the engine carries out the batch's actions, then saves one checkpoint
+//! record (each rule's window state and the last offset folded into it, per partition), then
+//! commits the offsets. After a crash it restores the checkpoint and skips records already
+//! folded into it, so windows lose and double-count nothing; actions of the batch that was in
+//! flight run again with the same idempotency keys, so none is repeated in effect.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use tern_core::{Selector, TenantId, now_ms};
+use tern_eventlog::{Consumed, EventLog, LogError, TELEMETRY_TOPIC};
+use tern_proto::v1::Event;
+use tern_registry::{Commands, NewCommand, Registry, RegistryError};
+use tern_runtime::{MetricsRegistry, Shutdown};
+use tern_store::Store;
+use uuid::Uuid;
+
+use super::model::{Action, Rule};
+use super::sql::{Plan, compile};
+use super::window::{Firing, Message, Outcome, RuleState};
+use crate::alerts::{Alerts, stable_id};
+use crate::metrics::{ActionLabel, RuleMetrics};
+use crate::rules::Rules;
+
+pub const RULES_GROUP: &str = "analytics-rules";
+const CHECKPOINT: &str = "rule_checkpoint";
+const DEAD_LETTER: &str = "rule_dead_letter";
+const BATCH: usize = 1024;
+const POLL_WAIT: Duration = Duration::from_millis(200);
+const ATTEMPTS: u32 = 5;
+/// Devices a `command:NAME@SELECTOR` action reaches at most.
+const MAX_SELECTED: usize = 10_000;
+const LABELS_TTL: Duration = Duration::from_secs(5);
+
+/// Limits (`[rules]` in the config file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    pub max_rules_per_tenant: usize,
+    /// Open groups (devices, label values) one windowed rule keeps; messages that would open
+    /// more are refused and counted, so one tenant's rule cannot exhaust memory.
+    pub max_groups_per_rule: usize,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            max_rules_per_tenant: 100,
+            max_groups_per_rule: 100_000,
+        }
+    }
+}
+
+pub struct RuleServices {
+    pub log: Arc<dyn EventLog>,
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub commands: Arc<Commands>,
+    pub rules: Arc<Rules>,
+    pub alerts: Arc<Alerts>,
+}
+
+pub struct RuleEngine {
+    services: RuleServices,
+    config: RulesConfig,
+    metrics: RuleMetrics,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Checkpoint {
+    /// The last offset folded into the states, per partition.
+    applied: BTreeMap<u32, u64>,
+    states: BTreeMap<Uuid, SavedState>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedState {
+    version: u64,
+    state: RuleState,
+}
+
+struct Running {
+    rule: Arc<Rule>,
+    plan: Plan,
+    state: RuleState,
+}
+
+impl Running {
+    fn lateness_ms(&self) -> i64 {
+        (self.rule.allowed_lateness_secs * 1000) as i64
+    }
+}
+
+/// Rows to act on, with the arrival time of the message that caused a filter rule's row.
+type Firings = Vec<(Arc<Rule>, Firing, Option<i64>)>;
+
+/// Device labels for rules that use them, briefly cached.
+#[derive(Default)]
+struct LabelCache {
+    entries: HashMap<(TenantId, String), (Arc<BTreeMap<String, String>>, Instant)>,
+}
+
+impl LabelCache {
+    async fn get(
+        &mut self,
+        registry: &Registry,
+        tenant: TenantId,
+        device: &str,
+    ) -> Arc<BTreeMap<String, String>> {
+        let key = (tenant, device.to_string());
+        if let Some((labels, at)) = self.entries.get(&key)
+            && at.elapsed() < LABELS_TTL
+        {
+            return labels.clone();
+        }
+        let labels = Arc::new(
+            registry
+                .device_of(tenant, device)
+                .await
+                .map(|d| d.labels)
+                .unwrap_or_default(),
+        );
+        if self.entries.len() >= 100_000 {
+            self.entries.clear();
+        }
+        self.entries.insert(key, (labels.clone(), Instant::now()));
+        labels
+    }
+}
+
+impl RuleEngine {
+    pub fn new(services: RuleServices, config: RulesConfig, metrics: &MetricsRegistry) -> Self {
+        Self {
+            services,
+            config,
+            metrics: RuleMetrics::register(metrics),
+        }
+    }
+
+    /// Runs until `shutdown`, saving a checkpoint before it returns.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), LogError> {
+        let mut consumer = self
+            .services
+            .log
+            .consumer(RULES_GROUP, TELEMETRY_TOPIC)
+            .await?;
+        let mut checkpoint = self.load_checkpoint().await;
+        let mut changes = self.services.rules.changes();
+        let mut running = self
+            .load_rules(&mut checkpoint.states, HashMap::new())
+            .await;
+        let mut applied = checkpoint.applied;
+        let mut labels = LabelCache::default();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let mut firings = Firings::new();
+            let mut positions = Vec::new();
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.save_checkpoint(&applied, &running).await;
+                    return Ok(());
+                }
+                Ok(()) = changes.changed() => {
+                    running = self.load_rules(&mut BTreeMap::new(), running).await;
+                    continue;
+                }
+                _ = tick.tick() => {
+                    let now = now_ms();
+                    for rule in running.values_mut().flatten() {
+                        let mut out = Vec::new();
+                        rule.state.on_time(&rule.plan, rule.lateness_ms(), now, &mut out);
+                        firings.extend(out.into_iter().map(|f| (rule.rule.clone(), f, None)));
+                    }
+                    if firings.is_empty() {
+                        continue;
+                    }
+                }
+                batch = consumer.poll(BATCH, POLL_WAIT) => {
+                    let records = match batch {
+                        Ok(records) if records.is_empty() => continue,
+                        Ok(records) => records,
+                        Err(e) => {
+                            tracing::error!(error = %e, "rules cannot read the event log; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
+                    positions = records.iter().map(|r| r.position).collect();
+                    for record in records {
+                        if applied.get(&record.position.partition).is_some_and(|o| *o >= record.position.offset) {
+                            continue;
+                        }
+                        self.evaluate(&record, &mut running, &mut labels, &mut firings).await;
+                        applied.insert(record.position.partition, record.position.offset);
+                    }
+                }
+            }
+            self.act(firings).await;
+            self.save_checkpoint(&applied, &running).await;
+            if !positions.is_empty()
+                && let Err(e) = consumer.commit(&positions).await
+            {
+                tracing::warn!(error = %e, "rules offset commit failed; the checkpoint covers the batch");
+            }
+        }
+    }
+
+    async fn evaluate(
+        &self,
+        record: &Consumed,
+        running: &mut HashMap<TenantId, Vec<Running>>,
+        labels: &mut LabelCache,
+        firings: &mut Firings,
+    ) {
+        let Ok(event) = Event::decode(record.value.as_ref()) else {
+            return;
+        };
+        if event.metrics.is_empty() {
+            return;
+        }
+        let Ok(tenant) = TenantId::parse(&event.tenant_id) else {
+            return;
+        };
+        let Some(rules) = running.get_mut(&tenant) else {
+            return;
+        };
+        self.metrics.messages.inc();
+        let device_labels = if rules.iter().any(|r| r.plan.uses_labels()) {
+            labels
+                .get(&self.services.registry, tenant, &event.device_id)
+                .await
+        } else {
+            Arc::default()
+        };
+        let metrics: Vec<(String, f64)> = event
+            .metrics
+            .iter()
+            .map(|m| (m.name.clone(), m.value))
+            .collect();
+        let message = Message {
+            device: &event.device_id,
+            message_id: &event.message_id,
+            ts_ms: if event.device_time_ms > 0 {
+                event.device_time_ms
+            } else {
+                event.ingest_time_ms
+            },
+            metrics: &metrics,
+            labels: &device_labels,
+        };
+        for rule in rules {
+            let mut out = Vec::new();
+            match rule.state.on_message(
+                &rule.plan,
+                rule.lateness_ms(),
+                self.config.max_groups_per_rule,
+                &message,
+                &mut out,
+            ) {
+                Outcome::Taken => {}
+                Outcome::Late => {
+                    self.metrics.late.inc();
+                }
+                Outcome::OverLimit => {
+                    self.metrics.over_limit.inc();
+                    tracing::warn!(tenant = %tenant, rule = %rule.rule.name, limit = self.config.max_groups_per_rule, "rule is at its group limit; message not counted");
+                }
+            }
+            let arrived = rule.plan.windowed.is_none().then_some(event.ingest_time_ms);
+            firings.extend(out.into_iter().map(|f| (rule.rule.clone(), f, arrived)));
+        }
+    }
+
+    async fn load_checkpoint(&self) -> Checkpoint {
+        match self.services.store.get_record(CHECKPOINT, TELEMETRY_TOPIC).await {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "rule checkpoint unreadable; rules start with empty windows");
+                Checkpoint::default()
+            }),
+            Ok(None) => Checkpoint::default(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the rule checkpoint; rules start with empty windows");
+                Checkpoint::default()
+            }
+        }
+    }
+
+    /// Retries until the store takes the checkpoint or shutdown: the offsets are committed
+    /// only after it.
+    async fn save_checkpoint(
+        &self,
+        applied: &BTreeMap<u32, u64>,
+        running: &HashMap<TenantId, Vec<Running>>,
+    ) {
+        #[derive(Serialize)]
+        struct Saved<'a> {
+            version: u64,
+            state: &'a RuleState,
+        }
+        #[derive(Serialize)]
+        struct CheckpointRef<'a> {
+            applied: &'a BTreeMap<u32, u64>,
+            states: BTreeMap<Uuid, Saved<'a>>,
+        }
+        let states = running
+            .values()
+            .flatten()
+            .filter(|r| r.plan.windowed.is_some())
+            .map(|r| {
+                (
+                    r.rule.id,
+                    Saved {
+                        version: r.rule.version,
+                        state: &r.state,
+                    },
+                )
+            })
+            .collect();
+        let bytes = match serde_json::to_vec(&CheckpointRef { applied, states }) {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the rule checkpoint");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(100);
+        while let Err(e) = self
+            .services
+            .store
+            .put_record(CHECKPOINT, TELEMETRY_TOPIC, bytes.clone())
+            .await
+        {
+            tracing::error!(error = %e, "cannot save the rule checkpoint; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The enabled rules by tenant. A rule keeps its state when it is unchanged (same
+    /// version) in `previous`, or takes it from a checkpoint saved at the same version.
+    async fn load_rules(
+        &self,
+        saved: &mut BTreeMap<Uuid, SavedState>,
+        mut previous: HashMap<TenantId, Vec<Running>>,
+    ) -> HashMap<TenantId, Vec<Running>> {
+        let rules = loop {
+            match self.services.rules.enabled().await {
+                Ok(rules) => break rules,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot load rules; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let mut kept: HashMap<(Uuid, u64), RuleState> = previous
+            .drain()
+            .flat_map(|(_, rules)| rules)
+            .map(|r| ((r.rule.id, r.rule.version), r.state))
+            .collect();
+        let mut running: HashMap<TenantId, Vec<Running>> = HashMap::new();
+        for rule in rules {
+            let plan = match compile(&rule.sql) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::error!(rule = %rule.id, error = %e, "saved rule no longer compiles; skipped");
+                    continue;
+                }
+            };
+            let state = kept
+                .remove(&(rule.id, rule.version))
+                .or_else(|| {
+                    saved
+                        .remove(&rule.id)
+                        .filter(|s| s.version == rule.version)
+                        .map(|s| s.state)
+                })
+                .unwrap_or_default();
+            running.entry(rule.tenant_id).or_default().push(Running {
+                rule: Arc::new(rule),
+                plan,
+                state,
+            });
+        }
+        let count: usize = running.values().map(Vec::len).sum();
+        tracing::info!(rules = count, "rules loaded");
+        running
+    }
+
+    async fn act(&self, firings: Firings) {
+        for (rule, firing, arrived_ms) in firings {
+            self.metrics.firings.inc();
+            for action in &rule.actions {
+                self.perform(&rule, action, &firing).await;
+            }
+            if let Some(arrived_ms) = arrived_ms {
+                let seconds = (now_ms() - arrived_ms).max(0) as f64 / 1000.0;
+                self.metrics.publish_to_action_seconds.observe(seconds);
+            }
+        }
+    }
+
+    /// Carries out one action, retrying storage failures; what cannot be done is written to
+    /// the rule's dead letters.
+    async fn perform(&self, rule: &Rule, action: &Action, firing: &Firing) {
+        let kind = match action {
+            Action::Alert(_) => "alert",
+            Action::Command { .. } => "command",
+        };
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 1;
+        let outcome = loop {
+            match self.try_perform(rule, action, firing).await {
+                Ok(()) => break "done",
+                Err(RegistryError::Storage(e)) if attempt < ATTEMPTS => {
+                    tracing::warn!(rule = %rule.id, attempt, error = %e, "rule action failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %rule.tenant_id, rule = %rule.id, action = %action, error = %e, "rule action failed; dead-lettered");
+                    self.dead_letter(rule, action, firing, &e).await;
+                    break "dead_letter";
+                }
+            }
+        };
+        self.metrics
+            .actions
+            .get_or_create(&ActionLabel {
+                action: kind.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    async fn try_perform(
+        &self,
+        rule: &Rule,
+        action: &Action,
+        firing: &Firing,
+    ) -> Result<(), RegistryError> {
+        match action {
+            Action::Alert(severity) => {
+                let (alert, new) = self.services.alerts.raise(rule, *severity, firing).await?;
+                if new {
+                    tracing::info!(tenant = %rule.tenant_id, rule = %rule.name, alert = %alert.id, subject = %alert.subject, "alert raised");
+                }
+                Ok(())
+            }
+            Action::Command { name, selector } => {
+                let registry = &self.services.registry;
+                let targets = match (selector, &firing.device) {
+                    (Some(selector), _) => {
+                        let selector = Selector::parse(selector)?;
+                        registry
+                            .select_devices(rule.tenant_id, &selector, None, MAX_SELECTED)
+                            .await?
+                            .0
+                    }
+                    (None, Some(device)) => vec![registry.device_of(rule.tenant_id, device).await?],
+                    (None, None) => {
+                        return Err(RegistryError::FailedPrecondition(
+                            "the row names no device".into(),
+                        ));
+                    }
+                };
+                let key = format!(
+                    "rule-{}",
+                    stable_id(&[&rule.id.to_string(), &action.to_string(), &firing.trigger])
+                );
+                for device in targets {
+                    let command = NewCommand {
+                        name: name.clone(),
+                        payload: serde_json::json!({"rule": rule.name, "row": firing.row}),
+                        ttl_secs: None,
+                        idempotency_key: Some(key.clone()),
+                    };
+                    self.services.commands.send(&device, command).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        rule: &Rule,
+        action: &Action,
+        firing: &Firing,
+        error: &RegistryError,
+    ) {
+        let letter = serde_json::json!({
+            "rule_id": rule.id,
+            "rule_name": rule.name,
+            "action": action.to_string(),
+            "trigger": firing.trigger,
+            "row": firing.row,
+            "error": error.to_string(),
+            "at_ms": now_ms(),
+        });
+        let key = format!("{}/{}/{}", rule.tenant_id, rule.id, Uuid::now_v7());
+        if let Err(e) = self
+            .services
+            .store
+            .put_record(DEAD_LETTER, &key, Bytes::from(letter.to_string()))
+            .await
+        {
+            tracing::error!(rule = %rule.id, error = %e, "cannot store a dead letter");
+        }
+    }
+}
+
+/// A rule's dead letters (actions that could not be carried out), oldest first.
+pub async fn dead_letters(
+    store: &dyn Store,
+    rule: &Rule,
+    limit: usize,
+) -> Result<Vec<serde_json::Value>, RegistryError> {
+    let records = store
+        .list_records(
+            DEAD_LETTER,
+            &format!("{}/{}/", rule.tenant_id, rule.id),
+            None,
+            limit,
+        )
+        .await?;
+    Ok(records
+        .iter()
+        .filter_map(|(_, bytes)| serde_json::from_slice(bytes).ok())
+        .collect())
+}
