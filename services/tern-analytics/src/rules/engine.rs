@@ -101,10 +101,12 @@ impl Running {
 /// Rows to act on, with the arrival time of the message that caused a filter rule's row.
 type Firings = Vec<(Arc<Rule>, Firing, Option<i64>)>;
 
+type Labels = Arc<BTreeMap<String, String>>;
+
 /// Device labels for rules that use them, briefly cached.
 #[derive(Default)]
 struct LabelCache {
-    entries: HashMap<(TenantId, String), (Arc<BTreeMap<String, String>>, Instant)>,
+    entries: HashMap<(TenantId, String), (Labels, Instant)>,
 }
 
 impl LabelCache {
@@ -113,7 +115,7 @@ impl LabelCache {
         registry: &Registry,
         tenant: TenantId,
         device: &str,
-    ) -> Arc<BTreeMap<String, String>> {
+    ) -> Labels {
         let key = (tenant, device.to_string());
         if let Some((labels, at)) = self.entries.get(&key)
             && at.elapsed() < LABELS_TTL

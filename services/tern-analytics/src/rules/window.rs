@@ -144,8 +144,12 @@ impl Scope for WindowScope<'_> {
     }
 }
 
+/// JSON for a value; whole numbers (counts, timestamps) come out as integers.
 fn json(value: Value) -> serde_json::Value {
-    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+    match value {
+        Value::Number(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => (n as i64).into(),
+        other => serde_json::to_value(other).unwrap_or(serde_json::Value::Null),
+    }
 }
 
 impl RuleState {
@@ -389,7 +393,7 @@ mod tests {
         );
         assert_eq!(
             serde_json::Value::Object(firing.row.clone()),
-            serde_json::json!({"device": "d1", "temp": 60.0, "site": "berlin"})
+            serde_json::json!({"device": "d1", "temp": 60, "site": "berlin"})
         );
     }
 
@@ -415,7 +419,7 @@ mod tests {
         feed.state
             .on_time(&feed.plan, feed.lateness, 2 * MIN + 10_000, &mut fired);
         assert_eq!(fired.len(), 1);
-        assert_eq!(fired[0].row["v"], 10.0);
+        assert_eq!(fired[0].row["v"], 10);
         assert_eq!(fired[0].trigger, format!("{:?}@{MIN}", "d"));
     }
 
@@ -470,6 +474,6 @@ mod tests {
         feed.state = serde_json::from_slice(&saved).expect("decode");
         feed.send("d", 2_000, 3.0);
         feed.send("d", MIN, 0.0);
-        assert_eq!(feed.fired[0].row["v"], 5.0);
+        assert_eq!(feed.fired[0].row["v"], 5);
     }
 }

@@ -23,6 +23,7 @@ mod reauth;
 mod rest_api;
 mod revocation;
 mod rollups;
+mod rules;
 mod selectors;
 mod sessions;
 mod simulator;

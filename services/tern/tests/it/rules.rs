@@ -1,0 +1,357 @@
+//! Rules end to end: a device publishes over MQTT, a rule fires, a second device gets the
+//! command and an alert opens; windowed state survives kill -9 without lost or repeated
+//! actions; rule SQL errors point at the token; tenants cannot see each other's rules.
+
+use std::time::{Duration, Instant};
+
+use rumqttc::QoS;
+use serde_json::{Value, json};
+
+use crate::harness::{Mqtt, Provisioned, Tern};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A device of `tenant` with one label and no others.
+fn device_labelled(tern: &Tern, tenant: &str, name: &str, label: &str) -> Provisioned {
+    let base = tern.provision(tenant, &format!("{name}-probe"));
+    let d = tern.cli_json(&[
+        "device", "create", name, "--tenant", tenant, "--label", label,
+    ]);
+    let tokens = tern.cli_json(&["token", "device", name, "--tenant", tenant]);
+    Provisioned {
+        device_id: d["id"].as_str().expect("id").to_string(),
+        access_token: tokens["access_token"].as_str().expect("token").to_string(),
+        ..base
+    }
+}
+
+/// Polls a REST path until `done` holds for its JSON body.
+async fn wait_for(tern: &Tern, token: &str, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = tern.get(token, path).await;
+        assert_eq!(status, 200, "{body}");
+        if done(&body) || Instant::now() > deadline {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_fires_a_rule_that_commands_another_device_and_raises_an_alert() {
+    let tern = Tern::start();
+    let sensor = device_labelled(&tern, "acme", "boiler", "site=berlin");
+    let valve = device_labelled(&tern, "acme", "valve", "role=valve");
+    let rule = tern.cli_json(&[
+        "rule", "create", "--tenant", "acme", "--name", "hot",
+        "--sql", "SELECT device, temp, labels.site FROM telemetry WHERE temp > 50 AND labels.site = 'berlin'",
+        "--action", "alert:critical", "--action", "command:open-valve@role=valve",
+    ]);
+    assert_eq!(
+        (&rule["name"], &rule["enabled"]),
+        (&json!("hot"), &json!(true)),
+        "{rule}"
+    );
+    assert_eq!(
+        rule["actions"],
+        json!(["alert:critical", "command:open-valve@role=valve"])
+    );
+
+    let mut valve_mqtt = Mqtt::device(&tern, &valve).await;
+    valve_mqtt
+        .subscribe("command/req/#", QoS::AtLeastOnce)
+        .await;
+    let mut boiler = Mqtt::device(&tern, &sensor).await;
+    boiler
+        .publish_acked(
+            "telemetry",
+            vec![br#"{"temp": 40}"#.to_vec(), br#"{"temp": 61.5}"#.to_vec()],
+        )
+        .await;
+
+    let got = tokio::time::timeout(PATIENCE, valve_mqtt.received())
+        .await
+        .expect("command in time");
+    let parts: Vec<&str> = got.topic.split('/').collect();
+    assert_eq!(parts[..2], ["command", "req"]);
+    assert_eq!(parts[3], "open-valve");
+    let payload: Value = serde_json::from_str(&got.payload).expect("JSON");
+    assert_eq!(
+        payload,
+        json!({"rule": "hot", "row": {"device": sensor.device_id, "temp": 61.5, "site": "berlin"}})
+    );
+
+    let alerts_path = "/api/v1/tenants/acme/alerts?state=active";
+    let alerts = wait_for(&tern, &sensor.api_token, alerts_path, |b| {
+        b.as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let alert = &alerts[0];
+    assert_eq!(
+        (&alert["rule_name"], &alert["severity"], &alert["count"]),
+        (&json!("hot"), &json!("critical"), &json!(1))
+    );
+    assert_eq!(alert["device_id"], sensor.device_id);
+    assert_eq!(alert["details"]["temp"], 61.5);
+
+    // A second hot reading folds into the open alert rather than opening another.
+    boiler
+        .publish_acked("telemetry", vec![br#"{"temp": 70}"#.to_vec()])
+        .await;
+    let alerts = wait_for(&tern, &sensor.api_token, alerts_path, |b| {
+        b[0]["count"] == 2
+    })
+    .await;
+    assert_eq!(alerts.as_array().map(Vec::len), Some(1), "{alerts}");
+    let id = alerts[0]["id"].as_str().expect("id").to_string();
+    let acked = tern.cli_json(&["alert", "ack", &id, "--tenant", "acme"]);
+    assert_eq!(acked["state"], "acknowledged");
+    let cleared = tern.cli_json(&["alert", "clear", &id, "--tenant", "acme"]);
+    assert_eq!(cleared["state"], "cleared");
+    let listed = tern.cli_json(&["alert", "list", "--tenant", "acme", "--state", "cleared"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+
+    // Disabled, the rule stops acting; the change applies without a restart.
+    let disabled = tern.cli_json(&["rule", "disable", "hot", "--tenant", "acme"]);
+    assert_eq!(disabled["enabled"], false);
+    boiler
+        .publish_acked("telemetry", vec![br#"{"temp": 99}"#.to_vec()])
+        .await;
+    // The later, cooler device's reading proves the engine has moved past the hot one.
+    let witness = tern.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "witness",
+        "--sql",
+        "SELECT device FROM telemetry WHERE marker = 1",
+        "--action",
+        "alert:info",
+    ]);
+    assert_eq!(witness["enabled"], true);
+    boiler
+        .publish_acked("telemetry", vec![br#"{"marker": 1}"#.to_vec()])
+        .await;
+    wait_for(
+        &tern,
+        &sensor.api_token,
+        "/api/v1/tenants/acme/alerts?rule=witness",
+        |b| b.as_array().is_some_and(|a| !a.is_empty()),
+    )
+    .await;
+    let hot = tern.cli_json(&["alert", "list", "--tenant", "acme", "--rule", "hot"]);
+    assert_eq!(
+        hot.as_array().map(Vec::len),
+        Some(1),
+        "no new occurrence while disabled: {hot}"
+    );
+    assert_eq!(hot[0]["state"], "cleared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_state_survives_kill_9_without_lost_or_repeated_actions() {
+    let mut tern = Tern::start();
+    let p = tern.provision("acme", "meter");
+    tern.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "per-minute",
+        "--sql",
+        "SELECT device, window_start, count(*) AS n, sum(kwh) AS total FROM telemetry \
+                  GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)",
+        "--action",
+        "command:report",
+    ]);
+    // A minute a few minutes ahead, so that only the device's own clock closes it.
+    let minute = (tern_core::now_ms() / 60_000 + 5) * 60_000;
+    let batch = |from: i64, n: i64| -> Vec<Vec<u8>> {
+        (from..from + n)
+            .map(|i| {
+                json!({"kwh": i, "ts": minute + i * 100})
+                    .to_string()
+                    .into_bytes()
+            })
+            .collect()
+    };
+    let mut device = Mqtt::device(&tern, &p).await;
+    device.publish_acked("telemetry", batch(0, 30)).await;
+    tern.wait_points(&p, "kwh", 30).await;
+    tern.kill9();
+    tern.start_again();
+    let mut device = Mqtt::device(&tern, &p).await;
+    device.publish_acked("telemetry", batch(30, 20)).await;
+    // A message two minutes on moves the device's watermark past the window and its lateness.
+    device
+        .publish_acked(
+            "telemetry",
+            vec![
+                json!({"kwh": 0, "ts": minute + 120_000})
+                    .to_string()
+                    .into_bytes(),
+            ],
+        )
+        .await;
+
+    let commands = format!("/api/v1/tenants/acme/devices/{}/commands", p.device_id);
+    wait_for(&tern, &p.api_token, &commands, |b| {
+        b["commands"].as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    // Give a duplicate, if there were one, time to appear.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let listed = tern.get(&p.api_token, &commands).await.1;
+    let reports: Vec<&Value> = listed["commands"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|c| c["name"] == "report")
+        .collect();
+    assert_eq!(reports.len(), 1, "one command for the window: {listed}");
+    let row = &reports[0]["payload"]["row"];
+    assert_eq!(row["window_start"], minute);
+    assert_eq!(
+        row["n"], 50,
+        "every message counted once across the crash: {row}"
+    );
+    assert_eq!(row["total"], (0..50).sum::<i64>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_errors_are_specific_and_rules_are_per_tenant() {
+    let tern = Tern::start();
+    let acme = tern.provision("acme", "a");
+    let globex = tern.provision("globex", "g");
+    let post = |token: String, tenant: &str, body: Value| {
+        let url = format!("{}/api/v1/tenants/{tenant}/rules", tern.http());
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .expect("POST");
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, body) = post(
+        acme.api_token.clone(),
+        "acme",
+        json!({"name": "bad", "sql": "SELECT device FROM telemetry WHERE temp >> 5", "actions": ["alert"]}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["field"]),
+        (400, &json!("sql")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("line 1, column 36"), "{message}");
+
+    let (status, body) = post(
+        acme.api_token.clone(),
+        "acme",
+        json!({"name": "sitewide", "sql": "SELECT labels.site, avg(temp) FROM telemetry GROUP BY labels.site, TUMBLE(ts, INTERVAL '1' MINUTE)", "actions": ["command:cool"]}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["field"]),
+        (400, &json!("actions")),
+        "{body}"
+    );
+
+    let (status, body) = post(
+        acme.api_token.clone(),
+        "acme",
+        json!({"name": "bad", "sql": "SELECT device FROM telemetry", "actions": ["page:someone"]}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["field"]),
+        (400, &json!("actions")),
+        "{body}"
+    );
+
+    let ok = json!({"name": "hot", "sql": "SELECT device FROM telemetry WHERE temp > 1", "actions": ["alert"]});
+    assert_eq!(
+        post(acme.api_token.clone(), "acme", ok.clone()).await.0,
+        201
+    );
+    assert_eq!(
+        post(acme.api_token.clone(), "acme", ok.clone()).await.0,
+        409,
+        "names are unique per tenant"
+    );
+    assert_eq!(
+        post(globex.api_token.clone(), "globex", ok).await.0,
+        201,
+        "another tenant may reuse it"
+    );
+
+    // A tenant's token sees none of another tenant's rules or alerts.
+    let (status, _) = tern
+        .get(&globex.api_token, "/api/v1/tenants/acme/rules")
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = tern
+        .get(&globex.api_token, "/api/v1/tenants/acme/alerts")
+        .await;
+    assert_eq!(status, 403);
+    let (_, rules) = tern
+        .get(&globex.api_token, "/api/v1/tenants/globex/rules")
+        .await;
+    assert_eq!(rules.as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_test_replays_stored_telemetry_without_acting() {
+    let tern = Tern::start();
+    let p = tern.provision("acme", "meter");
+    let mut device = Mqtt::device(&tern, &p).await;
+    let base = (tern_core::now_ms() / 60_000 - 30) * 60_000;
+    let payloads = [
+        (0, 10.0),
+        (20_000, 30.0),
+        (60_000, 5.0),
+        (61_000, 7.0),
+        (200_000, 1.0),
+    ]
+    .iter()
+    .map(|(at, v)| json!({"temp": v, "ts": base + at}).to_string().into_bytes())
+    .collect();
+    device.publish_acked("telemetry", payloads).await;
+    tern.wait_points(&p, "temp", 5).await;
+    let from = base.to_string();
+    let to = (base + 180_000).to_string();
+    let report = tern.cli_json(&[
+        "rule", "test", "--tenant", "acme", "--from", &from, "--to", &to,
+        "--sql", "SELECT device, window_start, avg(temp) AS t FROM telemetry GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE) HAVING avg(temp) > 5",
+    ]);
+    assert_eq!(report["messages"], 4, "{report}");
+    let rows: Vec<(f64, f64)> = report["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["row"]["window_start"].as_f64().unwrap_or_default(),
+                r["row"]["t"].as_f64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![(base as f64, 20.0), ((base + 60_000) as f64, 6.0)]
+    );
+    let (_, alerts) = tern.get(&p.api_token, "/api/v1/tenants/acme/alerts").await;
+    assert_eq!(alerts, json!([]), "a test acts on nothing");
+}
