@@ -110,12 +110,7 @@ struct LabelCache {
 }
 
 impl LabelCache {
-    async fn get(
-        &mut self,
-        registry: &Registry,
-        tenant: TenantId,
-        device: &str,
-    ) -> Labels {
+    async fn get(&mut self, registry: &Registry, tenant: TenantId, device: &str) -> Labels {
         let key = (tenant, device.to_string());
         if let Some((labels, at)) = self.entries.get(&key)
             && at.elapsed() < LABELS_TTL
