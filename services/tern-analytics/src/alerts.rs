@@ -3,7 +3,8 @@
 //!
 //! A rule that fires again for an open alert updates it (`count`, `last_raised_at_ms`,
 //! `details`) instead of opening another; the same trigger twice (a replay) changes nothing.
-//! Once cleared, the next firing opens a new occurrence.
+//! Once cleared (by a person, or by the rule when its condition ends: HYSTERESIS left, a
+//! silent device is back), the next firing opens a new occurrence.
 
 use std::sync::Arc;
 
@@ -171,6 +172,28 @@ impl Alerts {
         };
         self.save(&alert).await?;
         Ok((alert, new))
+    }
+
+    /// Clears the rule's open alert for the firing's subject, if there is one (the condition
+    /// that raised it has ended).
+    pub async fn resolve(
+        &self,
+        rule: &Rule,
+        firing: &Firing,
+    ) -> Result<Option<Alert>, RegistryError> {
+        let id = stable_id(&[&rule.id.to_string(), &firing.subject]);
+        let _guard = self.write_lock.lock().await;
+        let Some(mut alert) = self.load(rule.tenant_id, id).await? else {
+            return Ok(None);
+        };
+        if alert.state == AlertState::Cleared {
+            return Ok(None);
+        }
+        alert.state = AlertState::Cleared;
+        alert.cleared_at_ms = Some(now_ms());
+        alert.details = firing.row.clone();
+        self.save(&alert).await?;
+        Ok(Some(alert))
     }
 
     /// A tenant's alerts, newest raised first.

@@ -22,6 +22,9 @@ pub struct TestRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     pub ts: i64,
+    /// The row ends a condition (HYSTERESIS left, an ABSENCE is over).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub clear: bool,
     pub row: Map<String, serde_json::Value>,
 }
 
@@ -99,13 +102,22 @@ pub async fn test_rule(
     let lateness_ms = (lateness_secs * 1000) as i64;
     let mut state = RuleState::default();
     let mut fired = Vec::new();
+    // The clock advances with the messages, in steps of at least a second and at most a
+    // thousand steps over the range, as the live engine's ticks would.
+    let step = ((to_ms - from_ms) / 1000).max(1000);
+    let mut clock = from_ms;
     for stored in &messages {
+        if stored.ts_ms >= clock + step {
+            clock = stored.ts_ms;
+            state.on_time(&plan, lateness_ms, clock, &mut fired);
+        }
         let device = &devices[stored.device];
         let id = device.id.to_string();
         let message = Message {
             device: &id,
             message_id: &stored.message_id,
             ts_ms: stored.ts_ms,
+            arrived_ms: stored.ts_ms,
             metrics: &stored.metrics,
             labels: &device.labels,
         };
@@ -125,6 +137,7 @@ pub async fn test_rule(
             .map(|f| TestRow {
                 device: f.device,
                 ts: f.ts_ms,
+                clear: f.clear,
                 row: f.row,
             })
             .collect(),

@@ -249,6 +249,7 @@ impl RuleEngine {
             } else {
                 event.ingest_time_ms
             },
+            arrived_ms: event.ingest_time_ms,
             metrics: &metrics,
             labels: &device_labels,
         };
@@ -444,6 +445,14 @@ impl RuleEngine {
         firing: &Firing,
     ) -> Result<(), RegistryError> {
         match action {
+            Action::Alert(_) if firing.clear => {
+                if let Some(alert) = self.services.alerts.resolve(rule, firing).await? {
+                    tracing::info!(tenant = %rule.tenant_id, rule = %rule.name, alert = %alert.id, subject = %alert.subject, "alert cleared by its rule");
+                }
+                Ok(())
+            }
+            // A clearing row ends a condition; it commands nothing.
+            Action::Command { .. } if firing.clear => Ok(()),
             Action::Alert(severity) => {
                 let (alert, new) = self.services.alerts.raise(rule, *severity, firing).await?;
                 if new {

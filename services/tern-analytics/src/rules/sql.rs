@@ -46,9 +46,29 @@ pub struct WindowSpec {
     pub slide_ms: i64,
 }
 
+/// What turns a group's messages into rows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trigger {
+    /// `TUMBLE` / `HOP`: a row per window when it closes, with aggregates.
+    Window(WindowSpec),
+    /// `ABSENCE(INTERVAL)`: a row when no message has arrived from the group for the interval.
+    Absence { timeout_ms: i64 },
+    /// `HYSTERESIS(enter, leave)`: a row when `enter` holds while the group is off, and a
+    /// clearing row when `leave` holds while it is on.
+    Hysteresis { enter: Expr, leave: Expr },
+    /// `SEQUENCE(first, then, INTERVAL)`: a row when a message meeting `then` follows one
+    /// meeting `first` within the interval (message time).
+    Sequence {
+        first: Expr,
+        then: Expr,
+        within_ms: i64,
+    },
+}
+
+/// A grouped rule: a window or pattern per group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Windowed {
-    pub window: WindowSpec,
+    pub trigger: Trigger,
     /// Group keys (`device`, `labels.NAME`), evaluated on each message.
     pub keys: Vec<Column>,
     pub aggregates: Vec<Aggregate>,
@@ -136,6 +156,9 @@ struct Compiler;
 enum Place {
     /// WHERE, or the output of an unwindowed rule: one message.
     Message,
+    /// The output of a HYSTERESIS or SEQUENCE rule: the message that completed the pattern,
+    /// and the pattern's span.
+    Pattern,
     /// The output or HAVING of a windowed rule: group keys, aggregates and window bounds.
     Window,
     /// The argument of an aggregate: one message, no nested aggregates.
@@ -189,8 +212,8 @@ impl Compiler {
             .as_ref()
             .map(|e| self.expr(e, Place::Message, None))
             .transpose()?;
-        let windowed_keys = self.group_by(select)?;
-        let Some((window, keys)) = windowed_keys else {
+        let grouped = self.group_by(select)?;
+        let Some((trigger, keys)) = grouped else {
             if let Some(having) = &select.having {
                 return Err(self.fail(
                     "HAVING needs a window: GROUP BY ..., TUMBLE(ts, INTERVAL '1' MINUTE)",
@@ -205,11 +228,40 @@ impl Compiler {
                 windowed: None,
             });
         };
+        if let Trigger::Hysteresis { .. } | Trigger::Sequence { .. } = trigger {
+            if let Some(having) = &select.having {
+                return Err(self.fail(
+                    "HAVING applies to windows; put the condition in the pattern",
+                    having,
+                ));
+            }
+            let (columns, select_all) = self.projection(select, Place::Pattern, None)?;
+            return Ok(Plan {
+                filter,
+                columns,
+                select_all,
+                windowed: Some(Windowed {
+                    trigger,
+                    keys,
+                    aggregates: Vec::new(),
+                    having: None,
+                }),
+            });
+        }
         let mut context = WindowContext {
             keys: &keys,
             aggregates: Vec::new(),
         };
         let (columns, select_all) = self.projection(select, Place::Window, Some(&mut context))?;
+        if let Trigger::Absence { .. } = trigger {
+            let message = "ABSENCE rows are about messages that did not come: they have keys, window_start (the last arrival) and window_end, but no aggregates or HAVING";
+            if !context.aggregates.is_empty() || select_all {
+                return Err(self.error(message, select.select_token.clone()));
+            }
+            if let Some(having) = &select.having {
+                return Err(self.fail(message, having));
+            }
+        }
         if select_all {
             return Err(self.error(
                 "SELECT * cannot be used with a window: name the keys and aggregates",
@@ -227,7 +279,7 @@ impl Compiler {
             columns,
             select_all: false,
             windowed: Some(Windowed {
-                window,
+                trigger,
                 keys,
                 aggregates,
                 having,
@@ -276,11 +328,8 @@ impl Compiler {
         Ok(())
     }
 
-    /// The window and the group keys, when the rule has GROUP BY.
-    fn group_by(
-        &self,
-        select: &ast::Select,
-    ) -> Result<Option<(WindowSpec, Vec<Column>)>, SqlError> {
+    /// The window or pattern and the group keys, when the rule has GROUP BY.
+    fn group_by(&self, select: &ast::Select) -> Result<Option<(Trigger, Vec<Column>)>, SqlError> {
         let exprs = match &select.group_by {
             ast::GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => exprs,
             ast::GroupByExpr::Expressions(..) | ast::GroupByExpr::All(_) => {
@@ -298,22 +347,41 @@ impl Compiler {
         for e in exprs {
             if let ast::Expr::Function(f) = e {
                 let name = f.name.to_string().to_ascii_uppercase();
-                let spec = match name.as_str() {
+                let trigger = match name.as_str() {
                     "TUMBLE" => {
                         let [size] = self.window_args(f, 1)?[..] else { unreachable!() };
-                        WindowSpec { size_ms: size, slide_ms: size }
+                        Trigger::Window(WindowSpec { size_ms: size, slide_ms: size })
                     }
                     "HOP" => {
                         let [slide, size] = self.window_args(f, 2)?[..] else { unreachable!() };
                         if size % slide != 0 {
                             return Err(self.fail("HOP's size must be a whole multiple of its slide", f));
                         }
-                        WindowSpec { size_ms: size, slide_ms: slide }
+                        Trigger::Window(WindowSpec { size_ms: size, slide_ms: slide })
                     }
-                    _ => return Err(self.fail(format!("GROUP BY takes device, labels.NAME and one window (TUMBLE or HOP), not {name}()"), f)),
+                    "ABSENCE" => match self.arguments(f, "ABSENCE(INTERVAL '5' MINUTE)")?[..] {
+                        [timeout] => Trigger::Absence { timeout_ms: self.interval(timeout)? },
+                        _ => return Err(self.fail("ABSENCE takes one interval: ABSENCE(INTERVAL '5' MINUTE)", f)),
+                    },
+                    "HYSTERESIS" => match self.arguments(f, "HYSTERESIS(temp > 80, temp < 70)")?[..] {
+                        [enter, leave] => Trigger::Hysteresis {
+                            enter: self.expr(enter, Place::Message, None)?,
+                            leave: self.expr(leave, Place::Message, None)?,
+                        },
+                        _ => return Err(self.fail("HYSTERESIS takes two conditions: HYSTERESIS(temp > 80, temp < 70)", f)),
+                    },
+                    "SEQUENCE" => match self.arguments(f, "SEQUENCE(door = 1, motion = 1, INTERVAL '10' SECOND)")?[..] {
+                        [first, then, within] => Trigger::Sequence {
+                            first: self.expr(first, Place::Message, None)?,
+                            then: self.expr(then, Place::Message, None)?,
+                            within_ms: self.interval(within)?,
+                        },
+                        _ => return Err(self.fail("SEQUENCE takes two conditions and an interval: SEQUENCE(door = 1, motion = 1, INTERVAL '10' SECOND)", f)),
+                    },
+                    _ => return Err(self.fail(format!("GROUP BY takes device, labels.NAME and one window or pattern (TUMBLE, HOP, ABSENCE, HYSTERESIS, SEQUENCE), not {name}()"), f)),
                 };
-                if window.replace(spec).is_some() {
-                    return Err(self.fail("a rule has one window", f));
+                if window.replace(trigger).is_some() {
+                    return Err(self.fail("a rule has one window or pattern", f));
                 }
                 continue;
             }
@@ -327,25 +395,33 @@ impl Compiler {
             }
         }
         let window = window.ok_or_else(|| {
-            self.error("GROUP BY needs a window: add TUMBLE(ts, INTERVAL '1' MINUTE) or HOP(ts, slide, size)", select.select_token.clone())
+            self.error("GROUP BY needs a window or pattern: add TUMBLE(ts, INTERVAL '1' MINUTE), HOP(ts, slide, size), ABSENCE(...), HYSTERESIS(...) or SEQUENCE(...)", select.select_token.clone())
         })?;
         Ok(Some((window, keys)))
+    }
+
+    /// A function's plain arguments.
+    fn arguments<'f>(
+        &self,
+        f: &'f ast::Function,
+        usage: &str,
+    ) -> Result<Vec<&'f ast::Expr>, SqlError> {
+        let ast::FunctionArguments::List(list) = &f.args else {
+            return Err(self.fail(format!("expected {usage}"), f));
+        };
+        list.args
+            .iter()
+            .map(|a| match a {
+                ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e)) => Ok(e),
+                other => Err(self.fail(format!("expected {usage}"), other)),
+            })
+            .collect()
     }
 
     /// `ts` followed by `n` intervals, in milliseconds.
     fn window_args(&self, f: &ast::Function, n: usize) -> Result<Vec<i64>, SqlError> {
         let usage = "windows are TUMBLE(ts, INTERVAL '1' MINUTE) and HOP(ts, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE)";
-        let ast::FunctionArguments::List(list) = &f.args else {
-            return Err(self.fail(usage, f));
-        };
-        let args: Vec<&ast::Expr> = list
-            .args
-            .iter()
-            .map(|a| match a {
-                ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e)) => Ok(e),
-                other => Err(self.fail(usage, other)),
-            })
-            .collect::<Result<_, _>>()?;
+        let args = self.arguments(f, usage)?;
         if args.len() != n + 1
             || !matches!(args[0], ast::Expr::Identifier(id) if id.value.eq_ignore_ascii_case("ts"))
         {
@@ -550,7 +626,7 @@ impl Compiler {
             [name] if !quoted && name.eq_ignore_ascii_case("ts") => Column::Ts,
             [name] if !quoted && name.eq_ignore_ascii_case("window_start") => {
                 return match place {
-                    Place::Window => Ok(Expr::WindowStart),
+                    Place::Window | Place::Pattern => Ok(Expr::WindowStart),
                     _ => Err(self.fail(
                         "window_start exists only in the output of a windowed rule",
                         e,
@@ -559,7 +635,7 @@ impl Compiler {
             }
             [name] if !quoted && name.eq_ignore_ascii_case("window_end") => {
                 return match place {
-                    Place::Window => Ok(Expr::WindowEnd),
+                    Place::Window | Place::Pattern => Ok(Expr::WindowEnd),
                     _ => {
                         Err(self.fail("window_end exists only in the output of a windowed rule", e))
                     }
@@ -752,6 +828,26 @@ mod tests {
         assert!(e.message.contains("ORDER BY"), "{e}");
         let e = error("SELECT device FROM telemetry t JOIN devices d ON t.device = d.id");
         assert!(e.message.contains("JOIN"), "{e}");
+        let e = error(
+            "SELECT device, count(*) FROM telemetry GROUP BY device, ABSENCE(INTERVAL '5' MINUTE)",
+        );
+        assert!(e.message.contains("ABSENCE rows"), "{e}");
+        let e = error(
+            "SELECT device FROM telemetry GROUP BY device, HYSTERESIS(temp > 80, temp < 70) HAVING temp > 1",
+        );
+        assert!(e.message.contains("HAVING applies to windows"), "{e}");
+        let e = error(
+            "SELECT device FROM telemetry GROUP BY device, SEQUENCE(door = 1, INTERVAL '1' MINUTE)",
+        );
+        assert!(
+            e.message
+                .contains("SEQUENCE takes two conditions and an interval"),
+            "{e}"
+        );
+        let e = error(
+            "SELECT device FROM telemetry GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE), ABSENCE(INTERVAL '1' MINUTE)",
+        );
+        assert!(e.message.contains("one window or pattern"), "{e}");
         let e = error("DELETE FROM telemetry");
         assert!(e.message.contains("SELECT"), "{e}");
         let e =
@@ -778,11 +874,11 @@ mod tests {
         .expect("plan");
         let windowed = plan.windowed.as_ref().expect("windowed");
         assert_eq!(
-            windowed.window,
-            WindowSpec {
+            windowed.trigger,
+            Trigger::Window(WindowSpec {
                 size_ms: 300_000,
                 slide_ms: 60_000
-            }
+            })
         );
         assert_eq!(windowed.keys, vec![Column::Label("site".into())]);
         assert_eq!(

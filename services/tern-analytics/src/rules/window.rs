@@ -1,5 +1,8 @@
-//! Running one rule over messages: filters emit a row per matching message; windowed rules keep
-//! per-group windows and emit a row per window when it closes.
+//! Running one rule over messages: filters emit a row per matching message; grouped rules keep
+//! per-group windows (a row per window when it closes) or patterns: ABSENCE (a row when a
+//! group has been silent for the interval, a clearing row when it is back), HYSTERESIS (a row
+//! on entering, a clearing row on leaving) and SEQUENCE (a row when `then` follows `first`
+//! within the interval).
 //!
 //! Event time: each message's own timestamp. Each group (a device, when grouping by device)
 //! has a watermark, the newest timestamp it has seen; a window closes when the watermark passes
@@ -8,22 +11,25 @@
 //! dropped and counted as late.
 //!
 //! The state is plain data (serde), checkpointed to the store by the engine; every row carries
-//! a deterministic `trigger` (the message id, or the group and window start) that becomes its
+//! a deterministic `trigger` (the message id, or the group and window start or message) that becomes its
 //! actions' idempotency key, so a replay after a crash repeats no action.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Map;
 
 use super::expr::{Column, Scope, Value};
-use super::sql::{AggregateFn, Plan, Windowed};
+use super::sql::{AggregateFn, Plan, Trigger, WindowSpec, Windowed};
 
 /// A message as rules see it.
 pub struct Message<'a> {
     pub device: &'a str,
     pub message_id: &'a str,
+    /// The message's time: the device's, else its arrival.
     pub ts_ms: i64,
+    /// When the platform received it (ABSENCE follows arrivals, not device clocks).
+    pub arrived_ms: i64,
     pub metrics: &'a [(String, f64)],
     pub labels: &'a BTreeMap<String, String>,
 }
@@ -56,6 +62,9 @@ pub struct Firing {
     /// The group the row is about (its key values joined), for alert deduplication.
     pub subject: String,
     pub ts_ms: i64,
+    /// The row ends a condition (HYSTERESIS left, a silent group is back): alerts the rule
+    /// raised for the subject are cleared, and other actions do not run.
+    pub clear: bool,
     pub row: Map<String, serde_json::Value>,
 }
 
@@ -102,7 +111,25 @@ struct Group {
     fired_until_ms: i64,
     /// Open windows by start: one accumulator per aggregate of the rule.
     windows: BTreeMap<i64, Vec<Accumulator>>,
+    #[serde(default)]
+    pattern: PatternState,
 }
+
+/// The state of ABSENCE, HYSTERESIS and SEQUENCE for one group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct PatternState {
+    /// ABSENCE: when the group's latest message arrived, and whether its silence since then
+    /// has been reported.
+    last_arrival_ms: i64,
+    silent: bool,
+    /// HYSTERESIS: entered and not yet left.
+    on: bool,
+    /// SEQUENCE: times of `first` messages still waiting for a `then`, oldest first.
+    pending: VecDeque<i64>,
+}
+
+/// SEQUENCE keeps at most this many unmatched `first` messages per group.
+const MAX_PENDING: usize = 64;
 
 /// What became of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +142,7 @@ pub enum Outcome {
     OverLimit,
 }
 
-/// The state of one rule: its open windows per group.
+/// The state of one rule: its open windows or patterns per group.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RuleState {
     groups: BTreeMap<String, Group>,
@@ -123,15 +150,18 @@ pub struct RuleState {
     pub late_messages: u64,
 }
 
-struct WindowScope<'a> {
+/// What a grouped rule's output sees: the group's keys, its aggregates (windows), the span,
+/// and the message that completed a pattern.
+struct GroupScope<'a> {
     keys: &'a [Value],
     aggregates: Vec<Value>,
     window: (i64, i64),
+    message: Option<&'a Message<'a>>,
 }
 
-impl Scope for WindowScope<'_> {
-    fn column(&self, _: &Column) -> Value {
-        Value::Null
+impl Scope for GroupScope<'_> {
+    fn column(&self, column: &Column) -> Value {
+        self.message.map_or(Value::Null, |m| m.column(column))
     }
     fn group_key(&self, index: usize) -> Value {
         self.keys.get(index).cloned().unwrap_or(Value::Null)
@@ -158,7 +188,7 @@ impl RuleState {
         self.groups.len()
     }
 
-    /// Feeds one message; rows it completes go to `out`. A windowed rule keeps at most
+    /// Feeds one message; rows it completes go to `out`. A grouped rule keeps at most
     /// `max_groups` groups.
     pub fn on_message(
         &mut self,
@@ -172,7 +202,14 @@ impl RuleState {
             return Outcome::Taken;
         }
         let Some(windowed) = &plan.windowed else {
-            out.push(row_of(plan, message));
+            out.push(Firing {
+                trigger: message.message_id.to_string(),
+                device: Some(message.device.to_string()),
+                subject: message.device.to_string(),
+                ts_ms: message.ts_ms,
+                clear: false,
+                row: output_row(plan, message, Some(message)),
+            });
             return Outcome::Taken;
         };
         let keys: Vec<Value> = windowed.keys.iter().map(|k| message.column(k)).collect();
@@ -189,117 +226,266 @@ impl RuleState {
             watermark_ms: i64::MIN,
             fired_until_ms: i64::MIN,
             windows: BTreeMap::new(),
+            pattern: PatternState::default(),
         });
-        let spec = windowed.window;
-        let ts = message.ts_ms;
-        let mut accepted = false;
-        let mut start = ts.div_euclid(spec.slide_ms) * spec.slide_ms;
-        while start > ts - spec.size_ms {
-            let end = start + spec.size_ms;
-            let closed = end <= group.fired_until_ms
-                || end.saturating_add(lateness_ms) <= group.watermark_ms;
-            if !closed {
-                accepted = true;
-                let accumulators = group
-                    .windows
-                    .entry(start)
-                    .or_insert_with(|| vec![Accumulator::default(); windowed.aggregates.len()]);
-                for (aggregate, acc) in windowed.aggregates.iter().zip(accumulators.iter_mut()) {
-                    match &aggregate.argument {
-                        None => acc.add(0.0),
-                        Some(argument) => match argument.eval(message) {
-                            Value::Number(n) => acc.add(n),
-                            Value::Null => {}
-                            // count(x) counts non-NULL values of any type.
-                            _ if aggregate.function == AggregateFn::Count => acc.add(0.0),
-                            _ => {}
-                        },
-                    }
+        let emit = Emitter {
+            plan,
+            windowed,
+            key: &key,
+        };
+        match &windowed.trigger {
+            Trigger::Window(spec) => {
+                if !add_to_windows(windowed, *spec, lateness_ms, group, message) {
+                    self.late_messages += 1;
+                    return Outcome::Late;
+                }
+                group.watermark_ms = group.watermark_ms.max(message.ts_ms);
+                let until = group.watermark_ms.saturating_sub(lateness_ms);
+                fire_windows(&emit, *spec, group, until, out);
+            }
+            Trigger::Absence { timeout_ms } => {
+                let state = &mut group.pattern;
+                if state.silent {
+                    // The group is back: its absence row is cleared.
+                    let span = (state.last_arrival_ms, state.last_arrival_ms + timeout_ms);
+                    out.push(emit.row(
+                        &group.keys,
+                        span,
+                        None,
+                        format!("{key}@{}/back", state.last_arrival_ms),
+                        true,
+                    ));
+                }
+                state.silent = false;
+                state.last_arrival_ms = state.last_arrival_ms.max(message.arrived_ms);
+            }
+            Trigger::Hysteresis { enter, leave } => {
+                let on = group.pattern.on;
+                let flips = if on {
+                    leave.holds(message)
+                } else {
+                    enter.holds(message)
+                };
+                if flips {
+                    group.pattern.on = !on;
+                    let trigger = format!("{key}@{}", message.message_id);
+                    let span = (message.ts_ms, message.ts_ms);
+                    out.push(emit.row(&group.keys, span, Some(message), trigger, on));
                 }
             }
-            start -= spec.slide_ms;
+            Trigger::Sequence {
+                first,
+                then,
+                within_ms,
+            } => {
+                let pending = &mut group.pattern.pending;
+                let ts = message.ts_ms;
+                pending.retain(|&at| at >= ts - within_ms);
+                if then.holds(message)
+                    && let Some(i) = pending.iter().position(|&at| at <= ts)
+                    && let Some(at) = pending.remove(i)
+                {
+                    let trigger = format!("{key}@{}", message.message_id);
+                    out.push(emit.row(&group.keys, (at, ts), Some(message), trigger, false));
+                }
+                if first.holds(message) {
+                    if pending.len() == MAX_PENDING {
+                        pending.pop_front();
+                    }
+                    pending.push_back(ts);
+                }
+            }
         }
-        if !accepted {
-            self.late_messages += 1;
-            return Outcome::Late;
-        }
-        group.watermark_ms = group.watermark_ms.max(ts);
-        let until = group.watermark_ms.saturating_sub(lateness_ms);
-        fire(plan, windowed, &key, group, until, out);
         Outcome::Taken
     }
 
-    /// Closes the windows the wall clock has passed (plus lateness), and forgets groups with
-    /// nothing open that have been quiet for a window and the lateness.
+    /// What the wall clock decides: closes the windows it has passed (plus lateness), reports
+    /// silent groups (ABSENCE), and forgets groups with nothing left to track.
     pub fn on_time(&mut self, plan: &Plan, lateness_ms: i64, now_ms: i64, out: &mut Vec<Firing>) {
         let Some(windowed) = &plan.windowed else {
             return;
         };
         let until = now_ms.saturating_sub(lateness_ms);
         for (key, group) in self.groups.iter_mut() {
-            fire(plan, windowed, key, group, until, out);
+            let emit = Emitter {
+                plan,
+                windowed,
+                key,
+            };
+            match &windowed.trigger {
+                Trigger::Window(spec) => fire_windows(&emit, *spec, group, until, out),
+                Trigger::Absence { timeout_ms } => {
+                    let state = &mut group.pattern;
+                    let since = state.last_arrival_ms;
+                    if !state.silent && now_ms.saturating_sub(since) >= *timeout_ms {
+                        state.silent = true;
+                        let trigger = format!("{key}@{since}");
+                        out.push(emit.row(
+                            &group.keys,
+                            (since, since + timeout_ms),
+                            None,
+                            trigger,
+                            false,
+                        ));
+                    }
+                }
+                Trigger::Hysteresis { .. } | Trigger::Sequence { .. } => {}
+            }
         }
-        let quiet = until.saturating_sub(windowed.window.size_ms);
-        self.groups
-            .retain(|_, g| !g.windows.is_empty() || g.watermark_ms > quiet);
+        self.groups.retain(|_, g| match &windowed.trigger {
+            Trigger::Window(spec) => {
+                !g.windows.is_empty() || g.watermark_ms > until.saturating_sub(spec.size_ms)
+            }
+            Trigger::Absence { .. } => true,
+            Trigger::Hysteresis { .. } => g.pattern.on,
+            Trigger::Sequence { .. } => !g.pattern.pending.is_empty(),
+        });
+    }
+}
+
+/// Adds a message to every open window that covers it; false when all of them had closed.
+fn add_to_windows(
+    windowed: &Windowed,
+    spec: WindowSpec,
+    lateness_ms: i64,
+    group: &mut Group,
+    message: &Message,
+) -> bool {
+    let ts = message.ts_ms;
+    let mut accepted = false;
+    let mut start = ts.div_euclid(spec.slide_ms) * spec.slide_ms;
+    while start > ts - spec.size_ms {
+        let end = start + spec.size_ms;
+        let closed =
+            end <= group.fired_until_ms || end.saturating_add(lateness_ms) <= group.watermark_ms;
+        if !closed {
+            accepted = true;
+            let accumulators = group
+                .windows
+                .entry(start)
+                .or_insert_with(|| vec![Accumulator::default(); windowed.aggregates.len()]);
+            for (aggregate, acc) in windowed.aggregates.iter().zip(accumulators.iter_mut()) {
+                match &aggregate.argument {
+                    None => acc.add(0.0),
+                    Some(argument) => match argument.eval(message) {
+                        Value::Number(n) => acc.add(n),
+                        Value::Null => {}
+                        // count(x) counts non-NULL values of any type.
+                        _ if aggregate.function == AggregateFn::Count => acc.add(0.0),
+                        _ => {}
+                    },
+                }
+            }
+        }
+        start -= spec.slide_ms;
+    }
+    accepted
+}
+
+/// Builds a grouped rule's rows.
+struct Emitter<'a> {
+    plan: &'a Plan,
+    windowed: &'a Windowed,
+    key: &'a str,
+}
+
+impl Emitter<'_> {
+    fn device(&self, keys: &[Value]) -> Option<String> {
+        let i = self
+            .windowed
+            .keys
+            .iter()
+            .position(|k| *k == Column::Device)?;
+        match &keys[i] {
+            Value::Text(d) => Some(d.clone()),
+            _ => None,
+        }
+    }
+
+    /// A pattern's row: keys, the span, and the message that completed it (if any).
+    fn row(
+        &self,
+        keys: &[Value],
+        span: (i64, i64),
+        message: Option<&Message>,
+        trigger: String,
+        clear: bool,
+    ) -> Firing {
+        let scope = GroupScope {
+            keys,
+            aggregates: Vec::new(),
+            window: span,
+            message,
+        };
+        Firing {
+            trigger,
+            device: self.device(keys),
+            subject: self.key.to_string(),
+            ts_ms: span.1,
+            clear,
+            row: output_row(self.plan, &scope, message),
+        }
     }
 }
 
 /// Fires, in order, the group's windows that end at or before `until`.
-fn fire(
-    plan: &Plan,
-    windowed: &Windowed,
-    key: &str,
+fn fire_windows(
+    emit: &Emitter,
+    spec: WindowSpec,
     group: &mut Group,
     until: i64,
     out: &mut Vec<Firing>,
 ) {
     while let Some(entry) = group.windows.first_entry() {
         let start = *entry.key();
-        let end = start + windowed.window.size_ms;
+        let end = start + spec.size_ms;
         if end > until {
             break;
         }
         let accumulators = entry.remove();
         group.fired_until_ms = group.fired_until_ms.max(end);
-        let scope = WindowScope {
+        let scope = GroupScope {
             keys: &group.keys,
-            aggregates: windowed
+            aggregates: emit
+                .windowed
                 .aggregates
                 .iter()
                 .zip(&accumulators)
                 .map(|(a, acc)| acc.result(a.function))
                 .collect(),
             window: (start, end),
+            message: None,
         };
-        if windowed.having.as_ref().is_some_and(|h| !h.holds(&scope)) {
+        if emit
+            .windowed
+            .having
+            .as_ref()
+            .is_some_and(|h| !h.holds(&scope))
+        {
             continue;
         }
-        let device = windowed
-            .keys
-            .iter()
-            .position(|k| *k == Column::Device)
-            .and_then(|i| match &group.keys[i] {
-                Value::Text(d) => Some(d.clone()),
-                _ => None,
-            });
         out.push(Firing {
-            trigger: format!("{key}@{start}"),
-            device,
-            subject: key.to_string(),
+            trigger: format!("{}@{start}", emit.key),
+            device: emit.device(&group.keys),
+            subject: emit.key.to_string(),
             ts_ms: end,
-            row: plan
-                .columns
-                .iter()
-                .map(|(name, e)| (name.clone(), json(e.eval(&scope))))
-                .collect(),
+            clear: false,
+            row: output_row(emit.plan, &scope, None),
         });
     }
 }
 
-fn row_of(plan: &Plan, message: &Message) -> Firing {
+/// The output columns evaluated in `scope`; `SELECT *` adds the message's device, time and
+/// metrics first.
+fn output_row(
+    plan: &Plan,
+    scope: &dyn Scope,
+    message: Option<&Message>,
+) -> Map<String, serde_json::Value> {
     let mut row = Map::new();
-    if plan.select_all {
+    if plan.select_all
+        && let Some(message) = message
+    {
         row.insert("device".into(), message.device.into());
         row.insert("ts".into(), message.ts_ms.into());
         for (name, value) in message.metrics {
@@ -307,15 +493,9 @@ fn row_of(plan: &Plan, message: &Message) -> Firing {
         }
     }
     for (name, e) in &plan.columns {
-        row.insert(name.clone(), json(e.eval(message)));
+        row.insert(name.clone(), json(e.eval(scope)));
     }
-    Firing {
-        trigger: message.message_id.to_string(),
-        device: Some(message.device.to_string()),
-        subject: message.device.to_string(),
-        ts_ms: message.ts_ms,
-        row,
-    }
+    row
 }
 
 #[cfg(test)]
@@ -347,12 +527,19 @@ mod tests {
         }
 
         fn send(&mut self, device: &str, ts_ms: i64, temp: f64) -> bool {
+            self.send_metrics(device, ts_ms, &[("temp", temp)])
+        }
+
+        /// Sends a message that arrives at its own time.
+        fn send_metrics(&mut self, device: &str, ts_ms: i64, metrics: &[(&str, f64)]) -> bool {
             self.n += 1;
-            let metrics = vec![("temp".to_string(), temp)];
+            let metrics: Vec<(String, f64)> =
+                metrics.iter().map(|(n, v)| (n.to_string(), *v)).collect();
             let message = Message {
                 device,
                 message_id: &format!("m{}", self.n),
                 ts_ms,
+                arrived_ms: ts_ms,
                 metrics: &metrics,
                 labels: &self.labels,
             };
@@ -373,6 +560,109 @@ mod tests {
                 })
                 .collect()
         }
+    }
+
+    fn tick(feed: &mut Feed, now_ms: i64) {
+        let mut out = Vec::new();
+        feed.state
+            .on_time(&feed.plan, feed.lateness, now_ms, &mut out);
+        feed.fired.extend(out);
+    }
+
+    #[test]
+    fn absence_reports_a_silent_device_once_and_clears_when_it_is_back() {
+        let sql = "SELECT device, window_start AS last_seen FROM telemetry \
+                   GROUP BY device, ABSENCE(INTERVAL '5' MINUTE)";
+        let mut feed = Feed::new(sql, 0);
+        feed.send("d", 0, 1.0);
+        feed.send("e", 3 * MIN, 1.0);
+        tick(&mut feed, 5 * MIN - 1);
+        assert!(feed.fired.is_empty());
+        tick(&mut feed, 5 * MIN);
+        tick(&mut feed, 6 * MIN);
+        let rows: Vec<_> = feed
+            .fired
+            .drain(..)
+            .map(|f| (f.subject, f.row["last_seen"].clone(), f.clear))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![("\"d\"".to_string(), serde_json::json!(0), false)],
+            "once, for d only"
+        );
+        feed.send("d", 7 * MIN, 1.0);
+        assert_eq!(feed.fired.len(), 1);
+        assert!(feed.fired[0].clear, "d is back");
+        feed.fired.clear();
+        tick(&mut feed, 12 * MIN);
+        let triggers: Vec<_> = feed.fired.iter().map(|f| f.trigger.clone()).collect();
+        assert_eq!(
+            triggers,
+            vec![format!("\"d\"@{}", 7 * MIN), format!("\"e\"@{}", 3 * MIN)]
+        );
+    }
+
+    #[test]
+    fn hysteresis_enters_above_and_leaves_only_below_the_lower_threshold() {
+        let sql =
+            "SELECT device, temp FROM telemetry GROUP BY device, HYSTERESIS(temp > 80, temp < 70)";
+        let mut feed = Feed::new(sql, 0);
+        for (i, temp) in [75.0, 85.0, 90.0, 75.0, 65.0, 72.0, 85.0]
+            .into_iter()
+            .enumerate()
+        {
+            feed.send("d", i as i64, temp);
+        }
+        let rows: Vec<_> = feed
+            .fired
+            .iter()
+            .map(|f| (f.row["temp"].as_f64().unwrap_or_default(), f.clear))
+            .collect();
+        assert_eq!(rows, vec![(85.0, false), (65.0, true), (85.0, false)]);
+    }
+
+    #[test]
+    fn sequence_matches_then_after_first_within_the_interval_once() {
+        let sql = "SELECT device, window_start, window_end FROM telemetry \
+                   GROUP BY device, SEQUENCE(door = 1, motion = 1, INTERVAL '10' SECOND)";
+        let mut feed = Feed::new(sql, 0);
+        let s = 1000;
+        feed.send_metrics("d", 0, &[("door", 1.0)]);
+        feed.send_metrics("d", 5 * s, &[("motion", 1.0)]);
+        feed.send_metrics("d", 6 * s, &[("motion", 1.0)]); // the door was matched already
+        feed.send_metrics("d", 20 * s, &[("door", 1.0)]);
+        feed.send_metrics("d", 31 * s, &[("motion", 1.0)]); // 11 s later: too late
+        feed.send_metrics("e", 32 * s, &[("door", 1.0)]);
+        feed.send_metrics("d", 40 * s, &[("door", 1.0), ("motion", 1.0)]); // a door, not yet a pair
+        feed.send_metrics("e", 41 * s, &[("motion", 1.0)]);
+        feed.send_metrics("d", 45 * s, &[("motion", 1.0)]);
+        let spans: Vec<_> = feed
+            .fired
+            .iter()
+            .map(|f| {
+                (
+                    f.device.clone().unwrap_or_default(),
+                    f.row["window_start"].clone(),
+                    f.row["window_end"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            spans,
+            vec![
+                ("d".into(), serde_json::json!(0), serde_json::json!(5 * s)),
+                (
+                    "e".into(),
+                    serde_json::json!(32 * s),
+                    serde_json::json!(41 * s)
+                ),
+                (
+                    "d".into(),
+                    serde_json::json!(40 * s),
+                    serde_json::json!(45 * s)
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -355,3 +355,50 @@ async fn rule_test_replays_stored_telemetry_without_acting() {
     let (_, alerts) = tern.get(&p.api_token, "/api/v1/tenants/acme/alerts").await;
     assert_eq!(alerts, json!([]), "a test acts on nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_device_raises_an_absence_alert_that_clears_when_it_is_back() {
+    let tern = Tern::start();
+    let p = tern.provision("acme", "heartbeat");
+    tern.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "silent",
+        "--sql",
+        "SELECT device, window_start AS last_seen FROM telemetry \
+                  GROUP BY device, ABSENCE(INTERVAL '2' SECOND)",
+        "--action",
+        "alert:warning",
+    ]);
+    let mut device = Mqtt::device(&tern, &p).await;
+    device
+        .publish_acked("telemetry", vec![br#"{"alive": 1}"#.to_vec()])
+        .await;
+    let active = "/api/v1/tenants/acme/alerts?state=active";
+    let alerts = wait_for(&tern, &p.api_token, active, |b| {
+        b.as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    assert_eq!(alerts[0]["device_id"], p.device_id, "{alerts}");
+    assert!(
+        alerts[0]["details"]["last_seen"].as_i64().is_some(),
+        "{alerts}"
+    );
+
+    device
+        .publish_acked("telemetry", vec![br#"{"alive": 1}"#.to_vec()])
+        .await;
+    let cleared = "/api/v1/tenants/acme/alerts?state=cleared";
+    let alerts = wait_for(&tern, &p.api_token, cleared, |b| {
+        b.as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    assert_eq!(
+        alerts.as_array().map(Vec::len),
+        Some(1),
+        "the rule cleared its alert: {alerts}"
+    );
+}
