@@ -29,14 +29,22 @@ impl Value {
         }
     }
 
-    /// Text for a group key: equal values give equal keys.
-    pub fn key_text(&self) -> String {
-        match self {
-            Value::Null => "null".into(),
-            Value::Bool(b) => b.to_string(),
-            Value::Number(n) => n.to_string(),
-            Value::Text(t) => format!("{t:?}"),
-        }
+    /// Appends the value's part of a group key: equal values give equal keys, and text is
+    /// quoted so that no two key lists give the same string.
+    pub fn write_key(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = match self {
+            Value::Null => write!(out, "null"),
+            Value::Bool(b) => write!(out, "{b}"),
+            Value::Number(n) => write!(out, "{n}"),
+            Value::Text(t) => return Value::write_text_key(t, out),
+        };
+    }
+
+    /// [`Value::write_key`] of a text value.
+    pub fn write_text_key(text: &str, out: &mut String) {
+        use std::fmt::Write;
+        let _ = write!(out, "{text:?}");
     }
 }
 
