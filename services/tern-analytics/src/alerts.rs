@@ -6,6 +6,7 @@
 //! Once cleared (by a person, or by the rule when its condition ends: HYSTERESIS left, a
 //! silent device is back), the next firing opens a new occurrence.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -94,6 +95,75 @@ fn key(tenant: TenantId, id: Uuid) -> String {
     format!("{tenant}/{id}")
 }
 
+fn encode(alert: &Alert) -> Bytes {
+    Bytes::from(serde_json::to_vec(alert).unwrap_or_default())
+}
+
+/// One alert action of a rule for one row.
+pub struct AlertOp<'a> {
+    pub rule: &'a Rule,
+    pub severity: Severity,
+    pub firing: &'a Firing,
+}
+
+/// What an [`AlertOp`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlertChange {
+    Opened(Alert),
+    /// Folded into the open alert.
+    Updated,
+    /// Cleared by a clearing row.
+    Cleared(Alert),
+    /// Nothing to do: a trigger seen already, or a clearing row with no open alert.
+    Unchanged,
+}
+
+/// Applies one op to the alert in `slot` (none yet, or the stored one).
+fn fold(slot: &mut Option<Alert>, id: Uuid, op: &AlertOp, now: i64) -> AlertChange {
+    let firing = op.firing;
+    let open = slot.as_mut().filter(|a| a.state != AlertState::Cleared);
+    match (open, firing.clear) {
+        (None, true) => AlertChange::Unchanged,
+        (Some(alert), true) => {
+            alert.state = AlertState::Cleared;
+            alert.cleared_at_ms = Some(now);
+            alert.details = firing.row.clone();
+            alert.last_trigger = firing.trigger.clone();
+            AlertChange::Cleared(alert.clone())
+        }
+        (Some(alert), false) if alert.last_trigger == firing.trigger => AlertChange::Unchanged,
+        (Some(alert), false) => {
+            alert.count += 1;
+            alert.last_raised_at_ms = now;
+            alert.details = firing.row.clone();
+            alert.severity = op.severity;
+            alert.last_trigger = firing.trigger.clone();
+            AlertChange::Updated
+        }
+        (None, false) => {
+            let alert = Alert {
+                id,
+                tenant_id: op.rule.tenant_id,
+                rule_id: op.rule.id,
+                rule_name: op.rule.name.clone(),
+                subject: firing.subject.clone(),
+                device_id: firing.device.clone(),
+                severity: op.severity,
+                state: AlertState::Active,
+                raised_at_ms: now,
+                last_raised_at_ms: now,
+                count: 1,
+                details: firing.row.clone(),
+                acknowledged_at_ms: None,
+                cleared_at_ms: None,
+                last_trigger: firing.trigger.clone(),
+            };
+            *slot = Some(alert.clone());
+            AlertChange::Opened(alert)
+        }
+    }
+}
+
 impl Alerts {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
@@ -116,84 +186,44 @@ impl Alerts {
     }
 
     async fn save(&self, alert: &Alert) -> Result<(), RegistryError> {
-        let bytes = Bytes::from(serde_json::to_vec(alert).unwrap_or_default());
         Ok(self
             .store
-            .put_record(ALERT, &key(alert.tenant_id, alert.id), bytes)
+            .put_record(ALERT, &key(alert.tenant_id, alert.id), encode(alert))
             .await?)
     }
 
-    /// Opens or updates the rule's alert for the firing's subject. Returns the alert and
-    /// whether it is a new occurrence.
-    pub async fn raise(
-        &self,
-        rule: &Rule,
-        severity: Severity,
-        firing: &Firing,
-    ) -> Result<(Alert, bool), RegistryError> {
-        let id = stable_id(&[&rule.id.to_string(), &firing.subject]);
+    /// Applies a batch of rule alert actions in order, with one durable write: each raises
+    /// the rule's alert for the row's subject, or clears it for a clearing row.
+    pub async fn apply(&self, ops: &[AlertOp<'_>]) -> Result<Vec<AlertChange>, RegistryError> {
         let _guard = self.write_lock.lock().await;
         let now = now_ms();
-        let existing = self.load(rule.tenant_id, id).await?;
-        let (alert, new) = match existing {
-            Some(alert)
-                if alert.state != AlertState::Cleared && alert.last_trigger == firing.trigger =>
-            {
-                return Ok((alert, false));
+        let mut current: HashMap<(TenantId, Uuid), Option<Alert>> = HashMap::new();
+        let mut dirty: Vec<(TenantId, Uuid)> = Vec::new();
+        let mut changes = Vec::with_capacity(ops.len());
+        for op in ops {
+            let slot_key = (
+                op.rule.tenant_id,
+                stable_id(&[&op.rule.id.to_string(), &op.firing.subject]),
+            );
+            if let std::collections::hash_map::Entry::Vacant(vacant) = current.entry(slot_key) {
+                vacant.insert(self.load(slot_key.0, slot_key.1).await?);
             }
-            Some(mut alert) if alert.state != AlertState::Cleared => {
-                alert.count += 1;
-                alert.last_raised_at_ms = now;
-                alert.details = firing.row.clone();
-                alert.severity = severity;
-                alert.last_trigger = firing.trigger.clone();
-                (alert, false)
+            let Some(slot) = current.get_mut(&slot_key) else {
+                continue;
+            };
+            let change = fold(slot, slot_key.1, op, now);
+            if change != AlertChange::Unchanged && !dirty.contains(&slot_key) {
+                dirty.push(slot_key);
             }
-            _ => (
-                Alert {
-                    id,
-                    tenant_id: rule.tenant_id,
-                    rule_id: rule.id,
-                    rule_name: rule.name.clone(),
-                    subject: firing.subject.clone(),
-                    device_id: firing.device.clone(),
-                    severity,
-                    state: AlertState::Active,
-                    raised_at_ms: now,
-                    last_raised_at_ms: now,
-                    count: 1,
-                    details: firing.row.clone(),
-                    acknowledged_at_ms: None,
-                    cleared_at_ms: None,
-                    last_trigger: firing.trigger.clone(),
-                },
-                true,
-            ),
-        };
-        self.save(&alert).await?;
-        Ok((alert, new))
-    }
-
-    /// Clears the rule's open alert for the firing's subject, if there is one (the condition
-    /// that raised it has ended).
-    pub async fn resolve(
-        &self,
-        rule: &Rule,
-        firing: &Firing,
-    ) -> Result<Option<Alert>, RegistryError> {
-        let id = stable_id(&[&rule.id.to_string(), &firing.subject]);
-        let _guard = self.write_lock.lock().await;
-        let Some(mut alert) = self.load(rule.tenant_id, id).await? else {
-            return Ok(None);
-        };
-        if alert.state == AlertState::Cleared {
-            return Ok(None);
+            changes.push(change);
         }
-        alert.state = AlertState::Cleared;
-        alert.cleared_at_ms = Some(now_ms());
-        alert.details = firing.row.clone();
-        self.save(&alert).await?;
-        Ok(Some(alert))
+        let records: Vec<(String, Bytes)> = dirty
+            .iter()
+            .filter_map(|k| current.get(k).and_then(Option::as_ref))
+            .map(|alert| (key(alert.tenant_id, alert.id), encode(alert)))
+            .collect();
+        self.store.put_records(ALERT, records).await?;
+        Ok(changes)
     }
 
     /// A tenant's alerts, newest raised first.
@@ -265,5 +295,98 @@ impl Alerts {
         }
         self.save(&alert).await?;
         Ok(alert)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tern_store::EmbeddedStore;
+
+    use super::*;
+
+    fn rule() -> Rule {
+        Rule {
+            id: Uuid::now_v7(),
+            tenant_id: TenantId::random(),
+            name: "hot".into(),
+            sql: "SELECT device FROM telemetry".into(),
+            actions: vec![],
+            enabled: true,
+            allowed_lateness_secs: 0,
+            version: 1,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn firing(trigger: &str, clear: bool) -> Firing {
+        Firing {
+            trigger: trigger.into(),
+            device: Some("d".into()),
+            subject: "d".into(),
+            ts_ms: 0,
+            clear,
+            row: Map::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_alert_per_subject_replays_change_nothing_and_clearing_ends_the_occurrence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let alerts = Alerts::new(Arc::new(EmbeddedStore::open(dir.path()).expect("store")));
+        let rule = rule();
+        let op = |f| AlertOp {
+            rule: &rule,
+            severity: Severity::Critical,
+            firing: f,
+        };
+        let (a, b, a_again) = (
+            firing("m1", false),
+            firing("m2", false),
+            firing("m1", false),
+        );
+        let changes = alerts
+            .apply(&[op(&a), op(&b), op(&a_again)])
+            .await
+            .expect("apply");
+        assert!(matches!(changes[0], AlertChange::Opened(_)));
+        assert_eq!(
+            changes[1..],
+            [AlertChange::Updated, AlertChange::Updated],
+            "m1 again after m2 is a new firing"
+        );
+        let replay = alerts.apply(&[op(&a_again)]).await.expect("apply");
+        assert_eq!(
+            replay,
+            [AlertChange::Unchanged],
+            "the last trigger replayed"
+        );
+        let listed = alerts
+            .list(rule.tenant_id, &AlertFilter::default())
+            .await
+            .expect("list");
+        assert_eq!((listed.len(), listed[0].count), (1, 3));
+
+        let clear = firing("m3", true);
+        assert!(matches!(
+            alerts.apply(&[op(&clear)]).await.expect("apply")[0],
+            AlertChange::Cleared(_)
+        ));
+        assert_eq!(
+            alerts.apply(&[op(&clear)]).await.expect("apply"),
+            [AlertChange::Unchanged]
+        );
+        let reopened = alerts
+            .apply(&[op(&firing("m4", false))])
+            .await
+            .expect("apply");
+        let AlertChange::Opened(alert) = &reopened[0] else {
+            panic!("a new occurrence: {reopened:?}");
+        };
+        assert_eq!(
+            (alert.count, alert.id),
+            (1, listed[0].id),
+            "same alert id, new occurrence"
+        );
     }
 }

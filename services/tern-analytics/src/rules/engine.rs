@@ -1,9 +1,9 @@
 //! The rule engine: every enabled rule, run over the `telemetry` stream as the consumer group
 //! `analytics-rules`.
 //!
-//! After each batch the engine carries out the batch's actions, then saves one checkpoint
-//! record (each rule's window state and the last offset folded into it, per partition), then
-//! commits the offsets. After a crash it restores the checkpoint and skips records already
+//! After each batch the engine carries out the batch's actions; at most once a second it then
+//! saves one checkpoint record (each rule's window state and the last offset folded into it,
+//! per partition), then commits the offsets the checkpoint covers. After a crash it restores the checkpoint and skips records already
 //! folded into it, so windows lose and double-count nothing; actions of the batch that was in
 //! flight run again with the same idempotency keys, so none is repeated in effect.
 
@@ -15,7 +15,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tern_core::{Selector, TenantId, now_ms};
-use tern_eventlog::{Consumed, EventLog, LogError, TELEMETRY_TOPIC};
+use tern_eventlog::{Consumed, EventLog, LogError, Position, TELEMETRY_TOPIC};
 use tern_proto::v1::Event;
 use tern_registry::{Commands, NewCommand, Registry, RegistryError};
 use tern_runtime::{MetricsRegistry, Shutdown};
@@ -25,7 +25,7 @@ use uuid::Uuid;
 use super::model::{Action, Rule};
 use super::sql::{Plan, compile};
 use super::window::{Firing, Message, Outcome, RuleState};
-use crate::alerts::{Alerts, stable_id};
+use crate::alerts::{AlertChange, AlertOp, Alerts, stable_id};
 use crate::metrics::{ActionLabel, RuleMetrics};
 use crate::rules::Rules;
 
@@ -38,6 +38,7 @@ const ATTEMPTS: u32 = 5;
 /// Devices a `command:NAME@SELECTOR` action reaches at most.
 const MAX_SELECTED: usize = 10_000;
 const LABELS_TTL: Duration = Duration::from_secs(5);
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Limits (`[rules]` in the config file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -156,12 +157,17 @@ impl RuleEngine {
         let mut applied = checkpoint.applied;
         let mut labels = LabelCache::default();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // Offsets of records acted on but not yet covered by a saved checkpoint.
+        let mut uncommitted: Vec<Position> = Vec::new();
+        let mut last_checkpoint = Instant::now();
         loop {
             let mut firings = Firings::new();
-            let mut positions = Vec::new();
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     self.save_checkpoint(&applied, &running).await;
+                    if let Err(e) = consumer.commit(&uncommitted).await {
+                        tracing::warn!(error = %e, "rules offset commit failed; the checkpoint covers the records");
+                    }
                     return Ok(());
                 }
                 Ok(()) = changes.changed() => {
@@ -175,9 +181,6 @@ impl RuleEngine {
                         rule.state.on_time(&rule.plan, rule.lateness_ms(), now, &mut out);
                         firings.extend(out.into_iter().map(|f| (rule.rule.clone(), f, None)));
                     }
-                    if firings.is_empty() {
-                        continue;
-                    }
                 }
                 batch = consumer.poll(BATCH, POLL_WAIT) => {
                     let records = match batch {
@@ -189,7 +192,7 @@ impl RuleEngine {
                             continue;
                         }
                     };
-                    positions = records.iter().map(|r| r.position).collect();
+                    uncommitted.extend(records.iter().map(|r| r.position));
                     for record in records {
                         if applied.get(&record.position.partition).is_some_and(|o| *o >= record.position.offset) {
                             continue;
@@ -200,11 +203,16 @@ impl RuleEngine {
                 }
             }
             self.act(firings).await;
-            self.save_checkpoint(&applied, &running).await;
-            if !positions.is_empty()
-                && let Err(e) = consumer.commit(&positions).await
-            {
-                tracing::warn!(error = %e, "rules offset commit failed; the checkpoint covers the batch");
+            // Checkpoint and commit at most once a second: each is a durable write, and what a
+            // crash loses in between is replayed (skipped by the checkpoint's offsets, or acted
+            // on again under the same idempotency keys).
+            if !uncommitted.is_empty() && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+                self.save_checkpoint(&applied, &running).await;
+                if let Err(e) = consumer.commit(&uncommitted).await {
+                    tracing::warn!(error = %e, "rules offset commit failed; the checkpoint covers the records");
+                }
+                uncommitted.clear();
+                last_checkpoint = Instant::now();
             }
         }
     }
@@ -391,31 +399,112 @@ impl RuleEngine {
         running
     }
 
+    /// Carries out the rows' actions: commands one by one, alerts together in one write.
     async fn act(&self, firings: Firings) {
-        for (rule, firing, arrived_ms) in firings {
+        let mut alerts = Vec::new();
+        for (rule, firing, _) in &firings {
             self.metrics.firings.inc();
             for action in &rule.actions {
-                self.perform(&rule, action, &firing).await;
+                match action {
+                    Action::Alert(severity) => alerts.push(AlertOp {
+                        rule,
+                        severity: *severity,
+                        firing,
+                    }),
+                    // A clearing row ends a condition; it commands nothing.
+                    Action::Command { .. } if firing.clear => {}
+                    Action::Command { name, selector } => {
+                        let outcome = self
+                            .with_retries(rule, action, firing, || {
+                                self.send_command(rule, name, selector.as_deref(), action, firing)
+                            })
+                            .await;
+                        self.count_action("command", outcome);
+                    }
+                }
             }
-            if let Some(arrived_ms) = arrived_ms {
-                let seconds = (now_ms() - arrived_ms).max(0) as f64 / 1000.0;
-                self.metrics.publish_to_action_seconds.observe(seconds);
+        }
+        if !alerts.is_empty() {
+            self.apply_alerts(&alerts).await;
+        }
+        let now = now_ms();
+        for arrived_ms in firings.iter().filter_map(|f| f.2) {
+            let seconds = (now - arrived_ms).max(0) as f64 / 1000.0;
+            self.metrics.publish_to_action_seconds.observe(seconds);
+        }
+    }
+
+    async fn apply_alerts(&self, ops: &[AlertOp<'_>]) {
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1..=ATTEMPTS {
+            match self.services.alerts.apply(ops).await {
+                Ok(changes) => {
+                    for (op, change) in ops.iter().zip(changes) {
+                        match change {
+                            AlertChange::Opened(a) => {
+                                tracing::info!(tenant = %a.tenant_id, rule = %op.rule.name, alert = %a.id, subject = %a.subject, "alert raised")
+                            }
+                            AlertChange::Cleared(a) => {
+                                tracing::info!(tenant = %a.tenant_id, rule = %op.rule.name, alert = %a.id, subject = %a.subject, "alert cleared by its rule")
+                            }
+                            AlertChange::Updated | AlertChange::Unchanged => {}
+                        }
+                    }
+                    self.metrics
+                        .actions
+                        .get_or_create(&ActionLabel {
+                            action: "alert".into(),
+                            outcome: "done".into(),
+                        })
+                        .inc_by(ops.len() as u64);
+                    return;
+                }
+                Err(RegistryError::Storage(e)) if attempt < ATTEMPTS => {
+                    tracing::warn!(attempt, error = %e, "alerts could not be stored; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e) => {
+                    for op in ops {
+                        let action = Action::Alert(op.severity);
+                        tracing::error!(tenant = %op.rule.tenant_id, rule = %op.rule.id, error = %e, "alert action failed; dead-lettered");
+                        self.dead_letter(op.rule, &action, op.firing, &e).await;
+                        self.count_action("alert", "dead_letter");
+                    }
+                    return;
+                }
             }
         }
     }
 
-    /// Carries out one action, retrying storage failures; what cannot be done is written to
-    /// the rule's dead letters.
-    async fn perform(&self, rule: &Rule, action: &Action, firing: &Firing) {
-        let kind = match action {
-            Action::Alert(_) => "alert",
-            Action::Command { .. } => "command",
-        };
+    fn count_action(&self, action: &str, outcome: &str) {
+        self.metrics
+            .actions
+            .get_or_create(&ActionLabel {
+                action: action.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// Runs an action, retrying storage failures with backoff; what cannot be done goes to
+    /// the rule's dead letters. Returns the outcome for the metrics.
+    async fn with_retries<F, Fut>(
+        &self,
+        rule: &Rule,
+        action: &Action,
+        firing: &Firing,
+        attempt_once: F,
+    ) -> &'static str
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), RegistryError>>,
+    {
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 1;
-        let outcome = loop {
-            match self.try_perform(rule, action, firing).await {
-                Ok(()) => break "done",
+        loop {
+            match attempt_once().await {
+                Ok(()) => return "done",
                 Err(RegistryError::Storage(e)) if attempt < ATTEMPTS => {
                     tracing::warn!(rule = %rule.id, attempt, error = %e, "rule action failed; retrying");
                     tokio::time::sleep(backoff).await;
@@ -425,74 +514,50 @@ impl RuleEngine {
                 Err(e) => {
                     tracing::error!(tenant = %rule.tenant_id, rule = %rule.id, action = %action, error = %e, "rule action failed; dead-lettered");
                     self.dead_letter(rule, action, firing, &e).await;
-                    break "dead_letter";
+                    return "dead_letter";
                 }
             }
-        };
-        self.metrics
-            .actions
-            .get_or_create(&ActionLabel {
-                action: kind.into(),
-                outcome: outcome.into(),
-            })
-            .inc();
+        }
     }
 
-    async fn try_perform(
+    async fn send_command(
         &self,
         rule: &Rule,
+        name: &str,
+        selector: Option<&str>,
         action: &Action,
         firing: &Firing,
     ) -> Result<(), RegistryError> {
-        match action {
-            Action::Alert(_) if firing.clear => {
-                if let Some(alert) = self.services.alerts.resolve(rule, firing).await? {
-                    tracing::info!(tenant = %rule.tenant_id, rule = %rule.name, alert = %alert.id, subject = %alert.subject, "alert cleared by its rule");
-                }
-                Ok(())
+        let registry = &self.services.registry;
+        let targets = match (selector, &firing.device) {
+            (Some(selector), _) => {
+                let selector = Selector::parse(selector)?;
+                registry
+                    .select_devices(rule.tenant_id, &selector, None, MAX_SELECTED)
+                    .await?
+                    .0
             }
-            // A clearing row ends a condition; it commands nothing.
-            Action::Command { .. } if firing.clear => Ok(()),
-            Action::Alert(severity) => {
-                let (alert, new) = self.services.alerts.raise(rule, *severity, firing).await?;
-                if new {
-                    tracing::info!(tenant = %rule.tenant_id, rule = %rule.name, alert = %alert.id, subject = %alert.subject, "alert raised");
-                }
-                Ok(())
+            (None, Some(device)) => vec![registry.device_of(rule.tenant_id, device).await?],
+            (None, None) => {
+                return Err(RegistryError::FailedPrecondition(
+                    "the row names no device".into(),
+                ));
             }
-            Action::Command { name, selector } => {
-                let registry = &self.services.registry;
-                let targets = match (selector, &firing.device) {
-                    (Some(selector), _) => {
-                        let selector = Selector::parse(selector)?;
-                        registry
-                            .select_devices(rule.tenant_id, &selector, None, MAX_SELECTED)
-                            .await?
-                            .0
-                    }
-                    (None, Some(device)) => vec![registry.device_of(rule.tenant_id, device).await?],
-                    (None, None) => {
-                        return Err(RegistryError::FailedPrecondition(
-                            "the row names no device".into(),
-                        ));
-                    }
-                };
-                let key = format!(
-                    "rule-{}",
-                    stable_id(&[&rule.id.to_string(), &action.to_string(), &firing.trigger])
-                );
-                for device in targets {
-                    let command = NewCommand {
-                        name: name.clone(),
-                        payload: serde_json::json!({"rule": rule.name, "row": firing.row}),
-                        ttl_secs: None,
-                        idempotency_key: Some(key.clone()),
-                    };
-                    self.services.commands.send(&device, command).await?;
-                }
-                Ok(())
-            }
+        };
+        let key = format!(
+            "rule-{}",
+            stable_id(&[&rule.id.to_string(), &action.to_string(), &firing.trigger])
+        );
+        for device in targets {
+            let command = NewCommand {
+                name: name.to_string(),
+                payload: serde_json::json!({"rule": rule.name, "row": firing.row}),
+                ttl_secs: None,
+                idempotency_key: Some(key.clone()),
+            };
+            self.services.commands.send(&device, command).await?;
         }
+        Ok(())
     }
 
     async fn dead_letter(
