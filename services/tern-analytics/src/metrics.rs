@@ -65,9 +65,9 @@ impl IngestMetrics {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ActionLabel {
-    /// `alert` or `command`.
+    /// `alert`, `command` or `webhook`.
     pub action: String,
-    /// `done` or `dead_letter`.
+    /// `done`, `queued` (webhooks: handed to the delivery worker) or `dead_letter`.
     pub outcome: String,
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tern_analytics::alerts::{Alert, AlertFilter, AlertState};
 use tern_analytics::rules::{NewRule, Rule, RulePatch, TestReport, dead_letters, test_rule};
@@ -21,16 +21,32 @@ type ApiResult<T> = Result<T, ApiError>;
 
 const MAX_DEAD_LETTERS: usize = 1000;
 
+/// A rule as saved, with its webhook secret when this request created one (the only time it
+/// is shown).
+#[derive(Serialize)]
+pub(crate) struct SavedRule {
+    #[serde(flatten)]
+    rule: Rule,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook_secret: Option<String>,
+}
+
 pub(crate) async fn create(
     State(gw): Shared,
     Authenticated(caller): Authenticated,
     Path(tenant): Path<String>,
     ApiJson(body): ApiJson<NewRule>,
-) -> ApiResult<(StatusCode, Json<Rule>)> {
+) -> ApiResult<(StatusCode, Json<SavedRule>)> {
     let tenant = gw.registry.tenant_for(caller, &tenant).await?;
-    let rule = gw.rules.create(tenant.id, body).await?;
+    let (rule, webhook_secret) = gw.rules.create(tenant.id, body).await?;
     tracing::info!(tenant = %tenant.id, rule = %rule.id, name = %rule.name, "rule created");
-    Ok((StatusCode::CREATED, Json(rule)))
+    Ok((
+        StatusCode::CREATED,
+        Json(SavedRule {
+            rule,
+            webhook_secret,
+        }),
+    ))
 }
 
 pub(crate) async fn list(
@@ -56,11 +72,14 @@ pub(crate) async fn update(
     Authenticated(caller): Authenticated,
     Path((tenant, rule)): Path<(String, String)>,
     ApiJson(patch): ApiJson<RulePatch>,
-) -> ApiResult<Json<Rule>> {
+) -> ApiResult<Json<SavedRule>> {
     let tenant = gw.registry.tenant_for(caller, &tenant).await?;
-    let rule = gw.rules.update(tenant.id, &rule, patch).await?;
+    let (rule, webhook_secret) = gw.rules.update(tenant.id, &rule, patch).await?;
     tracing::info!(tenant = %tenant.id, rule = %rule.id, version = rule.version, enabled = rule.enabled, "rule changed");
-    Ok(Json(rule))
+    Ok(Json(SavedRule {
+        rule,
+        webhook_secret,
+    }))
 }
 
 pub(crate) async fn delete(

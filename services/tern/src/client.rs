@@ -428,7 +428,7 @@ async fn rule(client: &Client, out: Output, tenant: &str, cmd: RuleCommand) -> a
                 "allowed_lateness_secs": lateness, "enabled": !disabled,
             });
             let r = client.call(Method::POST, &base, Some(body)).await?;
-            output::record(out, &r, RULE_FIELDS);
+            output::record(out, &r, &[RULE_FIELDS, &["webhook_secret"]].concat());
         }
         RuleCommand::List => {
             let list = client.call(Method::GET, &base, None).await?;
@@ -457,7 +457,7 @@ async fn rule(client: &Client, out: Output, tenant: &str, cmd: RuleCommand) -> a
             let r = client
                 .call(Method::PATCH, &one(&rule), Some(Value::Object(body)))
                 .await?;
-            output::record(out, &r, RULE_FIELDS);
+            output::record(out, &r, &[RULE_FIELDS, &["webhook_secret"]].concat());
         }
         RuleCommand::Test { sql, from, to } => {
             let body = json!({ "sql": sql, "from": from, "to": to });

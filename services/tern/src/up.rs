@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tern_analytics::Ingest;
 use tern_analytics::alerts::Alerts;
+use tern_analytics::rules::webhooks::Webhooks;
 use tern_analytics::rules::{RuleEngine, RuleServices, Rules};
 use tern_bridge::{
     Bridge, BridgeServices, Listeners, TenantCaVerifier, TlsReloader, websocket_routes,
@@ -140,6 +141,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
     let rules = Arc::new(Rules::new(store.clone(), config.rules.max_rules_per_tenant));
     let alerts = Arc::new(Alerts::new(store.clone()));
+    let webhooks = Arc::new(Webhooks::new(
+        store.clone(),
+        config.rules.webhook_allow_private_networks,
+    ));
+    tokio::spawn(webhooks.clone().run(stop_ingest.clone()));
     let rule_engine = RuleEngine::new(
         RuleServices {
             log: log.clone(),
@@ -148,6 +154,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             commands: commands.clone(),
             rules: rules.clone(),
             alerts: alerts.clone(),
+            webhooks,
         },
         config.rules.clone(),
         &metrics,

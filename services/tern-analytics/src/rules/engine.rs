@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use super::model::{Action, Rule};
 use super::sql::{Plan, compile};
+use super::webhooks::{Delivery, Webhooks, delivery_key};
 use super::window::{Firing, Message, Outcome, RuleState};
 use crate::alerts::{AlertChange, AlertOp, Alerts, stable_id};
 use crate::metrics::{ActionLabel, RuleMetrics};
@@ -48,6 +49,9 @@ pub struct RulesConfig {
     /// Open groups (devices, label values) one windowed rule keeps; messages that would open
     /// more are refused and counted, so one tenant's rule cannot exhaust memory.
     pub max_groups_per_rule: usize,
+    /// Let `webhook:` actions reach loopback, private and link-local addresses. Off: a
+    /// tenant's rule cannot be pointed at the platform's own network.
+    pub webhook_allow_private_networks: bool,
 }
 
 impl Default for RulesConfig {
@@ -55,6 +59,7 @@ impl Default for RulesConfig {
         Self {
             max_rules_per_tenant: 100,
             max_groups_per_rule: 100_000,
+            webhook_allow_private_networks: false,
         }
     }
 }
@@ -66,6 +71,7 @@ pub struct RuleServices {
     pub commands: Arc<Commands>,
     pub rules: Arc<Rules>,
     pub alerts: Arc<Alerts>,
+    pub webhooks: Arc<Webhooks>,
 }
 
 pub struct RuleEngine {
@@ -399,13 +405,18 @@ impl RuleEngine {
         running
     }
 
-    /// Carries out the rows' actions: commands one by one, alerts together in one write.
+    /// Carries out the rows' actions: commands one by one, alerts together in one write,
+    /// webhooks queued together in one write (a worker posts them).
     async fn act(&self, firings: Firings) {
         let mut alerts = Vec::new();
+        let mut webhooks = Vec::new();
         for (rule, firing, _) in &firings {
             self.metrics.firings.inc();
             for action in &rule.actions {
                 match action {
+                    Action::Webhook { url } => {
+                        webhooks.push((rule, firing, delivery(rule, url, firing)))
+                    }
                     Action::Alert(severity) => alerts.push(AlertOp {
                         rule,
                         severity: *severity,
@@ -426,6 +437,9 @@ impl RuleEngine {
         }
         if !alerts.is_empty() {
             self.apply_alerts(&alerts).await;
+        }
+        if !webhooks.is_empty() {
+            self.queue_webhooks(webhooks).await;
         }
         let now = now_ms();
         for arrived_ms in firings.iter().filter_map(|f| f.2) {
@@ -470,6 +484,34 @@ impl RuleEngine {
                         tracing::error!(tenant = %op.rule.tenant_id, rule = %op.rule.id, error = %e, "alert action failed; dead-lettered");
                         self.dead_letter(op.rule, &action, op.firing, &e).await;
                         self.count_action("alert", "dead_letter");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn queue_webhooks(&self, queued: Vec<(&Arc<Rule>, &Firing, Delivery)>) {
+        let deliveries: Vec<Delivery> = queued.iter().map(|q| q.2.clone()).collect();
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1..=ATTEMPTS {
+            match self.services.webhooks.enqueue(deliveries.clone()).await {
+                Ok(()) => {
+                    for _ in &deliveries {
+                        self.count_action("webhook", "queued");
+                    }
+                    return;
+                }
+                Err(RegistryError::Storage(e)) if attempt < ATTEMPTS => {
+                    tracing::warn!(attempt, error = %e, "webhooks could not be queued; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e) => {
+                    for (rule, firing, d) in &queued {
+                        let action = Action::Webhook { url: d.url.clone() };
+                        self.dead_letter(rule, &action, firing, &e).await;
+                        self.count_action("webhook", "dead_letter");
                     }
                     return;
                 }
@@ -567,24 +609,64 @@ impl RuleEngine {
         firing: &Firing,
         error: &RegistryError,
     ) {
-        let letter = serde_json::json!({
-            "rule_id": rule.id,
-            "rule_name": rule.name,
-            "action": action.to_string(),
-            "trigger": firing.trigger,
-            "row": firing.row,
-            "error": error.to_string(),
-            "at_ms": now_ms(),
-        });
-        let key = format!("{}/{}/{}", rule.tenant_id, rule.id, Uuid::now_v7());
-        if let Err(e) = self
-            .services
-            .store
-            .put_record(DEAD_LETTER, &key, Bytes::from(letter.to_string()))
-            .await
-        {
-            tracing::error!(rule = %rule.id, error = %e, "cannot store a dead letter");
-        }
+        let letter = DeadLetter {
+            tenant_id: rule.tenant_id,
+            rule_id: rule.id,
+            rule_name: &rule.name,
+            action: action.to_string(),
+            trigger: &firing.trigger,
+            row: serde_json::Value::Object(firing.row.clone()),
+            error: error.to_string(),
+            at_ms: now_ms(),
+        };
+        store_dead_letter(self.services.store.as_ref(), &letter).await;
+    }
+}
+
+/// The queued POST of one row to one webhook.
+fn delivery(rule: &Rule, url: &str, firing: &Firing) -> Delivery {
+    let body = serde_json::json!({
+        "rule": rule.name,
+        "rule_id": rule.id,
+        "tenant_id": rule.tenant_id,
+        "trigger": firing.trigger,
+        "device": firing.device,
+        "clear": firing.clear,
+        "ts": firing.ts_ms,
+        "row": firing.row,
+    });
+    Delivery {
+        tenant_id: rule.tenant_id,
+        rule_id: rule.id,
+        rule_name: rule.name.clone(),
+        url: url.to_string(),
+        body: body.to_string(),
+        idempotency_key: delivery_key(rule.id, url, &firing.trigger),
+        trigger: firing.trigger.clone(),
+        attempts: 0,
+        next_at_ms: 0,
+    }
+}
+
+/// An action that could not be carried out, kept for the tenant to look at.
+#[derive(Serialize)]
+pub(crate) struct DeadLetter<'a> {
+    #[serde(skip)]
+    pub tenant_id: TenantId,
+    pub rule_id: Uuid,
+    pub rule_name: &'a str,
+    pub action: String,
+    pub trigger: &'a str,
+    pub row: serde_json::Value,
+    pub error: String,
+    pub at_ms: i64,
+}
+
+pub(crate) async fn store_dead_letter(store: &dyn Store, letter: &DeadLetter<'_>) {
+    let key = format!("{}/{}/{}", letter.tenant_id, letter.rule_id, Uuid::now_v7());
+    let bytes = Bytes::from(serde_json::to_vec(letter).unwrap_or_default());
+    if let Err(e) = store.put_record(DEAD_LETTER, &key, bytes).await {
+        tracing::error!(rule = %letter.rule_id, error = %e, "cannot store a dead letter");
     }
 }
 

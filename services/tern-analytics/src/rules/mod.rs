@@ -10,6 +10,7 @@ pub mod expr;
 mod model;
 mod repository;
 pub mod sql;
+pub mod webhooks;
 pub mod window;
 
 pub use backtest::{TestReport, TestRow, test_rule};

@@ -37,14 +37,17 @@ impl Severity {
 }
 
 /// What a rule does with each row it emits. Written as in the CLI: `alert`,
-/// `alert:critical`, `command:NAME` (to the row's device) or `command:NAME@SELECTOR` (to every
-/// device the label selector selects).
+/// `alert:critical`, `command:NAME` (to the row's device), `command:NAME@SELECTOR` (to every
+/// device the label selector selects) or `webhook:URL` (a signed POST).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Alert(Severity),
     Command {
         name: String,
         selector: Option<String>,
+    },
+    Webhook {
+        url: String,
     },
 }
 
@@ -82,8 +85,25 @@ impl FromStr for Action {
                     selector,
                 })
             }
+            "webhook" => {
+                let url = reqwest::Url::parse(argument)
+                    .map_err(|e| invalid(format!("{text:?}: not a URL: {e}")))?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                    return Err(invalid(format!(
+                        "{text:?}: webhooks are http:// or https:// URLs with a host"
+                    )));
+                }
+                if !url.username().is_empty() || url.password().is_some() {
+                    return Err(invalid(format!(
+                        "{text:?}: no credentials in webhook URLs; requests are signed"
+                    )));
+                }
+                Ok(Action::Webhook {
+                    url: argument.to_string(),
+                })
+            }
             _ => Err(invalid(format!(
-                "{text:?}: actions are alert[:SEVERITY], command:NAME and command:NAME@SELECTOR"
+                "{text:?}: actions are alert[:SEVERITY], command:NAME, command:NAME@SELECTOR and webhook:URL"
             ))),
         }
     }
@@ -93,6 +113,7 @@ impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Action::Alert(severity) => write!(f, "alert:{}", severity.as_str()),
+            Action::Webhook { url } => write!(f, "webhook:{url}"),
             Action::Command {
                 name,
                 selector: None,

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::model::{Action, Rule};
 use super::sql::{Plan, compile};
+use super::webhooks::{delete_secret, ensure_secret};
 
 const RULE: &str = "rule";
 const RULE_NAME: &str = "rule_name";
@@ -123,7 +124,13 @@ impl Rules {
         self.changed.subscribe()
     }
 
-    pub async fn create(&self, tenant: TenantId, new: NewRule) -> Result<Rule, RegistryError> {
+    /// Saves a new rule. The second value is the rule's webhook secret when it has a webhook
+    /// action: it signs the requests, and is shown only here.
+    pub async fn create(
+        &self,
+        tenant: TenantId,
+        new: NewRule,
+    ) -> Result<(Rule, Option<String>), RegistryError> {
         validate_name("name", &new.name)?;
         let actions = parse_actions(&new.actions)?;
         let lateness = new.allowed_lateness_secs.unwrap_or(DEFAULT_LATENESS_SECS);
@@ -159,6 +166,7 @@ impl Rules {
             created_at_ms: now,
             updated_at_ms: now,
         };
+        let secret = self.webhook_secret(&rule).await?;
         self.store
             .put_record(RULE, &format!("{tenant}/{}", rule.id), encode(&rule))
             .await?;
@@ -166,7 +174,19 @@ impl Rules {
             .put_record(RULE_NAME, &name_key, Bytes::from(rule.id.to_string()))
             .await?;
         self.changed.send_modify(|v| *v += 1);
-        Ok(rule)
+        Ok((rule, secret))
+    }
+
+    /// A new webhook secret when the rule has a webhook action and no secret yet.
+    async fn webhook_secret(&self, rule: &Rule) -> Result<Option<String>, RegistryError> {
+        if !rule
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Webhook { .. }))
+        {
+            return Ok(None);
+        }
+        ensure_secret(self.store.as_ref(), rule.tenant_id, rule.id).await
     }
 
     /// A tenant's rules, oldest first.
@@ -211,12 +231,14 @@ impl Rules {
         }
     }
 
+    /// Changes a rule; the second value is a new webhook secret when a webhook action was
+    /// added to a rule that had none.
     pub async fn update(
         &self,
         tenant: TenantId,
         reference: &str,
         patch: RulePatch,
-    ) -> Result<Rule, RegistryError> {
+    ) -> Result<(Rule, Option<String>), RegistryError> {
         let _guard = self.write_lock.lock().await;
         let mut rule = self.get(tenant, reference).await?;
         if let Some(sql) = patch.sql {
@@ -234,11 +256,12 @@ impl Rules {
         validate(&rule.sql, &rule.actions, rule.allowed_lateness_secs)?;
         rule.version += 1;
         rule.updated_at_ms = now_ms();
+        let secret = self.webhook_secret(&rule).await?;
         self.store
             .put_record(RULE, &format!("{tenant}/{}", rule.id), encode(&rule))
             .await?;
         self.changed.send_modify(|v| *v += 1);
-        Ok(rule)
+        Ok((rule, secret))
     }
 
     pub async fn delete(&self, tenant: TenantId, reference: &str) -> Result<Rule, RegistryError> {
@@ -250,6 +273,7 @@ impl Rules {
         self.store
             .delete_record(RULE_NAME, &format!("{tenant}/{}", rule.name))
             .await?;
+        delete_secret(self.store.as_ref(), tenant, rule.id).await?;
         self.changed.send_modify(|v| *v += 1);
         Ok(rule)
     }

@@ -402,3 +402,207 @@ async fn a_silent_device_raises_an_absence_alert_that_clears_when_it_is_back() {
         "the rule cleared its alert: {alerts}"
     );
 }
+
+/// A webhook receiver on a free loopback port: answers `/reject` with 400 and other paths
+/// with the next status of `statuses` (then 200), and records what it got.
+async fn receiver(
+    statuses: Vec<u16>,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, String)>>>,
+) {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<(axum::http::HeaderMap, String)>>> = Arc::default();
+    let script = Arc::new(Mutex::new(statuses.into_iter()));
+    let app = {
+        let seen = seen.clone();
+        axum::Router::new().route(
+            "/{*path}",
+            axum::routing::post(
+                move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| {
+                    let (seen, script) = (seen.clone(), script.clone());
+                    async move {
+                        seen.lock().expect("lock").push((headers, body));
+                        let status = if uri.path() == "/reject" {
+                            400
+                        } else {
+                            script.lock().expect("lock").next().unwrap_or(200)
+                        };
+                        axum::http::StatusCode::from_u16(status).expect("status")
+                    }
+                },
+            ),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, seen)
+}
+
+fn verify(secret: &str, signature: &str, body: &str) -> bool {
+    use aws_lc_rs::hmac;
+    let Some((t, v1)) = signature
+        .strip_prefix("t=")
+        .and_then(|s| s.split_once(",v1="))
+    else {
+        return false;
+    };
+    let bytes: Vec<u8> = (0..v1.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&v1[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    hmac::verify(&key, format!("{t}.{body}").as_bytes(), &bytes).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_signed_retried_and_dead_lettered() {
+    let tern = Tern::start_with_env(&[("TERN_RULES__WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true")]);
+    let p = tern.provision("acme", "boiler");
+    let (port, seen) = receiver(vec![503, 503]).await;
+    let created = tern.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "hook",
+        "--sql",
+        "SELECT device, temp FROM telemetry WHERE temp > 50",
+        "--action",
+        &format!("webhook:http://127.0.0.1:{port}/hook"),
+    ]);
+    let secret = created["webhook_secret"]
+        .as_str()
+        .expect("secret shown at creation")
+        .to_string();
+    let shown = tern.cli_json(&["rule", "show", "hook", "--tenant", "acme"]);
+    assert!(
+        shown.get("webhook_secret").is_none(),
+        "and never again: {shown}"
+    );
+    let rejected = tern.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "rejected",
+        "--sql",
+        "SELECT device FROM telemetry WHERE temp > 50",
+        "--action",
+        &format!("webhook:http://127.0.0.1:{port}/reject"),
+    ]);
+    assert!(rejected["webhook_secret"].is_string());
+
+    let mut device = Mqtt::device(&tern, &p).await;
+    device
+        .publish_acked("telemetry", vec![br#"{"temp": 61}"#.to_vec()])
+        .await;
+
+    // Two 503s, then 200: three attempts at /hook, one second and two seconds apart.
+    let deadline = Instant::now() + PATIENCE;
+    let hook =
+        |all: &Vec<(axum::http::HeaderMap, String)>| -> Vec<(axum::http::HeaderMap, String)> {
+            all.iter()
+                .filter(|(h, _)| h.get("x-tern-signature").is_some())
+                .cloned()
+                .collect()
+        };
+    loop {
+        let attempts = seen.lock().expect("lock").len();
+        if attempts >= 4 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all = hook(&seen.lock().expect("lock"));
+    let to_hook: Vec<_> = all
+        .iter()
+        .filter(|(_, b)| b.contains("\"rule\":\"hook\""))
+        .collect();
+    assert_eq!(
+        to_hook.len(),
+        3,
+        "retried until it succeeded, then not again"
+    );
+    let keys: std::collections::HashSet<_> = to_hook
+        .iter()
+        .map(|(h, _)| h["x-tern-idempotency-key"].clone())
+        .collect();
+    assert_eq!(keys.len(), 1, "one idempotency key for every attempt");
+    for (headers, body) in &to_hook {
+        let signature = headers["x-tern-signature"].to_str().expect("ascii");
+        assert!(verify(&secret, signature, body), "{signature}");
+        assert!(!verify("whsec_wrong", signature, body));
+    }
+    let body: Value = serde_json::from_str(&to_hook[0].1).expect("JSON");
+    assert_eq!(
+        (&body["row"]["temp"], &body["device"]),
+        (&json!(61), &json!(p.device_id))
+    );
+
+    // The receiver refused the other rule's post outright: dead-lettered, not retried.
+    let letters = wait_for(
+        &tern,
+        &p.api_token,
+        "/api/v1/tenants/acme/rules/rejected/dead-letters",
+        |b| b.as_array().is_some_and(|a| !a.is_empty()),
+    )
+    .await;
+    let error = letters[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("400"), "{letters}");
+    assert_eq!(
+        letters[0]["action"],
+        format!("webhook:http://127.0.0.1:{port}/reject")
+    );
+    assert_eq!(
+        all.iter()
+            .filter(|(_, b)| b.contains("\"rule\":\"rejected\""))
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_to_private_addresses_are_refused_by_default() {
+    let tern = Tern::start();
+    let p = tern.provision("acme", "boiler");
+    let (port, seen) = receiver(vec![]).await;
+    tern.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "inside",
+        "--sql",
+        "SELECT device FROM telemetry WHERE temp > 50",
+        "--action",
+        &format!("webhook:http://127.0.0.1:{port}/admin"),
+    ]);
+    let mut device = Mqtt::device(&tern, &p).await;
+    device
+        .publish_acked("telemetry", vec![br#"{"temp": 61}"#.to_vec()])
+        .await;
+    let letters = wait_for(
+        &tern,
+        &p.api_token,
+        "/api/v1/tenants/acme/rules/inside/dead-letters",
+        |b| b.as_array().is_some_and(|a| !a.is_empty()),
+    )
+    .await;
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("private address"),
+        "{letters}"
+    );
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "nothing reached the loopback receiver"
+    );
+}
