@@ -20,11 +20,15 @@ start = end - int(days) * 24 * 60 * MINUTE
 count = (end - start) // MINUTE
 done = threading.Event()
 acked = 0
+# Paho numbers messages 1..65535 and reuses numbers of queued messages when more are queued,
+# so the number queued but not acknowledged stays well below that.
+room = threading.Semaphore(10_000)
 
 
 def on_publish(client, userdata, mid):
     global acked
     acked += 1
+    room.release()
     if acked == count:
         done.set()
 
@@ -38,6 +42,7 @@ client.connect(host, int(port))
 client.loop_start()
 for ts in range(start, end, MINUTE):
     value = 20 + 10 * ((ts // MINUTE) % 1440) / 1440
+    room.acquire()
     client.publish("telemetry", f'{{"{metric}": {value:.3f}, "ts": {ts}}}', qos=1)
 if not done.wait(timeout=1800):
     sys.exit(f"only {acked} of {count} acknowledged")

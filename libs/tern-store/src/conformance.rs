@@ -230,6 +230,80 @@ pub async fn rollups_count_each_point_once(open: &Open, dir: &Path) {
     );
 }
 
+pub async fn retention_deletes_only_what_is_older(open: &Open, dir: &Path) {
+    let store = open(dir);
+    const DAY: i64 = 86_400_000;
+    write_points(
+        store.as_ref(),
+        vec![
+            point("t", "d", "temp", DAY, 1.0, "old"),
+            point("t", "d", "temp", 3 * DAY, 2.0, "new"),
+            point("t", "e", "hum", DAY + 5, 3.0, "old-e"),
+            point("other", "d", "temp", DAY, 4.0, "other"),
+        ],
+    )
+    .await;
+    let deleted = store
+        .delete_before("t", None, 2 * DAY)
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 2, "one old point of each of t's series");
+    let all = |tenant: &str, device: &str| range(tenant, device, i64::MIN / 2, i64::MAX);
+    let left = store.points(&all("t", "d"), "temp").await.expect("points");
+    assert_eq!(
+        left.iter().map(|p| p.ts_ms).collect::<Vec<_>>(),
+        vec![3 * DAY]
+    );
+    assert!(
+        store
+            .points(&all("t", "e"), "hum")
+            .await
+            .expect("points")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .points(&all("other", "d"), "temp")
+            .await
+            .expect("points")
+            .len(),
+        1,
+        "another tenant's data stays"
+    );
+    // Rollups are kept per resolution: raw retention left the day buckets alone.
+    let days = store
+        .rollups(&all("t", "d"), "temp", Resolution::Day)
+        .await
+        .expect("rollups");
+    assert_eq!(days.len(), 2);
+    let deleted = store
+        .delete_before("t", Some(Resolution::Day), 2 * DAY)
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 2, "t/d's and t/e's first day");
+    let days = store
+        .rollups(&all("t", "d"), "temp", Resolution::Day)
+        .await
+        .expect("rollups");
+    assert_eq!(
+        days.iter().map(|r| r.start_ms).collect::<Vec<_>>(),
+        vec![3 * DAY]
+    );
+    assert_eq!(
+        store
+            .rollups(&all("t", "d"), "temp", Resolution::Hour)
+            .await
+            .expect("rollups")
+            .len(),
+        2
+    );
+    assert_eq!(
+        store.latest("t", "e").await.expect("latest").len(),
+        1,
+        "latest values stay"
+    );
+}
+
 pub async fn latest_values_only_move_forward(open: &Open, dir: &Path) {
     let store = open(dir);
     write_points(
@@ -470,6 +544,7 @@ macro_rules! store_conformance_tests {
                 range_queries_respect_bounds_order_and_limit,
                 rewriting_a_message_is_idempotent,
                 rollups_count_each_point_once,
+                retention_deletes_only_what_is_older,
                 latest_values_only_move_forward,
                 tenants_and_devices_do_not_bleed,
                 events_round_trip,

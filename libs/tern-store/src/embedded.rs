@@ -261,6 +261,52 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn delete_before(
+        &self,
+        tenant: &str,
+        resolution: Option<Resolution>,
+        before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let tenant_prefix = prefix(&[component("tenant", tenant)?]);
+        self.run(move |inner| {
+            // Every series of the tenant has a latest value: its key is the series prefix.
+            let series: Vec<Vec<u8>> = inner
+                .latest
+                .prefix(&tenant_prefix)
+                .map(|guard| guard.key().map(|k| k.to_vec()).map_err(storage))
+                .collect::<Result<_, _>>()?;
+            let (keyspace, to_prefix): (&Keyspace, &dyn Fn(&[u8]) -> Vec<u8>) = match resolution {
+                None => (&inner.points, &|s: &[u8]| s.to_vec()),
+                Some(r) => (&inner.rollups, &move |s: &[u8]| rollup_prefix(s, r)),
+            };
+            let mut deleted = 0u64;
+            for series in series {
+                let start = with_ts(to_prefix(&series), i64::MIN, "");
+                let end = with_ts(to_prefix(&series), before_ms, "");
+                // In slices, so that a large backlog is not one huge batch.
+                loop {
+                    let keys: Vec<_> = keyspace
+                        .range(start.clone()..end.clone())
+                        .take(10_000)
+                        .map(|guard| guard.key().map_err(storage))
+                        .collect::<Result<_, _>>()?;
+                    if keys.is_empty() {
+                        break;
+                    }
+                    let mut batch = inner.db.batch();
+                    for key in &keys {
+                        batch.remove(keyspace, key.clone());
+                    }
+                    batch.commit().map_err(storage)?;
+                    deleted += keys.len() as u64;
+                }
+            }
+            inner.db.persist(PersistMode::SyncData).map_err(storage)?;
+            Ok(deleted)
+        })
+        .await
+    }
+
     async fn latest(&self, tenant: &str, device: &str) -> Result<Vec<LatestValue>, StoreError> {
         let device_prefix = device_prefix(tenant, device)?;
         self.run(move |inner| {

@@ -177,6 +177,16 @@ pub trait Store: Send + Sync + 'static {
         resolution: Resolution,
     ) -> Result<Vec<Rollup>, StoreError>;
 
+    /// Deletes a tenant's raw points (`resolution` `None`) or rollups of one resolution older
+    /// than `before_ms` (rollups: buckets that start before it), for every series. Latest
+    /// values stay. Returns how many entries were deleted.
+    async fn delete_before(
+        &self,
+        tenant: &str,
+        resolution: Option<Resolution>,
+        before_ms: i64,
+    ) -> Result<u64, StoreError>;
+
     /// The latest value of every metric of a device, by metric name.
     async fn latest(&self, tenant: &str, device: &str) -> Result<Vec<LatestValue>, StoreError>;
 

@@ -8,6 +8,7 @@
 pub mod alerts;
 mod ingest;
 mod metrics;
+pub mod retention;
 pub mod rules;
 
 pub use ingest::{INGEST_GROUP, Ingest, event_to_writes};

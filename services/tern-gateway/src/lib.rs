@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use tern_analytics::alerts::Alerts;
+use tern_analytics::retention::Retention;
 use tern_analytics::rules::Rules;
 use tern_eventlog::EventLog;
 use tern_identity::Identity;
@@ -38,6 +39,7 @@ pub struct GatewayServices {
     pub twins: Arc<Twins>,
     pub rules: Arc<Rules>,
     pub alerts: Arc<Alerts>,
+    pub retention: Arc<Retention>,
     pub store: Arc<dyn Store>,
     /// Where the HTTP device API appends messages.
     pub log: Arc<dyn EventLog>,
@@ -51,6 +53,7 @@ pub struct Gateway {
     twins: Arc<Twins>,
     rules: Arc<Rules>,
     alerts: Arc<Alerts>,
+    retention: Arc<Retention>,
     store: Arc<dyn Store>,
     log: Arc<dyn EventLog>,
     metrics: MetricsRegistry,
@@ -70,6 +73,7 @@ impl Gateway {
             twins,
             rules,
             alerts,
+            retention,
             store,
             log,
         } = services;
@@ -80,6 +84,7 @@ impl Gateway {
             twins,
             rules,
             alerts,
+            retention,
             store,
             log,
             http_metrics: observe::HttpMetrics::register(metrics),

@@ -61,6 +61,10 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route(&format!("{tenant}/alerts"), get(rules::list_alerts))
         .route(
+            &format!("{tenant}/retention"),
+            get(rules::show_retention).put(rules::set_retention),
+        )
+        .route(
             &format!("{tenant}/alerts/{{alert}}"),
             get(rules::show_alert),
         )

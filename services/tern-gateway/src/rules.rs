@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tern_analytics::alerts::{Alert, AlertFilter, AlertState};
+use tern_analytics::retention::RetentionPolicy;
 use tern_analytics::rules::{NewRule, Rule, RulePatch, TestReport, dead_letters, test_rule};
 use tern_core::now_ms;
 
@@ -142,6 +143,28 @@ pub(crate) async fn test(
     )
     .await?;
     Ok(Json(report))
+}
+
+pub(crate) async fn show_retention(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<RetentionPolicy>> {
+    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    Ok(Json(gw.retention.get(tenant.id).await?))
+}
+
+/// Replaces the tenant's retention; absent resolutions are kept forever.
+pub(crate) async fn set_retention(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+    ApiJson(policy): ApiJson<RetentionPolicy>,
+) -> ApiResult<Json<RetentionPolicy>> {
+    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    let policy = gw.retention.set(tenant.id, policy).await?;
+    tracing::info!(tenant = %tenant.id, ?policy, "retention changed");
+    Ok(Json(policy))
 }
 
 #[derive(Deserialize, Default)]

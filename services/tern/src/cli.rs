@@ -283,6 +283,23 @@ pub enum TenantCommand {
     Show { tenant: String },
     /// Delete a tenant that has no devices.
     Delete { tenant: String },
+    /// Show how long the tenant keeps telemetry, or set it with any of the flags (a
+    /// resolution without a flag is kept forever).
+    Retention {
+        tenant: String,
+        /// Days of raw points.
+        #[arg(long)]
+        raw_days: Option<u32>,
+        /// Days of per-minute rollups.
+        #[arg(long = "1m-days")]
+        minute_days: Option<u32>,
+        /// Days of per-hour rollups.
+        #[arg(long = "1h-days")]
+        hour_days: Option<u32>,
+        /// Days of per-day rollups.
+        #[arg(long = "1d-days")]
+        day_days: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -169,6 +169,33 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     println!("deleted tenant {tenant}");
                 }
             }
+            TenantCommand::Retention {
+                tenant,
+                raw_days,
+                minute_days,
+                hour_days,
+                day_days,
+            } => {
+                let path = format!("/api/v1/tenants/{}/retention", seg(&tenant));
+                let days = [raw_days, minute_days, hour_days, day_days];
+                let policy = if days.iter().all(Option::is_none) {
+                    client.call(Method::GET, &path, None).await?
+                } else {
+                    let mut body = serde_json::Map::new();
+                    for (key, value) in ["raw_days", "1m_days", "1h_days", "1d_days"]
+                        .iter()
+                        .zip(days)
+                    {
+                        if let Some(value) = value {
+                            body.insert(key.to_string(), value.into());
+                        }
+                    }
+                    client
+                        .call(Method::PUT, &path, Some(Value::Object(body)))
+                        .await?
+                };
+                output::record(out, &policy, &["raw_days", "1m_days", "1h_days", "1d_days"]);
+            }
         },
         AdminCommand::Device(cmd) => {
             let base = format!("/api/v1/tenants/{}/devices", seg(tenant(&global)?));

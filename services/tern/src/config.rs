@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use tern_analytics::retention::RetentionConfig;
 use tern_analytics::rules::RulesConfig;
 use tern_bridge::BridgeConfig;
 use tern_identity::IdentityConfig;
@@ -37,6 +38,7 @@ pub struct UpConfig {
     pub commands: CommandsConfig,
     pub twins: TwinsConfig,
     pub rules: RulesConfig,
+    pub retention: RetentionConfig,
     pub eventlog: EventLogConfig,
 }
 
@@ -73,6 +75,7 @@ impl Default for UpConfig {
             commands: CommandsConfig::default(),
             twins: TwinsConfig::default(),
             rules: RulesConfig::default(),
+            retention: RetentionConfig::default(),
             eventlog: EventLogConfig::default(),
         }
     }
@@ -181,6 +184,8 @@ impl UpConfig {
                 .then_some("`rules.max_rules_per_tenant` must be at least 1"),
             (self.rules.max_groups_per_rule == 0)
                 .then_some("`rules.max_groups_per_rule` must be at least 1"),
+            (self.retention.sweep_interval_secs == 0)
+                .then_some("`retention.sweep_interval_secs` must be at least 1"),
         ];
         let problems: Vec<&str> = problems.into_iter().flatten().collect();
         if let Some(first) = problems.first() {

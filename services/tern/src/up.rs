@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tern_analytics::Ingest;
 use tern_analytics::alerts::Alerts;
+use tern_analytics::retention::Retention;
 use tern_analytics::rules::webhooks::Webhooks;
 use tern_analytics::rules::{RuleEngine, RuleServices, Rules};
 use tern_bridge::{
@@ -141,6 +142,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
     let rules = Arc::new(Rules::new(store.clone(), config.rules.max_rules_per_tenant));
     let alerts = Arc::new(Alerts::new(store.clone()));
+    let retention = Arc::new(Retention::new(store.clone()));
+    tokio::spawn(retention.clone().run(
+        Duration::from_secs(config.retention.sweep_interval_secs),
+        stop_ingest.clone(),
+    ));
     let webhooks = Arc::new(Webhooks::new(
         store.clone(),
         config.rules.webhook_allow_private_networks,
@@ -169,6 +175,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             twins,
             rules,
             alerts,
+            retention,
             store: store.clone(),
             log: log.clone(),
         },

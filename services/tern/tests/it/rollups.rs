@@ -104,3 +104,80 @@ async fn rollups_follow_the_raw_points_and_auto_picks_the_resolution() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_aged_out_points_per_resolution() {
+    let tern = Tern::start_with_env(&[("TERN_RETENTION__SWEEP_INTERVAL_SECS", "1")]);
+    let p = tern.provision("acme", "meter");
+    let now = tern_core::now_ms();
+    let mut device = Mqtt::device(&tern, &p).await;
+    let payloads = [now - 72 * HOUR, now - 1000]
+        .iter()
+        .map(|ts| json!({"kwh": 1, "ts": ts}).to_string().into_bytes())
+        .collect();
+    device.publish_acked("telemetry", payloads).await;
+    assert_eq!(tern.wait_points(&p, "kwh", 2).await.len(), 2);
+
+    let shown = tern.cli_json(&["tenant", "retention", "acme"]);
+    assert_eq!(shown, json!({}), "forever by default");
+    let set = tern.cli_json(&[
+        "tenant",
+        "retention",
+        "acme",
+        "--raw-days",
+        "1",
+        "--1m-days",
+        "2",
+    ]);
+    assert_eq!(set, json!({"raw_days": 1, "1m_days": 2}));
+
+    let path = |query: &str| {
+        format!(
+            "/api/v1/tenants/acme/devices/{}/telemetry?metric=kwh&from=0&{query}",
+            p.device_id
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let raw = loop {
+        let (_, body) = tern.get(&p.api_token, &path("resolution=raw")).await;
+        if body["points"].as_array().map(Vec::len) == Some(1)
+            || std::time::Instant::now() > deadline
+        {
+            break body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        raw["points"].as_array().map(Vec::len),
+        Some(1),
+        "the 3-day-old point is gone: {raw}"
+    );
+    let (_, minutes) = tern.get(&p.api_token, &path("resolution=1m")).await;
+    assert_eq!(
+        minutes["points"].as_array().map(Vec::len),
+        Some(1),
+        "minutes kept 2 days: {minutes}"
+    );
+    let (_, hours) = tern.get(&p.api_token, &path("resolution=1h")).await;
+    assert_eq!(
+        hours["points"].as_array().map(Vec::len),
+        Some(2),
+        "hours kept forever: {hours}"
+    );
+
+    let put = reqwest::Client::new()
+        .put(format!("{}/api/v1/tenants/acme/retention", tern.http()))
+        .bearer_auth(&p.api_token)
+        .json(&json!({"raw_days": 30, "1m_days": 7}))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(put.status().as_u16(), 400);
+    let body: Value = put.json().await.expect("JSON");
+    assert_eq!(body["error"]["field"], "1m_days", "{body}");
+    let other = tern.provision("globex", "g");
+    let (status, _) = tern
+        .get(&other.api_token, "/api/v1/tenants/acme/retention")
+        .await;
+    assert_eq!(status, 403);
+}
