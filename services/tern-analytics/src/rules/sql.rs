@@ -51,6 +51,9 @@ pub struct WindowSpec {
 pub enum Trigger {
     /// `TUMBLE` / `HOP`: a row per window when it closes, with aggregates.
     Window(WindowSpec),
+    /// `SESSION(ts, gap)`: a row per burst of messages no further apart than the gap, with
+    /// aggregates.
+    Session { gap_ms: i64 },
     /// `ABSENCE(INTERVAL)`: a row when no message has arrived from the group for the interval.
     Absence { timeout_ms: i64 },
     /// `HYSTERESIS(enter, leave)`: a row when `enter` holds while the group is off, and a
@@ -359,6 +362,10 @@ impl Compiler {
                         }
                         Trigger::Window(WindowSpec { size_ms: size, slide_ms: slide })
                     }
+                    "SESSION" => {
+                        let [gap] = self.window_args(f, 1)?[..] else { unreachable!() };
+                        Trigger::Session { gap_ms: gap }
+                    }
                     "ABSENCE" => match self.arguments(f, "ABSENCE(INTERVAL '5' MINUTE)")?[..] {
                         [timeout] => Trigger::Absence { timeout_ms: self.interval(timeout)? },
                         _ => return Err(self.fail("ABSENCE takes one interval: ABSENCE(INTERVAL '5' MINUTE)", f)),
@@ -378,7 +385,7 @@ impl Compiler {
                         },
                         _ => return Err(self.fail("SEQUENCE takes two conditions and an interval: SEQUENCE(door = 1, motion = 1, INTERVAL '10' SECOND)", f)),
                     },
-                    _ => return Err(self.fail(format!("GROUP BY takes device, labels.NAME and one window or pattern (TUMBLE, HOP, ABSENCE, HYSTERESIS, SEQUENCE), not {name}()"), f)),
+                    _ => return Err(self.fail(format!("GROUP BY takes device, labels.NAME and one window or pattern (TUMBLE, HOP, SESSION, ABSENCE, HYSTERESIS, SEQUENCE), not {name}()"), f)),
                 };
                 if window.replace(trigger).is_some() {
                     return Err(self.fail("a rule has one window or pattern", f));
@@ -395,7 +402,7 @@ impl Compiler {
             }
         }
         let window = window.ok_or_else(|| {
-            self.error("GROUP BY needs a window or pattern: add TUMBLE(ts, INTERVAL '1' MINUTE), HOP(ts, slide, size), ABSENCE(...), HYSTERESIS(...) or SEQUENCE(...)", select.select_token.clone())
+            self.error("GROUP BY needs a window or pattern: add TUMBLE(ts, INTERVAL '1' MINUTE), HOP(ts, slide, size), SESSION(ts, gap), ABSENCE(...), HYSTERESIS(...) or SEQUENCE(...)", select.select_token.clone())
         })?;
         Ok(Some((window, keys)))
     }
@@ -420,7 +427,7 @@ impl Compiler {
 
     /// `ts` followed by `n` intervals, in milliseconds.
     fn window_args(&self, f: &ast::Function, n: usize) -> Result<Vec<i64>, SqlError> {
-        let usage = "windows are TUMBLE(ts, INTERVAL '1' MINUTE) and HOP(ts, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE)";
+        let usage = "windows are TUMBLE(ts, INTERVAL '1' MINUTE), HOP(ts, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE) and SESSION(ts, INTERVAL '30' SECOND)";
         let args = self.arguments(f, usage)?;
         if args.len() != n + 1
             || !matches!(args[0], ast::Expr::Identifier(id) if id.value.eq_ignore_ascii_case("ts"))

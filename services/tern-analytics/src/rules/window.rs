@@ -123,6 +123,17 @@ struct Group {
     windows: BTreeMap<i64, Vec<Accumulator>>,
     #[serde(default)]
     pattern: PatternState,
+    /// SESSION: the open session.
+    #[serde(default)]
+    session: Option<Session>,
+}
+
+/// A session window: messages no further apart than the gap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Session {
+    start_ms: i64,
+    last_ms: i64,
+    accumulators: Vec<Accumulator>,
 }
 
 /// The state of ABSENCE, HYSTERESIS and SEQUENCE for one group.
@@ -240,6 +251,7 @@ impl RuleState {
                 fired_until_ms: i64::MIN,
                 windows: BTreeMap::new(),
                 pattern: PatternState::default(),
+                session: None,
             };
             self.groups.insert(key.clone(), group);
         }
@@ -260,6 +272,35 @@ impl RuleState {
                 group.watermark_ms = group.watermark_ms.max(message.ts_ms);
                 let until = group.watermark_ms.saturating_sub(lateness_ms);
                 fire_windows(&emit, *spec, group, until, out);
+            }
+            Trigger::Session { gap_ms } => {
+                let ts = message.ts_ms;
+                // A message more than the gap after the open session ends it first.
+                if group
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| ts > s.last_ms + gap_ms)
+                {
+                    fire_session(&emit, *gap_ms, group, i64::MAX, out);
+                }
+                let joins = ts > group.fired_until_ms
+                    && group
+                        .session
+                        .as_ref()
+                        .is_none_or(|s| ts >= s.start_ms - gap_ms);
+                if !joins {
+                    self.late_messages += 1;
+                    return Outcome::Late;
+                }
+                let session = group.session.get_or_insert_with(|| Session {
+                    start_ms: ts,
+                    last_ms: ts,
+                    accumulators: vec![Accumulator::default(); windowed.aggregates.len()],
+                });
+                session.start_ms = session.start_ms.min(ts);
+                session.last_ms = session.last_ms.max(ts);
+                accumulate(windowed, &mut session.accumulators, message);
+                group.watermark_ms = group.watermark_ms.max(ts);
             }
             Trigger::Absence { timeout_ms } => {
                 let state = &mut group.pattern;
@@ -332,6 +373,7 @@ impl RuleState {
             };
             match &windowed.trigger {
                 Trigger::Window(spec) => fire_windows(&emit, *spec, group, until, out),
+                Trigger::Session { gap_ms } => fire_session(&emit, *gap_ms, group, until, out),
                 Trigger::Absence { timeout_ms } => {
                     let state = &mut group.pattern;
                     let since = state.last_arrival_ms;
@@ -354,6 +396,7 @@ impl RuleState {
             Trigger::Window(spec) => {
                 !g.windows.is_empty() || g.watermark_ms > until.saturating_sub(spec.size_ms)
             }
+            Trigger::Session { .. } => g.session.is_some(),
             Trigger::Absence { .. } => true,
             Trigger::Hysteresis { .. } => g.pattern.on,
             Trigger::Sequence { .. } => !g.pattern.pending.is_empty(),
@@ -382,22 +425,27 @@ fn add_to_windows(
                 .windows
                 .entry(start)
                 .or_insert_with(|| vec![Accumulator::default(); windowed.aggregates.len()]);
-            for (aggregate, acc) in windowed.aggregates.iter().zip(accumulators.iter_mut()) {
-                match &aggregate.argument {
-                    None => acc.add(0.0),
-                    Some(argument) => match argument.eval(message) {
-                        Value::Number(n) => acc.add(n),
-                        Value::Null => {}
-                        // count(x) counts non-NULL values of any type.
-                        _ if aggregate.function == AggregateFn::Count => acc.add(0.0),
-                        _ => {}
-                    },
-                }
-            }
+            accumulate(windowed, accumulators, message);
         }
         start -= spec.slide_ms;
     }
     accepted
+}
+
+/// Adds a message to one window's accumulators.
+fn accumulate(windowed: &Windowed, accumulators: &mut [Accumulator], message: &Message) {
+    for (aggregate, acc) in windowed.aggregates.iter().zip(accumulators.iter_mut()) {
+        match &aggregate.argument {
+            None => acc.add(0.0),
+            Some(argument) => match argument.eval(message) {
+                Value::Number(n) => acc.add(n),
+                Value::Null => {}
+                // count(x) counts non-NULL values of any type.
+                _ if aggregate.function == AggregateFn::Count => acc.add(0.0),
+                _ => {}
+            },
+        }
+    }
 }
 
 /// Builds a grouped rule's rows.
@@ -418,6 +466,44 @@ impl Emitter<'_> {
             Value::Text(d) => Some(d.clone()),
             _ => None,
         }
+    }
+
+    /// A window's (or session's) row, unless HAVING refuses it.
+    fn window_row(
+        &self,
+        keys: &[Value],
+        span: (i64, i64),
+        accumulators: &[Accumulator],
+        out: &mut Vec<Firing>,
+    ) {
+        let scope = GroupScope {
+            keys,
+            aggregates: self
+                .windowed
+                .aggregates
+                .iter()
+                .zip(accumulators)
+                .map(|(a, acc)| acc.result(a.function))
+                .collect(),
+            window: span,
+            message: None,
+        };
+        if self
+            .windowed
+            .having
+            .as_ref()
+            .is_some_and(|h| !h.holds(&scope))
+        {
+            return;
+        }
+        out.push(Firing {
+            trigger: format!("{}@{}", self.key, span.0),
+            device: self.device(keys),
+            subject: self.key.to_string(),
+            ts_ms: span.1,
+            clear: false,
+            row: output_row(self.plan, &scope, None),
+        });
     }
 
     /// A pattern's row: keys, the span, and the message that completed it (if any).
@@ -462,34 +548,16 @@ fn fire_windows(
         }
         let accumulators = entry.remove();
         group.fired_until_ms = group.fired_until_ms.max(end);
-        let scope = GroupScope {
-            keys: &group.keys,
-            aggregates: emit
-                .windowed
-                .aggregates
-                .iter()
-                .zip(&accumulators)
-                .map(|(a, acc)| acc.result(a.function))
-                .collect(),
-            window: (start, end),
-            message: None,
-        };
-        if emit
-            .windowed
-            .having
-            .as_ref()
-            .is_some_and(|h| !h.holds(&scope))
-        {
-            continue;
-        }
-        out.push(Firing {
-            trigger: format!("{}@{start}", emit.key),
-            device: emit.device(&group.keys),
-            subject: emit.key.to_string(),
-            ts_ms: end,
-            clear: false,
-            row: output_row(emit.plan, &scope, None),
-        });
+        emit.window_row(&group.keys, (start, end), &accumulators, out);
+    }
+}
+
+/// Closes the group's session if its gap (plus lateness) has passed by `until`.
+fn fire_session(emit: &Emitter, gap_ms: i64, group: &mut Group, until: i64, out: &mut Vec<Firing>) {
+    if let Some(session) = group.session.take_if(|s| s.last_ms + gap_ms <= until) {
+        group.fired_until_ms = group.fired_until_ms.max(session.last_ms);
+        let span = (session.start_ms, session.last_ms + gap_ms);
+        emit.window_row(&group.keys, span, &session.accumulators, out);
     }
 }
 
@@ -681,6 +749,43 @@ mod tests {
                     serde_json::json!(45 * s)
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn sessions_close_after_the_gap_by_message_or_by_clock() {
+        let sql = "SELECT device, window_start, window_end, count(*) AS v FROM telemetry \
+                   GROUP BY device, SESSION(ts, INTERVAL '10' SECOND)";
+        let mut feed = Feed::new(sql, 0);
+        let s = 1000;
+        for at in [0, 4 * s, 9 * s, 2 * s] {
+            feed.send("d", at, 1.0); // one burst; the last one out of order
+        }
+        assert!(feed.fired.is_empty());
+        feed.send("d", 30 * s, 1.0); // 21 s after the last: a new session
+        assert!(!feed.send("d", 5 * s, 1.0), "its session has closed: late");
+        tick(&mut feed, 39 * s);
+        assert_eq!(
+            feed.fired.len(),
+            1,
+            "the second session is 9 s quiet, not yet 10"
+        );
+        tick(&mut feed, 40 * s);
+        let spans: Vec<_> = feed
+            .fired
+            .iter()
+            .map(|f| {
+                (
+                    f.row["window_start"].clone(),
+                    f.row["window_end"].clone(),
+                    f.row["v"].clone(),
+                )
+            })
+            .collect();
+        let j = |n: i64| serde_json::json!(n);
+        assert_eq!(
+            spans,
+            vec![(j(0), j(19 * s), j(4)), (j(30 * s), j(40 * s), j(1))]
         );
     }
 
