@@ -350,20 +350,11 @@ async fn typed_operations_are_validated_and_reach_the_device_as_tern_commands() 
     );
 
     let operate = |operation: &str, body: Value| {
-        let url = format!(
-            "{}/api/v1/tenants/acme/devices/cam-1/operations/{operation}",
-            tern.http()
-        );
-        let token = p.api_token.clone();
+        let path = format!("/api/v1/tenants/acme/devices/cam-1/operations/{operation}");
+        let (tern, token) = (&tern, p.api_token.clone());
         async move {
-            let r = reqwest::Client::new()
-                .post(url)
-                .bearer_auth(token)
-                .json(&body)
-                .send()
+            tern.send_json(reqwest::Method::POST, &token, &path, &body)
                 .await
-                .expect("POST");
-            (r.status().as_u16(), r.json::<Value>().await.expect("JSON"))
         }
     };
     let (status, reboot) = operate("reboot", json!({"delay_s": 5, "ttl_secs": 30})).await;

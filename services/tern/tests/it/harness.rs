@@ -248,6 +248,26 @@ impl Tern {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// A REST call with a JSON body and a bearer token; returns status and JSON body (null
+    /// when the answer has none).
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        token: &str,
+        path: &str,
+        body: &Value,
+    ) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.http()))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// Waits until the device has at least `n` points of `metric`; returns them.
     pub async fn wait_points(&self, p: &Provisioned, metric: &str, n: usize) -> Vec<Value> {
         let path = format!(

@@ -165,15 +165,16 @@ async fn retention_deletes_aged_out_points_per_resolution() {
         "hours kept forever: {hours}"
     );
 
-    let put = reqwest::Client::new()
-        .put(format!("{}/api/v1/tenants/acme/retention", tern.http()))
-        .bearer_auth(&p.api_token)
-        .json(&json!({"raw_days": 30, "1m_days": 7}))
-        .send()
-        .await
-        .expect("PUT");
-    assert_eq!(put.status().as_u16(), 400);
-    let body: Value = put.json().await.expect("JSON");
+    let shorter_minutes = json!({"raw_days": 30, "1m_days": 7});
+    let (status, body) = tern
+        .send_json(
+            reqwest::Method::PUT,
+            &p.api_token,
+            "/api/v1/tenants/acme/retention",
+            &shorter_minutes,
+        )
+        .await;
+    assert_eq!(status, 400);
     assert_eq!(body["error"]["field"], "1m_days", "{body}");
     let other = tern.provision("globex", "g");
     let (status, _) = tern

@@ -227,72 +227,52 @@ async fn rule_errors_are_specific_and_rules_are_per_tenant() {
     let tern = Tern::start();
     let acme = tern.provision("acme", "a");
     let globex = tern.provision("globex", "g");
-    let post = |token: String, tenant: &str, body: Value| {
-        let url = format!("{}/api/v1/tenants/{tenant}/rules", tern.http());
+    // What the API says to a rule `acme` saves: the status and the field at fault.
+    let save = |token: &str, tenant: &str, body: Value| {
+        let (token, path) = (token.to_string(), format!("/api/v1/tenants/{tenant}/rules"));
+        let tern = &tern;
         async move {
-            let r = reqwest::Client::new()
-                .post(url)
-                .bearer_auth(token)
-                .json(&body)
-                .send()
+            tern.send_json(reqwest::Method::POST, &token, &path, &body)
                 .await
-                .expect("POST");
+        }
+    };
+    let refused = |body: Value| {
+        let save = &save;
+        let token = acme.api_token.clone();
+        async move {
+            let (status, body) = save(&token, "acme", body).await;
+            assert_eq!(status, 400, "{body}");
             (
-                r.status().as_u16(),
-                r.json::<Value>().await.unwrap_or(Value::Null),
+                body["error"]["field"].clone(),
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
             )
         }
     };
-    let (status, body) = post(
-        acme.api_token.clone(),
-        "acme",
-        json!({"name": "bad", "sql": "SELECT device FROM telemetry WHERE temp >> 5", "actions": ["alert"]}),
-    )
-    .await;
-    assert_eq!(
-        (status, &body["error"]["field"]),
-        (400, &json!("sql")),
-        "{body}"
-    );
-    let message = body["error"]["message"].as_str().unwrap_or_default();
+    let (field, message) = refused(json!({"name": "bad", "sql": "SELECT device FROM telemetry WHERE temp >> 5", "actions": ["alert"]})).await;
+    assert_eq!(field, "sql");
     assert!(message.contains("line 1, column 36"), "{message}");
-
-    let (status, body) = post(
-        acme.api_token.clone(),
-        "acme",
-        json!({"name": "sitewide", "sql": "SELECT labels.site, avg(temp) FROM telemetry GROUP BY labels.site, TUMBLE(ts, INTERVAL '1' MINUTE)", "actions": ["command:cool"]}),
-    )
-    .await;
-    assert_eq!(
-        (status, &body["error"]["field"]),
-        (400, &json!("actions")),
-        "{body}"
-    );
-
-    let (status, body) = post(
-        acme.api_token.clone(),
-        "acme",
+    let sitewide = "SELECT labels.site, avg(temp) FROM telemetry GROUP BY labels.site, TUMBLE(ts, INTERVAL '1' MINUTE)";
+    let (field, _) =
+        refused(json!({"name": "sitewide", "sql": sitewide, "actions": ["command:cool"]})).await;
+    assert_eq!(field, "actions", "command:NAME needs rows per device");
+    let (field, _) = refused(
         json!({"name": "bad", "sql": "SELECT device FROM telemetry", "actions": ["page:someone"]}),
     )
     .await;
-    assert_eq!(
-        (status, &body["error"]["field"]),
-        (400, &json!("actions")),
-        "{body}"
-    );
+    assert_eq!(field, "actions");
 
     let ok = json!({"name": "hot", "sql": "SELECT device FROM telemetry WHERE temp > 1", "actions": ["alert"]});
+    assert_eq!(save(&acme.api_token, "acme", ok.clone()).await.0, 201);
     assert_eq!(
-        post(acme.api_token.clone(), "acme", ok.clone()).await.0,
-        201
-    );
-    assert_eq!(
-        post(acme.api_token.clone(), "acme", ok.clone()).await.0,
+        save(&acme.api_token, "acme", ok.clone()).await.0,
         409,
         "names are unique per tenant"
     );
     assert_eq!(
-        post(globex.api_token.clone(), "globex", ok).await.0,
+        save(&globex.api_token, "globex", ok).await.0,
         201,
         "another tenant may reuse it"
     );
