@@ -30,6 +30,8 @@ pub enum AggregateFn {
     Avg,
     Min,
     Max,
+    /// `percentile(x, p)` (and `median(x)`), p in parts per million.
+    Percentile(u32),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -683,10 +685,14 @@ impl Compiler {
             "avg" => AggregateFn::Avg,
             "min" => AggregateFn::Min,
             "max" => AggregateFn::Max,
-            "tumble" | "hop" => return Err(self.fail(format!("{name}() belongs in GROUP BY"), f)),
+            "median" => AggregateFn::Percentile(500_000),
+            "percentile" => AggregateFn::Percentile(self.percentile_of(f)?),
+            "tumble" | "hop" | "session" => {
+                return Err(self.fail(format!("{name}() belongs in GROUP BY"), f));
+            }
             _ => {
                 return Err(self.fail(
-                    format!("unknown function {name}(); rules have count, sum, avg, min and max"),
+                    format!("unknown function {name}(); rules have count, sum, avg, min, max, median and percentile"),
                     f,
                 ));
             }
@@ -719,8 +725,21 @@ impl Compiler {
             {
                 None
             }
-            [ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e))] => {
+            [ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e))]
+                if !matches!(function, AggregateFn::Percentile(_)) || name == "median" =>
+            {
                 Some(self.expr(e, Place::AggregateArgument, None)?)
+            }
+            [ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e)), _]
+                if name == "percentile" =>
+            {
+                Some(self.expr(e, Place::AggregateArgument, None)?)
+            }
+            _ if name == "percentile" => {
+                return Err(self.fail(
+                    "percentile takes a value and a fraction: percentile(temp, 0.99)",
+                    f,
+                ));
             }
             _ => return Err(self.fail(format!("{name}() takes one argument"), f)),
         };
@@ -733,6 +752,29 @@ impl Compiler {
             }
         };
         Ok(Expr::Aggregate(index))
+    }
+}
+
+impl Compiler {
+    /// The fraction of `percentile(x, 0.99)`, in parts per million.
+    fn percentile_of(&self, f: &ast::Function) -> Result<u32, SqlError> {
+        let usage = "percentile takes a value and a fraction from 0 to 1: percentile(temp, 0.99)";
+        let args = self.arguments(f, usage)?;
+        let [_, fraction] = args[..] else {
+            return Err(self.fail(usage, f));
+        };
+        match fraction {
+            ast::Expr::Value(v) => match &v.value {
+                ast::Value::Number(n, _) => n
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|p| (0.0..=1.0).contains(p))
+                    .map(|p| (p * 1_000_000.0).round() as u32)
+                    .ok_or_else(|| self.fail(usage, fraction)),
+                _ => Err(self.fail(usage, fraction)),
+            },
+            _ => Err(self.fail(usage, fraction)),
+        }
     }
 }
 
@@ -817,8 +859,8 @@ mod tests {
         let e = error("SELECT device FROM telemetry WHERE");
         assert_eq!((e.line, e.column), (1, 35), "end of input: {e}");
 
-        let e = error("SELECT device FROM telemetry WHERE median(temp) > 1");
-        assert!(e.message.contains("unknown function median()"), "{e}");
+        let e = error("SELECT device FROM telemetry WHERE stddev(temp) > 1");
+        assert!(e.message.contains("unknown function stddev()"), "{e}");
         assert_eq!(e.column, 36);
 
         let e = error("SELECT device FROM telemetry GROUP BY device");
@@ -855,6 +897,15 @@ mod tests {
             "SELECT device FROM telemetry GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE), ABSENCE(INTERVAL '1' MINUTE)",
         );
         assert!(e.message.contains("one window or pattern"), "{e}");
+        let e = error(
+            "SELECT device, percentile(temp, 1.5) FROM telemetry GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)",
+        );
+        assert!(e.message.contains("fraction from 0 to 1"), "{e}");
+        assert_eq!(e.column, 33, "points at the fraction");
+        let e = error(
+            "SELECT device, percentile(temp) FROM telemetry GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)",
+        );
+        assert!(e.message.contains("percentile(temp, 0.99)"), "{e}");
         let e = error("DELETE FROM telemetry");
         assert!(e.message.contains("SELECT"), "{e}");
         let e =

@@ -78,16 +78,30 @@ pub struct Firing {
     pub row: Map<String, serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+/// Values a percentile keeps per window: exact up to this many, a uniform sample beyond.
+const PERCENTILE_SAMPLE: usize = 256;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Accumulator {
     count: u64,
     sum: f64,
     min: f64,
     max: f64,
+    /// Percentiles only: the values, or a reservoir sample of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    samples: Vec<f64>,
+}
+
+/// A fixed scrambling of `n` (splitmix64): reservoir sampling that a replay repeats exactly.
+fn scramble(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Accumulator {
-    fn add(&mut self, value: f64) {
+    fn add(&mut self, value: f64, function: AggregateFn) {
         if self.count == 0 {
             (self.min, self.max) = (value, value);
         }
@@ -95,6 +109,16 @@ impl Accumulator {
         self.sum += value;
         self.min = self.min.min(value);
         self.max = self.max.max(value);
+        if let AggregateFn::Percentile(_) = function {
+            if self.samples.len() < PERCENTILE_SAMPLE {
+                self.samples.push(value);
+            } else {
+                let slot = (scramble(self.count) % self.count) as usize;
+                if let Some(kept) = self.samples.get_mut(slot) {
+                    *kept = value;
+                }
+            }
+        }
     }
 
     fn result(&self, function: AggregateFn) -> Value {
@@ -108,7 +132,16 @@ impl Accumulator {
             AggregateFn::Sum => self.sum,
             AggregateFn::Avg => self.sum / self.count as f64,
             AggregateFn::Min => self.min,
-            _ => self.max,
+            AggregateFn::Max => self.max,
+            AggregateFn::Percentile(ppm) => {
+                // Linear interpolation between the closest ranks (PERCENTILE_CONT).
+                let mut sorted = self.samples.clone();
+                sorted.sort_by(f64::total_cmp);
+                let rank = f64::from(ppm) / 1e6 * (sorted.len() - 1) as f64;
+                let (low, high) = (rank.floor() as usize, rank.ceil() as usize);
+                sorted[low] + (sorted[high] - sorted[low]) * (rank - low as f64)
+            }
+            AggregateFn::Count => self.count as f64,
         })
     }
 }
@@ -435,13 +468,14 @@ fn add_to_windows(
 /// Adds a message to one window's accumulators.
 fn accumulate(windowed: &Windowed, accumulators: &mut [Accumulator], message: &Message) {
     for (aggregate, acc) in windowed.aggregates.iter().zip(accumulators.iter_mut()) {
+        let function = aggregate.function;
         match &aggregate.argument {
-            None => acc.add(0.0),
+            None => acc.add(0.0, function),
             Some(argument) => match argument.eval(message) {
-                Value::Number(n) => acc.add(n),
+                Value::Number(n) => acc.add(n, function),
                 Value::Null => {}
                 // count(x) counts non-NULL values of any type.
-                _ if aggregate.function == AggregateFn::Count => acc.add(0.0),
+                _ if function == AggregateFn::Count => acc.add(0.0, function),
                 _ => {}
             },
         }
@@ -749,6 +783,39 @@ mod tests {
                     serde_json::json!(45 * s)
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn percentiles_are_exact_for_small_windows_and_sampled_for_large_ones() {
+        let sql = "SELECT device, median(temp) AS v, percentile(temp, 0.9) AS p90 FROM telemetry \
+                   GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)";
+        let mut feed = Feed::new(sql, 0);
+        for (i, temp) in [7.0, 1.0, 11.0, 3.0, 5.0, 9.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+            .into_iter()
+            .enumerate()
+        {
+            feed.send("d", i as i64, temp);
+        }
+        for i in 0..10_000 {
+            feed.send("d", MIN + i, i as f64);
+        }
+        feed.send("d", 3 * MIN, 0.0);
+        let rows: Vec<_> = feed
+            .fired
+            .iter()
+            .map(|f| {
+                (
+                    f.row["v"].as_f64().unwrap_or(-1.0),
+                    f.row["p90"].as_f64().unwrap_or(-1.0),
+                )
+            })
+            .collect();
+        assert_eq!(rows[0], (6.0, 10.0), "exact: 11 values");
+        let (median, p90) = rows[1];
+        assert!(
+            (median - 5000.0).abs() < 1000.0 && (p90 - 9000.0).abs() < 1000.0,
+            "sampled: {rows:?}"
         );
     }
 
