@@ -62,6 +62,7 @@ fn feed(
             ts_ms: ts,
             arrived_ms: ts,
             metrics: &metrics[i % 97],
+            fields: &[],
             labels: &fleet.labels,
         };
         state.on_message(&plan, 5_000, usize::MAX, &message, &mut out);

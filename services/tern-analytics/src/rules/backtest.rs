@@ -57,6 +57,9 @@ pub async fn test_rule(
     lateness_secs: u64,
 ) -> Result<TestReport, RegistryError> {
     let plan = compile(sql).map_err(|e| ValidationError::new("sql", e.to_string()))?;
+    if plan.stream != "telemetry" {
+        return Err(ValidationError::new("sql", "rule tests replay stored telemetry; FROM event and FROM lifecycle cannot be tested yet").into());
+    }
     let (devices, more) = registry
         .select_devices(tenant, &Selector::default(), None, MAX_DEVICES)
         .await?;
@@ -119,6 +122,7 @@ pub async fn test_rule(
             ts_ms: stored.ts_ms,
             arrived_ms: stored.ts_ms,
             metrics: &stored.metrics,
+            fields: &[],
             labels: &device.labels,
         };
         state.on_message(&plan, lateness_ms, usize::MAX, &message, &mut fired);

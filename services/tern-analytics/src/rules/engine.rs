@@ -15,15 +15,16 @@ use bytes::Bytes;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tern_core::{Selector, TenantId, now_ms};
-use tern_eventlog::{Consumed, EventLog, LogError, Position, TELEMETRY_TOPIC};
+use tern_eventlog::{Consumed, Consumer, EventLog, LogError, Position, TELEMETRY_TOPIC};
 use tern_proto::v1::Event;
 use tern_registry::{Commands, NewCommand, Registry, RegistryError};
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::Store;
 use uuid::Uuid;
 
+use super::expr::Value;
 use super::model::{Action, Rule};
-use super::sql::{Plan, compile};
+use super::sql::{Plan, STREAMS, compile};
 use super::webhooks::{Delivery, Webhooks, delivery_key};
 use super::window::{Firing, Message, Outcome, RuleState};
 use crate::alerts::{AlertChange, AlertOp, Alerts, stable_id};
@@ -148,17 +149,36 @@ impl RuleEngine {
         }
     }
 
-    /// Runs until `shutdown`, saving a checkpoint before it returns.
+    /// Runs every stream's rules until `shutdown`, saving checkpoints before it returns.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), LogError> {
-        let mut consumer = self
-            .services
-            .log
-            .consumer(RULES_GROUP, TELEMETRY_TOPIC)
-            .await?;
-        let mut checkpoint = self.load_checkpoint().await;
+        let this = Arc::new(self);
+        let mut tasks = Vec::new();
+        for stream in STREAMS {
+            let consumer = this.services.log.consumer(RULES_GROUP, stream).await?;
+            let (this, shutdown) = (this.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                this.run_stream(stream, consumer, shutdown).await
+            }));
+        }
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "rule engine task failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// The rules of one stream, as one consumer of the group.
+    async fn run_stream(
+        &self,
+        stream: &'static str,
+        mut consumer: Box<dyn Consumer>,
+        shutdown: Shutdown,
+    ) {
+        let mut checkpoint = self.load_checkpoint(stream).await;
         let mut changes = self.services.rules.changes();
         let mut running = self
-            .load_rules(&mut checkpoint.states, HashMap::new())
+            .load_rules(stream, &mut checkpoint.states, HashMap::new())
             .await;
         let mut applied = checkpoint.applied;
         let mut labels = LabelCache::default();
@@ -170,14 +190,14 @@ impl RuleEngine {
             let mut firings = Firings::new();
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    self.save_checkpoint(&applied, &running).await;
+                    self.save_checkpoint(stream, &applied, &running).await;
                     if let Err(e) = consumer.commit(&uncommitted).await {
                         tracing::warn!(error = %e, "rules offset commit failed; the checkpoint covers the records");
                     }
-                    return Ok(());
+                    return;
                 }
                 Ok(()) = changes.changed() => {
-                    running = self.load_rules(&mut BTreeMap::new(), running).await;
+                    running = self.load_rules(stream, &mut BTreeMap::new(), running).await;
                     continue;
                 }
                 _ = tick.tick() => {
@@ -213,7 +233,7 @@ impl RuleEngine {
             // crash loses in between is replayed (skipped by the checkpoint's offsets, or acted
             // on again under the same idempotency keys).
             if !uncommitted.is_empty() && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-                self.save_checkpoint(&applied, &running).await;
+                self.save_checkpoint(stream, &applied, &running).await;
                 if let Err(e) = consumer.commit(&uncommitted).await {
                     tracing::warn!(error = %e, "rules offset commit failed; the checkpoint covers the records");
                 }
@@ -233,9 +253,12 @@ impl RuleEngine {
         let Ok(event) = Event::decode(record.value.as_ref()) else {
             return;
         };
-        if event.metrics.is_empty() {
-            return;
-        }
+        let fields = match record.topic.as_str() {
+            // Numeric telemetry only: the rest is not telemetry a rule can compare.
+            TELEMETRY_TOPIC if event.metrics.is_empty() => return,
+            TELEMETRY_TOPIC => Vec::new(),
+            _ => fields_of(&event.payload),
+        };
         let Ok(tenant) = TenantId::parse(&event.tenant_id) else {
             return;
         };
@@ -265,6 +288,7 @@ impl RuleEngine {
             },
             arrived_ms: event.ingest_time_ms,
             metrics: &metrics,
+            fields: &fields,
             labels: &device_labels,
         };
         for rule in rules {
@@ -290,8 +314,8 @@ impl RuleEngine {
         }
     }
 
-    async fn load_checkpoint(&self) -> Checkpoint {
-        match self.services.store.get_record(CHECKPOINT, TELEMETRY_TOPIC).await {
+    async fn load_checkpoint(&self, stream: &str) -> Checkpoint {
+        match self.services.store.get_record(CHECKPOINT, stream).await {
             Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "rule checkpoint unreadable; rules start with empty windows");
                 Checkpoint::default()
@@ -308,6 +332,7 @@ impl RuleEngine {
     /// only after it.
     async fn save_checkpoint(
         &self,
+        stream: &str,
         applied: &BTreeMap<u32, u64>,
         running: &HashMap<TenantId, Vec<Running>>,
     ) {
@@ -346,7 +371,7 @@ impl RuleEngine {
         while let Err(e) = self
             .services
             .store
-            .put_record(CHECKPOINT, TELEMETRY_TOPIC, bytes.clone())
+            .put_record(CHECKPOINT, stream, bytes.clone())
             .await
         {
             tracing::error!(error = %e, "cannot save the rule checkpoint; retrying");
@@ -359,6 +384,7 @@ impl RuleEngine {
     /// version) in `previous`, or takes it from a checkpoint saved at the same version.
     async fn load_rules(
         &self,
+        stream: &str,
         saved: &mut BTreeMap<Uuid, SavedState>,
         mut previous: HashMap<TenantId, Vec<Running>>,
     ) -> HashMap<TenantId, Vec<Running>> {
@@ -379,6 +405,7 @@ impl RuleEngine {
         let mut running: HashMap<TenantId, Vec<Running>> = HashMap::new();
         for rule in rules {
             let plan = match compile(&rule.sql) {
+                Ok(plan) if plan.stream != stream => continue,
                 Ok(plan) => plan,
                 Err(e) => {
                     tracing::error!(rule = %rule.id, error = %e, "saved rule no longer compiles; skipped");
@@ -620,6 +647,29 @@ impl RuleEngine {
             at_ms: now_ms(),
         };
         store_dead_letter(self.services.store.as_ref(), &letter).await;
+    }
+}
+
+/// The columns of an event or lifecycle event: the members of its JSON object (numbers, text,
+/// booleans), or its text as `payload` when it is not an object.
+fn fields_of(payload: &[u8]) -> Vec<(String, Value)> {
+    match serde_json::from_slice::<serde_json::Value>(payload) {
+        Ok(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let value = match value {
+                    serde_json::Value::Number(n) => Value::Number(n.as_f64()?),
+                    serde_json::Value::String(s) => Value::Text(s),
+                    serde_json::Value::Bool(b) => Value::Bool(b),
+                    _ => return None,
+                };
+                Some((name, value))
+            })
+            .collect(),
+        _ => vec![(
+            "payload".into(),
+            Value::Text(String::from_utf8_lossy(payload).into_owned()),
+        )],
     }
 }
 

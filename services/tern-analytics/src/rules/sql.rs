@@ -89,6 +89,8 @@ pub struct Plan {
     pub columns: Vec<(String, Expr)>,
     pub select_all: bool,
     pub windowed: Option<Windowed>,
+    /// The event-log stream the rule reads (`FROM`).
+    pub stream: &'static str,
 }
 
 impl Plan {
@@ -121,8 +123,8 @@ fn mentions_label(e: &Expr) -> bool {
     }
 }
 
-/// The streams a rule can read. Only telemetry today.
-pub const STREAMS: [&str; 1] = ["telemetry"];
+/// The event-log streams a rule can read.
+pub const STREAMS: [&str; 3] = ["telemetry", "event", "lifecycle"];
 
 pub fn compile(sql: &str) -> Result<Plan, SqlError> {
     let statements =
@@ -211,7 +213,7 @@ impl Compiler {
                 select.select_token.clone(),
             ));
         }
-        self.from(select)?;
+        let stream = self.from(select)?;
         let filter = select
             .selection
             .as_ref()
@@ -227,6 +229,7 @@ impl Compiler {
             }
             let (columns, select_all) = self.projection(select, Place::Message, None)?;
             return Ok(Plan {
+                stream,
                 filter,
                 columns,
                 select_all,
@@ -242,6 +245,7 @@ impl Compiler {
             }
             let (columns, select_all) = self.projection(select, Place::Pattern, None)?;
             return Ok(Plan {
+                stream,
                 filter,
                 columns,
                 select_all,
@@ -280,6 +284,7 @@ impl Compiler {
             .transpose()?;
         let aggregates = context.aggregates;
         Ok(Plan {
+            stream,
             filter,
             columns,
             select_all: false,
@@ -292,7 +297,7 @@ impl Compiler {
         })
     }
 
-    fn from(&self, select: &ast::Select) -> Result<(), SqlError> {
+    fn from(&self, select: &ast::Select) -> Result<&'static str, SqlError> {
         let [table] = select.from.as_slice() else {
             return Err(self.error(
                 format!(
@@ -321,16 +326,15 @@ impl Compiler {
             ));
         };
         let stream = name.to_string().to_ascii_lowercase();
-        if !STREAMS.contains(&stream.as_str()) {
-            return Err(self.fail(
+        STREAMS.into_iter().find(|s| *s == stream).ok_or_else(|| {
+            self.fail(
                 format!(
                     "unknown stream {stream:?}; rules read {}",
                     STREAMS.join(", ")
                 ),
                 name,
-            ));
-        }
-        Ok(())
+            )
+        })
     }
 
     /// The window or pattern and the group keys, when the rule has GROUP BY.

@@ -31,6 +31,8 @@ pub struct Message<'a> {
     /// When the platform received it (ABSENCE follows arrivals, not device clocks).
     pub arrived_ms: i64,
     pub metrics: &'a [(String, f64)],
+    /// Other fields: the members of an event's or lifecycle event's JSON object.
+    pub fields: &'a [(String, Value)],
     pub labels: &'a BTreeMap<String, String>,
 }
 
@@ -49,11 +51,14 @@ impl Scope for Message<'_> {
         match column {
             Column::Device => Value::Text(self.device.to_string()),
             Column::Ts => Value::Number(self.ts_ms as f64),
-            Column::Metric(name) => self
-                .metrics
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(Value::Null, |(_, v)| Value::Number(*v)),
+            Column::Metric(name) => match self.metrics.iter().find(|(n, _)| n == name) {
+                Some((_, v)) => Value::Number(*v),
+                None => self
+                    .fields
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(Value::Null, |(_, v)| v.clone()),
+            },
             Column::Label(name) => self
                 .labels
                 .get(name)
@@ -595,8 +600,8 @@ fn fire_session(emit: &Emitter, gap_ms: i64, group: &mut Group, until: i64, out:
     }
 }
 
-/// The output columns evaluated in `scope`; `SELECT *` adds the message's device, time and
-/// metrics first.
+/// The output columns evaluated in `scope`; `SELECT *` adds the message's device, time,
+/// metrics and fields first.
 fn output_row(
     plan: &Plan,
     scope: &dyn Scope,
@@ -610,6 +615,9 @@ fn output_row(
         row.insert("ts".into(), message.ts_ms.into());
         for (name, value) in message.metrics {
             row.insert(name.clone(), json(Value::Number(*value)));
+        }
+        for (name, value) in message.fields {
+            row.insert(name.clone(), json(value.clone()));
         }
     }
     for (name, e) in &plan.columns {
@@ -661,6 +669,7 @@ mod tests {
                 ts_ms,
                 arrived_ms: ts_ms,
                 metrics: &metrics,
+                fields: &[],
                 labels: &self.labels,
             };
             let outcome =

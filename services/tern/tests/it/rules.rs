@@ -586,3 +586,67 @@ async fn webhooks_to_private_addresses_are_refused_by_default() {
         "nothing reached the loopback receiver"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_read_events_and_lifecycle_too() {
+    let tern = Tern::start();
+    let p = tern.provision("acme", "door");
+    tern.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "door-open",
+        "--sql",
+        "SELECT device, door, code FROM event WHERE door = 'open'",
+        "--action",
+        "alert:warning",
+    ]);
+    tern.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "gone",
+        "--sql",
+        "SELECT device, reason FROM lifecycle WHERE event = 'disconnected'",
+        "--action",
+        "alert:info",
+    ]);
+    let mut device = Mqtt::device(&tern, &p).await;
+    device
+        .publish_acked(
+            "event",
+            vec![
+                br#"{"door": "closed"}"#.to_vec(),
+                br#"{"door": "open", "code": 7}"#.to_vec(),
+            ],
+        )
+        .await;
+    let alerts = wait_for(
+        &tern,
+        &p.api_token,
+        "/api/v1/tenants/acme/alerts?rule=door-open",
+        |b| b.as_array().is_some_and(|a| !a.is_empty()),
+    )
+    .await;
+    assert_eq!(
+        alerts[0]["details"],
+        json!({"device": p.device_id, "door": "open", "code": 7})
+    );
+    assert_eq!(alerts[0]["count"], 1, "the closed door did not match");
+
+    device.client.disconnect().await.expect("DISCONNECT");
+    let _ = tokio::time::timeout(Duration::from_secs(2), device.events.poll()).await;
+    let alerts = wait_for(
+        &tern,
+        &p.api_token,
+        "/api/v1/tenants/acme/alerts?rule=gone",
+        |b| b.as_array().is_some_and(|a| !a.is_empty()),
+    )
+    .await;
+    assert_eq!(alerts[0]["device_id"], p.device_id);
+    assert!(alerts[0]["details"]["reason"].is_string(), "{alerts}");
+}
