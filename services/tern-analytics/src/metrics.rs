@@ -65,7 +65,7 @@ impl IngestMetrics {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ActionLabel {
-    /// `alert`, `command` or `webhook`.
+    /// `alert`, `command`, `webhook` or `republish`.
     pub action: String,
     /// `done`, `queued` (webhooks: handed to the delivery worker) or `dead_letter`.
     pub outcome: String,

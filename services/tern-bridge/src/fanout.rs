@@ -115,6 +115,44 @@ pub(crate) async fn retain_message(
     }
 }
 
+/// Publishes a message of the platform's own (a rule's republish) to a tenant's subscribers at
+/// QoS 1, not retained, with MQTT 5 user properties. `Err` names why it was refused or could
+/// not be kept for away sessions.
+pub(crate) async fn publish_from_platform(
+    bridge: &Bridge,
+    tenant: TenantId,
+    topic: &str,
+    payload: Bytes,
+    user_properties: Vec<(String, String)>,
+) -> Result<(), String> {
+    crate::topics::validate_name(topic).map_err(|e| e.0.to_string())?;
+    let properties = Arc::new(PublishProperties {
+        content_type: Some("application/json".into()),
+        user_properties,
+        ..PublishProperties::default()
+    });
+    let routed = bridge.router.route(
+        tenant,
+        &Message {
+            topic,
+            payload: &payload,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Some(properties),
+            from: None,
+        },
+    );
+    bridge.metrics.deliveries.inc_by(routed.delivered as u64);
+    bridge
+        .metrics
+        .deliveries_dropped
+        .inc_by(routed.dropped as u64);
+    hand_over(bridge, routed.waiting, None).await;
+    store_for_away(bridge, routed.away)
+        .await
+        .map_err(|()| "could not store the message for away persistent sessions".to_string())
+}
+
 /// Publishes a will as if the device had sent it: `telemetry`/`event` wills go to the event log,
 /// others to the tenant's subscribers (and the retained store when flagged). Returns the records
 /// to append, the lifecycle event first.

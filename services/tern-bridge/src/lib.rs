@@ -112,6 +112,19 @@ pub struct Bridge {
 }
 
 impl Bridge {
+    /// Publishes a message of the platform's own (for example a rule's `republish:` action)
+    /// to the tenant's subscribers of `topic`, at QoS 1 and not retained, as if a device had:
+    /// persistent sessions that are away keep it. `Err` says why not.
+    pub async fn publish(
+        &self,
+        tenant: TenantId,
+        topic: &str,
+        payload: bytes::Bytes,
+        user_properties: Vec<(String, String)>,
+    ) -> Result<(), String> {
+        fanout::publish_from_platform(self, tenant, topic, payload, user_properties).await
+    }
+
     /// Loads the retained messages, becomes the route of `commands` and, in anonymous mode,
     /// finds or creates the tenant.
     pub async fn new(

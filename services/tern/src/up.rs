@@ -5,14 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::Bytes;
 use tern_analytics::Ingest;
 use tern_analytics::alerts::Alerts;
 use tern_analytics::retention::Retention;
 use tern_analytics::rules::webhooks::Webhooks;
-use tern_analytics::rules::{RuleEngine, RuleServices, Rules};
+use tern_analytics::rules::{Republish, RuleEngine, RuleServices, Rules};
 use tern_bridge::{
     Bridge, BridgeServices, Listeners, TenantCaVerifier, TlsReloader, websocket_routes,
 };
+use tern_core::TenantId;
 use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog};
 use tern_gateway::{Gateway, GatewayServices};
 use tern_identity::{Identity, IdentityGrpc, grpc_auth};
@@ -161,6 +163,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             rules: rules.clone(),
             alerts: alerts.clone(),
             webhooks,
+            republish: Arc::new(BridgePublisher(bridge.clone())),
         },
         config.rules.clone(),
         &metrics,
@@ -243,6 +246,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || drop(log)).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Rules' `republish:` actions go to this process's bridge.
+struct BridgePublisher(Arc<Bridge>);
+
+#[async_trait::async_trait]
+impl Republish for BridgePublisher {
+    async fn publish(
+        &self,
+        tenant: TenantId,
+        topic: &str,
+        payload: Bytes,
+        user_properties: Vec<(String, String)>,
+    ) -> Result<(), String> {
+        self.0
+            .publish(tenant, topic, payload, user_properties)
+            .await
+    }
 }
 
 async fn listen(config: &UpConfig, port: u16, key: &str) -> anyhow::Result<TcpListener> {

@@ -65,6 +65,18 @@ impl Default for RulesConfig {
     }
 }
 
+/// Where `republish:` actions go: the tenant's MQTT subscribers (the bridge, in process).
+#[async_trait::async_trait]
+pub trait Republish: Send + Sync {
+    async fn publish(
+        &self,
+        tenant: TenantId,
+        topic: &str,
+        payload: Bytes,
+        user_properties: Vec<(String, String)>,
+    ) -> Result<(), String>;
+}
+
 pub struct RuleServices {
     pub log: Arc<dyn EventLog>,
     pub store: Arc<dyn Store>,
@@ -73,6 +85,7 @@ pub struct RuleServices {
     pub rules: Arc<Rules>,
     pub alerts: Arc<Alerts>,
     pub webhooks: Arc<Webhooks>,
+    pub republish: Arc<dyn Republish>,
 }
 
 pub struct RuleEngine {
@@ -444,6 +457,9 @@ impl RuleEngine {
                     Action::Webhook { url } => {
                         webhooks.push((rule, firing, delivery(rule, url, firing)))
                     }
+                    Action::Republish { topic } => {
+                        self.republish(rule, action, topic, firing).await
+                    }
                     Action::Alert(severity) => alerts.push(AlertOp {
                         rule,
                         severity: *severity,
@@ -544,6 +560,30 @@ impl RuleEngine {
                 }
             }
         }
+    }
+
+    async fn republish(&self, rule: &Rule, action: &Action, topic: &str, firing: &Firing) {
+        let key = delivery_key(rule.id, topic, &firing.trigger);
+        let properties = vec![
+            ("tern-rule".to_string(), rule.name.clone()),
+            ("tern-idempotency-key".to_string(), key),
+        ];
+        let body = Bytes::from(row_body(rule, firing).to_string());
+        let outcome = match self
+            .services
+            .republish
+            .publish(rule.tenant_id, topic, body, properties)
+            .await
+        {
+            Ok(()) => "done",
+            Err(e) => {
+                let error = RegistryError::FailedPrecondition(e);
+                tracing::error!(tenant = %rule.tenant_id, rule = %rule.id, action = %action, error = %error, "republish failed; dead-lettered");
+                self.dead_letter(rule, action, firing, &error).await;
+                "dead_letter"
+            }
+        };
+        self.count_action("republish", outcome);
     }
 
     fn count_action(&self, action: &str, outcome: &str) {
@@ -673,9 +713,9 @@ fn fields_of(payload: &[u8]) -> Vec<(String, Value)> {
     }
 }
 
-/// The queued POST of one row to one webhook.
-fn delivery(rule: &Rule, url: &str, firing: &Firing) -> Delivery {
-    let body = serde_json::json!({
+/// What webhooks and republished messages carry: the row and where it came from.
+fn row_body(rule: &Rule, firing: &Firing) -> serde_json::Value {
+    serde_json::json!({
         "rule": rule.name,
         "rule_id": rule.id,
         "tenant_id": rule.tenant_id,
@@ -684,7 +724,12 @@ fn delivery(rule: &Rule, url: &str, firing: &Firing) -> Delivery {
         "clear": firing.clear,
         "ts": firing.ts_ms,
         "row": firing.row,
-    });
+    })
+}
+
+/// The queued POST of one row to one webhook.
+fn delivery(rule: &Rule, url: &str, firing: &Firing) -> Delivery {
+    let body = row_body(rule, firing);
     Delivery {
         tenant_id: rule.tenant_id,
         rule_id: rule.id,

@@ -14,6 +14,6 @@ pub mod webhooks;
 pub mod window;
 
 pub use backtest::{TestReport, TestRow, test_rule};
-pub use engine::{RULES_GROUP, RuleEngine, RuleServices, RulesConfig, dead_letters};
+pub use engine::{RULES_GROUP, Republish, RuleEngine, RuleServices, RulesConfig, dead_letters};
 pub use model::{Action, Rule, Severity};
 pub use repository::{NewRule, RulePatch, Rules, validate};

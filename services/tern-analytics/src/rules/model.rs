@@ -49,7 +49,15 @@ pub enum Action {
     Webhook {
         url: String,
     },
+    /// Publishes the row to the tenant's MQTT subscribers of a topic.
+    Republish {
+        topic: String,
+    },
 }
+
+/// First topic levels that belong to devices; a rule may not publish under them (it would
+/// feed its own input, or speak for devices).
+const DEVICE_TOPICS: [&str; 4] = ["telemetry", "event", "command", "twin"];
 
 impl FromStr for Action {
     type Err = ValidationError;
@@ -85,6 +93,24 @@ impl FromStr for Action {
                     selector,
                 })
             }
+            "republish" => {
+                let topic = argument;
+                let first = topic.split('/').next().unwrap_or_default();
+                if topic.is_empty() || topic.len() > 1024 || topic.contains(['+', '#', '\0']) {
+                    return Err(invalid(format!(
+                        "{text:?}: the topic must be 1..=1024 bytes without wildcards"
+                    )));
+                }
+                if topic.starts_with('$') || DEVICE_TOPICS.contains(&first) {
+                    return Err(invalid(format!(
+                        "{text:?}: $-topics and {} belong to devices and the platform",
+                        DEVICE_TOPICS.join(", ")
+                    )));
+                }
+                Ok(Action::Republish {
+                    topic: topic.to_string(),
+                })
+            }
             "webhook" => {
                 let url = reqwest::Url::parse(argument)
                     .map_err(|e| invalid(format!("{text:?}: not a URL: {e}")))?;
@@ -103,7 +129,7 @@ impl FromStr for Action {
                 })
             }
             _ => Err(invalid(format!(
-                "{text:?}: actions are alert[:SEVERITY], command:NAME, command:NAME@SELECTOR and webhook:URL"
+                "{text:?}: actions are alert[:SEVERITY], command:NAME, command:NAME@SELECTOR, webhook:URL and republish:TOPIC"
             ))),
         }
     }
@@ -114,6 +140,7 @@ impl fmt::Display for Action {
         match self {
             Action::Alert(severity) => write!(f, "alert:{}", severity.as_str()),
             Action::Webhook { url } => write!(f, "webhook:{url}"),
+            Action::Republish { topic } => write!(f, "republish:{topic}"),
             Action::Command {
                 name,
                 selector: None,

@@ -650,3 +650,64 @@ async fn rules_read_events_and_lifecycle_too() {
     assert_eq!(alerts[0]["device_id"], p.device_id);
     assert!(alerts[0]["details"]["reason"].is_string(), "{alerts}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republished_rows_reach_the_tenants_subscribers_only() {
+    let tern = Tern::start();
+    let sensor = tern.provision("acme", "sensor");
+    let watcher = tern.provision("acme", "watcher");
+    let outsider = tern.provision("globex", "outsider");
+    tern.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "hot",
+        "--sql",
+        "SELECT device, temp FROM telemetry WHERE temp > 50",
+        "--action",
+        "republish:alerts/hot",
+    ]);
+    let mut watching = Mqtt::device(&tern, &watcher).await;
+    watching.subscribe("alerts/#", QoS::AtLeastOnce).await;
+    let mut other = Mqtt::device(&tern, &outsider).await;
+    other.subscribe("alerts/#", QoS::AtLeastOnce).await;
+    let mut device = Mqtt::device(&tern, &sensor).await;
+    device
+        .publish_acked("telemetry", vec![br#"{"temp": 61}"#.to_vec()])
+        .await;
+
+    let got = tokio::time::timeout(PATIENCE, watching.received())
+        .await
+        .expect("republished in time");
+    assert_eq!(
+        (got.topic.as_str(), got.qos),
+        ("alerts/hot", QoS::AtLeastOnce)
+    );
+    let body: Value = serde_json::from_str(&got.payload).expect("JSON");
+    assert_eq!(
+        (&body["rule"], &body["row"]["temp"]),
+        (&json!("hot"), &json!(61))
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), other.received())
+            .await
+            .is_err(),
+        "another tenant's subscriber got nothing"
+    );
+
+    let (status, refused) = tern
+        .send_json(
+            reqwest::Method::POST,
+            &sensor.api_token,
+            "/api/v1/tenants/acme/rules",
+            &json!({"name": "loop", "sql": "SELECT * FROM telemetry", "actions": ["republish:telemetry"]}),
+        )
+        .await;
+    assert_eq!(
+        (status, &refused["error"]["field"]),
+        (400, &json!("actions")),
+        "{refused}"
+    );
+}
