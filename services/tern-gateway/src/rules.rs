@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tern_analytics::alerts::{Alert, AlertFilter, AlertState};
 use tern_analytics::retention::RetentionPolicy;
-use tern_analytics::rules::{NewRule, Rule, RulePatch, TestReport, dead_letters, test_rule};
+use tern_analytics::rules::{
+    NewRule, Rule, RulePatch, Sources, TestReport, dead_letters, test_rule,
+};
 use tern_core::now_ms;
 
 use crate::auth::Authenticated;
@@ -132,16 +134,12 @@ pub(crate) async fn test(
         return Err(ApiError::bad_request("from", "`from` must be before `to`"));
     }
     let lateness = body.allowed_lateness_secs.unwrap_or(0);
-    let report = test_rule(
-        gw.store.as_ref(),
-        &gw.registry,
-        tenant.id,
-        &body.sql,
-        from,
-        to,
-        lateness,
-    )
-    .await?;
+    let sources = Sources {
+        store: gw.store.as_ref(),
+        registry: &gw.registry,
+        twins: &gw.twins,
+    };
+    let report = test_rule(&sources, tenant.id, &body.sql, from, to, lateness).await?;
     Ok(Json(report))
 }
 

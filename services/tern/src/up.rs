@@ -159,6 +159,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             log: log.clone(),
             store: store.clone(),
             registry: registry.clone(),
+            twins: twins.clone(),
             commands: commands.clone(),
             rules: rules.clone(),
             alerts: alerts.clone(),

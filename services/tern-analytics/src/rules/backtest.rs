@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Map;
 use tern_core::{Selector, TenantId, ValidationError};
-use tern_registry::{Registry, RegistryError};
+use tern_registry::{Registry, RegistryError, Twins};
 use tern_store::{RangeQuery, Store};
 
 use super::sql::compile;
@@ -47,9 +47,15 @@ struct Stored {
 
 /// Replays the tenant's telemetry in `[from_ms, to_ms)` through the rule, in time order.
 /// Windows that end by `to_ms` close; the one still open at `to_ms` does not.
+/// Where a test reads devices, twins and telemetry.
+pub struct Sources<'a> {
+    pub store: &'a dyn Store,
+    pub registry: &'a Registry,
+    pub twins: &'a Twins,
+}
+
 pub async fn test_rule(
-    store: &dyn Store,
-    registry: &Registry,
+    sources: &Sources<'_>,
     tenant: TenantId,
     sql: &str,
     from_ms: i64,
@@ -60,7 +66,8 @@ pub async fn test_rule(
     if plan.stream != "telemetry" {
         return Err(ValidationError::new("sql", "rule tests replay stored telemetry; FROM event and FROM lifecycle cannot be tested yet").into());
     }
-    let (devices, more) = registry
+    let (devices, more) = sources
+        .registry
         .select_devices(tenant, &Selector::default(), None, MAX_DEVICES)
         .await?;
     let mut truncated = more.is_some();
@@ -68,7 +75,7 @@ pub async fn test_rule(
     for (index, device) in devices.iter().enumerate() {
         let (tenant, id) = (tenant.to_string(), device.id.to_string());
         let mut by_message: BTreeMap<(i64, String), Vec<(String, f64)>> = BTreeMap::new();
-        for latest in store.latest(&tenant, &id).await? {
+        for latest in sources.store.latest(&tenant, &id).await? {
             let query = RangeQuery {
                 tenant: tenant.clone(),
                 device: id.clone(),
@@ -77,7 +84,7 @@ pub async fn test_rule(
                 limit: MAX_MESSAGES,
                 descending: false,
             };
-            for point in store.points(&query, &latest.metric).await? {
+            for point in sources.store.points(&query, &latest.metric).await? {
                 by_message
                     .entry((point.ts_ms, point.message_id))
                     .or_default()
@@ -109,6 +116,18 @@ pub async fn test_rule(
     // thousand steps over the range, as the live engine's ticks would.
     let step = ((to_ms - from_ms) / 1000).max(1000);
     let mut clock = from_ms;
+    let mut twins = Vec::with_capacity(devices.len());
+    for device in &devices {
+        twins.push(match plan.uses_twin() {
+            true => sources
+                .twins
+                .get(tenant, device.id)
+                .await
+                .ok()
+                .map(|t| (t.desired, t.reported)),
+            false => None,
+        });
+    }
     for stored in &messages {
         if stored.ts_ms >= clock + step {
             clock = stored.ts_ms;
@@ -123,6 +142,7 @@ pub async fn test_rule(
             arrived_ms: stored.ts_ms,
             metrics: &stored.metrics,
             fields: &[],
+            twin: twins[stored.device].as_ref(),
             labels: &device.labels,
         };
         state.on_message(&plan, lateness_ms, usize::MAX, &message, &mut fired);

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
+use serde_json::Map;
 use tern_core::{Selector, TenantId, now_ms};
 use tern_eventlog::{Consumed, Consumer, EventLog, LogError, Position, TELEMETRY_TOPIC};
 use tern_proto::v1::Event;
-use tern_registry::{Commands, NewCommand, Registry, RegistryError};
+use tern_registry::{Commands, NewCommand, Registry, RegistryError, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::Store;
 use uuid::Uuid;
@@ -81,6 +82,7 @@ pub struct RuleServices {
     pub log: Arc<dyn EventLog>,
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
+    pub twins: Arc<Twins>,
     pub commands: Arc<Commands>,
     pub rules: Arc<Rules>,
     pub alerts: Arc<Alerts>,
@@ -122,34 +124,54 @@ impl Running {
 /// Rows to act on, with the arrival time of the message that caused a filter rule's row.
 type Firings = Vec<(Arc<Rule>, Firing, Option<i64>)>;
 
-type Labels = Arc<BTreeMap<String, String>>;
+/// A twin's desired and reported documents.
+pub(crate) type TwinDocuments = (
+    Map<String, serde_json::Value>,
+    Map<String, serde_json::Value>,
+);
 
-/// Device labels for rules that use them, briefly cached.
+/// What rules may read about a device besides its messages.
 #[derive(Default)]
-struct LabelCache {
-    entries: HashMap<(TenantId, String), (Labels, Instant)>,
+struct DeviceInfo {
+    labels: BTreeMap<String, String>,
+    twin: Option<TwinDocuments>,
 }
 
-impl LabelCache {
-    async fn get(&mut self, registry: &Registry, tenant: TenantId, device: &str) -> Labels {
+/// Device labels and twins for rules that read them, briefly cached (a change shows within
+/// `LABELS_TTL`).
+#[derive(Default)]
+struct DeviceCache {
+    entries: HashMap<(TenantId, String), (Arc<DeviceInfo>, Instant)>,
+}
+
+impl DeviceCache {
+    async fn get(
+        &mut self,
+        services: &RuleServices,
+        tenant: TenantId,
+        device: &str,
+        twin: bool,
+    ) -> Arc<DeviceInfo> {
         let key = (tenant, device.to_string());
-        if let Some((labels, at)) = self.entries.get(&key)
+        if let Some((info, at)) = self.entries.get(&key)
             && at.elapsed() < LABELS_TTL
+            && (info.twin.is_some() || !twin)
         {
-            return labels.clone();
+            return info.clone();
         }
-        let labels = Arc::new(
-            registry
-                .device_of(tenant, device)
-                .await
-                .map(|d| d.labels)
-                .unwrap_or_default(),
-        );
+        let mut info = DeviceInfo::default();
+        if let Ok(found) = services.registry.device_of(tenant, device).await {
+            if twin && let Ok(t) = services.twins.get(tenant, found.id).await {
+                info.twin = Some((t.desired, t.reported));
+            }
+            info.labels = found.labels;
+        }
+        let info = Arc::new(info);
         if self.entries.len() >= 100_000 {
             self.entries.clear();
         }
-        self.entries.insert(key, (labels.clone(), Instant::now()));
-        labels
+        self.entries.insert(key, (info.clone(), Instant::now()));
+        info
     }
 }
 
@@ -194,7 +216,7 @@ impl RuleEngine {
             .load_rules(stream, &mut checkpoint.states, HashMap::new())
             .await;
         let mut applied = checkpoint.applied;
-        let mut labels = LabelCache::default();
+        let mut devices = DeviceCache::default();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         // Offsets of records acted on but not yet covered by a saved checkpoint.
         let mut uncommitted: Vec<Position> = Vec::new();
@@ -236,7 +258,7 @@ impl RuleEngine {
                         if applied.get(&record.position.partition).is_some_and(|o| *o >= record.position.offset) {
                             continue;
                         }
-                        self.evaluate(&record, &mut running, &mut labels, &mut firings).await;
+                        self.evaluate(&record, &mut running, &mut devices, &mut firings).await;
                         applied.insert(record.position.partition, record.position.offset);
                     }
                 }
@@ -260,7 +282,7 @@ impl RuleEngine {
         &self,
         record: &Consumed,
         running: &mut HashMap<TenantId, Vec<Running>>,
-        labels: &mut LabelCache,
+        devices: &mut DeviceCache,
         firings: &mut Firings,
     ) {
         let Ok(event) = Event::decode(record.value.as_ref()) else {
@@ -279,9 +301,13 @@ impl RuleEngine {
             return;
         };
         self.metrics.messages.inc();
-        let device_labels = if rules.iter().any(|r| r.plan.uses_labels()) {
-            labels
-                .get(&self.services.registry, tenant, &event.device_id)
+        let (labels, twin) = (
+            rules.iter().any(|r| r.plan.uses_labels()),
+            rules.iter().any(|r| r.plan.uses_twin()),
+        );
+        let device = if labels || twin {
+            devices
+                .get(&self.services, tenant, &event.device_id, twin)
                 .await
         } else {
             Arc::default()
@@ -302,7 +328,8 @@ impl RuleEngine {
             arrived_ms: event.ingest_time_ms,
             metrics: &metrics,
             fields: &fields,
-            labels: &device_labels,
+            labels: &device.labels,
+            twin: device.twin.as_ref(),
         };
         for rule in rules {
             let mut out = Vec::new();

@@ -4,6 +4,18 @@
 
 use serde::{Deserialize, Serialize};
 
+impl From<&serde_json::Value> for Value {
+    /// JSON scalars; objects and arrays are NULL (a rule compares scalars).
+    fn from(json: &serde_json::Value) -> Self {
+        match json {
+            serde_json::Value::Number(n) => n.as_f64().map_or(Value::Null, Value::Number),
+            serde_json::Value::String(s) => Value::Text(s.clone()),
+            serde_json::Value::Bool(b) => Value::Bool(*b),
+            _ => Value::Null,
+        }
+    }
+}
+
 /// A value in a rule: what a column, literal or aggregate yields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -58,6 +70,11 @@ pub enum Column {
     Metric(String),
     /// `labels.NAME`: a label of the device.
     Label(String),
+    /// `twin.reported.a.b` / `twin.desired.a.b`: a field of the device's twin.
+    Twin {
+        reported: bool,
+        path: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +158,19 @@ impl Expr {
                 Value::Bool(found != *negated)
             }
             Expr::Binary(left, op, right) => binary(left.eval(scope), *op, || right.eval(scope)),
+        }
+    }
+
+    /// Whether the expression reads a column `wanted` accepts.
+    pub fn mentions(&self, wanted: &dyn Fn(&Column) -> bool) -> bool {
+        match self {
+            Expr::Column(c) => wanted(c),
+            Expr::Not(e) | Expr::Negate(e) | Expr::IsNull(e, _) => e.mentions(wanted),
+            Expr::InList(e, list, _) => {
+                e.mentions(wanted) || list.iter().any(|i| i.mentions(wanted))
+            }
+            Expr::Binary(l, _, r) => l.mentions(wanted) || r.mentions(wanted),
+            _ => false,
         }
     }
 

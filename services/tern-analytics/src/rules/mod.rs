@@ -13,7 +13,7 @@ pub mod sql;
 pub mod webhooks;
 pub mod window;
 
-pub use backtest::{TestReport, TestRow, test_rule};
+pub use backtest::{Sources, TestReport, TestRow, test_rule};
 pub use engine::{RULES_GROUP, Republish, RuleEngine, RuleServices, RulesConfig, dead_letters};
 pub use model::{Action, Rule, Severity};
 pub use repository::{NewRule, RulePatch, Rules, validate};

@@ -96,13 +96,34 @@ pub struct Plan {
 impl Plan {
     /// Whether evaluating the rule needs the device's labels.
     pub fn uses_labels(&self) -> bool {
-        let in_keys = self
-            .windowed
-            .as_ref()
-            .is_some_and(|w| w.keys.iter().any(|k| matches!(k, Column::Label(_))));
-        in_keys
-            || self.filter.as_ref().is_some_and(mentions_label)
-            || self.columns.iter().any(|(_, e)| mentions_label(e))
+        self.mentions(&|c| matches!(c, Column::Label(_)))
+    }
+
+    /// Whether evaluating the rule needs the device's twin.
+    pub fn uses_twin(&self) -> bool {
+        self.mentions(&|c| matches!(c, Column::Twin { .. }))
+    }
+
+    /// Whether any expression or key of the rule reads a column `wanted` accepts.
+    fn mentions(&self, wanted: &dyn Fn(&Column) -> bool) -> bool {
+        let mut exprs: Vec<&Expr> = self
+            .filter
+            .iter()
+            .chain(self.columns.iter().map(|(_, e)| e))
+            .collect();
+        if let Some(w) = &self.windowed {
+            if w.keys.iter().any(wanted) {
+                return true;
+            }
+            exprs.extend(w.having.iter());
+            exprs.extend(w.aggregates.iter().filter_map(|a| a.argument.as_ref()));
+            match &w.trigger {
+                Trigger::Hysteresis { enter, leave } => exprs.extend([enter, leave]),
+                Trigger::Sequence { first, then, .. } => exprs.extend([first, then]),
+                Trigger::Window(_) | Trigger::Session { .. } | Trigger::Absence { .. } => {}
+            }
+        }
+        exprs.into_iter().any(|e| e.mentions(wanted))
     }
 
     /// Whether each output row belongs to one device (so `command:NAME` has a target).
@@ -110,16 +131,6 @@ impl Plan {
         self.windowed
             .as_ref()
             .is_none_or(|w| w.keys.contains(&Column::Device))
-    }
-}
-
-fn mentions_label(e: &Expr) -> bool {
-    match e {
-        Expr::Column(Column::Label(_)) => true,
-        Expr::Not(e) | Expr::Negate(e) | Expr::IsNull(e, _) => mentions_label(e),
-        Expr::InList(e, list, _) => mentions_label(e) || list.iter().any(mentions_label),
-        Expr::Binary(l, _, r) => mentions_label(l) || mentions_label(r),
-        _ => false,
     }
 }
 
@@ -658,7 +669,30 @@ impl Compiler {
             [prefix, label] if prefix.eq_ignore_ascii_case("labels") => {
                 Column::Label(label.clone())
             }
-            _ => return Err(self.fail("columns are metric names, device, ts and labels.NAME", e)),
+            [prefix, side, path @ ..]
+                if prefix.eq_ignore_ascii_case("twin") && !path.is_empty() =>
+            {
+                let reported = match side.to_ascii_lowercase().as_str() {
+                    "reported" => true,
+                    "desired" => false,
+                    _ => {
+                        return Err(self.fail(
+                            "twin fields are twin.reported.PATH and twin.desired.PATH",
+                            e,
+                        ));
+                    }
+                };
+                Column::Twin {
+                    reported,
+                    path: path.to_vec(),
+                }
+            }
+            _ => {
+                return Err(self.fail(
+                    "columns are metric names, device, ts, labels.NAME, twin.reported.PATH and twin.desired.PATH",
+                    e,
+                ));
+            }
         };
         if place != Place::Window {
             return Ok(Expr::Column(column));
@@ -910,6 +944,16 @@ mod tests {
             "SELECT device, percentile(temp) FROM telemetry GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)",
         );
         assert!(e.message.contains("percentile(temp, 0.99)"), "{e}");
+        let e = error("SELECT device FROM telemetry WHERE twin.wanted.x = 1");
+        assert!(e.message.contains("twin.reported.PATH"), "{e}");
+        let plan =
+            compile("SELECT device FROM telemetry WHERE twin.desired.a.b = 1").expect("plan");
+        assert!(plan.uses_twin() && !plan.uses_labels());
+        let plan = compile(
+            "SELECT device FROM telemetry GROUP BY device, HYSTERESIS(labels.x = 'a', temp < 1)",
+        )
+        .expect("plan");
+        assert!(plan.uses_labels(), "labels inside a pattern count too");
         let e = error("DELETE FROM telemetry");
         assert!(e.message.contains("SELECT"), "{e}");
         let e =

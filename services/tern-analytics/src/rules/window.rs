@@ -34,6 +34,11 @@ pub struct Message<'a> {
     /// Other fields: the members of an event's or lifecycle event's JSON object.
     pub fields: &'a [(String, Value)],
     pub labels: &'a BTreeMap<String, String>,
+    /// The device's twin (desired, reported), when the rule reads it.
+    pub twin: Option<&'a (
+        Map<String, serde_json::Value>,
+        Map<String, serde_json::Value>,
+    )>,
 }
 
 impl Message<'_> {
@@ -63,6 +68,17 @@ impl Scope for Message<'_> {
                 .labels
                 .get(name)
                 .map_or(Value::Null, |v| Value::Text(v.clone())),
+            Column::Twin { reported, path } => {
+                let Some((desired, reported_doc)) = self.twin else {
+                    return Value::Null;
+                };
+                let document = if *reported { reported_doc } else { desired };
+                let mut at = document.get(&path[0]);
+                for part in &path[1..] {
+                    at = at.and_then(|v| v.get(part));
+                }
+                at.map_or(Value::Null, Value::from)
+            }
         }
     }
 }
@@ -671,6 +687,7 @@ mod tests {
                 metrics: &metrics,
                 fields: &[],
                 labels: &self.labels,
+                twin: None,
             };
             let outcome =
                 self.state

@@ -711,3 +711,47 @@ async fn republished_rows_reach_the_tenants_subscribers_only() {
         "{refused}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_join_the_devices_twin() {
+    let tern = Tern::start();
+    let old = tern.provision("acme", "old-firmware");
+    let new = tern.provision("acme", "new-firmware");
+    for (device, version) in [(&old, "1.0"), (&new, "2.0")] {
+        let body = json!({"firmware": {"version": version}});
+        let (status, twin) = tern
+            .send_json(
+                reqwest::Method::PATCH,
+                &device.access_token,
+                "/device/v1/twin/reported",
+                &body,
+            )
+            .await;
+        assert_eq!(status, 200, "{twin}");
+    }
+    tern.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "hot-on-old-firmware",
+        "--sql",
+        "SELECT device, temp, twin.reported.firmware.version AS fw FROM telemetry \
+                  WHERE temp > 50 AND twin.reported.firmware.version < '2'",
+        "--action",
+        "alert",
+    ]);
+    for device in [&new, &old] {
+        let mut mqtt = Mqtt::device(&tern, device).await;
+        mqtt.publish_acked("telemetry", vec![br#"{"temp": 70}"#.to_vec()])
+            .await;
+    }
+    let alerts = wait_for(&tern, &old.api_token, "/api/v1/tenants/acme/alerts", |b| {
+        b.as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    assert_eq!(alerts.as_array().map(Vec::len), Some(1), "{alerts}");
+    assert_eq!(alerts[0]["device_id"], old.device_id);
+    assert_eq!(alerts[0]["details"]["fw"], "1.0");
+}
