@@ -63,6 +63,7 @@ fn feed(
             arrived_ms: ts,
             metrics: &metrics[i % 97],
             fields: &[],
+            twin: None,
             labels: &fleet.labels,
         };
         state.on_message(&plan, 5_000, usize::MAX, &message, &mut out);

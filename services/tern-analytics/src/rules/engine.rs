@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
-use serde_json::Map;
 use tern_core::{Selector, TenantId, now_ms};
 use tern_eventlog::{Consumed, Consumer, EventLog, LogError, Position, TELEMETRY_TOPIC};
 use tern_proto::v1::Event;
@@ -27,7 +26,7 @@ use super::expr::Value;
 use super::model::{Action, Rule};
 use super::sql::{Plan, STREAMS, compile};
 use super::webhooks::{Delivery, Webhooks, delivery_key};
-use super::window::{Firing, Message, Outcome, RuleState};
+use super::window::{Firing, Message, Outcome, RuleState, TwinDocuments};
 use crate::alerts::{AlertChange, AlertOp, Alerts, stable_id};
 use crate::metrics::{ActionLabel, RuleMetrics};
 use crate::rules::Rules;
@@ -123,12 +122,6 @@ impl Running {
 
 /// Rows to act on, with the arrival time of the message that caused a filter rule's row.
 type Firings = Vec<(Arc<Rule>, Firing, Option<i64>)>;
-
-/// A twin's desired and reported documents.
-pub(crate) type TwinDocuments = (
-    Map<String, serde_json::Value>,
-    Map<String, serde_json::Value>,
-);
 
 /// What rules may read about a device besides its messages.
 #[derive(Default)]

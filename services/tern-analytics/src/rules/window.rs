@@ -22,6 +22,12 @@ use serde_json::Map;
 use super::expr::{Column, Scope, Value};
 use super::sql::{AggregateFn, Plan, Trigger, WindowSpec, Windowed};
 
+/// A twin's desired and reported documents.
+pub type TwinDocuments = (
+    Map<String, serde_json::Value>,
+    Map<String, serde_json::Value>,
+);
+
 /// A message as rules see it.
 pub struct Message<'a> {
     pub device: &'a str,
@@ -35,10 +41,7 @@ pub struct Message<'a> {
     pub fields: &'a [(String, Value)],
     pub labels: &'a BTreeMap<String, String>,
     /// The device's twin (desired, reported), when the rule reads it.
-    pub twin: Option<&'a (
-        Map<String, serde_json::Value>,
-        Map<String, serde_json::Value>,
-    )>,
+    pub twin: Option<&'a TwinDocuments>,
 }
 
 impl Message<'_> {
