@@ -1,7 +1,7 @@
 //! The embedded store on fjall (one directory, five keyspaces: points, rollups, latest, events,
 //! records).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -303,6 +303,91 @@ impl Store for EmbeddedStore {
             }
             inner.db.persist(PersistMode::SyncData).map_err(storage)?;
             Ok(deleted)
+        })
+        .await
+    }
+
+    async fn series(&self, tenant: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let tenant_prefix = prefix(&[component("tenant", tenant)?]);
+        self.run(move |inner| {
+            let mut out = Vec::new();
+            for guard in inner.latest.prefix(&tenant_prefix) {
+                let key = guard.key().map_err(storage)?;
+                let rest = &key[tenant_prefix.len()..key.len().saturating_sub(1)];
+                let mut parts = rest.splitn(2, |b| *b == 0);
+                let (Some(device), Some(metric)) = (parts.next(), parts.next()) else {
+                    return Err(corrupt());
+                };
+                out.push((
+                    String::from_utf8_lossy(device).into_owned(),
+                    String::from_utf8_lossy(metric).into_owned(),
+                ));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn rebuild_rollups(
+        &self,
+        tenant: &str,
+        device: &str,
+        metric: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let series = series_prefix(tenant, device, metric)?;
+        let day = Resolution::Day;
+        let start = day.bucket_start(from_ms);
+        let end = day
+            .bucket_start(to_ms.saturating_sub(1))
+            .saturating_add(day.bucket_ms());
+        self.run(move |inner| {
+            // Under the write lock: no new point can slip between the scan and the rewrite.
+            let _guard = inner
+                .write_lock
+                .lock()
+                .map_err(|_| StoreError::Storage("store write lock poisoned".into()))?;
+            let mut buckets: HashMap<Resolution, BTreeMap<i64, Rollup>> = HashMap::new();
+            let mut points = 0u64;
+            let range = with_ts(series.clone(), start, "")..with_ts(series.clone(), end, "");
+            for guard in inner.points.range(range) {
+                let (key, value) = guard.into_inner().map_err(storage)?;
+                let ts = decode_ts(&key[series.len()..series.len() + 8]).ok_or_else(corrupt)?;
+                let value: [u8; 8] = value.as_ref().try_into().map_err(|_| corrupt())?;
+                let value = f64::from_be_bytes(value);
+                points += 1;
+                for resolution in Resolution::ALL {
+                    let bucket = resolution.bucket_start(ts);
+                    let one = Rollup::of(bucket, value);
+                    buckets
+                        .entry(resolution)
+                        .or_default()
+                        .entry(bucket)
+                        .and_modify(|r| r.merge(&one))
+                        .or_insert(one);
+                }
+            }
+            let mut write = inner.db.batch();
+            for resolution in Resolution::ALL {
+                let prefix = rollup_prefix(&series, resolution);
+                let old = inner
+                    .rollups
+                    .range(with_ts(prefix.clone(), start, "")..with_ts(prefix.clone(), end, ""));
+                for guard in old {
+                    write.remove(&inner.rollups, guard.key().map_err(storage)?);
+                }
+                for (bucket, rollup) in buckets.remove(&resolution).unwrap_or_default() {
+                    write.insert(
+                        &inner.rollups,
+                        with_ts(prefix.clone(), bucket, ""),
+                        encode_rollup(&rollup),
+                    );
+                }
+            }
+            write.commit().map_err(storage)?;
+            inner.db.persist(PersistMode::SyncData).map_err(storage)?;
+            Ok(points)
         })
         .await
     }

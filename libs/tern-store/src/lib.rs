@@ -187,6 +187,22 @@ pub trait Store: Send + Sync + 'static {
         before_ms: i64,
     ) -> Result<u64, StoreError>;
 
+    /// Every series (device, metric) of a tenant that has points, in key order.
+    async fn series(&self, tenant: &str) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Recomputes a series' rollups from its raw points over the whole UTC days that cover
+    /// `[from_ms, to_ms)`: for data stored before rollups existed, or after raw points were
+    /// imported around the write path. Buckets without points are removed. Returns the points
+    /// read.
+    async fn rebuild_rollups(
+        &self,
+        tenant: &str,
+        device: &str,
+        metric: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<u64, StoreError>;
+
     /// The latest value of every metric of a device, by metric name.
     async fn latest(&self, tenant: &str, device: &str) -> Result<Vec<LatestValue>, StoreError>;
 

@@ -7,6 +7,7 @@
 
 pub mod alerts;
 mod ingest;
+pub mod jobs;
 mod metrics;
 pub mod retention;
 pub mod rules;

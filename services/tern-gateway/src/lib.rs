@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use tern_analytics::alerts::Alerts;
+use tern_analytics::jobs::Jobs;
 use tern_analytics::retention::Retention;
 use tern_analytics::rules::Rules;
 use tern_eventlog::EventLog;
@@ -40,6 +41,7 @@ pub struct GatewayServices {
     pub rules: Arc<Rules>,
     pub alerts: Arc<Alerts>,
     pub retention: Arc<Retention>,
+    pub jobs: Arc<Jobs>,
     pub store: Arc<dyn Store>,
     /// Where the HTTP device API appends messages.
     pub log: Arc<dyn EventLog>,
@@ -54,6 +56,7 @@ pub struct Gateway {
     rules: Arc<Rules>,
     alerts: Arc<Alerts>,
     retention: Arc<Retention>,
+    jobs: Arc<Jobs>,
     store: Arc<dyn Store>,
     log: Arc<dyn EventLog>,
     metrics: MetricsRegistry,
@@ -74,6 +77,7 @@ impl Gateway {
             rules,
             alerts,
             retention,
+            jobs,
             store,
             log,
         } = services;
@@ -85,6 +89,7 @@ impl Gateway {
             rules,
             alerts,
             retention,
+            jobs,
             store,
             log,
             http_metrics: observe::HttpMetrics::register(metrics),

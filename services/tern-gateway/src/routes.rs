@@ -60,6 +60,12 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
             get(rules::show_dead_letters),
         )
         .route(&format!("{tenant}/alerts"), get(rules::list_alerts))
+        .route(&format!("{tenant}/jobs"), get(rules::list_jobs))
+        .route(
+            &format!("{tenant}/jobs/rebuild-rollups"),
+            post(rules::rebuild_rollups),
+        )
+        .route(&format!("{tenant}/jobs/{{job}}"), get(rules::show_job))
         .route(
             &format!("{tenant}/retention"),
             get(rules::show_retention).put(rules::set_retention),

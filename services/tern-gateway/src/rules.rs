@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tern_analytics::alerts::{Alert, AlertFilter, AlertState};
+use tern_analytics::jobs::Job;
 use tern_analytics::retention::RetentionPolicy;
 use tern_analytics::rules::{
     NewRule, Rule, RulePatch, Sources, TestReport, dead_letters, test_rule,
@@ -141,6 +142,50 @@ pub(crate) async fn test(
     };
     let report = test_rule(&sources, tenant.id, &body.sql, from, to, lateness).await?;
     Ok(Json(report))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RebuildRequest {
+    /// Milliseconds since the epoch; default 0.
+    from: Option<i64>,
+    /// Milliseconds since the epoch; default now.
+    to: Option<i64>,
+}
+
+/// Starts rebuilding the tenant's rollups from raw points → 202 with the job.
+pub(crate) async fn rebuild_rollups(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<RebuildRequest>,
+) -> ApiResult<(StatusCode, Json<Job>)> {
+    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    let to = body.to.unwrap_or_else(now_ms);
+    let job = gw
+        .jobs
+        .rebuild_rollups(tenant.id, body.from.unwrap_or(0), to)
+        .await?;
+    tracing::info!(tenant = %tenant.id, job = %job.id, "rollup rebuild started");
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+pub(crate) async fn list_jobs(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Vec<Job>>> {
+    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    Ok(Json(gw.jobs.list(tenant.id).await?))
+}
+
+pub(crate) async fn show_job(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path((tenant, job)): Path<(String, String)>,
+) -> ApiResult<Json<Job>> {
+    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    Ok(Json(gw.jobs.get(tenant.id, &job).await?))
 }
 
 pub(crate) async fn show_retention(

@@ -88,6 +88,29 @@ pub enum AdminCommand {
     /// Alerts raised by rules.
     #[command(subcommand)]
     Alert(AlertCommand),
+    /// Background jobs of a tenant, with progress.
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// Recompute the tenant's rollups from raw points (whole UTC days around the range).
+    RebuildRollups {
+        /// Start, ms since the epoch (default: the beginning).
+        #[arg(long)]
+        from: Option<i64>,
+        /// End, ms since the epoch (default: now).
+        #[arg(long)]
+        to: Option<i64>,
+        /// Wait until the job ends; exit 1 if it failed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// One job and its progress.
+    Show { id: String },
+    /// The tenant's jobs, newest first.
+    List,
 }
 
 #[derive(Subcommand)]

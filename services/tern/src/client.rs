@@ -5,8 +5,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::cli::{
-    AdminCommand, AlertCommand, CaCommand, CommandAction, DeviceCommand, Global, Output,
-    RuleCommand, TenantCommand, TokenCommand,
+    AdminCommand, AlertCommand, CaCommand, CommandAction, DeviceCommand, Global, JobCommand,
+    Output, RuleCommand, TenantCommand, TokenCommand,
 };
 use crate::output;
 
@@ -402,6 +402,7 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::Rule(cmd) => rule(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::Alert(cmd) => alert(&client, out, tenant(&global)?, cmd).await?,
+        AdminCommand::Job(cmd) => job(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::Token(cmd) => {
             let tenant = seg(tenant(&global)?);
             match cmd {
@@ -521,6 +522,48 @@ async fn rule(client: &Client, out: Output, tenant: &str, cmd: RuleCommand) -> a
                 .call(Method::GET, &format!("{}/dead-letters", one(&rule)), None)
                 .await?;
             output::table(out, &list, &["at_ms", "action", "trigger", "error"]);
+        }
+    }
+    Ok(())
+}
+
+const JOB_FIELDS: &[&str] = &[
+    "id",
+    "kind",
+    "state",
+    "series_done",
+    "series_total",
+    "points_read",
+    "error",
+];
+
+async fn job(client: &Client, out: Output, tenant: &str, cmd: JobCommand) -> anyhow::Result<()> {
+    let base = format!("/api/v1/tenants/{}/jobs", seg(tenant));
+    match cmd {
+        JobCommand::RebuildRollups { from, to, wait } => {
+            let body = json!({ "from": from, "to": to });
+            let mut job = client
+                .call(Method::POST, &format!("{base}/rebuild-rollups"), Some(body))
+                .await?;
+            while wait && job["state"] == "running" {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let path = format!("{base}/{}", seg(job["id"].as_str().unwrap_or_default()));
+                job = client.call(Method::GET, &path, None).await?;
+            }
+            output::record(out, &job, JOB_FIELDS);
+            if wait && job["state"] != "succeeded" {
+                bail!("the job did not succeed");
+            }
+        }
+        JobCommand::Show { id } => {
+            let job = client
+                .call(Method::GET, &format!("{base}/{}", seg(&id)), None)
+                .await?;
+            output::record(out, &job, JOB_FIELDS);
+        }
+        JobCommand::List => {
+            let list = client.call(Method::GET, &base, None).await?;
+            output::table(out, &list, JOB_FIELDS);
         }
     }
     Ok(())

@@ -8,6 +8,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use tern_analytics::Ingest;
 use tern_analytics::alerts::Alerts;
+use tern_analytics::jobs::Jobs;
 use tern_analytics::retention::Retention;
 use tern_analytics::rules::webhooks::Webhooks;
 use tern_analytics::rules::{Republish, RuleEngine, RuleServices, Rules};
@@ -145,6 +146,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let rules = Arc::new(Rules::new(store.clone(), config.rules.max_rules_per_tenant));
     let alerts = Arc::new(Alerts::new(store.clone()));
     let retention = Arc::new(Retention::new(store.clone()));
+    let jobs = Arc::new(Jobs::new(store.clone()));
+    jobs.fail_interrupted().await?;
     tokio::spawn(retention.clone().run(
         Duration::from_secs(config.retention.sweep_interval_secs),
         stop_ingest.clone(),
@@ -180,6 +183,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             rules,
             alerts,
             retention,
+            jobs,
             store: store.clone(),
             log: log.clone(),
         },

@@ -182,3 +182,47 @@ async fn retention_deletes_aged_out_points_per_resolution() {
         .await;
     assert_eq!(status, 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollup_rebuild_runs_as_a_job_with_progress() {
+    let tern = Tern::start();
+    let p = tern.provision("acme", "meter");
+    let mut device = Mqtt::device(&tern, &p).await;
+    let base = (tern_core::now_ms() - 10 * 24 * HOUR) / HOUR * HOUR;
+    let payloads = (0..6)
+        .map(|i| {
+            json!({"kwh": i, "temp": 20, "ts": base + i * HOUR})
+                .to_string()
+                .into_bytes()
+        })
+        .collect();
+    device.publish_acked("telemetry", payloads).await;
+    tern.wait_points(&p, "temp", 6).await;
+    let hours = format!(
+        "/api/v1/tenants/acme/devices/{}/telemetry?metric=kwh&from={base}&resolution=1h",
+        p.device_id
+    );
+    let before = tern.get(&p.api_token, &hours).await.1;
+
+    let job = tern.cli_json(&["job", "rebuild-rollups", "--tenant", "acme", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        (&job["series_total"], &job["series_done"]),
+        (&json!(2), &json!(2)),
+        "kwh and temp"
+    );
+    assert_eq!(job["points_read"], 12);
+    assert_eq!(
+        tern.get(&p.api_token, &hours).await.1,
+        before,
+        "rebuilt buckets equal the kept ones"
+    );
+    let listed = tern.cli_json(&["job", "list", "--tenant", "acme"]);
+    assert_eq!(listed[0]["id"], job["id"]);
+    let other = tern.provision("globex", "g");
+    let path = format!(
+        "/api/v1/tenants/acme/jobs/{}",
+        job["id"].as_str().unwrap_or_default()
+    );
+    assert_eq!(tern.get(&other.api_token, &path).await.0, 403);
+}
