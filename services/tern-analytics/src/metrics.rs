@@ -2,7 +2,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tern_runtime::MetricsRegistry;
 use tern_runtime::metrics::latency_histogram;
 
@@ -89,7 +89,9 @@ impl RuleMetrics {
             late: Counter::default(),
             over_limit: Counter::default(),
             actions: Family::default(),
-            publish_to_action_seconds: latency_histogram(),
+            // Finer than the shared latency buckets (×1.25, 0.5 ms .. 3 s): the goal
+            // is a p99 under 10 ms, which doubling buckets cannot tell from 12.8 ms.
+            publish_to_action_seconds: Histogram::new(exponential_buckets(0.0005, 1.25, 40)),
         };
         registry.register("tern_rules", |r| {
             r.register("messages", "Telemetry messages evaluated by rules", m.messages.clone());
