@@ -131,26 +131,34 @@ pub(crate) async fn publish_from_platform(
         user_properties,
         ..PublishProperties::default()
     });
-    let routed = bridge.router.route(
-        tenant,
-        &Message {
-            topic,
-            payload: &payload,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: Some(properties),
-            from: None,
-        },
-    );
+    let message = Message {
+        topic,
+        payload: &payload,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Some(properties),
+        from: None,
+    };
+    route_from_platform(bridge, tenant, &message)
+        .await
+        .map_err(|()| "could not store the message for away persistent sessions".to_string())
+}
+
+/// Routes a message the platform publishes itself (no publishing connection): counts the
+/// deliveries, waits for room in full queues, and stores what away sessions must keep.
+async fn route_from_platform(
+    bridge: &Bridge,
+    tenant: TenantId,
+    message: &Message<'_>,
+) -> Result<(), ()> {
+    let routed = bridge.router.route(tenant, message);
     bridge.metrics.deliveries.inc_by(routed.delivered as u64);
     bridge
         .metrics
         .deliveries_dropped
         .inc_by(routed.dropped as u64);
     hand_over(bridge, routed.waiting, None).await;
-    store_for_away(bridge, routed.away)
-        .await
-        .map_err(|()| "could not store the message for away persistent sessions".to_string())
+    store_for_away(bridge, routed.away).await
 }
 
 /// Publishes a will as if the device had sent it: `telemetry`/`event` wills go to the event log,
@@ -192,24 +200,15 @@ pub(crate) async fn publish_will(
                     ..PublishProperties::default()
                 })
             });
-            let routed = bridge.router.route(
-                tenant,
-                &Message {
-                    topic,
-                    payload: &will.message,
-                    qos: will.qos,
-                    retain: will.retain,
-                    properties: properties.clone(),
-                    from: None,
-                },
-            );
-            bridge.metrics.deliveries.inc_by(routed.delivered as u64);
-            bridge
-                .metrics
-                .deliveries_dropped
-                .inc_by(routed.dropped as u64);
-            hand_over(bridge, routed.waiting, None).await;
-            let _ = store_for_away(bridge, routed.away).await;
+            let message = Message {
+                topic,
+                payload: &will.message,
+                qos: will.qos,
+                retain: will.retain,
+                properties: properties.clone(),
+                from: None,
+            };
+            let _ = route_from_platform(bridge, tenant, &message).await;
             if will.retain {
                 let will = ToRetain {
                     topic: topic.to_string(),

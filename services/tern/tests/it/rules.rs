@@ -25,6 +25,17 @@ fn device_labelled(tern: &Tern, tenant: &str, name: &str, label: &str) -> Provis
     }
 }
 
+/// Saves a rule with the CLI; returns what it printed (JSON).
+fn create_rule(tern: &Tern, tenant: &str, name: &str, sql: &str, actions: &[&str]) -> Value {
+    let mut args = vec![
+        "rule", "create", "--tenant", tenant, "--name", name, "--sql", sql,
+    ];
+    for action in actions {
+        args.extend(["--action", action]);
+    }
+    tern.cli_json(&args)
+}
+
 /// Polls a REST path until `done` holds for its JSON body.
 async fn wait_for(tern: &Tern, token: &str, path: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + PATIENCE;
@@ -43,11 +54,13 @@ async fn a_publish_fires_a_rule_that_commands_another_device_and_raises_an_alert
     let tern = Tern::start();
     let sensor = device_labelled(&tern, "acme", "boiler", "site=berlin");
     let valve = device_labelled(&tern, "acme", "valve", "role=valve");
-    let rule = tern.cli_json(&[
-        "rule", "create", "--tenant", "acme", "--name", "hot",
-        "--sql", "SELECT device, temp, labels.site FROM telemetry WHERE temp > 50 AND labels.site = 'berlin'",
-        "--action", "alert:critical", "--action", "command:open-valve@role=valve",
-    ]);
+    let rule = create_rule(
+        &tern,
+        "acme",
+        "hot",
+        "SELECT device, temp, labels.site FROM telemetry WHERE temp > 50 AND labels.site = 'berlin'",
+        &["alert:critical", "command:open-valve@role=valve"],
+    );
     assert_eq!(
         (&rule["name"], &rule["enabled"]),
         (&json!("hot"), &json!(true)),
@@ -119,18 +132,13 @@ async fn a_publish_fires_a_rule_that_commands_another_device_and_raises_an_alert
         .publish_acked("telemetry", vec![br#"{"temp": 99}"#.to_vec()])
         .await;
     // The later, cooler device's reading proves the engine has moved past the hot one.
-    let witness = tern.cli_json(&[
-        "rule",
-        "create",
-        "--tenant",
+    let witness = create_rule(
+        &tern,
         "acme",
-        "--name",
         "witness",
-        "--sql",
         "SELECT device FROM telemetry WHERE marker = 1",
-        "--action",
-        "alert:info",
-    ]);
+        &["alert:info"],
+    );
     assert_eq!(witness["enabled"], true);
     boiler
         .publish_acked("telemetry", vec![br#"{"marker": 1}"#.to_vec()])
@@ -155,19 +163,14 @@ async fn a_publish_fires_a_rule_that_commands_another_device_and_raises_an_alert
 async fn window_state_survives_kill_9_without_lost_or_repeated_actions() {
     let mut tern = Tern::start();
     let p = tern.provision("acme", "meter");
-    tern.cli_json(&[
-        "rule",
-        "create",
-        "--tenant",
+    create_rule(
+        &tern,
         "acme",
-        "--name",
         "per-minute",
-        "--sql",
         "SELECT device, window_start, count(*) AS n, sum(kwh) AS total FROM telemetry \
                   GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)",
-        "--action",
-        "command:report",
-    ]);
+        &["command:report"],
+    );
     // A minute a few minutes ahead, so that only the device's own clock closes it.
     let minute = (tern_core::now_ms() / 60_000 + 5) * 60_000;
     let batch = |from: i64, n: i64| -> Vec<Vec<u8>> {
@@ -340,19 +343,14 @@ async fn rule_test_replays_stored_telemetry_without_acting() {
 async fn a_silent_device_raises_an_absence_alert_that_clears_when_it_is_back() {
     let tern = Tern::start();
     let p = tern.provision("acme", "heartbeat");
-    tern.cli_json(&[
-        "rule",
-        "create",
-        "--tenant",
+    create_rule(
+        &tern,
         "acme",
-        "--name",
         "silent",
-        "--sql",
         "SELECT device, window_start AS last_seen FROM telemetry \
                   GROUP BY device, ABSENCE(INTERVAL '2' SECOND)",
-        "--action",
-        "alert:warning",
-    ]);
+        &["alert:warning"],
+    );
     let mut device = Mqtt::device(&tern, &p).await;
     device
         .publish_acked("telemetry", vec![br#"{"alive": 1}"#.to_vec()])
@@ -442,18 +440,13 @@ async fn webhooks_are_signed_retried_and_dead_lettered() {
     let tern = Tern::start_with_env(&[("TERN_RULES__WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true")]);
     let p = tern.provision("acme", "boiler");
     let (port, seen) = receiver(vec![503, 503]).await;
-    let created = tern.cli_json(&[
-        "rule",
-        "create",
-        "--tenant",
+    let created = create_rule(
+        &tern,
         "acme",
-        "--name",
         "hook",
-        "--sql",
         "SELECT device, temp FROM telemetry WHERE temp > 50",
-        "--action",
-        &format!("webhook:http://127.0.0.1:{port}/hook"),
-    ]);
+        &[&format!("webhook:http://127.0.0.1:{port}/hook")],
+    );
     let secret = created["webhook_secret"]
         .as_str()
         .expect("secret shown at creation")
@@ -463,18 +456,13 @@ async fn webhooks_are_signed_retried_and_dead_lettered() {
         shown.get("webhook_secret").is_none(),
         "and never again: {shown}"
     );
-    let rejected = tern.cli_json(&[
-        "rule",
-        "create",
-        "--tenant",
+    let rejected = create_rule(
+        &tern,
         "acme",
-        "--name",
         "rejected",
-        "--sql",
         "SELECT device FROM telemetry WHERE temp > 50",
-        "--action",
-        &format!("webhook:http://127.0.0.1:{port}/reject"),
-    ]);
+        &[&format!("webhook:http://127.0.0.1:{port}/reject")],
+    );
     assert!(rejected["webhook_secret"].is_string());
 
     let mut device = Mqtt::device(&tern, &p).await;
@@ -551,18 +539,13 @@ async fn webhooks_to_private_addresses_are_refused_by_default() {
     let tern = Tern::start();
     let p = tern.provision("acme", "boiler");
     let (port, seen) = receiver(vec![]).await;
-    tern.cli_json(&[
-        "rule",
-        "create",
-        "--tenant",
+    create_rule(
+        &tern,
         "acme",
-        "--name",
         "inside",
-        "--sql",
         "SELECT device FROM telemetry WHERE temp > 50",
-        "--action",
-        &format!("webhook:http://127.0.0.1:{port}/admin"),
-    ]);
+        &[&format!("webhook:http://127.0.0.1:{port}/admin")],
+    );
     let mut device = Mqtt::device(&tern, &p).await;
     device
         .publish_acked("telemetry", vec![br#"{"temp": 61}"#.to_vec()])
@@ -591,30 +574,20 @@ async fn webhooks_to_private_addresses_are_refused_by_default() {
 async fn rules_read_events_and_lifecycle_too() {
     let tern = Tern::start();
     let p = tern.provision("acme", "door");
-    tern.cli_json(&[
-        "rule",
-        "create",
-        "--tenant",
+    create_rule(
+        &tern,
         "acme",
-        "--name",
         "door-open",
-        "--sql",
         "SELECT device, door, code FROM event WHERE door = 'open'",
-        "--action",
-        "alert:warning",
-    ]);
-    tern.cli_json(&[
-        "rule",
-        "create",
-        "--tenant",
+        &["alert:warning"],
+    );
+    create_rule(
+        &tern,
         "acme",
-        "--name",
         "gone",
-        "--sql",
         "SELECT device, reason FROM lifecycle WHERE event = 'disconnected'",
-        "--action",
-        "alert:info",
-    ]);
+        &["alert:info"],
+    );
     let mut device = Mqtt::device(&tern, &p).await;
     device
         .publish_acked(
@@ -657,18 +630,13 @@ async fn republished_rows_reach_the_tenants_subscribers_only() {
     let sensor = tern.provision("acme", "sensor");
     let watcher = tern.provision("acme", "watcher");
     let outsider = tern.provision("globex", "outsider");
-    tern.cli_json(&[
-        "rule",
-        "create",
-        "--tenant",
+    create_rule(
+        &tern,
         "acme",
-        "--name",
         "hot",
-        "--sql",
         "SELECT device, temp FROM telemetry WHERE temp > 50",
-        "--action",
-        "republish:alerts/hot",
-    ]);
+        &["republish:alerts/hot"],
+    );
     let mut watching = Mqtt::device(&tern, &watcher).await;
     watching.subscribe("alerts/#", QoS::AtLeastOnce).await;
     let mut other = Mqtt::device(&tern, &outsider).await;
@@ -729,19 +697,14 @@ async fn rules_join_the_devices_twin() {
             .await;
         assert_eq!(status, 200, "{twin}");
     }
-    tern.cli_json(&[
-        "rule",
-        "create",
-        "--tenant",
+    create_rule(
+        &tern,
         "acme",
-        "--name",
         "hot-on-old-firmware",
-        "--sql",
         "SELECT device, temp, twin.reported.firmware.version AS fw FROM telemetry \
                   WHERE temp > 50 AND twin.reported.firmware.version < '2'",
-        "--action",
-        "alert",
-    ]);
+        &["alert"],
+    );
     for device in [&new, &old] {
         let mut mqtt = Mqtt::device(&tern, device).await;
         mqtt.publish_acked("telemetry", vec![br#"{"temp": 70}"#.to_vec()])
