@@ -77,6 +77,10 @@ pub struct Args {
     /// The name the broker's certificate must carry (with --tls-ca).
     #[arg(long, default_value = "localhost")]
     pub tls_server_name: String,
+    /// Speak MQTT over WebSocket (`/mqtt`, subprotocol `mqtt`): point --broker at the HTTP
+    /// port (with --tls-ca: WSS at the WSS port).
+    #[arg(long)]
+    pub websocket: bool,
     /// Built from --tls-ca once, shared by every connection.
     #[arg(skip)]
     pub tls: Option<mqtt::Tls>,
@@ -364,6 +368,7 @@ async fn publisher(
         args.keepalive,
         args.mqtt5,
         args.tls.as_ref(),
+        args.websocket,
     )
     .await;
     let _ = connected.send(()).await;
@@ -514,6 +519,7 @@ async fn subscriber(
             args.keepalive,
             args.mqtt5,
             args.tls.as_ref(),
+            args.websocket,
         )
         .await?;
         writer.subscribe(&args.sub_topic, qos(args.qos)).await?;

@@ -65,6 +65,66 @@ impl Tls {
     }
 }
 
+type Halves = (
+    Box<dyn AsyncRead + Send + Unpin>,
+    Box<dyn AsyncWrite + Send + Unpin>,
+);
+
+/// Upgrades a connection to a WebSocket at `/mqtt` (subprotocol `mqtt`) and turns its binary
+/// messages back into a byte stream, so the MQTT codec runs unchanged: two small tasks pump
+/// between the WebSocket and an in-memory pipe.
+async fn over_websocket<S>(stream: S, scheme: &str, broker: SocketAddr) -> anyhow::Result<Halves>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let mut request = format!("{scheme}://{broker}/mqtt").into_client_request()?;
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse()?);
+    let (ws, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .with_context(|| format!("WebSocket upgrade with {broker}"))?;
+    let (mut sink, mut source) = ws.split();
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (mut from_codec, mut to_codec) = tokio::io::split(theirs);
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = source.next().await {
+            let written = match message {
+                Message::Binary(bytes) => to_codec.write_all(&bytes).await,
+                Message::Close(_) => break,
+                _ => Ok(()),
+            };
+            if written.is_err() {
+                break;
+            }
+        }
+        let _ = to_codec.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from_codec.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if sink
+                .send(Message::Binary(buffer[..n].to_vec().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let (r, w) = tokio::io::split(ours);
+    Ok((Box::new(r), Box::new(w)))
+}
+
 /// Opens a TCP connection (from `source`, when given, so one machine can exceed the ephemeral
 /// port range of a single address), sends CONNECT and waits for CONNACK.
 pub async fn connect(
@@ -74,6 +134,7 @@ pub async fn connect(
     keepalive_secs: u16,
     mqtt5: bool,
     tls: Option<&Tls>,
+    websocket: bool,
 ) -> anyhow::Result<(Reader, Writer)> {
     let socket = if broker.is_ipv4() {
         TcpSocket::new_v4()?
@@ -90,22 +151,24 @@ pub async fn connect(
         .await
         .with_context(|| format!("connect {broker}"))?;
     stream.set_nodelay(true)?;
-    let (half_r, half_w): (
-        Box<dyn AsyncRead + Send + Unpin>,
-        Box<dyn AsyncWrite + Send + Unpin>,
-    ) = match tls {
-        None => {
+    let (half_r, half_w): Halves = match (tls, websocket) {
+        (None, false) => {
             let (r, w) = stream.into_split();
             (Box::new(r), Box::new(w))
         }
-        Some(tls) => {
+        (None, true) => over_websocket(stream, "ws", broker).await?,
+        (Some(tls), websocket) => {
             let stream = tls
                 .connector
                 .connect(tls.server_name.clone(), stream)
                 .await
                 .with_context(|| format!("TLS handshake with {broker}"))?;
-            let (r, w) = tokio::io::split(stream);
-            (Box::new(r), Box::new(w))
+            if websocket {
+                over_websocket(stream, "wss", broker).await?
+            } else {
+                let (r, w) = tokio::io::split(stream);
+                (Box::new(r), Box::new(w))
+            }
         }
     };
     let mut reader = Reader {

@@ -118,3 +118,46 @@ async fn the_simulator_speaks_mqtt_5_for_publishers_and_subscribers() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_speaks_mqtt_over_websocket() {
+    let tern = Tern::start();
+    let token = tern.operator_token();
+    let extra = [
+        "--websocket",
+        "--devices",
+        "3",
+        "--qos",
+        "1",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+        "--topic",
+        "bench/{device}",
+        "--payload",
+        "binary",
+        "--subscribers",
+        "1",
+        "--sub-topic",
+        "bench/#",
+    ];
+    let (report, acked) = run_sim_all_acked(sim_args(&tern, tern.http_port, &extra)).await;
+    assert!(
+        report["received"].as_u64().expect("received") > 0,
+        "{report}"
+    );
+    assert!(acked > 0);
+    // The bridge saw WebSocket connections.
+    let path = "/api/v1/tenants/sim/devices/sim-0/events?kind=lifecycle&from=0";
+    let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
+    loop {
+        let (_, events) = tern.get(&token, path).await;
+        let text = events.to_string();
+        if text.contains("websocket") || std::time::Instant::now() > deadline {
+            assert!(text.contains("websocket"), "{events}");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
