@@ -163,6 +163,25 @@ fn payload(shape: PayloadShape, size: usize, seq: u64) -> Vec<u8> {
     }
 }
 
+/// Connects device `index` the way the arguments say (version, TLS, WebSocket, source address).
+async fn connect(
+    args: &Args,
+    index: usize,
+    creds: &Credentials,
+) -> anyhow::Result<(mqtt::Reader, mqtt::Writer)> {
+    let source = source(args, index);
+    mqtt::connect(
+        args.broker,
+        source,
+        creds,
+        args.keepalive,
+        args.mqtt5,
+        args.tls.as_ref(),
+        args.websocket,
+    )
+    .await
+}
+
 fn source(args: &Args, i: usize) -> Option<IpAddr> {
     (args.source_addrs > 1).then(|| {
         IpAddr::V4(Ipv4Addr::new(
@@ -361,16 +380,7 @@ async fn publisher(
 ) -> (DeviceStats, u64) {
     let mut stats = DeviceStats::new();
     let began = Instant::now();
-    let connection = mqtt::connect(
-        args.broker,
-        source(&args, index),
-        &creds,
-        args.keepalive,
-        args.mqtt5,
-        args.tls.as_ref(),
-        args.websocket,
-    )
-    .await;
+    let connection = connect(&args, index, &creds).await;
     let _ = connected.send(()).await;
     let (mut reader, mut writer) = match connection {
         Ok(c) => c,
@@ -512,16 +522,7 @@ async fn subscriber(
 ) -> DeviceStats {
     let mut stats = DeviceStats::new();
     let setup = async {
-        let (mut reader, mut writer) = mqtt::connect(
-            args.broker,
-            source(&args, index),
-            &creds,
-            args.keepalive,
-            args.mqtt5,
-            args.tls.as_ref(),
-            args.websocket,
-        )
-        .await?;
+        let (mut reader, mut writer) = connect(&args, index, &creds).await?;
         writer.subscribe(&args.sub_topic, qos(args.qos)).await?;
         loop {
             if let Packet::SubAck(_) = reader.next().await? {

@@ -39,7 +39,7 @@ const POLL_WAIT: Duration = Duration::from_millis(200);
 const ATTEMPTS: u32 = 5;
 /// Devices a `command:NAME@SELECTOR` action reaches at most.
 const MAX_SELECTED: usize = 10_000;
-const LABELS_TTL: Duration = Duration::from_secs(5);
+const DEVICE_INFO_TTL: Duration = Duration::from_secs(5);
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Limits (`[rules]` in the config file).
@@ -131,7 +131,7 @@ struct DeviceInfo {
 }
 
 /// Device labels and twins for rules that read them, briefly cached (a change shows within
-/// `LABELS_TTL`).
+/// `DEVICE_INFO_TTL`).
 #[derive(Default)]
 struct DeviceCache {
     entries: HashMap<(TenantId, String), (Arc<DeviceInfo>, Instant)>,
@@ -147,7 +147,7 @@ impl DeviceCache {
     ) -> Arc<DeviceInfo> {
         let key = (tenant, device.to_string());
         if let Some((info, at)) = self.entries.get(&key)
-            && at.elapsed() < LABELS_TTL
+            && at.elapsed() < DEVICE_INFO_TTL
             && (info.twin.is_some() || !twin)
         {
             return info.clone();

@@ -71,60 +71,12 @@ async fn simulated_devices_answer_commands_sent_through_the_api() {
     assert!(commands["round_trip"]["p99_us"].as_u64().expect("p99") > 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_simulator_speaks_mqtt_5_for_publishers_and_subscribers() {
-    let tern = Tern::start();
-    let token = tern.operator_token();
-    let args = sim_args(
-        &tern,
-        tern.mqtt_port,
-        &[
-            "--mqtt5",
-            "--devices",
-            "3",
-            "--qos",
-            "1",
-            "--rate",
-            "20",
-            "--duration",
-            "1",
-            "--topic",
-            "bench/{device}",
-            "--payload",
-            "binary",
-            "--subscribers",
-            "1",
-            "--sub-topic",
-            "bench/#",
-        ],
-    );
-    let (report, _) = run_sim_all_acked(args).await;
-    assert!(
-        report["received"].as_u64().expect("received") > 0,
-        "{report}"
-    );
-    // The bridge saw MQTT 5 connections.
-    let path = "/api/v1/tenants/sim/devices/sim-0/events?kind=lifecycle&from=0";
-    let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
-    loop {
-        let (_, events) = tern.get(&token, path).await;
-        if events.to_string().contains("mqtt/5") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no MQTT 5 connection: {events}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_simulator_speaks_mqtt_over_websocket() {
-    let tern = Tern::start();
-    let token = tern.operator_token();
+/// Runs 3 publishers and 1 subscriber with `flag` against `port`, checks the subscriber got
+/// messages, and waits until the bridge recorded a connection whose lifecycle event mentions
+/// `marker` (how it was made).
+async fn pub_sub_with(tern: &Tern, port: u16, flag: &str, marker: &str) {
     let extra = [
-        "--websocket",
+        flag,
         "--devices",
         "3",
         "--qos",
@@ -142,22 +94,35 @@ async fn the_simulator_speaks_mqtt_over_websocket() {
         "--sub-topic",
         "bench/#",
     ];
-    let (report, acked) = run_sim_all_acked(sim_args(&tern, tern.http_port, &extra)).await;
+    let (report, _) = run_sim_all_acked(sim_args(tern, port, &extra)).await;
     assert!(
         report["received"].as_u64().expect("received") > 0,
         "{report}"
     );
-    assert!(acked > 0);
-    // The bridge saw WebSocket connections.
+    let token = tern.operator_token();
     let path = "/api/v1/tenants/sim/devices/sim-0/events?kind=lifecycle&from=0";
     let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
     loop {
         let (_, events) = tern.get(&token, path).await;
-        let text = events.to_string();
-        if text.contains("websocket") || std::time::Instant::now() > deadline {
-            assert!(text.contains("websocket"), "{events}");
-            break;
+        if events.to_string().contains(marker) {
+            return;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {marker} connection: {events}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_speaks_mqtt_5_for_publishers_and_subscribers() {
+    let tern = Tern::start();
+    pub_sub_with(&tern, tern.mqtt_port, "--mqtt5", "mqtt/5").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_speaks_mqtt_over_websocket() {
+    let tern = Tern::start();
+    pub_sub_with(&tern, tern.http_port, "--websocket", "websocket").await;
 }
