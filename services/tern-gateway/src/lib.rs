@@ -10,6 +10,7 @@ mod commands;
 mod device_api;
 mod error;
 mod extract;
+mod identity;
 mod observe;
 mod routes;
 mod rules;

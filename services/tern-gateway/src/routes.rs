@@ -19,7 +19,9 @@ use tern_store::{RangeQuery, Resolution};
 
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
-use crate::{ApiError, Gateway, certificates, commands, device_api, rules, status, twins};
+use crate::{
+    ApiError, Gateway, certificates, commands, device_api, identity, rules, status, twins,
+};
 
 type Shared = State<Arc<Gateway>>;
 type ApiResult<T> = Result<T, ApiError>;
@@ -42,6 +44,30 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
             post(create_device).get(list_devices),
         )
         .route(&format!("{tenant}/api-tokens"), post(create_api_token))
+        .route(
+            &format!("{tenant}/oauth-clients"),
+            post(identity::create_client).get(identity::list_clients),
+        )
+        .route(
+            &format!("{tenant}/oauth-clients/{{client}}"),
+            get(identity::show_client).delete(identity::delete_client),
+        )
+        .route(
+            &format!("{tenant}/users"),
+            post(identity::create_user).get(identity::list_users),
+        )
+        .route(
+            &format!("{tenant}/users/{{user}}"),
+            get(identity::show_user).delete(identity::delete_user),
+        )
+        .route(
+            &format!("{tenant}/users/{{user}}/password"),
+            axum::routing::put(identity::set_password),
+        )
+        .route(
+            &format!("{tenant}/users/{{user}}/unlock"),
+            post(identity::unlock_user),
+        )
         .route(
             &format!("{tenant}/commands"),
             post(commands::send_to_selected),

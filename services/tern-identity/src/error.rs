@@ -12,6 +12,10 @@ pub enum IdentityError {
     Forbidden(String),
     #[error(transparent)]
     Invalid(#[from] ValidationError),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("identity storage: {0}")]
@@ -41,6 +45,8 @@ impl IdentityError {
             Self::Unauthenticated => ErrorCode::Unauthenticated,
             Self::Forbidden(_) => ErrorCode::Forbidden,
             Self::Invalid(_) => ErrorCode::BadRequest,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Conflict(_) => ErrorCode::Conflict,
             Self::Registry(e) => e.code(),
             Self::Storage(_) | Self::Keys(_) => ErrorCode::Internal,
         }

@@ -8,6 +8,7 @@ use tern_proto::v1::{self, identity_server};
 use tern_proto::{require_operator, status_from};
 use tern_registry::request_tenant_id;
 
+use crate::scopes::ApiAccess;
 use crate::{DeviceTokens, Identity, IdentityError};
 
 #[derive(Clone)]
@@ -127,8 +128,9 @@ impl identity_server::Identity for IdentityGrpc {
 }
 
 /// Authenticates every gRPC call by its `authorization: Bearer <token>` metadata (an API or
-/// operator token) and hands the [`Caller`](tern_core::Caller) to the handlers as a request
-/// extension. Calls without valid credentials never reach a handler.
+/// operator token, or an OAuth access token whose scopes allow the method) and hands the
+/// [`Caller`](tern_core::Caller) to the handlers as a request extension. Calls without valid
+/// credentials never reach a handler.
 pub async fn grpc_auth(
     axum::extract::State(identity): axum::extract::State<Arc<Identity>>,
     mut req: axum::extract::Request,
@@ -145,10 +147,34 @@ pub async fn grpc_auth(
             .into_http();
     };
     match identity.authenticate_api(&token).await {
-        Ok(caller) => {
-            req.extensions_mut().insert(caller);
+        Ok(principal) => {
+            let access = grpc_access(req.uri().path());
+            if !principal.scopes.allows(access) {
+                return Status::permission_denied(format!(
+                    "this token lacks the scope {}",
+                    access.scope()
+                ))
+                .into_http();
+            }
+            req.extensions_mut().insert(principal.caller);
             next.run(req).await
         }
         Err(e) => status(e).into_http(),
+    }
+}
+
+/// The scope a gRPC method needs (the REST API's rule): credentials need `tern:admin`, reads
+/// `tern:read`, the rest `tern:write`.
+fn grpc_access(path: &str) -> ApiAccess {
+    let method = path.rsplit('/').next().unwrap_or_default();
+    if path.starts_with("/tern.v1.Identity/") && method != "VerifyDeviceToken" {
+        ApiAccess::Admin
+    } else if method.starts_with("Get")
+        || method.starts_with("List")
+        || method.starts_with("Verify")
+    {
+        ApiAccess::Read
+    } else {
+        ApiAccess::Write
     }
 }

@@ -1,14 +1,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use jsonwebtoken::{Algorithm, Header, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use serde::{Deserialize, Serialize};
 use tern_core::{Caller, Device, DeviceId, TenantId, ValidationError, now_ms, validate_name};
 use tern_registry::{Registry, RegistryError};
 use tern_store::Store;
 
 use crate::certificates::{TenantCa, TenantCas};
-use crate::keys::SigningKey;
+use crate::keys::Keyring;
+use crate::oauth::{ApiPrincipal, OAuth};
+use crate::scopes::Scopes;
 use crate::secrets::{new_token, token_hash};
 use crate::{DeviceAuthError, IdentityError};
 
@@ -25,13 +27,94 @@ const OPERATOR_TOKEN: &str = "operator_token";
 pub struct IdentityConfig {
     /// Lifetime of device access tokens. Short, because they are verified without a lookup.
     pub device_access_token_ttl_secs: u64,
+    /// The URL clients reach the HTTP port at; tenants' OAuth issuers are
+    /// `{public_url}/oauth2/{tenant}`. Empty: `http://localhost:{http_port}`.
+    pub public_url: String,
+    /// Lifetime of OAuth access tokens and ID tokens.
+    pub access_token_ttl_secs: u64,
+    /// Lifetime of a refresh token family (rotation does not extend it).
+    pub refresh_token_ttl_secs: u64,
+    pub authorization_code_ttl_secs: u64,
+    pub device_code_ttl_secs: u64,
+    /// The polling interval a device is told (RFC 8628).
+    pub device_poll_interval_secs: u64,
+    /// A new signing key every this many days (published an hour before it signs).
+    pub signing_key_rotation_days: u64,
+    /// Failed sign-ins in a row that lock a user ...
+    pub max_failed_logins: u32,
+    /// ... for this long.
+    pub lockout_secs: u64,
 }
 
 impl Default for IdentityConfig {
     fn default() -> Self {
         Self {
             device_access_token_ttl_secs: 3600,
+            public_url: String::new(),
+            access_token_ttl_secs: 600,
+            refresh_token_ttl_secs: 30 * 86_400,
+            authorization_code_ttl_secs: 60,
+            device_code_ttl_secs: 600,
+            device_poll_interval_secs: 5,
+            signing_key_rotation_days: 30,
+            max_failed_logins: 5,
+            lockout_secs: 900,
         }
+    }
+}
+
+impl IdentityConfig {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let positive = [
+            (
+                "identity.device_access_token_ttl_secs",
+                self.device_access_token_ttl_secs,
+            ),
+            ("identity.access_token_ttl_secs", self.access_token_ttl_secs),
+            (
+                "identity.refresh_token_ttl_secs",
+                self.refresh_token_ttl_secs,
+            ),
+            (
+                "identity.authorization_code_ttl_secs",
+                self.authorization_code_ttl_secs,
+            ),
+            ("identity.device_code_ttl_secs", self.device_code_ttl_secs),
+            (
+                "identity.device_poll_interval_secs",
+                self.device_poll_interval_secs,
+            ),
+            (
+                "identity.signing_key_rotation_days",
+                self.signing_key_rotation_days,
+            ),
+            (
+                "identity.max_failed_logins",
+                u64::from(self.max_failed_logins),
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ValidationError::new(key, "must be at least 1"));
+            }
+        }
+        if !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://")) {
+            return Err(ValidationError::new(
+                "identity.public_url",
+                format!(
+                    "expected an http:// or https:// URL, got {:?}",
+                    self.public_url
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The longest a token signed by a key may live: how long a retired key stays published.
+    fn longest_token_secs(&self) -> i64 {
+        self.device_access_token_ttl_secs
+            .max(self.access_token_ttl_secs) as i64
+            + 60
     }
 }
 
@@ -89,7 +172,8 @@ pub struct Identity {
     cas: TenantCas,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
-    key: SigningKey,
+    keys: Arc<Keyring>,
+    oauth: OAuth,
     config: IdentityConfig,
 }
 
@@ -99,22 +183,56 @@ impl Identity {
         registry: Arc<Registry>,
         config: IdentityConfig,
     ) -> Result<Self, IdentityError> {
-        if config.device_access_token_ttl_secs == 0 {
-            return Err(ValidationError::new(
-                "identity.device_access_token_ttl_secs",
-                "must be at least 1",
+        config.validate()?;
+        let keys = Arc::new(
+            Keyring::load(
+                store.clone(),
+                config.signing_key_rotation_days as i64 * 86_400,
+                config.longest_token_secs(),
             )
-            .into());
-        }
-        let key = SigningKey::load_or_create(&store).await?;
+            .await?,
+        );
         let cas = TenantCas::load(store.clone()).await?;
+        let oauth = OAuth::new(
+            store.clone(),
+            registry.clone(),
+            keys.clone(),
+            config.clone(),
+        )
+        .await?;
         Ok(Self {
             cas,
             store,
             registry,
-            key,
+            keys,
+            oauth,
             config,
         })
+    }
+
+    /// The OAuth 2.0 authorization server, users and clients.
+    pub fn oauth(&self) -> &OAuth {
+        &self.oauth
+    }
+
+    /// Rotates the signing keys when due and picks up other instances' keys, every few
+    /// minutes until `shutdown`.
+    pub async fn run_key_rotation(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(300));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let result = match self.keys.rotate_if_due(now_ms() / 1000).await {
+                Ok(false) => self.keys.reload().await,
+                Ok(true) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "signing key rotation failed");
+            }
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -349,12 +467,15 @@ impl Identity {
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 0;
-        let data =
-            jsonwebtoken::decode::<AccessClaims>(token.as_bytes(), &self.key.decoding, &validation)
-                .map_err(|e| {
-                    tracing::debug!(error = %e, "device token rejected");
-                    IdentityError::Unauthenticated
-                })?;
+        let key = self
+            .keys
+            .decoding_key(token)
+            .ok_or(IdentityError::Unauthenticated)?;
+        let data = jsonwebtoken::decode::<AccessClaims>(token.as_bytes(), &key, &validation)
+            .map_err(|e| {
+                tracing::debug!(error = %e, "device token rejected");
+                IdentityError::Unauthenticated
+            })?;
         let claims = data.claims;
         let tenant_id = TenantId::parse(&claims.tid).map_err(|_| IdentityError::Unauthenticated)?;
         let device_id = DeviceId::parse(&claims.sub).map_err(|_| IdentityError::Unauthenticated)?;
@@ -385,10 +506,7 @@ impl Identity {
             exp,
             jti: uuid::Uuid::new_v4().to_string(),
         };
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.key.kid.clone());
-        let token = jsonwebtoken::encode(&header, &claims, &self.key.encoding)
-            .map_err(|e| IdentityError::Keys(format!("cannot sign a token: {e}")))?;
+        let token = self.keys.sign("JWT", &claims)?;
         Ok((token, exp * 1000))
     }
 
@@ -417,8 +535,12 @@ impl Identity {
         })
     }
 
-    /// Authenticates an API caller by its bearer token.
-    pub async fn authenticate_api(&self, token: &str) -> Result<Caller, IdentityError> {
+    /// Authenticates an API caller by its bearer token: the operator token, an API token, or
+    /// an OAuth access token (a JWT) of a tenant's authorization server.
+    pub async fn authenticate_api(&self, token: &str) -> Result<ApiPrincipal, IdentityError> {
+        if token.starts_with("eyJ") {
+            return self.oauth.verify_access_token(token).await;
+        }
         let hash = token_hash(token);
         if token.starts_with("tern_op_")
             && self
@@ -427,13 +549,23 @@ impl Identity {
                 .await?
                 .is_some()
         {
-            return Ok(Caller::Operator);
+            return Ok(ApiPrincipal {
+                caller: Caller::Operator,
+                scopes: Scopes::all_api(),
+                subject: "operator".into(),
+                client_id: None,
+            });
         }
         if token.starts_with("tern_api_") {
             if let Some(bytes) = self.store.get_record(API_TOKEN, &hash).await? {
                 let record: ApiToken = serde_json::from_slice(&bytes)
                     .map_err(|e| IdentityError::Keys(format!("corrupt API token record: {e}")))?;
-                return Ok(Caller::Tenant(record.tenant_id));
+                return Ok(ApiPrincipal {
+                    caller: Caller::Tenant(record.tenant_id),
+                    scopes: Scopes::all_api(),
+                    subject: format!("api-token:{}", record.id),
+                    client_id: None,
+                });
             }
         }
         Err(IdentityError::Unauthenticated)
@@ -478,7 +610,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
         let registry = Arc::new(Registry::new(store.clone()));
-        let identity = Identity::new(store, registry.clone(), IdentityConfig::default())
+        let config = IdentityConfig {
+            public_url: "http://localhost:8080".into(),
+            ..Default::default()
+        };
+        let identity = Identity::new(store, registry.clone(), config)
             .await
             .expect("identity");
         registry.create_tenant("acme").await.expect("tenant");
@@ -615,7 +751,12 @@ mod tests {
         let secret = api.token.clone().expect("secret shown once");
         let acme = f.registry.tenant("acme").await.expect("tenant");
         let globex = f.registry.tenant("globex").await.expect("tenant");
-        let caller = f.identity.authenticate_api(&secret).await.expect("auth");
+        let caller = f
+            .identity
+            .authenticate_api(&secret)
+            .await
+            .expect("auth")
+            .caller;
         assert_eq!(caller, Caller::Tenant(acme.id));
         assert!(caller.may_access(acme.id) && !caller.may_access(globex.id));
         assert!(f.identity.authenticate_api("tern_api_wrong").await.is_err());
@@ -631,7 +772,7 @@ mod tests {
             .trim()
             .to_string();
         assert_eq!(
-            f.identity.authenticate_api(&op).await.expect("auth"),
+            f.identity.authenticate_api(&op).await.expect("auth").caller,
             Caller::Operator
         );
         std::fs::remove_file(&path).expect("remove");

@@ -13,13 +13,23 @@
 //! directory). Lookups go by that hash, so no stored secret is ever compared byte by byte.
 
 mod certificates;
+mod clients;
 mod error;
 mod grpc;
+pub mod http;
 mod identity;
 mod keys;
+pub mod oauth;
+mod passwords;
+mod records;
+pub mod scopes;
 mod secrets;
+mod users;
 
 pub use certificates::TenantCa;
+pub use clients::{Clients, GrantType, NewClient, OAuthClient};
 pub use error::{DeviceAuthError, IdentityError};
 pub use grpc::{IdentityGrpc, grpc_auth};
 pub use identity::{ApiToken, DevicePrincipal, DeviceTokens, Identity, IdentityConfig};
+pub use oauth::ApiPrincipal;
+pub use users::{NewUser, Role, User, Users};

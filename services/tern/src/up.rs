@@ -56,8 +56,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         })?);
     let metrics = MetricsRegistry::default();
     let registry = Arc::new(Registry::new(store.clone()));
-    let identity =
-        Arc::new(Identity::new(store.clone(), registry.clone(), config.identity.clone()).await?);
+    let mut identity_config = config.identity.clone();
+    if identity_config.public_url.is_empty() {
+        identity_config.public_url = format!("http://localhost:{}", config.http_port);
+    }
+    let identity = Arc::new(Identity::new(store.clone(), registry.clone(), identity_config).await?);
     identity
         .ensure_operator_token(&data.join("admin.token"))
         .await?;
@@ -191,6 +194,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     // MQTT over WebSocket shares the HTTP port; its connections stop with the bridge's.
     let http_router = tern_gateway::router(gateway.clone(), tern_dashboard::router())
+        .merge(tern_identity::http::router(identity.clone()))
         .merge(websocket_routes(bridge.clone(), stop_bridge.clone()));
     let http = axum::serve(
         http_listener,
@@ -198,6 +202,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .with_graceful_shutdown(stop_apis.clone().cancelled_owned());
     let http_task = tokio::spawn(async move { http.await });
+    tokio::spawn({
+        let (identity, stop) = (identity.clone(), stop_apis.clone());
+        async move { identity.run_key_rotation(stop).await }
+    });
     // Commands whose TTL passes unanswered are expired (and logged) within about a second.
     tokio::spawn(commands.run_expiry(Duration::from_secs(1), stop_apis.clone().cancelled_owned()));
 
