@@ -91,6 +91,73 @@ pub enum AdminCommand {
     /// Background jobs of a tenant, with progress.
     #[command(subcommand)]
     Job(JobCommand),
+    /// OAuth clients of the tenant: services (client credentials), the portal and other apps
+    /// (authorization code with PKCE), headless devices (device authorization grant).
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// People of the tenant who sign in: roles, groups, passwords, lockout.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand)]
+pub enum ClientCommand {
+    /// Register a client. A confidential client's secret is shown once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// client_credentials, authorization_code, refresh_token or device_code; repeatable.
+        #[arg(long = "grant", required = true)]
+        grants: Vec<String>,
+        /// A client that cannot keep a secret (portal, CLI, device): no secret, PKCE instead.
+        #[arg(long)]
+        public: bool,
+        /// Where the authorization code may be sent: https://, or http:// on loopback; repeatable.
+        #[arg(long = "redirect-uri")]
+        redirect_uris: Vec<String>,
+        /// The most its tokens may hold, space-separated [default: tern:read].
+        #[arg(long)]
+        scope: Option<String>,
+    },
+    /// The tenant's clients.
+    List,
+    /// One client.
+    Show { client_id: String },
+    /// Delete a client; its tokens stop being refreshed.
+    Delete { client_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Add a user. The password is read from stdin (--password-stdin) or TERN_PASSWORD.
+    Create {
+        name: String,
+        /// admin, editor or viewer; repeatable.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// A group the user belongs to; repeatable.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        #[arg(long)]
+        email: Option<String>,
+        /// Read the password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// The tenant's users.
+    List,
+    /// One user (by id or name).
+    Show { user: String },
+    /// Delete a user.
+    Delete { user: String },
+    /// Set a user's password (from stdin or TERN_PASSWORD); also lifts a lockout.
+    SetPassword {
+        user: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Lift the lockout that repeated failed sign-ins caused.
+    Unlock { user: String },
 }
 
 #[derive(Subcommand)]
@@ -392,5 +459,19 @@ pub enum TokenCommand {
         /// What the token is for.
         #[arg(long, default_value = "cli")]
         name: String,
+    },
+    /// Approve (or deny) the code a device shows (OAuth device authorization grant), signing
+    /// in as a user of the tenant; the password is read from stdin or TERN_PASSWORD.
+    Approve {
+        /// The code the device shows, e.g. BCDF-GHJK.
+        user_code: String,
+        /// The user who approves: the device acts for them.
+        #[arg(long)]
+        user: String,
+        /// Deny instead of approve.
+        #[arg(long)]
+        deny: bool,
+        #[arg(long)]
+        password_stdin: bool,
     },
 }

@@ -5,30 +5,30 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::cli::{
-    AdminCommand, AlertCommand, CaCommand, CommandAction, DeviceCommand, Global, JobCommand,
-    Output, RuleCommand, TenantCommand, TokenCommand,
+    AdminCommand, AlertCommand, CaCommand, ClientCommand, CommandAction, DeviceCommand, Global,
+    JobCommand, Output, RuleCommand, TenantCommand, TokenCommand, UserCommand,
 };
 use crate::output;
 
 struct Client {
     http: reqwest::Client,
     server: String,
-    token: String,
+    /// The bearer token, or why there is none (said when a call needs it).
+    token: Result<String, String>,
 }
 
 impl Client {
     fn new(global: &Global) -> anyhow::Result<Self> {
         let token = match &global.token {
-            Some(token) => token.clone(),
+            Some(token) => Ok(token.clone()),
             None => std::fs::read_to_string(&global.token_file)
-                .with_context(|| {
+                .map(|t| t.trim().to_string())
+                .map_err(|e| {
                     format!(
-                        "no token: pass --token (or TERN_TOKEN), or run where {} exists (--token-file)",
+                        "no token: pass --token (or TERN_TOKEN), or run where {} exists (--token-file): {e}",
                         global.token_file.display()
                     )
-                })?
-                .trim()
-                .to_string(),
+                }),
         };
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
@@ -54,13 +54,29 @@ impl Client {
         wait_secs: Option<u64>,
     ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.server);
-        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        let token = self.token.as_deref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut request = self.http.request(method, &url).bearer_auth(token);
         if let Some(wait) = wait_secs {
             request = request.timeout(std::time::Duration::from_secs(wait + 30));
         }
         if let Some(body) = body {
             request = request.json(&body);
         }
+        self.answer(request).await
+    }
+
+    /// Posts a form without the bearer token (the OAuth endpoints authenticate otherwise).
+    async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.server);
+        let request = self
+            .http
+            .post(&url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(form);
+        self.answer(request).await
+    }
+
+    async fn answer(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let response = request.send().await.with_context(|| {
             format!(
                 "cannot reach the Tern server at {} (is `tern up` running? see --server)",
@@ -81,6 +97,7 @@ impl Client {
         if !status.is_success() {
             let message = value["error"]["message"]
                 .as_str()
+                .or(value["error_description"].as_str())
                 .unwrap_or("request failed");
             bail!("{message} ({status})");
         }
@@ -403,6 +420,8 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::Rule(cmd) => rule(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::Alert(cmd) => alert(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::Job(cmd) => job(&client, out, tenant(&global)?, cmd).await?,
+        AdminCommand::Client(cmd) => oauth_client(&client, out, tenant(&global)?, cmd).await?,
+        AdminCommand::User(cmd) => user(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::Token(cmd) => {
             let tenant = seg(tenant(&global)?);
             match cmd {
@@ -431,6 +450,24 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                         .call(Method::POST, &path, Some(json!({ "name": name })))
                         .await?;
                     output::record(out, &t, &["id", "name", "tenant_id", "token"]);
+                }
+                TokenCommand::Approve {
+                    user_code,
+                    user,
+                    deny,
+                    password_stdin,
+                } => {
+                    let password = read_password(password_stdin)?;
+                    let action = if deny { "deny" } else { "approve" };
+                    let form = [
+                        ("user_code", user_code.as_str()),
+                        ("username", user.as_str()),
+                        ("password", password.as_str()),
+                        ("action", action),
+                    ];
+                    let path = format!("/oauth2/{tenant}/device");
+                    let r = client.post_form(&path, &form).await?;
+                    output::record(out, &r, &["user_code", "approved", "client"]);
                 }
             }
         }
@@ -645,4 +682,145 @@ fn seg(s: &str) -> String {
         }
     }
     out
+}
+
+/// A password from the first line of stdin (`--password-stdin`) or `TERN_PASSWORD`; never a
+/// flag, which other users could read in the process list.
+fn read_password(from_stdin: bool) -> anyhow::Result<String> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("cannot read the password from stdin")?;
+        return Ok(line.trim_end_matches(['\r', '\n']).to_string());
+    }
+    std::env::var("TERN_PASSWORD")
+        .context("no password: pass --password-stdin, or set TERN_PASSWORD")
+}
+
+const CLIENT_FIELDS: &[&str] = &[
+    "client_id",
+    "name",
+    "confidential",
+    "grant_types",
+    "redirect_uris",
+    "scopes",
+    "client_secret",
+];
+
+async fn oauth_client(
+    client: &Client,
+    out: Output,
+    tenant: &str,
+    cmd: ClientCommand,
+) -> anyhow::Result<()> {
+    let base = format!("/api/v1/tenants/{}/oauth-clients", seg(tenant));
+    match cmd {
+        ClientCommand::Create {
+            name,
+            grants,
+            public,
+            redirect_uris,
+            scope,
+        } => {
+            let grant_types: Vec<String> = grants
+                .into_iter()
+                .map(|g| match g.as_str() {
+                    "device_code" => "urn:ietf:params:oauth:grant-type:device_code".to_string(),
+                    _ => g,
+                })
+                .collect();
+            let body = json!({
+                "name": name,
+                "confidential": !public,
+                "grant_types": grant_types,
+                "redirect_uris": redirect_uris,
+                "scope": scope,
+            });
+            let c = client.call(Method::POST, &base, Some(body)).await?;
+            output::record(out, &c, CLIENT_FIELDS);
+        }
+        ClientCommand::List => {
+            let list = client.call(Method::GET, &base, None).await?;
+            output::table(out, &list, &["client_id", "name", "confidential", "scopes"]);
+        }
+        ClientCommand::Show { client_id } => {
+            let path = format!("{base}/{}", seg(&client_id));
+            let c = client.call(Method::GET, &path, None).await?;
+            output::record(out, &c, &CLIENT_FIELDS[..6]);
+        }
+        ClientCommand::Delete { client_id } => {
+            let path = format!("{base}/{}", seg(&client_id));
+            client.call(Method::DELETE, &path, None).await?;
+        }
+    }
+    Ok(())
+}
+
+const USER_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "email",
+    "roles",
+    "groups",
+    "failed_logins",
+    "locked_until_ms",
+];
+
+async fn user(client: &Client, out: Output, tenant: &str, cmd: UserCommand) -> anyhow::Result<()> {
+    let base = format!("/api/v1/tenants/{}/users", seg(tenant));
+    let one = |user: &str| format!("{base}/{}", seg(user));
+    match cmd {
+        UserCommand::Create {
+            name,
+            roles,
+            groups,
+            email,
+            password_stdin,
+        } => {
+            let password = read_password(password_stdin)?;
+            let body = json!({
+                "name": name,
+                "password": password,
+                "roles": roles,
+                "groups": groups,
+                "email": email,
+            });
+            let u = client.call(Method::POST, &base, Some(body)).await?;
+            output::record(out, &u, USER_FIELDS);
+        }
+        UserCommand::List => {
+            let list = client.call(Method::GET, &base, None).await?;
+            output::table(
+                out,
+                &list,
+                &["id", "name", "roles", "groups", "locked_until_ms"],
+            );
+        }
+        UserCommand::Show { user } => {
+            let u = client.call(Method::GET, &one(&user), None).await?;
+            output::record(out, &u, USER_FIELDS);
+        }
+        UserCommand::Delete { user } => {
+            client.call(Method::DELETE, &one(&user), None).await?;
+        }
+        UserCommand::SetPassword {
+            user,
+            password_stdin,
+        } => {
+            let password = read_password(password_stdin)?;
+            let path = format!("{}/password", one(&user));
+            let u = client
+                .call(Method::PUT, &path, Some(json!({ "password": password })))
+                .await?;
+            output::record(out, &u, USER_FIELDS);
+        }
+        UserCommand::Unlock { user } => {
+            let u = client
+                .call(Method::POST, &format!("{}/unlock", one(&user)), None)
+                .await?;
+            output::record(out, &u, USER_FIELDS);
+        }
+    }
+    Ok(())
 }

@@ -17,6 +17,7 @@ mod gateways;
 mod grpc;
 mod mqtt311;
 mod mqtt5;
+mod oauth;
 mod pubsub;
 mod quotas;
 mod reauth;
