@@ -9,7 +9,8 @@ use tern_store::Store;
 
 use crate::certificates::{TenantCa, TenantCas};
 use crate::keys::Keyring;
-use crate::oauth::{ApiPrincipal, OAuth};
+use crate::oauth::{ApiPrincipal, OAuth, PrincipalKind};
+use crate::policy::Pdp;
 use crate::scopes::Scopes;
 use crate::secrets::{new_token, token_hash};
 use crate::{DeviceAuthError, IdentityError};
@@ -174,6 +175,7 @@ pub struct Identity {
     registry: Arc<Registry>,
     keys: Arc<Keyring>,
     oauth: OAuth,
+    pdp: Pdp,
     config: IdentityConfig,
 }
 
@@ -200,12 +202,14 @@ impl Identity {
             config.clone(),
         )
         .await?;
+        let pdp = Pdp::new(store.clone()).await?;
         Ok(Self {
             cas,
             store,
             registry,
             keys,
             oauth,
+            pdp,
             config,
         })
     }
@@ -213,6 +217,11 @@ impl Identity {
     /// The OAuth 2.0 authorization server, users and clients.
     pub fn oauth(&self) -> &OAuth {
         &self.oauth
+    }
+
+    /// The policy decision and administration point.
+    pub fn pdp(&self) -> &Pdp {
+        &self.pdp
     }
 
     /// Rotates the signing keys when due and picks up other instances' keys, every few
@@ -551,6 +560,7 @@ impl Identity {
         {
             return Ok(ApiPrincipal {
                 caller: Caller::Operator,
+                kind: PrincipalKind::Operator,
                 scopes: Scopes::all_api(),
                 subject: "operator".into(),
                 client_id: None,
@@ -562,8 +572,9 @@ impl Identity {
                     .map_err(|e| IdentityError::Keys(format!("corrupt API token record: {e}")))?;
                 return Ok(ApiPrincipal {
                     caller: Caller::Tenant(record.tenant_id),
+                    kind: PrincipalKind::ApiToken,
                     scopes: Scopes::all_api(),
-                    subject: format!("api-token:{}", record.id),
+                    subject: record.id,
                     client_id: None,
                 });
             }

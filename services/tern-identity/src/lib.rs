@@ -14,6 +14,7 @@
 
 mod certificates;
 mod clients;
+mod decisions;
 mod error;
 mod grpc;
 pub mod http;
@@ -21,6 +22,7 @@ mod identity;
 mod keys;
 pub mod oauth;
 mod passwords;
+pub mod policy;
 mod records;
 pub mod scopes;
 mod secrets;
@@ -31,5 +33,5 @@ pub use clients::{Clients, GrantType, NewClient, OAuthClient};
 pub use error::{DeviceAuthError, IdentityError};
 pub use grpc::{IdentityGrpc, grpc_auth};
 pub use identity::{ApiToken, DevicePrincipal, DeviceTokens, Identity, IdentityConfig};
-pub use oauth::ApiPrincipal;
+pub use oauth::{ApiPrincipal, PrincipalKind};
 pub use users::{NewUser, Role, User, Users};

@@ -30,6 +30,14 @@ pub enum Role {
 }
 
 impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Editor => "editor",
+            Self::Viewer => "viewer",
+        }
+    }
+
     fn scopes(self) -> &'static [&'static str] {
         match self {
             Self::Admin => &[READ, WRITE, ADMIN],

@@ -59,12 +59,24 @@ struct IdClaims<'a> {
     profile: serde_json::Map<String, serde_json::Value>,
 }
 
+/// What kind of credential an API caller presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    Operator,
+    ApiToken,
+    /// An OAuth token of a person.
+    User,
+    /// An OAuth token of a service (client credentials).
+    Client,
+}
+
 /// Who a verified API access token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiPrincipal {
     pub caller: Caller,
+    pub kind: PrincipalKind,
     pub scopes: Scopes,
-    /// The user id, the client id of a service, or `api-token:{id}` / `operator`.
+    /// The user id, the client id of a service, the API token's id, or `operator`.
     pub subject: String,
     pub client_id: Option<String>,
 }
@@ -200,8 +212,14 @@ impl OAuth {
         }
         let scopes =
             Scopes::parse("scope", &claims.scope).map_err(|_| IdentityError::Unauthenticated)?;
+        let kind = if claims.sub == claims.client_id {
+            PrincipalKind::Client
+        } else {
+            PrincipalKind::User
+        };
         Ok(ApiPrincipal {
             caller: Caller::Tenant(tenant_id),
+            kind,
             scopes,
             subject: claims.sub,
             client_id: Some(claims.client_id),

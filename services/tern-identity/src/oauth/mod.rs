@@ -25,7 +25,7 @@ use tern_registry::Registry;
 use tern_store::Store;
 use tokio::sync::Mutex;
 
-pub use access::ApiPrincipal;
+pub use access::{ApiPrincipal, PrincipalKind};
 pub use code::{AuthorizationRequest, AuthorizeFailure, PendingAuthorization};
 pub use device::DeviceAuthorization;
 
