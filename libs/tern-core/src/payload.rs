@@ -39,6 +39,8 @@ pub fn decode_telemetry(payload: &[u8]) -> Option<DecodedTelemetry> {
     if metrics.is_empty() {
         return None;
     }
+    // By name, whatever order the device sent them in (and whatever order the JSON map keeps).
+    metrics.sort_by(|a, b| a.0.cmp(&b.0));
     Some(DecodedTelemetry {
         device_time_ms,
         metrics,

@@ -1,21 +1,24 @@
 //! The bearer-token extractors: every protected API handler takes an [`Authenticated`]
-//! argument (API or operator token, or an OAuth access token whose scopes allow the request),
-//! every device handler an [`AuthenticatedDevice`] (the device's access token, checked like
-//! MQTT's).
+//! argument (API or operator token, or an OAuth access token), which checks the token's scopes
+//! and asks the tenant's policies (`pep.rs`); every device handler takes an
+//! [`AuthenticatedDevice`] (the device's access token, checked like MQTT's).
 
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
-use axum::http::Method;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use tern_core::{Caller, Device, ErrorCode};
-use tern_identity::DeviceAuthError;
-use tern_identity::scopes::ApiAccess;
+use tern_identity::policy::{Outcome, Resource};
+use tern_identity::{ApiPrincipal, DeviceAuthError};
 
-use crate::{ApiError, Gateway};
+use crate::{ApiError, Gateway, pep};
 
-/// The authenticated caller of a request.
+/// The authenticated caller of a request, allowed by its token's scopes and, inside a tenant,
+/// by the tenant's policies.
 pub(crate) struct Authenticated(pub Caller);
 
 impl FromRequestParts<Arc<Gateway>> for Authenticated {
@@ -25,18 +28,115 @@ impl FromRequestParts<Arc<Gateway>> for Authenticated {
         parts: &mut Parts,
         gateway: &Arc<Gateway>,
     ) -> Result<Self, ApiError> {
-        let token = bearer(parts)?;
-        let principal = gateway.identity.authenticate_api(token).await?;
-        let access = required_access(&parts.method, parts.uri.path());
-        if !principal.scopes.allows(access) {
-            tracing::info!(subject = %principal.subject, needed = access.scope(), "request refused: scope");
-            return Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!("this token lacks the scope {}", access.scope()),
-            ));
-        }
-        Ok(Self(principal.caller))
+        Ok(Self(authenticate(parts, gateway).await?.caller))
     }
+}
+
+/// [`Authenticated`], with who the caller is (for records that name their author).
+pub(crate) struct AuthenticatedPrincipal(pub ApiPrincipal);
+
+impl FromRequestParts<Arc<Gateway>> for AuthenticatedPrincipal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        gateway: &Arc<Gateway>,
+    ) -> Result<Self, ApiError> {
+        Ok(Self(authenticate(parts, gateway).await?))
+    }
+}
+
+async fn authenticate(parts: &mut Parts, gateway: &Arc<Gateway>) -> Result<ApiPrincipal, ApiError> {
+    let token = bearer(parts)?;
+    let principal = gateway.identity.authenticate_api(token).await?;
+    let template = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| parts.uri.path().to_string());
+    let operation = pep::operation(&parts.method, &template);
+    let access = operation.map_or_else(
+        || pep::access_by_method(&parts.method, &template),
+        |op| op.access,
+    );
+    if !principal.scopes.allows(access) {
+        tracing::info!(subject = %principal.subject, needed = access.scope(), "request refused: scope");
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("this token lacks the scope {}", access.scope()),
+        ));
+    }
+    if principal.caller != Caller::Operator && template.starts_with("/api/v1/tenants/{tenant}") {
+        enforce(parts, gateway, &principal, operation).await?;
+    }
+    Ok(principal)
+}
+
+/// Asks the PDP whether the caller may do this operation on its resource.
+async fn enforce(
+    parts: &mut Parts,
+    gateway: &Arc<Gateway>,
+    principal: &ApiPrincipal,
+    operation: Option<pep::Operation>,
+) -> Result<(), ApiError> {
+    let Some(op) = operation else {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "this operation is for the operator only",
+        ));
+    };
+    let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, gateway)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let reference = params.get("tenant").map(String::as_str).unwrap_or_default();
+    let tenant = gateway
+        .registry
+        .tenant_for(principal.caller, reference)
+        .await?;
+    let resource = match params.get("device").filter(|_| op.on_device) {
+        Some(device) => {
+            let device = gateway
+                .registry
+                .device(&tenant.id.to_string(), device)
+                .await?;
+            Resource::Device {
+                id: device.id.to_string(),
+                name: device.name,
+                labels: device.labels,
+            }
+        }
+        None => Resource::Tenant {
+            id: tenant.id.to_string(),
+            name: tenant.name.clone(),
+        },
+    };
+    let source_ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let decision = gateway
+        .identity
+        .authorize_api(principal, tenant.id, op.action, resource, source_ip)
+        .await?;
+    if decision.allowed() {
+        return Ok(());
+    }
+    tracing::info!(tenant = %tenant.id, subject = %principal.subject, action = op.action,
+        outcome = ?decision.outcome, policies = ?decision.policies, "request refused by policy");
+    let reason = match decision.outcome {
+        Outcome::Deny => format!(
+            "{} is forbidden by policy {}",
+            op.action,
+            decision.policies.join(", ")
+        ),
+        Outcome::Indeterminate => format!(
+            "{} could not be decided: {}",
+            op.action,
+            decision.errors.join("; ")
+        ),
+        _ => format!("no policy permits {} here", op.action),
+    };
+    Err(ApiError::new(ErrorCode::Forbidden, reason))
 }
 
 /// A device calling the device API with its own access token.
@@ -64,27 +164,6 @@ impl FromRequestParts<Arc<Gateway>> for AuthenticatedDevice {
     }
 }
 
-/// The scope a request needs: `tern:admin` for credentials (API tokens, OAuth clients, users,
-/// CAs, device tokens), else `tern:read` to read and `tern:write` to change.
-fn required_access(method: &Method, path: &str) -> ApiAccess {
-    let segments: Vec<&str> = path
-        .strip_prefix("/api/v1/tenants/")
-        .map(|rest| rest.split('/').skip(1).collect())
-        .unwrap_or_default();
-    let credentials = matches!(
-        segments.first(),
-        Some(&"api-tokens" | &"oauth-clients" | &"users" | &"cas")
-    ) || (segments.first() == Some(&"devices")
-        && segments.get(2) == Some(&"tokens"));
-    if credentials {
-        ApiAccess::Admin
-    } else if method == Method::GET || method == Method::HEAD {
-        ApiAccess::Read
-    } else {
-        ApiAccess::Write
-    }
-}
-
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
         ApiError::new(
@@ -104,36 +183,4 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
                 "the Authorization header must be `Bearer <token>`",
             )
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_need_admin_reads_read_and_changes_write() {
-        let t = "/api/v1/tenants/acme";
-        let cases = [
-            (Method::GET, format!("{t}/devices"), ApiAccess::Read),
-            (Method::POST, format!("{t}/devices"), ApiAccess::Write),
-            (Method::GET, format!("{t}/users"), ApiAccess::Admin),
-            (Method::POST, format!("{t}/oauth-clients"), ApiAccess::Admin),
-            (Method::POST, format!("{t}/api-tokens"), ApiAccess::Admin),
-            (
-                Method::POST,
-                format!("{t}/devices/d1/tokens"),
-                ApiAccess::Admin,
-            ),
-            (
-                Method::GET,
-                format!("{t}/devices/users/telemetry"),
-                ApiAccess::Read,
-            ),
-            (Method::DELETE, format!("{t}/cas/x"), ApiAccess::Admin),
-            (Method::GET, "/api/v1/tenants".to_string(), ApiAccess::Read),
-        ];
-        for (method, path, expected) in cases {
-            assert_eq!(required_access(&method, &path), expected, "{method} {path}");
-        }
-    }
 }

@@ -12,6 +12,8 @@ mod error;
 mod extract;
 mod identity;
 mod observe;
+mod pep;
+mod policies;
 mod routes;
 mod rules;
 mod status;

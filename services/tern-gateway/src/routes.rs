@@ -20,7 +20,7 @@ use tern_store::{RangeQuery, Resolution};
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
 use crate::{
-    ApiError, Gateway, certificates, commands, device_api, identity, rules, status, twins,
+    ApiError, Gateway, certificates, commands, device_api, identity, policies, rules, status, twins,
 };
 
 type Shared = State<Arc<Gateway>>;
@@ -68,6 +68,43 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
             &format!("{tenant}/users/{{user}}/unlock"),
             post(identity::unlock_user),
         )
+        .route(&format!("{tenant}/policies"), get(policies::current))
+        .route(
+            &format!("{tenant}/policies/{{policy}}"),
+            get(policies::show)
+                .put(policies::put)
+                .delete(policies::delete),
+        )
+        .route(
+            &format!("{tenant}/policy-versions"),
+            get(policies::versions),
+        )
+        .route(
+            &format!("{tenant}/policy-versions/{{version}}"),
+            get(policies::version),
+        )
+        .route(
+            &format!("{tenant}/policy-rollback"),
+            post(policies::rollback),
+        )
+        .route(
+            &format!("{tenant}/policy-validation"),
+            post(policies::validate),
+        )
+        .route(&format!("{tenant}/policy-what-if"), post(policies::what_if))
+        .route(
+            &format!("{tenant}/policy-audit"),
+            get(policies::show_audit).put(policies::set_audit),
+        )
+        .route(
+            &format!("{tenant}/policy-decisions"),
+            get(policies::decisions),
+        )
+        .route(
+            &format!("{tenant}/pdp/authorize"),
+            post(policies::xacml_in_tenant),
+        )
+        .route("/pdp/authorize", post(policies::xacml))
         .route(
             &format!("{tenant}/commands"),
             post(commands::send_to_selected),

@@ -70,11 +70,16 @@ pub fn text(value: &Value) -> String {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
         Value::Object(map) if map.is_empty() => "-".into(),
-        Value::Object(map) => map
-            .iter()
-            .map(|(k, v)| format!("{k}={}", text(v)))
-            .collect::<Vec<_>>()
-            .join(","),
+        Value::Object(map) => {
+            // Sorted: the map keeps insertion order (serde_json's preserve_order, which Cedar
+            // turns on), and people expect the same order every time.
+            let mut pairs: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect();
+            pairs.sort();
+            pairs.join(",")
+        }
         other => other.to_string(),
     }
 }
