@@ -98,6 +98,46 @@ pub enum AdminCommand {
     /// People of the tenant who sign in: roles, groups, passwords, lockout.
     #[command(subcommand)]
     User(UserCommand),
+    /// The tenant's access policies (Cedar): versions, rollback, validation, what-if, audit.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// The current policies and their version.
+    List,
+    /// One policy's Cedar source.
+    Show { id: String },
+    /// Create or replace a policy from a Cedar file ("-" for stdin); validated before saving.
+    Put { id: String, file: PathBuf },
+    /// Delete a policy.
+    Delete { id: String },
+    /// Every version of the policy set, newest first.
+    Versions,
+    /// Make an earlier version current again (as a new version).
+    Rollback { version: u64 },
+    /// Check a policy file against the schema and the other policies, without saving.
+    Validate { id: String, file: PathBuf },
+    /// Decide a request (JSON file, "-" for stdin) as the current policies would, or with
+    /// a policy file put in their place first.
+    WhatIf {
+        request: PathBuf,
+        /// Policy id and Cedar file to try in place of the current one.
+        #[arg(long, num_args = 2, value_names = ["ID", "FILE"])]
+        with: Option<Vec<String>>,
+    },
+    /// Show the audit setting, or set it: off, sampled (with --rate) or full.
+    Audit {
+        mode: Option<String>,
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// The most recent audited decisions.
+    Decisions {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
 }
 
 #[derive(Subcommand)]

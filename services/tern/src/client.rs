@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::cli::{
     AdminCommand, AlertCommand, CaCommand, ClientCommand, CommandAction, DeviceCommand, Global,
-    JobCommand, Output, RuleCommand, TenantCommand, TokenCommand, UserCommand,
+    JobCommand, Output, PolicyCommand, RuleCommand, TenantCommand, TokenCommand, UserCommand,
 };
 use crate::output;
 
@@ -422,6 +422,7 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::Job(cmd) => job(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::Client(cmd) => oauth_client(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::User(cmd) => user(&client, out, tenant(&global)?, cmd).await?,
+        AdminCommand::Policy(cmd) => policy(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::Token(cmd) => {
             let tenant = seg(tenant(&global)?);
             match cmd {
@@ -820,6 +821,133 @@ async fn user(client: &Client, out: Output, tenant: &str, cmd: UserCommand) -> a
                 .call(Method::POST, &format!("{}/unlock", one(&user)), None)
                 .await?;
             output::record(out, &u, USER_FIELDS);
+        }
+    }
+    Ok(())
+}
+
+/// A file's text, or stdin's for `-`.
+fn read_input(path: &std::path::Path) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read stdin")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+const VERSION_FIELDS: &[&str] = &["version", "change", "author", "created_at_ms"];
+
+async fn policy(
+    client: &Client,
+    out: Output,
+    tenant: &str,
+    cmd: PolicyCommand,
+) -> anyhow::Result<()> {
+    let base = format!("/api/v1/tenants/{}", seg(tenant));
+    let one = |id: &str| format!("{base}/policies/{}", seg(id));
+    match cmd {
+        PolicyCommand::List => {
+            let current = client
+                .call(Method::GET, &format!("{base}/policies"), None)
+                .await?;
+            if out == Output::Json {
+                output::record(out, &current, &[]);
+            } else {
+                println!("version {}", output::text(&current["version"]));
+                output::table(out, &current["policies"], &["id"]);
+            }
+        }
+        PolicyCommand::Show { id } => {
+            let p = client.call(Method::GET, &one(&id), None).await?;
+            match out {
+                Output::Json => output::record(out, &p, &[]),
+                Output::Human => print!("{}", output::text(&p["text"])),
+            }
+        }
+        PolicyCommand::Put { id, file } => {
+            let text = read_input(&file)?;
+            let v = client
+                .call(Method::PUT, &one(&id), Some(json!({ "text": text })))
+                .await?;
+            output::record(out, &v, VERSION_FIELDS);
+        }
+        PolicyCommand::Delete { id } => {
+            let v = client.call(Method::DELETE, &one(&id), None).await?;
+            output::record(out, &v, VERSION_FIELDS);
+        }
+        PolicyCommand::Versions => {
+            let list = client
+                .call(Method::GET, &format!("{base}/policy-versions"), None)
+                .await?;
+            output::table(out, &list, VERSION_FIELDS);
+        }
+        PolicyCommand::Rollback { version } => {
+            let body = json!({ "version": version });
+            let v = client
+                .call(Method::POST, &format!("{base}/policy-rollback"), Some(body))
+                .await?;
+            output::record(out, &v, VERSION_FIELDS);
+        }
+        PolicyCommand::Validate { id, file } => {
+            let body = json!({ "put": [{ "id": id, "text": read_input(&file)? }] });
+            let r = client
+                .call(
+                    Method::POST,
+                    &format!("{base}/policy-validation"),
+                    Some(body),
+                )
+                .await?;
+            output::record(out, &r, &["valid", "policies"]);
+        }
+        PolicyCommand::WhatIf { request, with } => {
+            let request: Value = serde_json::from_str(&read_input(&request)?)
+                .context("the request file is not JSON")?;
+            let put = match with.as_deref() {
+                Some([id, file]) => {
+                    let text = read_input(std::path::Path::new(file))?;
+                    json!([{ "id": id, "text": text }])
+                }
+                _ => json!([]),
+            };
+            let body = json!({ "request": request, "put": put });
+            let d = client
+                .call(Method::POST, &format!("{base}/policy-what-if"), Some(body))
+                .await?;
+            output::record(out, &d, &["outcome", "policies", "errors"]);
+        }
+        PolicyCommand::Audit { mode, rate } => {
+            let path = format!("{base}/policy-audit");
+            let config = match mode {
+                None => client.call(Method::GET, &path, None).await?,
+                Some(mode) => {
+                    let mut body = json!({ "mode": mode });
+                    if let Some(rate) = rate {
+                        body["sample_rate"] = json!(rate);
+                    }
+                    client.call(Method::PUT, &path, Some(body)).await?
+                }
+            };
+            output::record(out, &config, &["mode", "sample_rate"]);
+        }
+        PolicyCommand::Decisions { limit } => {
+            let path = format!("{base}/policy-decisions?limit={limit}");
+            let list = client.call(Method::GET, &path, None).await?;
+            if out == Output::Json {
+                output::table(out, &list, &[]);
+            } else {
+                for r in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {}  {}  {}  {}",
+                        output::text(&r["at_ms"]),
+                        output::text(&r["decision"]["outcome"]),
+                        output::text(&r["request"]["action"]),
+                        output::text(&r["request"]["principal"]["id"]),
+                        output::text(&r["decision"]["policies"]),
+                    );
+                }
+            }
         }
     }
     Ok(())

@@ -215,9 +215,21 @@ fn entity_uid(value: &Value) -> Result<EntityUid, String> {
     EntityUid::from_json(value.clone()).map_err(|e| format!("invalid entity reference: {e}"))
 }
 
-/// Evaluates `request` against `policies`; a request that does not fit the schema (an unknown
-/// action, an action on the wrong kind of resource) is Indeterminate, with the reason.
+/// Evaluates `request` against `policies`. An unknown action is NotApplicable; a request that
+/// does not fit the schema (an action on the wrong kind of resource) is Indeterminate; both say
+/// why in `errors`.
 pub(crate) fn evaluate(schema: &Schema, policies: &PolicySet, request: &AccessRequest) -> Decision {
+    if !super::schema::ACTIONS
+        .iter()
+        .any(|(a, _)| *a == request.action)
+    {
+        // No policy can be about an action Tern does not have.
+        return Decision {
+            outcome: Outcome::NotApplicable,
+            policies: Vec::new(),
+            errors: vec![format!("unknown action {:?}", request.action)],
+        };
+    }
     match build(schema, request) {
         Ok((cedar_request, entities)) => {
             let response = Authorizer::new().is_authorized(&cedar_request, policies, &entities);
@@ -249,12 +261,6 @@ pub(crate) fn evaluate(schema: &Schema, policies: &PolicySet, request: &AccessRe
 
 fn build(schema: &Schema, request: &AccessRequest) -> Result<(Request, Entities), String> {
     let action = entity_uid(&uid("Action", &request.action))?;
-    if !super::schema::ACTIONS
-        .iter()
-        .any(|(a, _)| *a == request.action)
-    {
-        return Err(format!("unknown action {:?}", request.action));
-    }
     let (principal, mut entities) = principal_entity(&request.principal);
     let resource = resource_entity(&request.resource);
     let principal_uid = entity_uid(&principal["uid"])?;

@@ -110,7 +110,7 @@ async fn defaults_follow_scopes_and_let_devices_publish() {
         .authorize(t, &api_token("launchRockets", &["tern:admin"]))
         .await
         .expect("decide");
-    assert_eq!(unknown.outcome, Outcome::Indeterminate);
+    assert_eq!(unknown.outcome, Outcome::NotApplicable);
     assert!(unknown.errors[0].contains("launchRockets"), "{unknown:?}");
     let wrong_resource = AccessRequest {
         resource: device("berlin"),

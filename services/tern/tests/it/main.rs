@@ -18,6 +18,7 @@ mod grpc;
 mod mqtt311;
 mod mqtt5;
 mod oauth;
+mod policies;
 mod pubsub;
 mod quotas;
 mod reauth;
