@@ -1,7 +1,7 @@
 //! One MQTT connection (3.1.1 or 5): the handshake (`handshake.rs`), then the packet loop.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,7 @@ use crate::handshake::{Admitted, TOKEN_AUTH_METHOD, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
 use crate::metrics::ReasonLabel;
 use crate::persistent::{Away, Leftovers, SavedSubscription};
+use crate::policy;
 use crate::quota::TokenBucket;
 use crate::reauth::{self, AuthRequest};
 use crate::router::{Delivery, Mailbox, Message, SubscriptionOptions, lower_qos};
@@ -106,6 +107,8 @@ struct Flow {
     /// With the `token` authentication method: the connection ends when its token expires,
     /// unless an AUTH brings a newer one first.
     token_expiry: Option<Instant>,
+    /// The tenant's policy decisions for this device's topics, made on first use.
+    policy: Option<Box<policy::Decisions>>,
 }
 
 impl Flow {
@@ -352,6 +355,8 @@ pub(crate) struct Connection {
     pub(crate) version: Version,
     /// A TLS client certificate chain: the device's identity (taken by the handshake).
     pub(crate) client_certificates: Option<Vec<CertificateDer<'static>>>,
+    /// The device's address, for policies on the source network.
+    peer_ip: IpAddr,
 }
 
 /// A connection's whole life. Not an `async fn` itself: one future (the instrumented block)
@@ -373,6 +378,7 @@ pub(crate) fn run(
             outbox: BytesMut::new(),
             version: Version::V311,
             client_certificates: io.client_certificates,
+            peer_ip: peer.ip(),
         };
         // Boxed, so the CONNECT's state does not stay in the connection's task.
         let Some(mut admitted) = Box::pin(conn.handshake()).await else {
@@ -571,6 +577,7 @@ impl Connection {
             session_expiry: admitted.session_expiry,
             saved: (admitted.session_expiry > 0).then(Vec::new),
             token_expiry: admitted.token_expires_at_ms.map(instant_of),
+            policy: None,
         };
         if let Err(close) = Box::pin(self.begin_session(admitted, &mut flow)).await {
             return (close, 0);
@@ -959,12 +966,21 @@ impl Connection {
             return Ok(None);
         }
         resolve_topic_alias(&mut publish, &mut flow.aliases)?;
-        let metrics = &self.bridge.metrics;
-        metrics.bytes_in.inc_by(publish.payload.len() as u64);
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             tracing::info!("topic name is not UTF-8; closing");
             return Err(Close::Malformed);
         };
+        let generation = self.bridge.identity.pdp().generation();
+        match policy::cached(&flow.policy, generation, policy::Action::Publish, topic) {
+            Some(true) => {}
+            Some(false) => {
+                let why = "the tenant's policies do not allow this publish";
+                return self.refuse_publish(&publish, why, flow).map(|()| None);
+            }
+            None => return Ok(Some(Box::new(Deferred::Authorize { publish }))),
+        }
+        let metrics = &self.bridge.metrics;
+        metrics.bytes_in.inc_by(publish.payload.len() as u64);
         let kind = match topic {
             TELEMETRY_TOPIC => EventKind::Telemetry,
             EVENT_TOPIC => EventKind::Event,
@@ -1169,6 +1185,17 @@ impl Connection {
     /// The waiting part of a publish; its reply goes out in order afterwards.
     async fn finish(&mut self, deferred: Deferred, flow: &mut Flow) -> Result<(), Close> {
         let reply = match deferred {
+            Deferred::Authorize { publish } => {
+                let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                let who = (flow.tenant, flow.device);
+                let (action, peer) = (policy::Action::Publish, Some(self.peer_ip));
+                policy::decide(&self.bridge, &mut flow.policy, who, peer, action, &topic).await;
+                // Decided (and cached) now: take the publish's usual path.
+                return match self.publish(publish, flow)? {
+                    Some(next) => Box::pin(self.finish(*next, flow)).await,
+                    None => Ok(()),
+                };
+            }
             Deferred::TwinReported { publish } => {
                 return self.twin_reported(publish, flow).await;
             }
@@ -1248,6 +1275,21 @@ impl Connection {
             }
             if shared && is_device_topic(parsed.filter) {
                 // Commands and twins belong to one device: there is nothing to share.
+                codes.push(SubscribeReasonCode::NotAuthorized);
+                continue;
+            }
+            let who = (flow.tenant, flow.device);
+            let (action, peer) = (policy::Action::Subscribe, Some(self.peer_ip));
+            if !policy::decide(
+                &self.bridge,
+                &mut flow.policy,
+                who,
+                peer,
+                action,
+                &filter.path,
+            )
+            .await
+            {
                 codes.push(SubscribeReasonCode::NotAuthorized);
                 continue;
             }
@@ -1551,6 +1593,8 @@ struct InFlight {
 
 /// What a publish still has to wait for after [`Connection::publish`].
 enum Deferred {
+    /// A publish to a topic the tenant's policies have not been asked about yet.
+    Authorize { publish: Publish },
     /// QoS 1 deliveries waiting for room in full queues, deliveries to store for away
     /// persistent sessions, and a retained message to store.
     Routed {

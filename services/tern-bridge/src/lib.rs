@@ -25,6 +25,7 @@ mod handshake;
 mod lifecycle;
 mod metrics;
 mod persistent;
+mod policy;
 mod quota;
 mod reauth;
 mod retained;

@@ -15,6 +15,7 @@ pub mod xacml;
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,9 @@ pub struct Pdp {
     cache: Mutex<HashMap<(TenantId, u64, AccessRequest), CachedDecision>>,
     /// Serialises changes of a tenant's policies (version numbers).
     changes: tokio::sync::Mutex<()>,
+    /// Bumped by every policy change of any tenant: enforcement points that keep their own
+    /// decisions (the bridge, per connection) drop them when it moves.
+    generation: AtomicU64,
     audit: audit::Auditor,
 }
 
@@ -90,6 +94,7 @@ impl Pdp {
             compiled: RwLock::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
             changes: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
         };
         // The defaults must always be valid; a broken build fails here, not at a request.
         pdp.compile(&defaults())
@@ -233,6 +238,11 @@ impl Pdp {
         Ok(version)
     }
 
+    /// Moves with every policy change of any tenant.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     fn install(&self, tenant: TenantId, version: u64, set: PolicySet) {
         self.compiled
             .write()
@@ -244,6 +254,7 @@ impl Pdp {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(t, _, _), _| *t != tenant);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Parses and validates a set of policies against the schema; the error names the policy
@@ -313,7 +324,11 @@ impl Pdp {
         request: &AccessRequest,
     ) -> Result<Decision, IdentityError> {
         let compiled = self.compiled(tenant).await?;
-        let key = (tenant, compiled.version, request.clone());
+        // Requests differ in their clock; within a minute they share a decision (cached at
+        // most CACHE_TTL anyway), so conditions on time are exact to the minute.
+        let mut key_request = request.clone();
+        key_request.environment.now_s -= key_request.environment.now_s.rem_euclid(60);
+        let key = (tenant, compiled.version, key_request);
         let cached = {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             cache

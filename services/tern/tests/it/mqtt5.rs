@@ -739,3 +739,86 @@ async fn mqtt5_3_3_2_3_3_retained_messages_keep_properties_and_expire() {
     assert_eq!(&late.received().await.topic[..], b"r/lasting");
     late.expect_only_marker(&mut publisher, "r/marker").await;
 }
+
+/// The tenant's policies decide publishes and subscribes per topic: refused ones get 0x87
+/// (PUBACK, SUBACK) and the connection lives on; a policy change applies to live connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_policies_refuse_publish_and_subscribe_with_0x87() {
+    let tern = Tern::start();
+    let sensor = tern.provision("acme", "sensor");
+    let siren = tern.provision("acme", "siren");
+    let (status, _) = tern
+        .send_json(
+            reqwest::Method::PATCH,
+            &siren.api_token,
+            "/api/v1/tenants/acme/devices/siren",
+            &serde_json::json!({"labels": {"role": "siren"}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("alarms.cedar");
+    std::fs::write(
+        &file,
+        r#"// Only sirens may raise alarms or listen to them.
+forbid (principal is Device, action, resource is Topic)
+when { resource.name like "alarms/*" }
+unless { principal.hasTag("role") && principal.getTag("role") == "siren" };
+"#,
+    )
+    .expect("write");
+    let file = file.display().to_string();
+
+    let mut sensor_client = Client::device(&tern, &sensor).await;
+    let props = PublishProperties::default;
+    assert_eq!(
+        sensor_client
+            .publish("alarms/fire", "1", false, props())
+            .await,
+        PubAckReason::Success
+    );
+    tern.cli_json(&[
+        "policy",
+        "put",
+        "alarms-for-sirens",
+        &file,
+        "--tenant",
+        "acme",
+    ]);
+    assert_eq!(
+        sensor_client
+            .publish("alarms/fire", "2", false, props())
+            .await,
+        PubAckReason::NotAuthorized,
+        "the change reached the live connection"
+    );
+    let codes = sensor_client
+        .subscribe(
+            vec![filter("alarms/#", false, false, RetainForwardRule::Never)],
+            None,
+        )
+        .await;
+    assert_eq!(codes, vec![SubscribeReasonCode::NotAuthorized]);
+    assert_eq!(
+        sensor_client
+            .publish("status/ok", "yes", false, props())
+            .await,
+        PubAckReason::Success,
+        "other topics, and the connection, are unaffected"
+    );
+
+    let mut siren_client = Client::device(&tern, &siren).await;
+    let codes = siren_client
+        .subscribe(
+            vec![filter("alarms/#", false, false, RetainForwardRule::Never)],
+            None,
+        )
+        .await;
+    assert_eq!(codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    assert_eq!(
+        siren_client
+            .publish("alarms/fire", "3", false, props())
+            .await,
+        PubAckReason::Success
+    );
+}
