@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use tern_core::{DeviceId, TenantId};
+use tern_core::{DeviceId, TenantId, now_ms};
 use tern_proto::tonic::{Request, Response, Status};
 use tern_proto::v1::{self, identity_server};
 use tern_proto::{require_operator, status_from};
 use tern_registry::request_tenant_id;
 
+use crate::policy::{AccessRequest, Environment, Outcome, Principal, Resource};
 use crate::scopes::ApiAccess;
 use crate::{DeviceTokens, Identity, IdentityError};
 
@@ -106,6 +107,42 @@ impl identity_server::Identity for IdentityGrpc {
         }))
     }
 
+    async fn authorize(
+        &self,
+        req: Request<v1::AuthorizeRequest>,
+    ) -> Result<Response<v1::AuthorizeResponse>, Status> {
+        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
+        let tenant = TenantId::parse(&tenant).map_err(|e| status(e.into()))?;
+        let requests = req.into_inner().requests;
+        if requests.len() > MAX_AUTHORIZE_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "requests: at most {MAX_AUTHORIZE_BATCH} per call"
+            )));
+        }
+        let mut decisions = Vec::with_capacity(requests.len());
+        for (i, request) in requests.into_iter().enumerate() {
+            let request = access_request(request)
+                .map_err(|e| Status::invalid_argument(format!("requests[{i}].{e}")))?;
+            let d = self
+                .identity
+                .pdp()
+                .authorize(tenant, &request)
+                .await
+                .map_err(status)?;
+            decisions.push(v1::PolicyDecision {
+                outcome: match d.outcome {
+                    Outcome::Permit => v1::Outcome::Permit,
+                    Outcome::Deny => v1::Outcome::Deny,
+                    Outcome::NotApplicable => v1::Outcome::NotApplicable,
+                    Outcome::Indeterminate => v1::Outcome::Indeterminate,
+                } as i32,
+                policies: d.policies,
+                errors: d.errors,
+            });
+        }
+        Ok(Response::new(v1::AuthorizeResponse { decisions }))
+    }
+
     async fn create_api_token(
         &self,
         req: Request<v1::CreateApiTokenRequest>,
@@ -125,6 +162,77 @@ impl identity_server::Identity for IdentityGrpc {
             created_at_ms: t.created_at_ms,
         }))
     }
+}
+
+const MAX_AUTHORIZE_BATCH: usize = 1000;
+
+/// The PDP's request from its gRPC form; the error names the field.
+fn access_request(r: v1::AccessRequest) -> Result<AccessRequest, String> {
+    let p = r.principal.ok_or("principal: required")?;
+    let principal = match p.r#type.as_str() {
+        "user" => Principal::User {
+            id: p.id,
+            name: p.name,
+            roles: p.roles,
+            groups: p.groups,
+        },
+        "client" => Principal::Client {
+            id: p.id,
+            name: p.name,
+        },
+        "api_token" => Principal::ApiToken { id: p.id },
+        "device" => Principal::Device {
+            id: p.id,
+            name: p.name,
+            labels: p.labels.into_iter().collect(),
+        },
+        other => {
+            return Err(format!(
+                "principal.type: expected user, client, api_token or device, got {other:?}"
+            ));
+        }
+    };
+    let res = r.resource.ok_or("resource: required")?;
+    let resource = match res.r#type.as_str() {
+        "tenant" => Resource::Tenant {
+            id: res.id,
+            name: res.name,
+        },
+        "device" => Resource::Device {
+            id: res.id,
+            name: res.name,
+            labels: res.labels.into_iter().collect(),
+        },
+        "topic" => Resource::Topic { name: res.name },
+        other => {
+            return Err(format!(
+                "resource.type: expected tenant, device or topic, got {other:?}"
+            ));
+        }
+    };
+    let env = r.environment.unwrap_or_default();
+    let source_ip =
+        match env.source_ip.as_str() {
+            "" => None,
+            ip => Some(ip.parse().map_err(|_| {
+                format!("environment.source_ip: expected an IP address, got {ip:?}")
+            })?),
+        };
+    Ok(AccessRequest {
+        principal,
+        action: r.action,
+        resource,
+        environment: Environment {
+            now_s: if env.now_s == 0 {
+                now_ms() / 1000
+            } else {
+                env.now_s
+            },
+            source_ip,
+            scopes: env.scopes,
+            protocol: (!env.protocol.is_empty()).then_some(env.protocol),
+        },
+    })
 }
 
 /// Authenticates every gRPC call by its `authorization: Bearer <token>` metadata (an API or
@@ -167,11 +275,14 @@ pub async fn grpc_auth(
 /// `tern:read`, the rest `tern:write`.
 fn grpc_access(path: &str) -> ApiAccess {
     let method = path.rsplit('/').next().unwrap_or_default();
-    if path.starts_with("/tern.v1.Identity/") && method != "VerifyDeviceToken" {
+    if path.starts_with("/tern.v1.Identity/")
+        && !matches!(method, "VerifyDeviceToken" | "Authorize")
+    {
         ApiAccess::Admin
     } else if method.starts_with("Get")
         || method.starts_with("List")
         || method.starts_with("Verify")
+        || method == "Authorize"
     {
         ApiAccess::Read
     } else {

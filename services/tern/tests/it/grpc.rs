@@ -107,3 +107,119 @@ async fn registry_over_grpc_with_tokens() {
         .into_inner();
     assert_eq!(devices.devices.len(), 1);
 }
+
+/// `Identity.Authorize` decides a batch against the tenant's policies, in order; a tenant's
+/// token asks only about its own tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_decides_batches_against_the_tenants_policies() {
+    use std::collections::HashMap;
+
+    use tern_proto::v1::identity_client::IdentityClient;
+    use tern_proto::v1::{
+        AccessRequest, AuthorizeRequest, Outcome, PolicyEnvironment, PolicyPrincipal,
+        PolicyResource,
+    };
+
+    let tern = Tern::start();
+    let acme = tern.provision("acme", "a");
+    let globex = tern.provision("globex", "g");
+    let mut client = IdentityClient::connect(format!("http://127.0.0.1:{}", tern.grpc_port))
+        .await
+        .expect("connect");
+    let request = |action: &str, scopes: &[&str], topic: Option<&str>| {
+        let (principal, resource) = match topic {
+            Some(topic) => (
+                PolicyPrincipal {
+                    r#type: "device".into(),
+                    id: "d1".into(),
+                    name: "d1".into(),
+                    labels: HashMap::from([("site".to_string(), "berlin".to_string())]),
+                    ..Default::default()
+                },
+                PolicyResource {
+                    r#type: "topic".into(),
+                    name: topic.into(),
+                    ..Default::default()
+                },
+            ),
+            None => (
+                PolicyPrincipal {
+                    r#type: "client".into(),
+                    id: "tern_cl_x".into(),
+                    name: "x".into(),
+                    ..Default::default()
+                },
+                PolicyResource {
+                    r#type: "tenant".into(),
+                    id: "t".into(),
+                    name: "acme".into(),
+                    ..Default::default()
+                },
+            ),
+        };
+        AccessRequest {
+            principal: Some(principal),
+            action: action.into(),
+            resource: Some(resource),
+            environment: Some(PolicyEnvironment {
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                source_ip: "10.1.2.3".into(),
+                ..Default::default()
+            }),
+        }
+    };
+    let batch = AuthorizeRequest {
+        tenant_id: "acme".into(),
+        requests: vec![
+            request("listDevices", &["tern:read"], None),
+            request("createDevice", &["tern:read"], None),
+            request("publish", &[], Some("telemetry")),
+            request("teleport", &[], None),
+        ],
+    };
+    let decisions = client
+        .authorize(authed(batch.clone(), &tern.operator_token()))
+        .await
+        .expect("authorize")
+        .into_inner()
+        .decisions;
+    let outcomes: Vec<i32> = decisions.iter().map(|d| d.outcome).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Permit as i32,
+            Outcome::NotApplicable as i32,
+            Outcome::Permit as i32,
+            Outcome::NotApplicable as i32
+        ]
+    );
+    assert_eq!(decisions[0].policies, vec!["api-access-by-scope"]);
+
+    // acme's own API token may ask about acme; globex's may not.
+    client
+        .authorize(authed(batch.clone(), &acme.api_token))
+        .await
+        .expect("own tenant");
+    let err = client
+        .authorize(authed(batch, &globex.api_token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let bad = AuthorizeRequest {
+        tenant_id: "acme".into(),
+        requests: vec![AccessRequest {
+            action: "listDevices".into(),
+            ..Default::default()
+        }],
+    };
+    let err = client
+        .authorize(authed(bad, &acme.api_token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("requests[0].principal"),
+        "{}",
+        err.message()
+    );
+}
