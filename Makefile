@@ -8,9 +8,9 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/tern/target
 CARGO ?= cargo
 # Debian packages: protoc for the gRPC contracts, mosquitto clients and jq for the tests and the
 # README quickstart, Chromium for the dashboard tests, authlib (a third-party OAuth client) for the
-# authorization server tests.
+# authorization server tests, OpenLDAP's slapd and tools for the LDAP directory tests.
 APT_PACKAGES := protobuf-compiler mosquitto-clients jq chromium python3-paho-mqtt openssl libcoap3-bin chromium-driver \
-	python3-authlib python3-requests
+	python3-authlib python3-requests slapd ldap-utils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help

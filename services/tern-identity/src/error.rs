@@ -16,6 +16,8 @@ pub enum IdentityError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0} is unavailable; try again")]
+    Unavailable(String),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("identity storage: {0}")]
@@ -47,6 +49,7 @@ impl IdentityError {
             Self::Invalid(_) => ErrorCode::BadRequest,
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::Conflict(_) => ErrorCode::Conflict,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Registry(e) => e.code(),
             Self::Storage(_) | Self::Keys(_) => ErrorCode::Internal,
         }

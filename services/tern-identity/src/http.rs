@@ -557,6 +557,7 @@ async fn device_decision(
                 tern_core::ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
                 tern_core::ErrorCode::NotFound => StatusCode::NOT_FOUND,
                 tern_core::ErrorCode::Conflict => StatusCode::CONFLICT,
+                tern_core::ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                 tern_core::ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::BAD_REQUEST,
             };

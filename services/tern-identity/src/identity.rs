@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use tern_store::Store;
 
 use crate::certificates::{TenantCa, TenantCas};
 use crate::keys::Keyring;
+use crate::ldap::LdapConfig;
 use crate::oauth::{ApiPrincipal, OAuth, PrincipalKind};
 use crate::policy::Pdp;
 use crate::scopes::Scopes;
@@ -45,6 +47,8 @@ pub struct IdentityConfig {
     pub max_failed_logins: u32,
     /// ... for this long.
     pub lockout_secs: u64,
+    /// Tenants (by name) whose people sign in against an LDAP directory.
+    pub ldap: BTreeMap<String, LdapConfig>,
 }
 
 impl Default for IdentityConfig {
@@ -60,6 +64,7 @@ impl Default for IdentityConfig {
             signing_key_rotation_days: 30,
             max_failed_logins: 5,
             lockout_secs: 900,
+            ldap: BTreeMap::new(),
         }
     }
 }
@@ -98,6 +103,9 @@ impl IdentityConfig {
             if value == 0 {
                 return Err(ValidationError::new(key, "must be at least 1"));
             }
+        }
+        for (tenant, ldap) in &self.ldap {
+            ldap.validate(&format!("identity.ldap.{tenant}"))?;
         }
         if !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://")) {
             return Err(ValidationError::new(

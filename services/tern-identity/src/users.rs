@@ -1,13 +1,15 @@
 //! The user directory: people of a tenant who sign in (portal, CLI, device approval), with
 //! roles and groups, passwords hashed with argon2id, and lockout after repeated failures.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tern_core::{TenantId, ValidationError, now_ms, validate_name};
+use tern_core::{Tenant, TenantId, ValidationError, now_ms, validate_name};
 use tern_store::Store;
 use tokio::sync::Mutex;
 
+use crate::ldap::{DirectoryUser, LdapConfig, LdapError};
 use crate::scopes::{ADMIN, READ, Scopes, WRITE};
 use crate::{IdentityError, passwords, records};
 
@@ -63,6 +65,10 @@ pub struct User {
     /// Sign-in is refused until then (after too many failures).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_until_ms: Option<i64>,
+    /// The user's entry in the tenant's LDAP directory, for users who sign in there (their
+    /// name, email, groups and roles are refreshed from it at each sign-in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory_dn: Option<String>,
 }
 
 impl User {
@@ -108,6 +114,8 @@ pub(crate) struct Lockout {
 pub struct Users {
     store: Arc<dyn Store>,
     lockout: Lockout,
+    /// Tenants (by name) whose people sign in against a directory.
+    ldap: HashMap<String, LdapConfig>,
     /// Serialises the read-modify-write of failure counters.
     updates: Mutex<()>,
     /// A hash to verify against when the user does not exist, so that the answer takes as long.
@@ -118,10 +126,12 @@ impl Users {
     pub(crate) async fn new(
         store: Arc<dyn Store>,
         lockout: Lockout,
+        ldap: HashMap<String, LdapConfig>,
     ) -> Result<Self, IdentityError> {
         Ok(Self {
             store,
             lockout,
+            ldap,
             updates: Mutex::new(()),
             decoy_hash: passwords::hash("decoy password for unknown users").await?,
         })
@@ -158,6 +168,7 @@ impl Users {
             created_at_ms: now_ms(),
             failed_logins: 0,
             locked_until_ms: None,
+            directory_dn: None,
         };
         let stored = StoredUser {
             user: user.clone(),
@@ -220,10 +231,96 @@ impl Users {
         .await
     }
 
-    /// Checks a sign-in. Every failure is the same `Unauthenticated` to the caller (unknown
-    /// user, wrong password, locked); the log says which. Each attempt counts before the
-    /// password is checked, so parallel guesses cannot exceed the limit.
+    /// Checks a sign-in: against the tenant's directory when it has one (people it does not
+    /// know fall back to the local users), else locally.
     pub(crate) async fn authenticate(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        password: &str,
+    ) -> Result<User, IdentityError> {
+        let Some(ldap) = self.ldap.get(&tenant.name) else {
+            return self.authenticate_locally(tenant.id, name, password).await;
+        };
+        if let Ok(shadow) = self.get(tenant.id, name).await {
+            if shadow.locked_until_ms.is_some_and(|until| until > now_ms()) {
+                tracing::info!(tenant = %tenant.id, user = %shadow.id, "sign-in refused: locked");
+                return Err(IdentityError::Unauthenticated);
+            }
+        }
+        match ldap.authenticate(name, password).await {
+            Ok(person) => self.record_directory_user(tenant.id, person).await,
+            Err(LdapError::UnknownUser) => {
+                self.authenticate_locally(tenant.id, name, password).await
+            }
+            Err(LdapError::WrongPassword) => {
+                let _guard = self.updates.lock().await;
+                if let Ok(mut shadow) = self.stored(tenant.id, name).await {
+                    shadow.user.failed_logins += 1;
+                    if shadow.user.failed_logins >= self.lockout.max_failures {
+                        shadow.user.locked_until_ms =
+                            Some(now_ms() + self.lockout.lock_secs as i64 * 1000);
+                    }
+                    self.put(&shadow).await?;
+                }
+                tracing::info!(tenant = %tenant.id, "sign-in refused: the directory refused the password");
+                Err(IdentityError::Unauthenticated)
+            }
+            Err(LdapError::Unavailable(e)) => {
+                tracing::error!(tenant = %tenant.id, error = %e, "the LDAP directory failed");
+                Err(IdentityError::Unavailable("the tenant's directory".into()))
+            }
+        }
+    }
+
+    /// The local record of a person the directory accepted: created at first sign-in (with an
+    /// id derived from the entry's DN), refreshed every time.
+    async fn record_directory_user(
+        &self,
+        tenant: TenantId,
+        person: DirectoryUser,
+    ) -> Result<User, IdentityError> {
+        let _guard = self.updates.lock().await;
+        let name_key = format!("{tenant}/{}", person.name);
+        let id = directory_user_id(tenant, &person.dn);
+        if let Some(existing) = self.store.get_record(USER_NAME, &name_key).await? {
+            if existing.as_ref() != id.as_bytes() {
+                tracing::warn!(%tenant, name = %person.name, "a local user has the directory user's name; refusing");
+                return Err(IdentityError::Unauthenticated);
+            }
+        }
+        let created_at_ms = match self.stored(tenant, &id).await {
+            Ok(s) => s.user.created_at_ms,
+            Err(_) => now_ms(),
+        };
+        let user = User {
+            id: id.clone(),
+            tenant_id: tenant,
+            name: person.name,
+            email: person.email,
+            roles: person.roles,
+            groups: person.groups,
+            created_at_ms,
+            failed_logins: 0,
+            locked_until_ms: None,
+            directory_dn: Some(person.dn),
+        };
+        let stored = StoredUser {
+            user: user.clone(),
+            // Signs in only through the directory.
+            password_hash: String::new(),
+        };
+        self.put(&stored).await?;
+        self.store
+            .put_record(USER_NAME, &name_key, id.into_bytes().into())
+            .await?;
+        Ok(user)
+    }
+
+    /// Checks a sign-in against the local users. Every failure is the same `Unauthenticated`
+    /// to the caller (unknown user, wrong password, locked); the log says which. Each attempt
+    /// counts before the password is checked, so parallel guesses cannot exceed the limit.
+    async fn authenticate_locally(
         &self,
         tenant: TenantId,
         name: &str,
@@ -255,7 +352,9 @@ impl Users {
             tracing::info!(%tenant, "sign-in refused: unknown user");
             return Err(IdentityError::Unauthenticated);
         };
-        let ok = passwords::verify(password, &stored.password_hash).await?;
+        // Directory users have no local password.
+        let ok = !stored.password_hash.is_empty()
+            && passwords::verify(password, &stored.password_hash).await?;
         let _guard = self.updates.lock().await;
         // Re-read: other attempts may have counted meanwhile.
         if let Ok(current) = self.stored(tenant, &stored.user.id).await {
@@ -313,6 +412,19 @@ impl Users {
     }
 }
 
+/// A stable user id for a directory entry: the same DN is always the same user.
+fn directory_user_id(tenant: TenantId, dn: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("{tenant}\0{dn}").as_bytes(),
+    );
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest.as_ref()[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
 fn validate_password(password: &str) -> Result<(), ValidationError> {
     let chars = password.chars().count();
     if !(MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&chars) {
@@ -337,7 +449,20 @@ mod tests {
             max_failures,
             lock_secs: 600,
         };
-        (dir, Users::new(store, lockout).await.expect("users"))
+        (
+            dir,
+            Users::new(store, lockout, HashMap::new())
+                .await
+                .expect("users"),
+        )
+    }
+
+    fn tenant(id: TenantId) -> Tenant {
+        Tenant {
+            id,
+            name: "acme".into(),
+            created_at_ms: 0,
+        }
     }
 
     fn alice() -> NewUser {
@@ -358,7 +483,7 @@ mod tests {
         let err = users.create(t, alice()).await.unwrap_err();
         assert!(matches!(err, IdentityError::Conflict(_)));
         let signed_in = users
-            .authenticate(t, "alice", "s3cret-passphrase")
+            .authenticate(&tenant(t), "alice", "s3cret-passphrase")
             .await
             .expect("sign in");
         assert_eq!(signed_in.id, created.id);
@@ -369,7 +494,7 @@ mod tests {
         // Another tenant has no alice.
         assert!(
             users
-                .authenticate(TenantId::random(), "alice", "s3cret-passphrase")
+                .authenticate(&tenant(TenantId::random()), "alice", "s3cret-passphrase")
                 .await
                 .is_err()
         );
@@ -395,7 +520,7 @@ mod tests {
         for _ in 0..3 {
             assert!(
                 users
-                    .authenticate(t, "alice", "wrong password")
+                    .authenticate(&tenant(t), "alice", "wrong password")
                     .await
                     .is_err()
             );
@@ -404,14 +529,14 @@ mod tests {
         assert!(locked.locked_until_ms.is_some());
         assert!(
             users
-                .authenticate(t, "alice", "s3cret-passphrase")
+                .authenticate(&tenant(t), "alice", "s3cret-passphrase")
                 .await
                 .is_err(),
             "the right password does not open a locked account"
         );
         users.unlock(t, "alice").await.expect("unlock");
         users
-            .authenticate(t, "alice", "s3cret-passphrase")
+            .authenticate(&tenant(t), "alice", "s3cret-passphrase")
             .await
             .expect("sign in after unlock");
         assert_eq!(users.get(t, "alice").await.expect("get").failed_logins, 0);

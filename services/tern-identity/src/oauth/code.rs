@@ -206,7 +206,7 @@ impl OAuth {
                 state,
             )));
         }
-        let user = match self.users.authenticate(tenant.id, username, password).await {
+        let user = match self.users.authenticate(tenant, username, password).await {
             Ok(user) => user,
             Err(IdentityError::Unauthenticated) => {
                 return Err(AuthorizeFailure::SignInFailed(PendingAuthorization {

@@ -115,10 +115,7 @@ impl OAuth {
         password: &str,
         approve: bool,
     ) -> Result<String, IdentityError> {
-        let user = self
-            .users
-            .authenticate(tenant.id, username, password)
-            .await?;
+        let user = self.users.authenticate(tenant, username, password).await?;
         let _redeeming = self.redeem.lock().await;
         let index = format!("{}/{}", tenant.id, normalize(user_code));
         let not_found = || IdentityError::NotFound(format!("user code {user_code:?}"));

@@ -170,6 +170,7 @@ impl OAuth {
                 max_failures: config.max_failed_logins,
                 lock_secs: config.lockout_secs,
             },
+            config.ldap.clone().into_iter().collect(),
         )
         .await?;
         Ok(Self {

@@ -15,6 +15,7 @@ mod device_http;
 mod durability;
 mod gateways;
 mod grpc;
+mod ldap;
 mod mqtt311;
 mod mqtt5;
 mod oauth;
