@@ -761,6 +761,8 @@ impl Connection {
     /// Handles every whole packet buffered (a pipelining client sends many per read; there is
     /// at least one), so that their publishes are appended as one batch.
     async fn handle_burst(&mut self, flow: &mut Flow, max_inflight: usize) -> Result<(), Close> {
+        // Once per burst rather than per publish: the clock is not free at millions a second.
+        policy::expire(&mut flow.policy);
         loop {
             let packet = match codec::read(
                 &mut self.inbox,
@@ -807,9 +809,14 @@ impl Connection {
     /// How long to stop reading after a publish that took the device or its tenant over its
     /// rate (`mqtt.max_publish_rate_per_device`, `..._per_tenant`).
     fn publish_wait(&self, flow: &mut Flow) -> Option<Duration> {
+        let tenant_rate = self.bridge.config.max_publish_rate_per_tenant;
+        if flow.bucket.is_none() && tenant_rate == 0 {
+            // No limits: no need to read the clock (3% of the CPU in S1).
+            return None;
+        }
         let now = Instant::now();
         let device = flow.bucket.as_mut().and_then(|b| b.take(now));
-        let tenant = match self.bridge.config.max_publish_rate_per_tenant {
+        let tenant = match tenant_rate {
             0 => None,
             rate => self.bridge.tenant_rates.take(flow.tenant, rate, now),
         };

@@ -51,7 +51,16 @@ impl Decisions {
     }
 }
 
-/// What the connection already knows about `topic`.
+/// Drops the connection's decisions once they are [`TTL`] old; called once per burst of
+/// packets, so that [`cached`] need not read the clock for every publish.
+pub(crate) fn expire(decisions: &mut Option<Box<Decisions>>) {
+    if decisions.as_ref().is_some_and(|d| d.since.elapsed() >= TTL) {
+        *decisions = None;
+    }
+}
+
+/// What the connection already knows about `topic` (decided under the PDP's current
+/// `generation`).
 pub(crate) fn cached(
     decisions: &Option<Box<Decisions>>,
     generation: u64,
@@ -59,7 +68,7 @@ pub(crate) fn cached(
     topic: &str,
 ) -> Option<bool> {
     let d = decisions.as_ref()?;
-    if d.generation != generation || d.since.elapsed() >= TTL {
+    if d.generation != generation {
         return None;
     }
     let map = match action {

@@ -12,6 +12,20 @@ use crate::harness::Tern;
 
 const PASSWORD: &str = "correct horse battery";
 
+/// The status code of a failed call (`None` if it succeeded).
+fn denied<T>(result: Result<T, tonic::Status>) -> Option<tonic::Code> {
+    result.err().map(|e| e.code())
+}
+
+fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("metadata"),
+    );
+    req
+}
+
 /// Creates user alice (editor) and the clients the tests use in `tenant`.
 fn setup(tern: &Tern, tenant: &str) -> (Value, Value) {
     if !tern.cli(&["tenant", "show", tenant]).status.success() {
@@ -341,5 +355,138 @@ async fn cli_approves_device_codes_and_lockout_is_lifted_by_an_admin() {
         String::from_utf8_lossy(&out.stderr).contains("404"),
         "signed in; the unknown code is what fails now: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The isolation matrix: an OAuth token of acme holding every scope gets 403 on every route
+/// of globex, REST and gRPC, and changes nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acme_token_with_every_scope_can_do_nothing_in_globex() {
+    use tern_proto::v1::identity_client::IdentityClient;
+    use tern_proto::v1::{
+        AuthorizeRequest, CreateApiTokenRequest, CreateDeviceRequest, GetDeviceRequest,
+        IssueDeviceTokensRequest,
+    };
+
+    let tern = Tern::start();
+    let (_, _) = setup(&tern, "acme");
+    let admin = tern.cli_json(&[
+        "client",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "root",
+        "--grant",
+        "client_credentials",
+        "--scope",
+        "tern:read tern:write tern:admin",
+    ]);
+    let token = client_token(&tern, "acme", &admin, "tern:read tern:write tern:admin").await;
+    let g = tern.provision("globex", "g1");
+    let t = "/api/v1/tenants/globex";
+    let d = "/api/v1/tenants/globex/devices/g1";
+    let routes: Vec<(reqwest::Method, String)> = {
+        use reqwest::Method as M;
+        vec![
+            (M::GET, t.into()),
+            (M::DELETE, t.into()),
+            (M::GET, format!("{t}/devices")),
+            (M::POST, format!("{t}/devices")),
+            (M::POST, format!("{t}/api-tokens")),
+            (M::GET, format!("{t}/oauth-clients")),
+            (M::POST, format!("{t}/oauth-clients")),
+            (M::GET, format!("{t}/users")),
+            (M::POST, format!("{t}/users")),
+            (M::PUT, format!("{t}/users/alice/password")),
+            (M::POST, format!("{t}/commands")),
+            (M::GET, format!("{t}/rules")),
+            (M::POST, format!("{t}/rules")),
+            (M::POST, format!("{t}/rule-tests")),
+            (M::GET, format!("{t}/alerts")),
+            (M::GET, format!("{t}/jobs")),
+            (M::POST, format!("{t}/jobs/rebuild-rollups")),
+            (M::GET, format!("{t}/retention")),
+            (M::PUT, format!("{t}/retention")),
+            (M::GET, format!("{t}/cas")),
+            (M::GET, format!("{t}/policies")),
+            (M::PUT, format!("{t}/policies/allow-all")),
+            (M::POST, format!("{t}/policy-rollback")),
+            (M::GET, format!("{t}/policy-decisions")),
+            (M::PUT, format!("{t}/policy-audit")),
+            (M::POST, format!("{t}/pdp/authorize")),
+            (M::GET, d.into()),
+            (M::PATCH, d.into()),
+            (M::DELETE, d.into()),
+            (M::POST, format!("{d}/tokens")),
+            (M::DELETE, format!("{d}/tokens")),
+            (M::GET, format!("{d}/telemetry")),
+            (M::GET, format!("{d}/telemetry/latest")),
+            (M::GET, format!("{d}/events")),
+            (M::GET, format!("{d}/status")),
+            (M::GET, format!("{d}/twin")),
+            (M::PATCH, format!("{d}/twin/desired")),
+            (M::POST, format!("{d}/commands")),
+            (M::GET, format!("{d}/commands")),
+            (M::POST, format!("{d}/operations/reboot")),
+        ]
+    };
+    for (method, path) in routes {
+        let (status, body) = tern
+            .send_json(method.clone(), &token, &path, &json!({}))
+            .await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+    }
+    // globex is untouched: its device is still there and enabled.
+    let (status, device) = tern
+        .get(&g.api_token, "/api/v1/tenants/globex/devices/g1")
+        .await;
+    assert_eq!((status, device["disabled"].clone()), (200, json!(false)));
+
+    let endpoint = format!("http://127.0.0.1:{}", tern.grpc_port);
+    let mut registry = RegistryClient::connect(endpoint.clone())
+        .await
+        .expect("grpc");
+    let get = GetDeviceRequest {
+        tenant_id: "globex".into(),
+        device_id: "g1".into(),
+    };
+    assert_eq!(
+        denied(registry.get_device(bearer(get, &token)).await),
+        Some(tonic::Code::PermissionDenied)
+    );
+    let create = CreateDeviceRequest {
+        tenant_id: "globex".into(),
+        name: "intruder".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        denied(registry.create_device(bearer(create, &token)).await),
+        Some(tonic::Code::PermissionDenied)
+    );
+    let mut identity = IdentityClient::connect(endpoint).await.expect("grpc");
+    let issue = IssueDeviceTokensRequest {
+        tenant_id: "globex".into(),
+        device_id: "g1".into(),
+    };
+    assert_eq!(
+        denied(identity.issue_device_tokens(bearer(issue, &token)).await),
+        Some(tonic::Code::PermissionDenied)
+    );
+    let api = CreateApiTokenRequest {
+        tenant_id: "globex".into(),
+        name: "x".into(),
+    };
+    assert_eq!(
+        denied(identity.create_api_token(bearer(api, &token)).await),
+        Some(tonic::Code::PermissionDenied)
+    );
+    let authorize = AuthorizeRequest {
+        tenant_id: "globex".into(),
+        requests: vec![],
+    };
+    assert_eq!(
+        denied(identity.authorize(bearer(authorize, &token)).await),
+        Some(tonic::Code::PermissionDenied)
     );
 }
