@@ -978,7 +978,8 @@ impl Connection {
             return Err(Close::Malformed);
         };
         let generation = self.bridge.identity.pdp().generation();
-        match policy::cached(&flow.policy, generation, policy::Action::Publish, topic) {
+        let resource = policy::topic_resource(topic);
+        match policy::cached(&flow.policy, generation, policy::Action::Publish, resource) {
             Some(true) => {}
             Some(false) => {
                 let why = "the tenant's policies do not allow this publish";
@@ -1193,7 +1194,8 @@ impl Connection {
     async fn finish(&mut self, deferred: Deferred, flow: &mut Flow) -> Result<(), Close> {
         let reply = match deferred {
             Deferred::Authorize { publish } => {
-                let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                let topic = String::from_utf8_lossy(&publish.topic);
+                let topic = policy::topic_resource(&topic).to_string();
                 let who = (flow.tenant, flow.device);
                 let (action, peer) = (policy::Action::Publish, Some(self.peer_ip));
                 policy::decide(&self.bridge, &mut flow.policy, who, peer, action, &topic).await;

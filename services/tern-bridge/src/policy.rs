@@ -51,6 +51,17 @@ impl Decisions {
     }
 }
 
+/// The topic as the policies see it: a device's answers to commands
+/// (`command/res/{id}/{status}`) are all `command/res`, so that each new command id is not a
+/// new decision.
+pub(crate) fn topic_resource(topic: &str) -> &str {
+    if topic.starts_with("command/res/") {
+        "command/res"
+    } else {
+        topic
+    }
+}
+
 /// Drops the connection's decisions once they are [`TTL`] old; called once per burst of
 /// packets, so that [`cached`] need not read the clock for every publish.
 pub(crate) fn expire(decisions: &mut Option<Box<Decisions>>) {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tern_core::Caller;
@@ -248,7 +247,7 @@ pub(crate) async fn xacml(
     Authenticated(caller): Authenticated,
     ApiQuery(query): ApiQuery<TenantParam>,
     ApiJson(body): ApiJson<Value>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<Json<Value>> {
     let reference = match (caller, &query.tenant) {
         (_, Some(t)) => t.clone(),
         (Caller::Tenant(own), None) => own.to_string(),
@@ -260,10 +259,7 @@ pub(crate) async fn xacml(
         }
     };
     let tenant = gw.registry.tenant_for(caller, &reference).await?;
-    Ok((
-        StatusCode::OK,
-        Json(gw.identity.xacml_authorize(&tenant, &body).await),
-    ))
+    Ok(Json(gw.identity.xacml_authorize(&tenant, &body).await))
 }
 
 /// The same, under the tenant's path.

@@ -9,7 +9,16 @@ use tern_core::{Device, Tenant, TenantId, now_ms};
 use crate::oauth::{ApiPrincipal, PrincipalKind};
 use crate::policy::xacml::{self, XacmlError};
 use crate::policy::{AccessRequest, Environment, Principal, Resource, on_device};
-use crate::{Identity, IdentityError};
+use crate::{Identity, IdentityError, User};
+
+fn user_principal(user: User) -> Principal {
+    Principal::User {
+        id: user.id,
+        name: user.name,
+        roles: user.roles.iter().map(|r| r.as_str().to_string()).collect(),
+        groups: user.groups,
+    }
+}
 
 impl Identity {
     /// The PDP principal of an API caller; `None` for the operator, whom tenant policies do not
@@ -37,15 +46,9 @@ impl Identity {
                     name,
                 })
             }
-            PrincipalKind::User => {
-                let user = self.oauth().users().get(tenant, &caller.subject).await?;
-                Some(Principal::User {
-                    id: user.id,
-                    name: user.name,
-                    roles: user.roles.iter().map(|r| r.as_str().to_string()).collect(),
-                    groups: user.groups,
-                })
-            }
+            PrincipalKind::User => Some(user_principal(
+                self.oauth().users().get(tenant, &caller.subject).await?,
+            )),
         })
     }
 
@@ -125,12 +128,7 @@ impl Identity {
             });
         let principal = match kind {
             "user" => match self.oauth().users().get(tenant.id, &subject).await {
-                Ok(user) => Principal::User {
-                    id: user.id,
-                    name: user.name,
-                    roles: user.roles.iter().map(|r| r.as_str().to_string()).collect(),
-                    groups: user.groups,
-                },
+                Ok(user) => user_principal(user),
                 // A subject Tern does not know (an external PEP's user): no roles, no groups.
                 Err(IdentityError::NotFound(_)) => Principal::User {
                     id: subject.clone(),

@@ -18,11 +18,11 @@ use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 use tern_core::Tenant;
 
-use crate::Identity;
 use crate::oauth::{
     AuthorizationRequest, AuthorizeFailure, ClientCredentials, OAuthError, PendingAuthorization,
     TokenRequest,
 };
+use crate::{Identity, OAuthClient};
 
 /// The routes; merge them into the HTTP server.
 pub fn router(identity: Arc<Identity>) -> Router {
@@ -226,6 +226,31 @@ struct TokenForm {
     client_secret: Option<String>,
 }
 
+/// The tenant, the authenticated client and the token of an introspection or revocation
+/// request (both need client authentication).
+async fn token_request(
+    identity: &Identity,
+    reference: &str,
+    headers: &HeaderMap,
+    form: TokenForm,
+) -> Result<(Tenant, OAuthClient, String, bool), ErrorResponse> {
+    let tenant = tenant(identity, reference).await?;
+    let (credentials, basic) = client_credentials(
+        headers,
+        form.client_id.as_deref(),
+        form.client_secret.as_deref(),
+    )?;
+    let client = identity
+        .oauth()
+        .authenticate_client(&tenant, &credentials)
+        .await
+        .map_err(|error| ErrorResponse { error, basic })?;
+    let token = form
+        .token
+        .ok_or_else(|| OAuthError::invalid_request("token is missing"))?;
+    Ok((tenant, client, token, basic))
+}
+
 /// Introspection needs an authenticated client (RFC 7662 2.1): a confidential one.
 async fn introspect(
     State(identity): State<Arc<Identity>>,
@@ -233,17 +258,8 @@ async fn introspect(
     headers: HeaderMap,
     Form(form): Form<TokenForm>,
 ) -> Result<Response, ErrorResponse> {
-    let tenant = tenant(&identity, &reference).await?;
-    let (credentials, basic) = client_credentials(
-        &headers,
-        form.client_id.as_deref(),
-        form.client_secret.as_deref(),
-    )?;
-    let oauth = identity.oauth();
-    let client = oauth
-        .authenticate_client(&tenant, &credentials)
-        .await
-        .map_err(|error| ErrorResponse { error, basic })?;
+    let (tenant, client, token, basic) =
+        token_request(&identity, &reference, &headers, form).await?;
     if !client.confidential {
         return Err(ErrorResponse {
             error: OAuthError::new(
@@ -253,10 +269,8 @@ async fn introspect(
             basic,
         });
     }
-    let token = form
-        .token
-        .ok_or_else(|| OAuthError::invalid_request("token is missing"))?;
-    Ok((no_store(), Json(oauth.introspect(&tenant, &token).await?)).into_response())
+    let answer = identity.oauth().introspect(&tenant, &token).await?;
+    Ok((no_store(), Json(answer)).into_response())
 }
 
 async fn revoke(
@@ -265,21 +279,11 @@ async fn revoke(
     headers: HeaderMap,
     Form(form): Form<TokenForm>,
 ) -> Result<StatusCode, ErrorResponse> {
-    let tenant = tenant(&identity, &reference).await?;
-    let (credentials, basic) = client_credentials(
-        &headers,
-        form.client_id.as_deref(),
-        form.client_secret.as_deref(),
-    )?;
-    let oauth = identity.oauth();
-    let client = oauth
-        .authenticate_client(&tenant, &credentials)
-        .await
-        .map_err(|error| ErrorResponse { error, basic })?;
-    let token = form
-        .token
-        .ok_or_else(|| OAuthError::invalid_request("token is missing"))?;
-    oauth.revoke(&tenant, &client.client_id, &token).await?;
+    let (tenant, client, token, _) = token_request(&identity, &reference, &headers, form).await?;
+    identity
+        .oauth()
+        .revoke(&tenant, &client.client_id, &token)
+        .await?;
     Ok(StatusCode::OK)
 }
 

@@ -289,19 +289,17 @@ impl Pdp {
         Ok(set)
     }
 
+    /// The tenant's compiled policies. Changes made through this process replace them at once
+    /// (`install`), so the store is read only for a tenant not seen yet; other processes'
+    /// changes arrive with the distributed mode's notices (#8).
     async fn compiled(&self, tenant: TenantId) -> Result<Arc<Compiled>, IdentityError> {
-        let head: u64 = records::get(&*self.store, HEAD, &tenant.to_string())
-            .await?
-            .unwrap_or(0);
         if let Some(c) = self
             .compiled
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&tenant)
         {
-            if c.version == head {
-                return Ok(c.clone());
-            }
+            return Ok(c.clone());
         }
         let policies = self.current(tenant).await?;
         let set = self.compile(&policies.policies)?;
@@ -309,11 +307,13 @@ impl Pdp {
             version: policies.version,
             set,
         });
-        self.compiled
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tenant, compiled.clone());
-        Ok(compiled)
+        // A change installed meanwhile is newer than what was read: keep it.
+        let mut map = self.compiled.write().unwrap_or_else(|e| e.into_inner());
+        let current = map.entry(tenant).or_insert_with(|| compiled.clone());
+        if current.version < compiled.version {
+            *current = compiled;
+        }
+        Ok(current.clone())
     }
 
     /// Decides a request against the tenant's current policies (cached), auditing it as the

@@ -4,9 +4,13 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use cedar_policy::{Authorizer, Context, Entities, EntityUid, PolicySet, Request, Schema};
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicySet, Request,
+    RestrictedExpression, Schema,
+};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 /// The subject of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -138,81 +142,123 @@ impl Decision {
     }
 }
 
-fn uid(kind: &str, id: &str) -> Value {
-    json!({ "type": kind, "id": id })
+fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {
+    let kind = EntityTypeName::from_str(kind).map_err(|e| format!("entity type {kind}: {e}"))?;
+    Ok(EntityUid::from_type_name_and_id(kind, EntityId::new(id)))
 }
 
-fn principal_entity(p: &Principal) -> (Value, Vec<Value>) {
-    match p {
+fn string(value: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(value.to_string())
+}
+
+fn strings(values: &[String]) -> RestrictedExpression {
+    RestrictedExpression::new_set(values.iter().map(|v| string(v)))
+}
+
+fn entity(
+    uid: EntityUid,
+    attrs: Vec<(&str, RestrictedExpression)>,
+    parents: Vec<EntityUid>,
+    tags: &BTreeMap<String, String>,
+) -> Result<Entity, String> {
+    let attrs = attrs.into_iter().map(|(k, v)| (k.to_string(), v));
+    let tags = tags.iter().map(|(k, v)| (k.clone(), string(v)));
+    Entity::new_with_tags(uid, attrs, parents, tags).map_err(|e| format!("invalid entity: {e}"))
+}
+
+/// The principal's entity and the entities it is in (its groups).
+fn principal_entities(p: &Principal) -> Result<Vec<Entity>, String> {
+    let none = BTreeMap::new();
+    Ok(match p {
         Principal::User {
             id,
             name,
             roles,
             groups,
         } => {
-            let parents: Vec<Value> = groups.iter().map(|g| uid("Group", g)).collect();
-            let group_entities = groups
-                .iter()
-                .map(|g| json!({ "uid": uid("Group", g), "attrs": {}, "parents": [] }))
-                .collect();
-            let entity = json!({
-                "uid": uid("User", id),
-                "attrs": { "name": name, "roles": roles },
-                "parents": parents,
-            });
-            (entity, group_entities)
+            let mut parents = Vec::with_capacity(groups.len());
+            let mut entities = Vec::with_capacity(groups.len() + 1);
+            for g in groups {
+                let group = uid("Group", g)?;
+                parents.push(group.clone());
+                entities.push(entity(group, Vec::new(), Vec::new(), &none)?);
+            }
+            let attrs = vec![("name", string(name)), ("roles", strings(roles))];
+            entities.push(entity(uid("User", id)?, attrs, parents, &none)?);
+            entities
         }
-        Principal::Client { id, name } => (
-            json!({ "uid": uid("Client", id), "attrs": { "name": name }, "parents": [] }),
-            Vec::new(),
-        ),
-        Principal::ApiToken { id } => (
-            json!({ "uid": uid("ApiToken", id), "attrs": {}, "parents": [] }),
-            Vec::new(),
-        ),
-        Principal::Device { id, name, labels } => (device_entity(id, name, labels), Vec::new()),
-    }
+        Principal::Client { id, name } => {
+            vec![entity(
+                uid("Client", id)?,
+                vec![("name", string(name))],
+                Vec::new(),
+                &none,
+            )?]
+        }
+        Principal::ApiToken { id } => {
+            vec![entity(uid("ApiToken", id)?, Vec::new(), Vec::new(), &none)?]
+        }
+        Principal::Device { id, name, labels } => {
+            vec![entity(
+                uid("Device", id)?,
+                vec![("name", string(name))],
+                Vec::new(),
+                labels,
+            )?]
+        }
+    })
 }
 
-fn device_entity(id: &str, name: &str, labels: &BTreeMap<String, String>) -> Value {
-    json!({ "uid": uid("Device", id), "attrs": { "name": name }, "parents": [], "tags": labels })
-}
-
-fn resource_entity(r: &Resource) -> Value {
+fn resource_entity(r: &Resource) -> Result<Entity, String> {
+    let none = BTreeMap::new();
     match r {
-        Resource::Tenant { id, name } => {
-            json!({ "uid": uid("Tenant", id), "attrs": { "name": name }, "parents": [] })
-        }
-        Resource::Device { id, name, labels } => device_entity(id, name, labels),
-        Resource::Topic { name } => {
-            json!({ "uid": uid("Topic", name), "attrs": { "name": name }, "parents": [] })
-        }
+        Resource::Tenant { id, name } => entity(
+            uid("Tenant", id)?,
+            vec![("name", string(name))],
+            Vec::new(),
+            &none,
+        ),
+        Resource::Device { id, name, labels } => entity(
+            uid("Device", id)?,
+            vec![("name", string(name))],
+            Vec::new(),
+            labels,
+        ),
+        Resource::Topic { name } => entity(
+            uid("Topic", name)?,
+            vec![("name", string(name))],
+            Vec::new(),
+            &none,
+        ),
     }
 }
 
-fn context(request: &AccessRequest) -> Value {
+fn context(request: &AccessRequest) -> Result<Context, String> {
     let env = &request.environment;
-    let mut context = serde_json::Map::new();
-    context.insert("hour".into(), env.hour().into());
-    context.insert("weekday".into(), env.weekday().into());
-    context.insert("now".into(), env.now_s.into());
+    let mut pairs = vec![
+        (
+            "hour".to_string(),
+            RestrictedExpression::new_long(env.hour()),
+        ),
+        (
+            "weekday".to_string(),
+            RestrictedExpression::new_long(env.weekday()),
+        ),
+        ("now".to_string(), RestrictedExpression::new_long(env.now_s)),
+    ];
     if let Some(ip) = env.source_ip {
-        context.insert(
+        pairs.push((
             "source_ip".into(),
-            json!({ "__extn": { "fn": "ip", "arg": ip.to_string() } }),
-        );
+            RestrictedExpression::new_ip(ip.to_string()),
+        ));
     }
     if matches!(request.principal, Principal::Device { .. }) {
-        let protocol = env.protocol.clone().unwrap_or_else(|| "mqtt".into());
-        context.insert("protocol".into(), protocol.into());
+        let protocol = env.protocol.as_deref().unwrap_or("mqtt");
+        pairs.push(("protocol".into(), string(protocol)));
     } else {
-        context.insert("scopes".into(), env.scopes.clone().into());
+        pairs.push(("scopes".into(), strings(&env.scopes)));
     }
-    Value::Object(context)
-}
-
-fn entity_uid(value: &Value) -> Result<EntityUid, String> {
-    EntityUid::from_json(value.clone()).map_err(|e| format!("invalid entity reference: {e}"))
+    Context::from_pairs(pairs).map_err(|e| format!("invalid context: {e}"))
 }
 
 /// Evaluates `request` against `policies`. An unknown action is NotApplicable; a request that
@@ -260,20 +306,19 @@ pub(crate) fn evaluate(schema: &Schema, policies: &PolicySet, request: &AccessRe
 }
 
 fn build(schema: &Schema, request: &AccessRequest) -> Result<(Request, Entities), String> {
-    let action = entity_uid(&uid("Action", &request.action))?;
-    let (principal, mut entities) = principal_entity(&request.principal);
-    let resource = resource_entity(&request.resource);
-    let principal_uid = entity_uid(&principal["uid"])?;
-    let resource_uid = entity_uid(&resource["uid"])?;
-    entities.push(principal);
-    if resource["uid"] != entities[entities.len() - 1]["uid"] {
+    let action = uid("Action", &request.action)?;
+    let mut entities = principal_entities(&request.principal)?;
+    let principal = entities.last().map(|e| e.uid()).ok_or("no principal")?;
+    let resource = resource_entity(&request.resource)?;
+    let resource_uid = resource.uid();
+    if resource_uid != principal {
         entities.push(resource);
     }
-    let entities = Entities::from_json_value(Value::Array(entities), Some(schema))
+    // Checked against the schema (attribute and tag types), with the schema's action entities.
+    let entities = Entities::from_entities(entities, Some(schema))
         .map_err(|e| format!("invalid entities: {e}"))?;
-    let context = Context::from_json_value(context(request), Some((schema, &action)))
-        .map_err(|e| format!("invalid context: {e}"))?;
-    let cedar_request = Request::new(principal_uid, action, resource_uid, context, Some(schema))
+    let context = context(request)?;
+    let cedar_request = Request::new(principal, action, resource_uid, context, Some(schema))
         .map_err(|e| format!("invalid request: {e}"))?;
     Ok((cedar_request, entities))
 }
