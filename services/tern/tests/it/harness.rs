@@ -236,6 +236,27 @@ impl Tern {
         }
     }
 
+    /// An access token of an OAuth client (`{"client_id", "client_secret"}`, as `tern client
+    /// create` prints it) by the client credentials grant.
+    pub async fn client_token(&self, tenant: &str, client: &Value, scope: &str) -> String {
+        let r = reqwest::Client::new()
+            .post(format!("{}/oauth2/{tenant}/token", self.http()))
+            .basic_auth(
+                client["client_id"].as_str().expect("id"),
+                client["client_secret"].as_str(),
+            )
+            .form(&[("grant_type", "client_credentials"), ("scope", scope)])
+            .send()
+            .await
+            .expect("token request");
+        assert_eq!(r.headers()["cache-control"], "no-store");
+        let body: Value = r.json().await.expect("json");
+        body["access_token"]
+            .as_str()
+            .expect("access token")
+            .to_string()
+    }
+
     /// GET a REST path with a bearer token; returns status and JSON body.
     pub async fn get(&self, token: &str, path: &str) -> (u16, Value) {
         let r = reqwest::Client::new()

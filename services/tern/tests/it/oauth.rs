@@ -86,25 +86,6 @@ fn setup(tern: &Tern, tenant: &str) -> (Value, Value) {
     (service, app)
 }
 
-async fn client_token(tern: &Tern, tenant: &str, service: &Value, scope: &str) -> String {
-    let r = reqwest::Client::new()
-        .post(format!("{}/oauth2/{tenant}/token", tern.http()))
-        .basic_auth(
-            service["client_id"].as_str().expect("id"),
-            service["client_secret"].as_str(),
-        )
-        .form(&[("grant_type", "client_credentials"), ("scope", scope)])
-        .send()
-        .await
-        .expect("token request");
-    assert_eq!(r.headers()["cache-control"], "no-store");
-    let body: Value = r.json().await.expect("json");
-    body["access_token"]
-        .as_str()
-        .expect("access token")
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authlib_completes_every_grant_against_tern() {
     let tern = Tern::start();
@@ -172,7 +153,9 @@ async fn oauth_tokens_reach_only_their_tenant_over_rest_and_grpc() {
     let (service, _) = setup(&tern, "acme");
     tern.provision("acme", "a1");
     tern.provision("globex", "g1");
-    let token = client_token(&tern, "acme", &service, "tern:read tern:write").await;
+    let token = tern
+        .client_token("acme", &service, "tern:read tern:write")
+        .await;
 
     assert_eq!(
         tern.get(&token, "/api/v1/tenants/acme/devices").await.0,
@@ -382,7 +365,9 @@ async fn an_acme_token_with_every_scope_can_do_nothing_in_globex() {
         "--scope",
         "tern:read tern:write tern:admin",
     ]);
-    let token = client_token(&tern, "acme", &admin, "tern:read tern:write tern:admin").await;
+    let token = tern
+        .client_token("acme", &admin, "tern:read tern:write tern:admin")
+        .await;
     let g = tern.provision("globex", "g1");
     let t = "/api/v1/tenants/globex";
     let d = "/api/v1/tenants/globex/devices/g1";

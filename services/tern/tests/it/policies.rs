@@ -32,26 +32,6 @@ fn write_temp(dir: &std::path::Path, name: &str, text: &str) -> String {
     path.display().to_string()
 }
 
-async fn client_token(tern: &Tern, client: &Value) -> String {
-    let r: Value = reqwest::Client::new()
-        .post(format!("{}/oauth2/acme/token", tern.http()))
-        .basic_auth(
-            client["client_id"].as_str().expect("id"),
-            client["client_secret"].as_str(),
-        )
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .expect("token")
-        .json()
-        .await
-        .expect("json");
-    r["access_token"]
-        .as_str()
-        .expect("access token")
-        .to_string()
-}
-
 fn xacml(subject: &str, action: &str, device: &str, at: &str, ip: &str) -> Value {
     json!({"Request": {
         "ReturnPolicyIdList": true,
@@ -103,7 +83,9 @@ async fn policies_decide_requests_roll_back_and_answer_xacml() {
         "tern:read tern:write",
     ]);
     let client_id = maintenance["client_id"].as_str().expect("id").to_string();
-    let token = client_token(&tern, &maintenance).await;
+    let token = tern
+        .client_token("acme", &maintenance, "tern:read tern:write")
+        .await;
     let command = |device: &'static str| {
         let (tern, token) = (&tern, token.clone());
         async move {
