@@ -70,12 +70,12 @@ impl Scopes {
         self.0.contains(scope)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     pub fn intersection(&self, other: &Scopes) -> Scopes {
         Self(self.0.intersection(&other.0).cloned().collect())
+    }
+
+    pub fn union(&self, other: &Scopes) -> Scopes {
+        Self(self.0.union(&other.0).cloned().collect())
     }
 
     pub fn is_subset(&self, other: &Scopes) -> bool {

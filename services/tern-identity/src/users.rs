@@ -119,22 +119,22 @@ pub struct Users {
     /// Serialises the read-modify-write of failure counters.
     updates: Mutex<()>,
     /// A hash to verify against when the user does not exist, so that the answer takes as long.
-    decoy_hash: String,
+    decoy_hash: tokio::sync::OnceCell<String>,
 }
 
 impl Users {
-    pub(crate) async fn new(
+    pub(crate) fn new(
         store: Arc<dyn Store>,
         lockout: Lockout,
         ldap: HashMap<String, LdapConfig>,
-    ) -> Result<Self, IdentityError> {
-        Ok(Self {
+    ) -> Self {
+        Self {
             store,
             lockout,
             ldap,
             updates: Mutex::new(()),
-            decoy_hash: passwords::hash("decoy password for unknown users").await?,
-        })
+            decoy_hash: tokio::sync::OnceCell::new(),
+        }
     }
 
     pub async fn create(&self, tenant: TenantId, new: NewUser) -> Result<User, IdentityError> {
@@ -348,7 +348,12 @@ impl Users {
             }
         };
         let Some(mut stored) = stored else {
-            let _ = passwords::verify(password, &self.decoy_hash).await;
+            // Made at the first unknown name, not at start-up: argon2 is slow on purpose.
+            let decoy = self
+                .decoy_hash
+                .get_or_try_init(|| passwords::hash("decoy password for unknown users"))
+                .await?;
+            let _ = passwords::verify(password, decoy).await;
             tracing::info!(%tenant, "sign-in refused: unknown user");
             return Err(IdentityError::Unauthenticated);
         };
@@ -449,12 +454,7 @@ mod tests {
             max_failures,
             lock_secs: 600,
         };
-        (
-            dir,
-            Users::new(store, lockout, HashMap::new())
-                .await
-                .expect("users"),
-        )
+        (dir, Users::new(store, lockout, HashMap::new()))
     }
 
     fn tenant(id: TenantId) -> Tenant {

@@ -17,7 +17,6 @@ use super::{Grant, OAuth, OAuthError, Subject};
 use crate::IdentityError;
 use crate::records;
 use crate::scopes::{EMAIL, OPENID, PROFILE, Scopes};
-use crate::secrets::token_hash;
 use crate::users::User;
 
 /// The audience of every API access token.
@@ -348,9 +347,5 @@ impl OAuth {
         claims.insert("sub".into(), user.id.into());
         claims.insert("tid".into(), tenant.to_string().into());
         Ok(serde_json::Value::Object(claims))
-    }
-
-    pub(super) fn refresh_key(token: &str) -> String {
-        token_hash(token)
     }
 }

@@ -171,8 +171,7 @@ impl OAuth {
                 lock_secs: config.lockout_secs,
             },
             config.ldap.clone().into_iter().collect(),
-        )
-        .await?;
+        );
         Ok(Self {
             clients: Clients::new(store.clone()),
             users,

@@ -8,7 +8,7 @@ use tern_core::{Tenant, TenantId, now_ms};
 use super::{Grant, OAuth, OAuthError, Subject, TokenRequest, TokenResponse};
 use crate::clients::OAuthClient;
 use crate::records;
-use crate::secrets::new_token;
+use crate::secrets::{new_token, token_hash};
 
 const REFRESH: &str = "oauth_refresh";
 const FAMILY: &str = "oauth_family";
@@ -70,7 +70,7 @@ impl OAuth {
             expires_at_ms,
             spent: false,
         };
-        records::put(&*self.store, REFRESH, &Self::refresh_key(&token), &record).await?;
+        records::put(&*self.store, REFRESH, &token_hash(&token), &record).await?;
         Ok(token)
     }
 
@@ -80,7 +80,7 @@ impl OAuth {
         token: &str,
     ) -> Result<Option<RefreshRecord>, OAuthError> {
         let Some(record) =
-            records::get::<RefreshRecord>(&*self.store, REFRESH, &Self::refresh_key(token)).await?
+            records::get::<RefreshRecord>(&*self.store, REFRESH, &token_hash(token)).await?
         else {
             return Ok(None);
         };
@@ -116,7 +116,7 @@ impl OAuth {
             .refresh_token
             .as_deref()
             .ok_or_else(|| OAuthError::invalid_request("refresh_token is missing"))?;
-        let key = Self::refresh_key(token);
+        let key = token_hash(token);
         let _redeeming = self.redeem.lock().await;
         let Some(mut record) = records::get::<RefreshRecord>(&*self.store, REFRESH, &key).await?
         else {
@@ -175,10 +175,6 @@ pub(super) fn user_scopes(
     requested: &crate::scopes::Scopes,
 ) -> crate::scopes::Scopes {
     use crate::scopes::{EMAIL, OPENID, PROFILE, Scopes};
-    let oidc = requested.intersection(&Scopes::of(&[OPENID, PROFILE, EMAIL]));
-    let api = requested.intersection(&user.api_scopes());
-    let mut all: Vec<String> = oidc.to_vec();
-    all.extend(api.to_vec());
-    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-    Scopes::of(&refs)
+    let oidc = Scopes::of(&[OPENID, PROFILE, EMAIL]);
+    requested.intersection(&oidc.union(&user.api_scopes()))
 }

@@ -36,19 +36,6 @@ pub enum Principal {
     },
 }
 
-impl Principal {
-    /// A stable key for caches and audit records: `User::"id"`.
-    pub fn key(&self) -> String {
-        let (kind, id) = match self {
-            Self::User { id, .. } => ("User", id),
-            Self::Client { id, .. } => ("Client", id),
-            Self::ApiToken { id } => ("ApiToken", id),
-            Self::Device { id, .. } => ("Device", id),
-        };
-        format!("{kind}::{id:?}")
-    }
-}
-
 /// What a request acts on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -65,16 +52,6 @@ pub enum Resource {
     Topic {
         name: String,
     },
-}
-
-impl Resource {
-    pub fn key(&self) -> String {
-        match self {
-            Self::Tenant { id, .. } => format!("Tenant::{id:?}"),
-            Self::Device { id, .. } => format!("Device::{id:?}"),
-            Self::Topic { name } => format!("Topic::{name:?}"),
-        }
-    }
 }
 
 /// The environment of a request.
