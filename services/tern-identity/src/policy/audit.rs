@@ -2,6 +2,7 @@
 //! in full, per tenant. Records are written off the request path and listed newest first.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
@@ -58,6 +59,7 @@ pub struct AuditRecord {
 pub struct Auditor {
     store: Arc<dyn Store>,
     configs: RwLock<HashMap<TenantId, AuditConfig>>,
+    sequence: AtomicU64,
 }
 
 impl Auditor {
@@ -65,6 +67,7 @@ impl Auditor {
         Self {
             store,
             configs: RwLock::new(HashMap::new()),
+            sequence: AtomicU64::new(0),
         }
     }
 
@@ -134,12 +137,9 @@ impl Auditor {
             request: request.clone(),
             decision: decision.clone(),
         };
-        // Newest first in key order.
-        let key = format!(
-            "{tenant}/{:020}-{}",
-            i64::MAX - at_ms,
-            uuid::Uuid::new_v4().simple()
-        );
+        // Newest first in key order; the sequence orders decisions of the same millisecond.
+        let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let key = format!("{tenant}/{:020}-{:020}", i64::MAX - at_ms, u64::MAX - seq);
         let store = self.store.clone();
         tokio::spawn(async move {
             if let Err(e) = records::put(&*store, RECORD, &key, &record).await {
