@@ -8,9 +8,11 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/tern/target
 CARGO ?= cargo
 # Debian packages: protoc for the gRPC contracts, mosquitto clients and jq for the tests and the
 # README quickstart, Chromium for the dashboard tests, authlib (a third-party OAuth client) for the
-# authorization server tests, OpenLDAP's slapd and tools for the LDAP directory tests.
+# authorization server tests, OpenLDAP's slapd and tools for the LDAP directory tests, nats-server
+# for the command routing tests.
 APT_PACKAGES := protobuf-compiler mosquitto-clients jq chromium python3-paho-mqtt openssl libcoap3-bin chromium-driver \
-	python3-authlib python3-requests slapd ldap-utils
+	python3-authlib python3-requests slapd ldap-utils nats-server
+TANSU_VERSION := 0.6.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
@@ -27,6 +29,10 @@ deps: ## Install the system packages the build and the tests need (idempotent, q
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+	@# tansu: a Kafka-protocol broker for the Kafka event log's tests (about 15 minutes to build
+	@# once; its in-memory storage needs the dynostore feature). Installed outside the clone.
+	@command -v tansu >/dev/null || { echo "installing tansu $(TANSU_VERSION) (cargo install, once)"; \
+		env -u CARGO_TARGET_DIR $(CARGO) install --locked --quiet tansu --version $(TANSU_VERSION) --features dynostore; }
 
 .PHONY: build
 build: deps ## Build the release binary into bin/tern

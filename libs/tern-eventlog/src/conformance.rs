@@ -207,12 +207,20 @@ pub async fn bad_names_are_refused(open: &Open, dir: &Path) {
 }
 
 /// Expands to one `#[tokio::test]` per conformance check, for an `open` function in scope:
-/// `fn open(dir: &Path) -> Arc<dyn EventLog>`.
+/// `fn open(dir: &Path) -> Arc<dyn EventLog>`. A backend that needs a server passes
+/// `fixture = f` instead, with `fn f() -> (Guard, Box<Open>)`: each test gets its own server,
+/// kept until the guard drops.
 #[macro_export]
 macro_rules! eventlog_conformance_tests {
     ($open:ident) => {
+        $crate::eventlog_conformance_tests!(@suite (|| ((), Box::new(super::$open) as Box<$crate::conformance::Open>)));
+    };
+    (fixture = $fixture:ident) => {
+        $crate::eventlog_conformance_tests!(@suite super::$fixture);
+    };
+    (@suite $fixture:expr) => {
         mod eventlog_conformance {
-            $crate::eventlog_conformance_tests!(@tests $open;
+            $crate::eventlog_conformance_tests!(@tests $fixture;
                 appended_records_are_consumed,
                 order_is_kept_per_key,
                 appends_survive_reopen,
@@ -223,12 +231,13 @@ macro_rules! eventlog_conformance_tests {
             );
         }
     };
-    (@tests $open:ident; $($check:ident,)*) => {
+    (@tests $fixture:expr; $($check:ident,)*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
+                let (_server, open) = ($fixture)();
                 let dir = tempfile::tempdir().expect("tempdir");
-                $crate::conformance::$check(&super::$open, dir.path()).await;
+                $crate::conformance::$check(&*open, dir.path()).await;
             }
         )*
     };

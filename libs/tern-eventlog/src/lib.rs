@@ -5,12 +5,14 @@
 //! off (at-least-once; consumers write idempotently by message id). Records with the same key go
 //! to the same partition and keep their order, like Kafka.
 //!
-//! Implementations: [`EmbeddedLog`] (fjall on local disk, for `tern up`). Every implementation must
-//! pass the [`conformance`] suite.
+//! Implementations: [`EmbeddedLog`] (fjall on local disk, for `tern up`) and [`KafkaLog`] (the
+//! distributed mode). Every implementation must pass the [`conformance`] suite.
 
 pub mod conformance;
 mod embedded;
 pub mod envelope;
+mod kafka;
+pub mod testing;
 
 use std::time::Duration;
 
@@ -20,6 +22,7 @@ use thiserror::Error;
 
 pub use embedded::{EmbeddedLog, EmbeddedLogConfig};
 pub use envelope::{EVENT_TOPIC, LIFECYCLE_TOPIC, TELEMETRY_TOPIC, device_record};
+pub use kafka::{KafkaLog, KafkaLogConfig};
 
 /// One record to append.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -176,8 +176,9 @@ pub(crate) fn owed(command: &Command, filter: &str, granted: QoS) -> Option<Deli
     matches(filter, &command.request_topic()).then(|| delivery(command, granted))
 }
 
+#[async_trait::async_trait]
 impl TwinRoute for CommandTargets {
-    fn desired_changed(&self, tenant: TenantId, device: DeviceId, state: &DesiredState) {
+    async fn desired_changed(&self, tenant: TenantId, device: DeviceId, state: &DesiredState) {
         let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(target) = devices.get(&(tenant, device))
             && let Some(qos) = target.granted(TWIN_DESIRED_TOPIC)
@@ -189,8 +190,9 @@ impl TwinRoute for CommandTargets {
     }
 }
 
+#[async_trait::async_trait]
 impl CommandRoute for CommandTargets {
-    fn deliver(&self, command: &Command) -> bool {
+    async fn deliver(&self, command: &Command) -> bool {
         let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         let Some(target) = devices.get(&(command.tenant_id, command.device_id)) else {
             return false;
@@ -225,29 +227,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn commands_reach_only_the_subscribed_connection_of_their_device() {
+    #[tokio::test]
+    async fn commands_reach_only_the_subscribed_connection_of_their_device() {
         let targets = CommandTargets::default();
         let (t, d, other) = (TenantId::random(), DeviceId::random(), DeviceId::random());
         let (tx, mut rx) = mpsc::channel(8);
         let c = command(t, d);
-        assert!(!targets.deliver(&c), "not subscribed");
+        assert!(!targets.deliver(&c).await, "not subscribed");
         targets.subscribe(t, d, 1, "command/req/#", QoS::AtLeastOnce, tx.clone());
-        assert!(targets.deliver(&c));
+        assert!(targets.deliver(&c).await);
         let got = rx.try_recv().expect("delivered");
         assert_eq!(&*got.topic, c.request_topic());
         assert_eq!(got.command, Some(c.id));
         assert_eq!(&got.payload[..], br#"{"after_s":5}"#);
-        assert!(!targets.deliver(&command(t, other)), "another device");
+        assert!(!targets.deliver(&command(t, other)).await, "another device");
         assert!(
-            !targets.deliver(&command(TenantId::random(), d)),
+            !targets.deliver(&command(TenantId::random(), d)).await,
             "another tenant"
         );
 
         targets.drop_connection(t, d, 2);
-        assert!(targets.deliver(&c), "a stale connection id removes nothing");
+        assert!(
+            targets.deliver(&c).await,
+            "a stale connection id removes nothing"
+        );
         targets.unsubscribe(t, d, 1, "command/req/#");
-        assert!(!targets.deliver(&c));
+        assert!(!targets.deliver(&c).await);
     }
 
     #[test]

@@ -42,6 +42,7 @@ use std::time::Duration;
 use tern_core::TenantId;
 use tern_eventlog::EventLog;
 use tern_identity::Identity;
+use tern_registry::nats::{DevicePresence, LocalRoutes};
 use tern_registry::{Commands, Registry, RegistryError, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::{Store, StoreError};
@@ -126,8 +127,24 @@ impl Bridge {
         fanout::publish_from_platform(self, tenant, topic, payload, user_properties).await
     }
 
-    /// Loads the retained messages, becomes the route of `commands` and, in anonymous mode,
-    /// finds or creates the tenant.
+    /// What the registry's routes must reach in this process: the connections' command and
+    /// twin subscriptions and their sessions (for revocation). `tern up` hands them to the
+    /// registry directly, or to a [`NatsEndpoint`](tern_registry::nats::NatsEndpoint).
+    pub fn local_routes(&self) -> LocalRoutes {
+        LocalRoutes {
+            commands: self.command_targets.clone(),
+            twins: self.command_targets.clone(),
+            access: self.sessions.clone(),
+        }
+    }
+
+    /// Told of every connection's start and end (the NATS endpoint subscribes to the
+    /// subjects of the devices held here); set once, before serving.
+    pub fn set_presence(&self, presence: Arc<dyn DevicePresence>) {
+        self.sessions.set_presence(presence);
+    }
+
+    /// Loads the retained messages and, in anonymous mode, finds or creates the tenant.
     pub async fn new(
         config: BridgeConfig,
         services: BridgeServices,
@@ -161,9 +178,6 @@ impl Bridge {
             Some(name) => Some(anonymous_tenant(&registry, name).await?),
         };
         let command_targets = Arc::new(CommandTargets::default());
-        commands.set_route(command_targets.clone());
-        twins.set_route(command_targets.clone());
-        registry.set_access_listener(sessions.clone());
         let slots = Arc::new(Semaphore::new(config.max_connections));
         Ok(Self {
             config,

@@ -5,11 +5,12 @@
 //! cancels the device's delayed will (MQTT 5 Will Delay Interval, 3.1.3.2.2).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tern_core::{DeviceId, TenantId};
 use tern_registry::AccessRevoked;
+use tern_registry::nats::DevicePresence;
 use tokio_util::sync::CancellationToken;
 
 /// How long a new connection waits for the one it replaces to wind down.
@@ -29,6 +30,8 @@ pub(crate) struct Sessions {
     /// Wills waiting out their delay, cancelled when the device connects again.
     delayed_wills: Mutex<HashMap<(TenantId, DeviceId), CancellationToken>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Told of every claim and every guard's drop (the NATS endpoint, in the distributed mode).
+    presence: OnceLock<Arc<dyn DevicePresence>>,
 }
 
 /// Removes the session when the connection ends (unless a newer one took it over).
@@ -52,9 +55,16 @@ impl Sessions {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    pub fn set_presence(&self, presence: Arc<dyn DevicePresence>) {
+        let _ = self.presence.set(presence);
+    }
+
     /// Registers a connection, closes the device's previous one (if any) and waits for it to
     /// end; cancels the device's delayed will.
     pub async fn claim(self: &Arc<Self>, tenant: TenantId, device: DeviceId) -> SessionGuard {
+        if let Some(presence) = self.presence.get() {
+            presence.attached(tenant, device);
+        }
         let id = self.next_id();
         let (closed, revoked, ended) = (
             CancellationToken::new(),
@@ -119,8 +129,9 @@ impl Sessions {
     }
 }
 
+#[async_trait::async_trait]
 impl AccessRevoked for Sessions {
-    fn access_revoked(&self, tenant: TenantId, device: DeviceId) {
+    async fn access_revoked(&self, tenant: TenantId, device: DeviceId) {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(session) = live.get(&(tenant, device)) {
             session.revoked.cancel();
@@ -133,6 +144,9 @@ impl Drop for SessionGuard {
         let mut live = self.sessions.live.lock().unwrap_or_else(|e| e.into_inner());
         if live.get(&self.key).is_some_and(|l| l.id == self.id) {
             live.remove(&self.key);
+        }
+        if let Some(presence) = self.sessions.presence.get() {
+            presence.detached(self.key.0, self.key.1);
         }
         self.ended.cancel();
     }
@@ -185,10 +199,10 @@ mod tests {
         let (t, d) = (TenantId::random(), DeviceId::random());
         let other = sessions.claim(t, DeviceId::random()).await;
         let live = sessions.claim(t, d).await;
-        sessions.access_revoked(t, d);
+        sessions.access_revoked(t, d).await;
         assert!(live.revoked.is_cancelled());
         assert!(!live.closed.is_cancelled(), "not a takeover");
         assert!(!other.revoked.is_cancelled());
-        sessions.access_revoked(TenantId::random(), d);
+        sessions.access_revoked(TenantId::random(), d).await;
     }
 }

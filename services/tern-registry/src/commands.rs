@@ -36,10 +36,11 @@ const PAGE: usize = 1000;
 const WRITE_LOCK_STRIPES: usize = 64;
 
 /// Hands a command to the connection of its device, wherever that is.
+#[async_trait::async_trait]
 pub trait CommandRoute: Send + Sync {
     /// Returns whether a connection of the device took it (it stays pending until the device
     /// acknowledges receipt either way).
-    fn deliver(&self, command: &Command) -> bool;
+    async fn deliver(&self, command: &Command) -> bool;
 }
 
 /// Limits and defaults (`[commands]` in the config file).
@@ -203,7 +204,7 @@ impl Commands {
         }
         drop(_guard);
         if let Some(route) = self.route.get() {
-            route.deliver(&command);
+            route.deliver(&command).await;
         }
         if let Some(arrival) = self
             .arrivals
@@ -672,8 +673,9 @@ mod tests {
 
     #[derive(Default)]
     struct CountingRoute(AtomicUsize);
+    #[async_trait::async_trait]
     impl CommandRoute for CountingRoute {
-        fn deliver(&self, _: &Command) -> bool {
+        async fn deliver(&self, _: &Command) -> bool {
             self.0.fetch_add(1, Ordering::SeqCst);
             true
         }

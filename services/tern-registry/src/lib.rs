@@ -8,7 +8,9 @@
 mod commands;
 mod error;
 mod grpc;
+pub mod nats;
 mod registry;
+pub mod testing;
 mod twins;
 
 pub use commands::{COMMANDS_TOPIC, CommandRoute, Commands, CommandsConfig, NewCommand};

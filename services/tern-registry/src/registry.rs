@@ -46,8 +46,9 @@ pub fn validate_tenant_name(name: &str) -> Result<(), ValidationError> {
 
 /// Told when a device's access ends (disabled, deleted, tokens revoked), so that whoever
 /// holds its connections closes them at once instead of when they next reconnect.
+#[async_trait::async_trait]
 pub trait AccessRevoked: Send + Sync {
-    fn access_revoked(&self, tenant: TenantId, device: DeviceId);
+    async fn access_revoked(&self, tenant: TenantId, device: DeviceId);
 }
 
 /// A partial update of a device: absent fields stay as they are.
@@ -93,9 +94,9 @@ impl Registry {
         let _ = self.revocations.set(listener);
     }
 
-    fn revoked(&self, device: &Device) {
+    async fn revoked(&self, device: &Device) {
         if let Some(listener) = self.revocations.get() {
-            listener.access_revoked(device.tenant_id, device.id);
+            listener.access_revoked(device.tenant_id, device.id).await;
         }
     }
 
@@ -131,7 +132,7 @@ impl Registry {
         )
         .await?;
         if disabling {
-            self.revoked(&device);
+            self.revoked(&device).await;
         }
         Ok(device)
     }
@@ -152,7 +153,7 @@ impl Registry {
             &device,
         )
         .await?;
-        self.revoked(&device);
+        self.revoked(&device).await;
         Ok(device)
     }
 
@@ -450,7 +451,7 @@ impl Registry {
                 .delete_record(DEVICE_HARDWARE_ID, &format!("{t}/{hw}"))
                 .await?;
         }
-        self.revoked(&device);
+        self.revoked(&device).await;
         Ok(device)
     }
 

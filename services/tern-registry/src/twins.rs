@@ -63,8 +63,9 @@ pub struct DesiredState {
 }
 
 /// Hands desired changes to a device's live connection (the bridge).
+#[async_trait::async_trait]
 pub trait TwinRoute: Send + Sync {
-    fn desired_changed(&self, tenant: TenantId, device: DeviceId, state: &DesiredState);
+    async fn desired_changed(&self, tenant: TenantId, device: DeviceId, state: &DesiredState);
 }
 
 pub struct Twins {
@@ -152,7 +153,7 @@ impl Twins {
                 version: twin.desired_version,
                 desired: twin.desired.clone(),
             };
-            route.desired_changed(tenant, device, &state);
+            route.desired_changed(tenant, device, &state).await;
         }
         Ok(twin)
     }
@@ -284,8 +285,9 @@ mod tests {
     #[derive(Default)]
     struct Seen(Mutex<Vec<DesiredState>>);
 
+    #[async_trait::async_trait]
     impl TwinRoute for Seen {
-        fn desired_changed(&self, _: TenantId, _: DeviceId, state: &DesiredState) {
+        async fn desired_changed(&self, _: TenantId, _: DeviceId, state: &DesiredState) {
             self.0.lock().expect("lock").push(state.clone());
         }
     }

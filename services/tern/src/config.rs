@@ -40,6 +40,7 @@ pub struct UpConfig {
     pub rules: RulesConfig,
     pub retention: RetentionConfig,
     pub eventlog: EventLogConfig,
+    pub routing: RoutingConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,8 +54,34 @@ pub struct LogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventLogConfig {
-    /// Partitions per stream; fixed once the log has data.
+    /// `embedded` (on local disk, in `data_dir`) or `kafka` (`[eventlog.kafka]`).
+    pub backend: EventLogBackend,
+    /// Partitions per stream of the embedded log; fixed once the log has data.
     pub partitions: u32,
+    pub kafka: tern_eventlog::KafkaLogConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// `inprocess` (the registry calls the bridge in this process) or `nats` (`[routing.nats]`).
+    pub backend: RoutingBackend,
+    pub nats: tern_registry::nats::NatsConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingBackend {
+    #[default]
+    InProcess,
+    Nats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventLogBackend {
+    Embedded,
+    Kafka,
 }
 
 impl Default for UpConfig {
@@ -77,6 +104,7 @@ impl Default for UpConfig {
             rules: RulesConfig::default(),
             retention: RetentionConfig::default(),
             eventlog: EventLogConfig::default(),
+            routing: RoutingConfig::default(),
         }
     }
 }
@@ -92,7 +120,11 @@ impl Default for LogConfig {
 
 impl Default for EventLogConfig {
     fn default() -> Self {
-        Self { partitions: 4 }
+        Self {
+            backend: EventLogBackend::Embedded,
+            partitions: 4,
+            kafka: tern_eventlog::KafkaLogConfig::default(),
+        }
     }
 }
 
@@ -188,6 +220,17 @@ impl UpConfig {
                 .then_some("`retention.sweep_interval_secs` must be at least 1"),
         ];
         let problems: Vec<&str> = problems.into_iter().flatten().collect();
+        if self.eventlog.backend == EventLogBackend::Kafka
+            && let Err(tern_eventlog::LogError::Invalid { field, reason }) =
+                self.eventlog.kafka.validate()
+        {
+            anyhow::bail!("invalid configuration: `{field}` {reason}");
+        }
+        if self.routing.backend == RoutingBackend::Nats
+            && let Err((key, reason)) = self.routing.nats.validate()
+        {
+            anyhow::bail!("invalid configuration: `{key}` {reason}");
+        }
         if let Some(first) = problems.first() {
             anyhow::bail!(
                 "invalid configuration: {}",

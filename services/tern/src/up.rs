@@ -16,16 +16,70 @@ use tern_bridge::{
     Bridge, BridgeServices, Listeners, TenantCaVerifier, TlsReloader, websocket_routes,
 };
 use tern_core::TenantId;
-use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog};
+use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog, KafkaLog};
 use tern_gateway::{Gateway, GatewayServices};
 use tern_identity::{Identity, IdentityGrpc, grpc_auth};
+use tern_registry::nats::{NatsEndpoint, NatsRouter};
 use tern_registry::{Commands, Registry, RegistryGrpc, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown, logging, shutdown_signal};
 use tern_store::{EmbeddedStore, Store};
 use tokio::net::{TcpListener, UdpSocket};
 
 use crate::cli::UpArgs;
-use crate::config::UpConfig;
+use crate::config::{EventLogBackend, RoutingBackend, UpConfig};
+
+fn open_event_log(config: &UpConfig) -> anyhow::Result<Arc<dyn EventLog>> {
+    Ok(match config.eventlog.backend {
+        EventLogBackend::Embedded => {
+            let dir = config.data_dir.join("log");
+            Arc::new(
+                EmbeddedLog::open(EmbeddedLogConfig {
+                    partitions: config.eventlog.partitions,
+                    ..EmbeddedLogConfig::new(&dir)
+                })
+                .with_context(|| format!("cannot open the event log in {}", dir.display()))?,
+            )
+        }
+        EventLogBackend::Kafka => Arc::new(
+            KafkaLog::new(config.eventlog.kafka.clone())
+                .context("cannot set up the Kafka event log (`eventlog.kafka`)")?,
+        ),
+    })
+}
+
+/// Connects the registry's routes (commands, twin changes, revocations) to the bridge's
+/// connections: directly, or over NATS as between separate processes.
+async fn connect_routes(
+    config: &UpConfig,
+    bridge: &Bridge,
+    registry: &Registry,
+    commands: &Commands,
+    twins: &Twins,
+) -> anyhow::Result<()> {
+    let local = bridge.local_routes();
+    match config.routing.backend {
+        RoutingBackend::InProcess => {
+            commands.set_route(local.commands);
+            twins.set_route(local.twins);
+            registry.set_access_listener(local.access);
+        }
+        RoutingBackend::Nats => {
+            let nats = &config.routing.nats;
+            let client = nats.connect().await.with_context(|| {
+                format!(
+                    "cannot connect to NATS at {} (`routing.nats.url`)",
+                    nats.url
+                )
+            })?;
+            let router = Arc::new(NatsRouter::new(client.clone(), nats));
+            commands.set_route(router.clone());
+            twins.set_route(router.clone());
+            registry.set_access_listener(router);
+            bridge.set_presence(Arc::new(NatsEndpoint::start(client, nats, local)));
+        }
+    }
+    Ok(())
+}
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let config = UpConfig::load(&args)?;
@@ -38,18 +92,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             data.display()
         )
     })?;
-    let log: Arc<dyn EventLog> = Arc::new(
-        EmbeddedLog::open(EmbeddedLogConfig {
-            partitions: config.eventlog.partitions,
-            ..EmbeddedLogConfig::new(data.join("log"))
-        })
-        .with_context(|| {
-            format!(
-                "cannot open the event log in {}",
-                data.join("log").display()
-            )
-        })?,
-    );
+    let log = open_event_log(&config)?;
     let store: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&data.join("store")).with_context(|| {
             format!("cannot open the store in {}", data.join("store").display())
@@ -142,6 +185,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         wss: wss_listener,
         coap: Some(coap_socket),
     };
+    connect_routes(&config, &bridge, &registry, &commands, &twins).await?;
     let bridge_task = tokio::spawn(bridge.clone().serve(listeners, stop_bridge.clone()));
 
     let ingest = Ingest::new(log.clone(), store.clone(), &metrics);

@@ -92,3 +92,19 @@ fn a_missing_or_half_tls_configuration_stops_start_up_naming_the_key() {
     assert!(!ok);
     assert!(stderr.contains("mqtt.tls.key_file"), "{stderr}");
 }
+
+#[test]
+fn a_bad_kafka_setting_stops_start_up_naming_the_key() {
+    let (ok, stderr) = up_with(
+        &[
+            ("TERN_EVENTLOG__BACKEND", "kafka"),
+            ("TERN_EVENTLOG__KAFKA__COMPRESSION", "brotli"),
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("`eventlog.kafka.compression` must be none, snappy or lz4"),
+        "{stderr}"
+    );
+}

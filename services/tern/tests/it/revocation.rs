@@ -8,7 +8,7 @@ use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, S
 
 use crate::harness::{PATIENCE, Provisioned, Tern};
 
-fn options(tern: &Tern, device_id: &str, token: &str) -> MqttOptions {
+pub(crate) fn options(tern: &Tern, device_id: &str, token: &str) -> MqttOptions {
     let mut options = MqttOptions::new(device_id, "127.0.0.1", tern.mqtt_port);
     options.set_credentials(device_id, token);
     options.set_keep_alive(Duration::from_secs(30));
@@ -16,7 +16,9 @@ fn options(tern: &Tern, device_id: &str, token: &str) -> MqttOptions {
 }
 
 /// Connects with MQTT 5; the error is the refusal.
-async fn connect(options: MqttOptions) -> Result<(AsyncClient, EventLoop), ConnectionError> {
+pub(crate) async fn connect(
+    options: MqttOptions,
+) -> Result<(AsyncClient, EventLoop), ConnectionError> {
     let (client, mut events) = AsyncClient::new(options, 10);
     loop {
         if let Event::Incoming(Packet::ConnAck(_)) = tokio::time::timeout(PATIENCE, events.poll())
@@ -30,7 +32,10 @@ async fn connect(options: MqttOptions) -> Result<(AsyncClient, EventLoop), Conne
 
 /// Waits for the server to end the connection; returns its DISCONNECT reason and how long
 /// it took from `since`.
-async fn ended(events: &mut EventLoop, since: Instant) -> (DisconnectReasonCode, Duration) {
+pub(crate) async fn ended(
+    events: &mut EventLoop,
+    since: Instant,
+) -> (DisconnectReasonCode, Duration) {
     loop {
         match tokio::time::timeout(PATIENCE, events.poll())
             .await
@@ -55,7 +60,7 @@ fn refusal(result: Result<(AsyncClient, EventLoop), ConnectionError>) -> Connect
     }
 }
 
-fn cli_ok(tern: &Tern, args: &[&str]) {
+pub(crate) fn cli_ok(tern: &Tern, args: &[&str]) {
     let out = tokio::task::block_in_place(|| tern.cli(args));
     assert!(
         out.status.success(),
