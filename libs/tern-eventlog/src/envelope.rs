@@ -1,6 +1,8 @@
 //! Turning an accepted device message into the event-log envelope (`tern.v1.Event`), the same
 //! way for every way in (MQTT, HTTP).
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use prost::Message;
 use tern_core::{DeviceId, TenantId, decode_telemetry, now_ms};
@@ -16,12 +18,14 @@ pub const EVENT_TOPIC: &str = "event";
 pub const LIFECYCLE_TOPIC: &str = "lifecycle";
 
 /// Builds the log record: keyed by tenant/device so each device's messages stay in order.
+/// `trace_context` is the W3C trace context of the message's trace, if it is traced.
 pub fn device_record(
     tenant: TenantId,
     device: DeviceId,
     kind: EventKind,
     topic: &str,
     payload: Bytes,
+    trace_context: HashMap<String, String>,
 ) -> Record {
     let decoded = decode_telemetry(&payload);
     let content_type =
@@ -50,7 +54,7 @@ pub fn device_record(
         content_type: content_type.to_string(),
         payload: payload.to_vec(),
         metrics,
-        trace_context: Default::default(),
+        trace_context,
         topic: topic.to_string(),
     };
     let log_topic = match kind {
@@ -78,6 +82,7 @@ mod tests {
             EventKind::Telemetry,
             "telemetry",
             Bytes::from_static(br#"{"temp":21.5,"ts":5}"#),
+            HashMap::new(),
         );
         assert_eq!(r.topic, "telemetry");
         assert_eq!(r.key, Bytes::from(format!("{t}/{d}")));
@@ -104,6 +109,7 @@ mod tests {
             EventKind::Event,
             "event",
             Bytes::from_static(b"\x01\x02door open"),
+            HashMap::new(),
         );
         assert_eq!(r.topic, "event");
         let e = Event::decode(r.value).expect("decode");

@@ -4,8 +4,9 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tern_eventlog::{Consumed, Consumer, EventLog, LogError};
 use tern_proto::v1::{Event, EventKind};
-use tern_runtime::{MetricsRegistry, Shutdown};
+use tern_runtime::{MetricsRegistry, Shutdown, otel};
 use tern_store::{Point, RawEvent, Store, StoreError, WriteBatch};
+use tracing::Instrument;
 
 use crate::metrics::{IngestMetrics, StreamLabel};
 
@@ -59,6 +60,28 @@ pub fn event_to_writes(event: Event, out: &mut WriteBatch) {
         content_type: event.content_type,
         payload: event.payload.into(),
     });
+}
+
+/// A `tern.ingest` span continuing the message's trace, if it is traced and traces are exported.
+fn ingest_span(stream: &str, event: &Event) -> Option<tracing::Span> {
+    if event.trace_context.is_empty() || !otel::enabled() {
+        return None;
+    }
+    let span = tracing::info_span!(parent: None, "tern.ingest", "tern.service" = "analytics",
+        stream, tenant = %event.tenant_id, device = %event.device_id, message = %event.message_id);
+    otel::set_parent(&span, &event.trace_context);
+    Some(span)
+}
+
+/// The span of one store write: a child of its first traced message, linked to the others.
+fn store_span(traced: &[tracing::Span], batch: &WriteBatch) -> Option<tracing::Span> {
+    let (first, others) = traced.split_first()?;
+    let span = tracing::info_span!(parent: first, "tern.store.write", "tern.service" = "store",
+        points = batch.points.len(), events = batch.events.len());
+    for other in others {
+        otel::link(&span, other);
+    }
+    Some(span)
 }
 
 impl Ingest {
@@ -147,19 +170,30 @@ impl Ingest {
             stream: stream.to_string(),
         };
         let mut batch = WriteBatch::default();
+        // The traced messages' spans, ended once the batch is stored.
+        let mut traced = Vec::new();
         for record in &records {
             match Event::decode(record.value.as_ref()) {
-                Ok(event) => event_to_writes(event, &mut batch),
+                Ok(event) => {
+                    traced.extend(ingest_span(stream, &event));
+                    event_to_writes(event, &mut batch);
+                }
                 Err(e) => {
                     tracing::error!(stream, offset = record.position.offset, error = %e, "undecodable envelope skipped");
                     self.metrics.skipped.get_or_create(&label).inc();
                 }
             }
         }
+        let write_span = store_span(&traced, &batch);
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
-            match self.store.write(batch.clone()).await {
+            let write = self.store.write(batch.clone());
+            let written = match &write_span {
+                Some(span) => write.instrument(span.clone()).await,
+                None => write.await,
+            };
+            match written {
                 Ok(()) => {
                     self.metrics
                         .store_write_seconds

@@ -17,7 +17,7 @@ use tern_core::{CommandId, DeviceId, TenantId};
 use tern_eventlog::{EventLog, LogError, Position, Record};
 use tern_proto::v1::EventKind;
 use tern_registry::RegistryError;
-use tern_runtime::Shutdown;
+use tern_runtime::{Shutdown, otel};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -43,6 +43,7 @@ use crate::quota::TokenBucket;
 use crate::reauth::{self, AuthRequest};
 use crate::router::{Delivery, Mailbox, Message, SubscriptionOptions, lower_qos};
 use crate::topics::{InvalidTopic, parse_filter, validate_name};
+use crate::traces;
 use tern_eventlog::{EVENT_TOPIC, TELEMETRY_TOPIC, device_record as record};
 use tern_identity::DeviceAuthError;
 
@@ -64,6 +65,8 @@ struct Pending {
     then_deliver: Vec<Delivery>,
     publishes: usize,
     received: Instant,
+    /// The traced messages of the batch, ended when their acknowledgement is sent.
+    _spans: Vec<tracing::Span>,
 }
 
 /// The packet loop's state between reads.
@@ -76,6 +79,8 @@ struct Flow {
     /// Publishes parsed from the current read, appended as one batch.
     batch: Vec<Record>,
     batch_replies: Vec<Packet>,
+    /// Spans of the traced messages in `batch` (only while traces are exported).
+    batch_spans: Vec<tracing::Span>,
     /// Publishes received and not yet acknowledged (including the open batch).
     unacked: usize,
     /// This connection's id in the router.
@@ -162,13 +167,20 @@ impl Flow {
         }
         let records = std::mem::take(&mut self.batch);
         let publishes = records.len();
+        let spans = std::mem::take(&mut self.batch_spans);
         let log = log.clone();
+        let append = async move { log.append(records).await };
+        let append = match traces::append_span(&spans, publishes) {
+            Some(span) => tokio::spawn(append.instrument(span)),
+            None => tokio::spawn(append),
+        };
         self.inflight.push_back(Pending {
-            append: Some(tokio::spawn(async move { log.append(records).await })),
+            append: Some(append),
             replies: std::mem::take(&mut self.batch_replies),
             then_deliver: Vec::new(),
             publishes,
             received: Instant::now(),
+            _spans: spans,
         });
     }
 
@@ -193,6 +205,7 @@ impl Flow {
             then_deliver: then,
             publishes: 0,
             received: Instant::now(),
+            _spans: Vec::new(),
         });
     }
 }
@@ -559,6 +572,7 @@ impl Connection {
             qos2: HashSet::new(),
             batch: Vec::new(),
             batch_replies: Vec::new(),
+            batch_spans: Vec::new(),
             unacked: 0,
             connection,
             queue: None,
@@ -1024,13 +1038,17 @@ impl Connection {
         };
         counter.inc();
         let reply = success_reply(&publish, flow);
+        let span = traces::publish_span(&publish, flow.tenant, flow.device, topic);
+        let trace_context = span.as_ref().map(otel::inject).unwrap_or_default();
         flow.batch.push(record(
             flow.tenant,
             flow.device,
             kind,
             topic,
             publish.payload.clone(),
+            trace_context,
         ));
+        flow.batch_spans.extend(span);
         flow.batch_replies.extend(reply);
         flow.unacked += 1;
         Ok(None)
@@ -1154,8 +1172,17 @@ impl Connection {
         counter.inc();
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
         let reply = success_reply(&publish, flow);
-        flow.batch
-            .push(record(flow.tenant, child.id, kind, &topic, publish.payload));
+        let span = traces::publish_span(&publish, flow.tenant, child.id, &topic);
+        let trace_context = span.as_ref().map(otel::inject).unwrap_or_default();
+        flow.batch.push(record(
+            flow.tenant,
+            child.id,
+            kind,
+            &topic,
+            publish.payload,
+            trace_context,
+        ));
+        flow.batch_spans.extend(span);
         flow.batch_replies.extend(reply);
         flow.unacked += 1;
         Ok(())

@@ -1,6 +1,7 @@
 //! Handing publishes to subscribers on behalf of a connection or of the server itself: waiting
 //! for room in full queues, storing retained messages, and publishing wills.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,6 +180,7 @@ pub(crate) async fn publish_will(
             EventKind::Telemetry,
             TELEMETRY_TOPIC,
             will.message,
+            HashMap::new(),
         )),
         EVENT_TOPIC => records.push(record(
             tenant,
@@ -186,6 +188,7 @@ pub(crate) async fn publish_will(
             EventKind::Event,
             EVENT_TOPIC,
             will.message,
+            HashMap::new(),
         )),
         topic => {
             // MQTT 5 will properties travel with the will like a publish's (3.1.3.2).

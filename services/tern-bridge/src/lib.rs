@@ -33,6 +33,7 @@ mod router;
 mod sessions;
 mod tls;
 mod topics;
+mod traces;
 mod websocket;
 
 use std::sync::Arc;

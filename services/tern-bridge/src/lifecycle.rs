@@ -1,6 +1,7 @@
 //! Connection lifecycle events, appended to the `lifecycle` stream of the event log so that
 //! availability tracking and audit see every connect, disconnect (with its reason) and will.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ fn lifecycle(tenant: TenantId, device: DeviceId, body: serde_json::Value) -> Rec
         EventKind::Lifecycle,
         LIFECYCLE_TOPIC,
         Bytes::from(body.to_string()),
+        HashMap::new(),
     )
 }
 

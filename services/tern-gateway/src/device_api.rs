@@ -2,6 +2,7 @@
 //! credentials (the device's access token as bearer), same tenancy, same durability: a 201
 //! means the message is in the event log, exactly like an MQTT PUBACK.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,7 +55,14 @@ async fn append(
     stream: &'static str,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Stored>)> {
-    let record = device_record(device.tenant_id, device.id, kind, stream, body);
+    let record = device_record(
+        device.tenant_id,
+        device.id,
+        kind,
+        stream,
+        body,
+        HashMap::new(),
+    );
     gw.log.append(vec![record]).await.map_err(|e| {
         tracing::error!(error = %e, "event log append failed");
         ApiError::new(

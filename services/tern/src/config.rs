@@ -41,6 +41,7 @@ pub struct UpConfig {
     pub retention: RetentionConfig,
     pub eventlog: EventLogConfig,
     pub routing: RoutingConfig,
+    pub tracing: tern_runtime::otel::TracingConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +106,7 @@ impl Default for UpConfig {
             retention: RetentionConfig::default(),
             eventlog: EventLogConfig::default(),
             routing: RoutingConfig::default(),
+            tracing: tern_runtime::otel::TracingConfig::default(),
         }
     }
 }
@@ -229,6 +231,9 @@ impl UpConfig {
         if self.routing.backend == RoutingBackend::Nats
             && let Err((key, reason)) = self.routing.nats.validate()
         {
+            anyhow::bail!("invalid configuration: `{key}` {reason}");
+        }
+        if let Err((key, reason)) = self.tracing.validate() {
             anyhow::bail!("invalid configuration: `{key}` {reason}");
         }
         if let Some(first) = problems.first() {

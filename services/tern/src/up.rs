@@ -83,7 +83,8 @@ async fn connect_routes(
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let config = UpConfig::load(&args)?;
-    logging::init(&config.log.level, config.log.format);
+    let _traces = logging::init(&config.log.level, config.log.format, &config.tracing)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
 
     let data = &config.data_dir;
     std::fs::create_dir_all(data).with_context(|| {

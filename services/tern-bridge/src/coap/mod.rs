@@ -18,6 +18,7 @@
 mod exchanges;
 mod observe;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -351,7 +352,14 @@ impl Coap {
                 (owner.id, format!("{}/{child}", kind_topic(kind)))
             }
         };
-        let record = device_record(device.tenant_id, owner, kind, &topic, payload);
+        let record = device_record(
+            device.tenant_id,
+            owner,
+            kind,
+            &topic,
+            payload,
+            HashMap::new(),
+        );
         bridge.log.append(vec![record]).await.map_err(unavailable)?;
         let counter = match kind {
             EventKind::Event => &bridge.metrics.events_in,

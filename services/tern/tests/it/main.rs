@@ -34,5 +34,6 @@ mod sessions;
 mod simulator;
 mod tenancy;
 mod tls;
+mod traces;
 mod twins;
 mod websocket;
