@@ -81,12 +81,33 @@ class Server:
         self.name, self.durable, self.env = name, durable, env or {}
         self.dir = tempfile.mkdtemp(prefix=f"bench-{name}-")
         self.proc = None
+        self.broker = None
         self.extra = {}
+
+    @property
+    def is_tern(self):
+        return self.name.startswith("tern")
 
     def start(self):
         self.mqtt = free_port()
         log = open(os.path.join(self.dir, "server.log"), "w")
-        if self.name == "tern":
+        if self.name == "tern-kafka":
+            # Tern on the Kafka event log, against tansu (a Kafka-protocol broker, in memory:
+            # no fsync, unlike the embedded log). tansu holds every fetch for fetch.wait.max.ms
+            # even when records arrive, hence the short wait (libs/tern-eventlog/tests/kafka.rs).
+            kafka = free_port()
+            url = f"tcp://127.0.0.1:{kafka}"
+            self.broker = subprocess.Popen(["tansu", "broker", "--listener-url", url,
+                                            "--advertised-listener-url", url,
+                                            "--storage-engine", "memory://tansu/"],
+                                           stdout=subprocess.DEVNULL, stderr=log)
+            wait_port(kafka, self.broker, "tansu")
+            self.env = dict(self.env, TERN_EVENTLOG__BACKEND="kafka",
+                            TERN_EVENTLOG__KAFKA__BROKERS=f"127.0.0.1:{kafka}",
+                            TERN_EVENTLOG__KAFKA__REPLICATION_FACTOR="1",
+                            TERN_EVENTLOG__KAFKA__PARTITIONS="4",
+                            TERN_EVENTLOG__KAFKA__FETCH_WAIT_MAX_MS="10")
+        if self.is_tern:
             self.http = free_port()
             cmd = [TERN, "up", "--bind", "127.0.0.1", "--data-dir", os.path.join(self.dir, "data"),
                    "--mqtt-port", str(self.mqtt), "--http-port", str(self.http),
@@ -109,7 +130,7 @@ class Server:
             cmd, env = ["nats-server", "-c", conf], dict(os.environ)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
         wait_port(self.mqtt, self.proc, self.name)
-        if self.name == "tern":
+        if self.is_tern:
             wait_port(self.http, self.proc, "tern http")
             with open(os.path.join(self.dir, "data", "admin.token")) as f:
                 self.token = f.read().strip()
@@ -156,6 +177,9 @@ class Server:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.broker:
+            self.broker.kill()
+            self.broker.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -163,10 +187,10 @@ def sim(server, args, label, on_provisioned=None):
     """Runs tern-sim; `on_provisioned` is called once its clients are provisioned (before any
     connects), so that a scenario can sample the server between the two phases."""
     cmd = [SIM, "--broker", f"127.0.0.1:{server.mqtt}", "--label", label] + args
-    if server.name == "tern":
+    if server.is_tern:
         cmd += ["--tern-server", f"http://127.0.0.1:{server.http}", "--tern-tenant", "bench"]
     env = dict(os.environ)
-    if server.name == "tern":
+    if server.is_tern:
         env["TERN_TOKEN"] = server.token
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     errors = []
@@ -194,10 +218,13 @@ def measure(server_name, durable, fn):
         pid = server.proc.pid
         rss_before = memory_kib(pid, "VmRSS")
         cpu_before = cpu_seconds(pid)
+        broker_cpu_before = cpu_seconds(server.broker.pid) if server.broker else 0
         result = fn(server)
         result["server_cpu_s"] = round(cpu_seconds(pid) - cpu_before, 2)
         result["server_peak_rss_kib"] = memory_kib(pid, "VmHWM")
         result["server_rss_before_kib"] = rss_before
+        if server.broker:
+            result["broker_cpu_s"] = round(cpu_seconds(server.broker.pid) - broker_cpu_before, 2)
         return result
     finally:
         server.stop()
@@ -245,7 +272,7 @@ def scenarios(duration, scale):
             args = pub100 + ["--qos", "1"]
             if rate:
                 args += ["--rate", str(rate)]
-            if server.name != "tern":
+            if not server.is_tern:
                 args += peers_topic
             return sim(server, args, "")
         return run
@@ -368,11 +395,11 @@ def scenarios(duration, scale):
         ("S5", f"fan-out: 1 publisher at 10 msg/s QoS 0 to {n(10000):,} subscribers of bench/#",
          "receive_rate_msgs_per_s", "tern", peers, False, fan_out),
         ("S2d", f"QoS 1 publish, durable before PUBACK, {n(100)} publishers at full speed", "throughput_msgs_per_s",
-         "tern", peers, True, durable_publish()),
+         "tern", peers + ["tern-kafka"], True, durable_publish()),
         ("S2d-fixed", f"QoS 1 durable publish at a fixed {n(100) * 100:,} msg/s ({n(100)} × 100/s): latency at equal load",
-         "throughput_msgs_per_s", "tern", peers, True, durable_publish(rate=100)),
+         "throughput_msgs_per_s", "tern", peers + ["tern-kafka"], True, durable_publish(rate=100)),
         ("S3", f"ingest: {n(10000):,} devices × 10 msg/s JSON telemetry (QoS 1) until stored as time series",
-         "points_stored_per_s", "tern", [], True, ingest),
+         "points_stored_per_s", "tern", ["tern-kafka"], True, ingest),
         ("S6", f"command round trip: {n(200):,} REST commands/s (synchronous) to {n(1000):,} devices "
          f"that publish 10 msg/s of telemetry meanwhile", "commands_per_s", "tern", [], True, commands),
         ("S7", "query: a year of per-minute data for one metric (525,600 points), chart queries at "
@@ -557,6 +584,8 @@ def render(meta, results, engine=None):
                 base = r.get("server_rss_provisioned_kib") or r["server_rss_before_kib"]
                 per = (r["server_rss_with_connections_kib"] - base) / r["connected"]
                 note = f"{r['connected']:,} connected; {per:.2f} KiB server RSS per connection"
+            if r.get("broker_cpu_s") is not None:
+                note += f"{'; ' if note else ''}tansu CPU {r['broker_cpu_s']} s (not in server CPU)"
             if name != "tern" and tern and "error" not in tern and tern.get(row["key"]) and r.get(row["key"]):
                 note += f"{'; ' if note else ''}Tern/{name} = {tern[row['key']] / r[row['key']]:.2f}"
             lines.append(

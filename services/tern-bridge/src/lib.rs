@@ -136,6 +136,7 @@ impl Bridge {
             commands: self.command_targets.clone(),
             twins: self.command_targets.clone(),
             access: self.sessions.clone(),
+            takeover: self.sessions.clone(),
         }
     }
 

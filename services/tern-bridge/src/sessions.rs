@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tern_core::{DeviceId, TenantId};
 use tern_registry::AccessRevoked;
-use tern_registry::nats::DevicePresence;
+use tern_registry::nats::{DevicePresence, TakenOver};
 use tokio_util::sync::CancellationToken;
 
 /// How long a new connection waits for the one it replaces to wind down.
@@ -126,6 +126,15 @@ impl Sessions {
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<(TenantId, DeviceId), CancellationToken>> {
         self.delayed_wills.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl TakenOver for Sessions {
+    fn taken_over(&self, tenant: TenantId, device: DeviceId) {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(session) = live.get(&(tenant, device)) {
+            session.taken_over.cancel();
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 //! Routing over NATS, for when the registry and the bridge holding a device are not the same
 //! process: commands, desired twin changes and revocations go to the subjects of the device,
 //! `{prefix}.device.{tenant}.{device}.{command|twin|revoked}`, and only the bridge instance that
-//! holds the device's connection subscribes to them ([`NatsEndpoint`]).
+//! holds the device's connection subscribes to them ([`NatsEndpoint`]). A bridge that takes a
+//! device's connection publishes `.takeover`, so that another instance still holding an older
+//! connection of the device closes it (one session per client, as MQTT requires).
 //!
 //! A command is a request: the holder answers whether a connection took it. Nobody subscribed
 //! (NATS "no responders") means the device is offline: the command stays pending in the
@@ -89,6 +91,7 @@ enum Kind {
     Command,
     Twin,
     Revoked,
+    Takeover,
 }
 
 impl Kind {
@@ -97,11 +100,12 @@ impl Kind {
             Kind::Command => "command",
             Kind::Twin => "twin",
             Kind::Revoked => "revoked",
+            Kind::Takeover => "takeover",
         }
     }
 
     fn from_token(token: &str) -> Option<Self> {
-        [Kind::Command, Kind::Twin, Kind::Revoked]
+        [Kind::Command, Kind::Twin, Kind::Revoked, Kind::Takeover]
             .into_iter()
             .find(|k| k.token() == token)
     }
@@ -184,12 +188,19 @@ pub trait DevicePresence: Send + Sync {
     fn detached(&self, tenant: TenantId, device: DeviceId);
 }
 
+/// Told when another bridge instance took a device's connection.
+pub trait TakenOver: Send + Sync {
+    /// Closes this instance's connection of the device, if any.
+    fn taken_over(&self, tenant: TenantId, device: DeviceId);
+}
+
 /// Where the endpoint hands what arrives: the bridge's own, in-process routes.
 #[derive(Clone)]
 pub struct LocalRoutes {
     pub commands: Arc<dyn CommandRoute>,
     pub twins: Arc<dyn TwinRoute>,
     pub access: Arc<dyn AccessRevoked>,
+    pub takeover: Arc<dyn TakenOver>,
 }
 
 enum Presence {
@@ -215,6 +226,7 @@ impl NatsEndpoint {
             local,
             rx,
         ));
+
         Self { changes, task }
     }
 }
@@ -248,6 +260,8 @@ async fn track_presence(
     mut changes: mpsc::UnboundedReceiver<Presence>,
 ) {
     let mut held: HashMap<(TenantId, DeviceId), Held> = HashMap::new();
+    // Tells this instance's takeover announcements from the others'.
+    let instance = Bytes::from(uuid::Uuid::new_v4().to_string());
     while let Some(change) = changes.recv().await {
         match change {
             Presence::Attached(tenant, device) => {
@@ -262,9 +276,14 @@ async fn track_presence(
                             client.clone(),
                             subscriber,
                             local.clone(),
-                            tenant,
-                            device,
+                            (tenant, device),
+                            instance.clone(),
                         ));
+                        // Any other instance holding the device lets go of it.
+                        let takeover = subject(&prefix, tenant, device, Kind::Takeover);
+                        if let Err(e) = client.publish(takeover, instance.clone()).await {
+                            tracing::warn!(%tenant, %device, error = %e, "cannot announce a takeover over NATS");
+                        }
                         held.insert(
                             (tenant, device),
                             Held {
@@ -300,8 +319,8 @@ async fn listen(
     client: Client,
     mut subscriber: async_nats::Subscriber,
     local: LocalRoutes,
-    tenant: TenantId,
-    device: DeviceId,
+    (tenant, device): (TenantId, DeviceId),
+    instance: Bytes,
 ) {
     while let Some(message) = subscriber.next().await {
         let kind = message
@@ -331,6 +350,10 @@ async fn listen(
                 }
             },
             Some(Kind::Revoked) => local.access.access_revoked(tenant, device).await,
+            Some(Kind::Takeover) if message.payload != instance => {
+                local.takeover.taken_over(tenant, device);
+            }
+            Some(Kind::Takeover) => {}
             None => {}
         }
     }

@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{Map, json};
 use tern_core::{Command, CommandId, CommandState, DeviceId, TenantId};
-use tern_registry::nats::{DevicePresence, LocalRoutes, NatsConfig, NatsEndpoint, NatsRouter};
+use tern_registry::nats::{
+    DevicePresence, LocalRoutes, NatsConfig, NatsEndpoint, NatsRouter, TakenOver,
+};
 use tern_registry::testing::NatsServer;
 use tern_registry::{AccessRevoked, CommandRoute, DesiredState, TwinRoute};
 
@@ -20,6 +22,13 @@ struct Recorder {
     commands: Mutex<Vec<(TenantId, DeviceId, CommandId)>>,
     twins: Mutex<Vec<(DeviceId, u64)>>,
     revoked: Mutex<Vec<DeviceId>>,
+    taken_over: Mutex<Vec<DeviceId>>,
+}
+
+impl TakenOver for Recorder {
+    fn taken_over(&self, _: TenantId, device: DeviceId) {
+        self.taken_over.lock().unwrap().push(device);
+    }
 }
 
 #[async_trait]
@@ -58,6 +67,7 @@ async fn bridge(config: &NatsConfig) -> Bridge {
         commands: seen.clone(),
         twins: seen.clone(),
         access: seen.clone(),
+        takeover: seen.clone(),
     };
     let client = config.connect().await.unwrap();
     Bridge {
@@ -136,6 +146,39 @@ async fn commands_twins_and_revocations_reach_only_the_bridge_holding_the_device
     assert!(router.deliver(&command(tenant, on_a)).await);
     a.endpoint.detached(tenant, on_a);
     assert!(eventually(async || !router.deliver(&command(tenant, on_a)).await).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_connecting_to_another_bridge_is_let_go_by_the_first() {
+    let server = NatsServer::start();
+    let config = NatsConfig {
+        url: server.url.clone(),
+        ..NatsConfig::default()
+    };
+    let router = NatsRouter::new(config.connect().await.unwrap(), &config);
+    let (first, second) = (bridge(&config).await, bridge(&config).await);
+    let tenant = TenantId::random();
+    let (roaming, staying) = (DeviceId::random(), DeviceId::random());
+    first.endpoint.attached(tenant, roaming);
+    first.endpoint.attached(tenant, staying);
+    assert!(eventually(async || router.deliver(&command(tenant, staying)).await).await);
+
+    second.endpoint.attached(tenant, roaming);
+    assert!(
+        eventually(async || first.seen.taken_over.lock().unwrap().as_slice() == [roaming]).await
+    );
+    assert!(
+        second.seen.taken_over.lock().unwrap().is_empty(),
+        "not by its own announcement"
+    );
+    // The first bridge's connection ends (as the takeover closes it): commands find the second.
+    first.endpoint.detached(tenant, roaming);
+    let reaches_second = async || {
+        router.deliver(&command(tenant, roaming)).await;
+        let seen = second.seen.commands.lock().unwrap();
+        seen.iter().any(|(_, device, _)| *device == roaming)
+    };
+    assert!(eventually(reaches_second).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
