@@ -2,6 +2,9 @@
 //! flows on the event log and the gRPC services. This is the only crate that runs codegen.
 
 /// The `tern.v1` package.
+/// The encoded descriptors of the tern.v1 contracts, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tern_descriptor");
+
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("tern.v1");

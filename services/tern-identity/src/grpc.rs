@@ -238,12 +238,17 @@ fn access_request(r: v1::AccessRequest) -> Result<AccessRequest, String> {
 /// Authenticates every gRPC call by its `authorization: Bearer <token>` metadata (an API or
 /// operator token, or an OAuth access token whose scopes allow the method) and hands the
 /// [`Caller`](tern_core::Caller) to the handlers as a request extension. Calls without valid
-/// credentials never reach a handler.
+/// credentials never reach a handler, except health checks.
 pub async fn grpc_auth(
     axum::extract::State(identity): axum::extract::State<Arc<Identity>>,
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    // The standard health checking protocol: Kubernetes probes carry no credentials, and the
+    // answer (serving or not) tells nothing about any tenant.
+    if req.uri().path().starts_with("/grpc.health.v1.Health/") {
+        return next.run(req).await;
+    }
     let token = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -279,7 +284,8 @@ fn grpc_access(path: &str) -> ApiAccess {
         && !matches!(method, "VerifyDeviceToken" | "Authorize")
     {
         ApiAccess::Admin
-    } else if method.starts_with("Get")
+    } else if path.starts_with("/grpc.reflection.")
+        || method.starts_with("Get")
         || method.starts_with("List")
         || method.starts_with("Verify")
         || method == "Authorize"

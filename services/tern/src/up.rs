@@ -24,6 +24,8 @@ use tern_registry::{Commands, Registry, RegistryGrpc, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown, logging, shutdown_signal};
 use tern_store::{EmbeddedStore, Store};
 use tokio::net::{TcpListener, UdpSocket};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::cli::UpArgs;
 use crate::config::{EventLogBackend, RoutingBackend, UpConfig};
@@ -79,6 +81,13 @@ async fn connect_routes(
         }
     }
     Ok(())
+}
+
+/// The gRPC services' health: the whole server (`""`) and each service by name.
+async fn set_grpc_health(health: &HealthReporter, status: ServingStatus) {
+    for service in ["", "tern.v1.Registry", "tern.v1.Identity"] {
+        health.set_service_status(service, status).await;
+    }
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -254,9 +263,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Commands whose TTL passes unanswered are expired (and logged) within about a second.
     tokio::spawn(commands.run_expiry(Duration::from_secs(1), stop_apis.clone().cancelled_owned()));
 
+    // Health answers without credentials (Kubernetes probes have none); reflection, like the
+    // services, needs a token with `tern:read`.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_grpc_health(&health, ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tern_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build gRPC reflection")?;
     let grpc_router =
         tonic::service::Routes::new(RegistryGrpc::new(registry.clone()).into_server())
             .add_service(IdentityGrpc::new(identity.clone()).into_server())
+            .add_service(reflection)
+            .add_service(health_service)
             .into_axum_router()
             .layer(axum::middleware::from_fn_with_state(
                 identity.clone(),
@@ -277,6 +296,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; draining");
     gateway.set_ready(false);
+    set_grpc_health(&health, ServingStatus::NotServing).await;
     let deadline = Duration::from_secs(config.shutdown_timeout_secs);
     let drained = tokio::time::timeout(deadline, async {
         stop_bridge.cancel();
