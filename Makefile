@@ -9,10 +9,14 @@ CARGO ?= cargo
 # Debian packages: protoc for the gRPC contracts, mosquitto clients and jq for the tests and the
 # README quickstart, Chromium for the dashboard tests, authlib (a third-party OAuth client) for the
 # authorization server tests, OpenLDAP's slapd and tools for the LDAP directory tests, nats-server
-# for the command routing tests.
+# for the command routing tests, python3-venv for the chart checker's environment.
 APT_PACKAGES := protobuf-compiler mosquitto-clients jq chromium python3-paho-mqtt openssl libcoap3-bin chromium-driver \
-	python3-authlib python3-requests slapd ldap-utils nats-server
+	python3-authlib python3-requests slapd ldap-utils nats-server python3-venv
 TANSU_VERSION := 0.6.0
+# The Helm chart checker (deploy/check_chart.py): Helm's Go SDK as a wheel and the Kubernetes
+# OpenAPI schemas, in a virtual environment outside the clone.
+CHART_VENV := $(HOME)/.cache/tern/chart-venv
+CHART_PACKAGES := helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
@@ -33,6 +37,9 @@ deps: ## Install the system packages the build and the tests need (idempotent, q
 	@# once; its in-memory storage needs the dynostore feature). Installed outside the clone.
 	@command -v tansu >/dev/null || { echo "installing tansu $(TANSU_VERSION) (cargo install, once)"; \
 		env -u CARGO_TARGET_DIR $(CARGO) install --locked --quiet tansu --version $(TANSU_VERSION) --features dynostore; }
+	@[ -x $(CHART_VENV)/bin/python ] || python3 -m venv $(CHART_VENV)
+	@$(CHART_VENV)/bin/python -c "import helm_python, kubernetes_validate, yaml" 2>/dev/null || \
+		$(CHART_VENV)/bin/pip install --quiet --disable-pip-version-check $(CHART_PACKAGES)
 
 .PHONY: build
 build: deps ## Build the release binary into bin/tern
@@ -50,8 +57,13 @@ lint: deps ## Formatting and clippy with warnings as errors
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 .PHONY: test
-test: lint ## Lint, then every unit, conformance and end-to-end test
+test: lint ## Lint, then every unit, conformance and end-to-end test, and the Helm chart
 	$(CARGO) test --locked --workspace
+	$(CHART_VENV)/bin/python deploy/check_chart.py
+
+.PHONY: chart
+chart: deps ## Lint, render and validate the Helm chart (helm/tern)
+	$(CHART_VENV)/bin/python deploy/check_chart.py
 
 .PHONY: bench
 bench: deps ## Benchmarks: Tern beside Mosquitto and nats-server (BENCH_ARGS="--duration 10 --scale 1")
