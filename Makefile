@@ -51,6 +51,10 @@ build: deps ## Build the release binary into bin/tern
 run: build ## Run every service in one process on embedded storage (data in ./data)
 	bin/tern up
 
+.PHONY: run-distributed
+run-distributed: build ## Run Tern on Kafka (tansu) and NATS started on loopback (data in ./data-distributed)
+	deploy/run-distributed.sh
+
 .PHONY: lint
 lint: deps ## Formatting and clippy with warnings as errors
 	$(CARGO) fmt --all --check
