@@ -24,11 +24,7 @@ pub type Open = dyn Fn(&Path) -> Arc<dyn EventLog>;
 const WAIT: Duration = Duration::from_millis(200);
 
 fn record(topic: &str, key: &str, value: impl Into<Bytes>) -> Record {
-    Record {
-        topic: topic.into(),
-        key: Bytes::copy_from_slice(key.as_bytes()),
-        value: value.into(),
-    }
+    Record::new(topic, Bytes::copy_from_slice(key.as_bytes()), value)
 }
 
 async fn drain(log: &dyn EventLog, group: &str, topic: &str) -> Vec<(String, String)> {

@@ -62,10 +62,18 @@ pub fn device_record(
         EventKind::Lifecycle => LIFECYCLE_TOPIC,
         _ => TELEMETRY_TOPIC,
     };
+    let headers = event
+        .trace_context
+        .iter()
+        .map(|(name, value)| (name.clone(), Bytes::from(value.clone())))
+        .collect();
     Record {
-        topic: log_topic.to_string(),
-        key: Bytes::from(format!("{tenant}/{device}")),
-        value: Bytes::from(event.encode_to_vec()),
+        headers,
+        ..Record::new(
+            log_topic,
+            format!("{tenant}/{device}"),
+            event.encode_to_vec(),
+        )
     }
 }
 
@@ -98,6 +106,34 @@ mod tests {
         );
         assert_eq!(e.tenant_id, t.to_string());
         assert!(uuid::Uuid::parse_str(&e.message_id).is_ok());
+    }
+
+    #[test]
+    fn a_traced_message_carries_its_context_in_the_envelope_and_the_headers() {
+        let (t, d) = (TenantId::random(), DeviceId::random());
+        let context = HashMap::from([(
+            "traceparent".to_string(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string(),
+        )]);
+        let r = device_record(
+            t,
+            d,
+            EventKind::Telemetry,
+            "telemetry",
+            Bytes::from_static(b"{}"),
+            context.clone(),
+        );
+        assert_eq!(
+            r.headers,
+            [(
+                "traceparent".to_string(),
+                Bytes::from(context["traceparent"].clone())
+            )]
+        );
+        assert_eq!(
+            Event::decode(r.value).expect("decode").trace_context,
+            context
+        );
     }
 
     #[test]

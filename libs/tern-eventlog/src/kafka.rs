@@ -19,7 +19,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -231,9 +231,21 @@ impl KafkaLog {
     async fn enqueue(&self, topic: &str, record: &Record) -> Result<DeliveryFuture, LogError> {
         let started = Instant::now();
         loop {
-            let future = FutureRecord::to(topic)
+            let mut future = FutureRecord::to(topic)
                 .key(record.key.as_ref())
                 .payload(record.value.as_ref());
+            if !record.headers.is_empty() {
+                let headers = record.headers.iter().fold(
+                    OwnedHeaders::new_with_capacity(record.headers.len()),
+                    |headers, (key, value)| {
+                        headers.insert(Header {
+                            key,
+                            value: Some(value.as_ref()),
+                        })
+                    },
+                );
+                future = future.headers(headers);
+            }
             match self.producer.send_result(future) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))

@@ -32,6 +32,21 @@ pub struct Record {
     /// Decides the partition: records with equal keys keep their relative order.
     pub key: Bytes,
     pub value: Bytes,
+    /// Metadata for other readers of the log, such as the W3C `traceparent`: Kafka keeps them
+    /// as record headers; the embedded log, which only Tern reads, does not keep them. Tern's
+    /// own consumers never depend on them (the envelope carries what they need).
+    pub headers: Vec<(String, Bytes)>,
+}
+
+impl Record {
+    pub fn new(topic: impl Into<String>, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
+        Self {
+            topic: topic.into(),
+            key: key.into(),
+            value: value.into(),
+            headers: Vec::new(),
+        }
+    }
 }
 
 /// Where a record was written.

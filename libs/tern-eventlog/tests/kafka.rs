@@ -134,11 +134,11 @@ async fn topics_are_created_from_config() {
         ..config(&broker.address, dir.path())
     };
     let log = KafkaLog::new(config.clone()).unwrap();
-    log.append(vec![tern_eventlog::Record {
-        topic: "telemetry".into(),
-        key: "acme/d1".into(),
-        value: "v".into(),
-    }])
+    log.append(vec![tern_eventlog::Record::new(
+        "telemetry",
+        "acme/d1",
+        "v",
+    )])
     .await
     .unwrap();
 
@@ -162,4 +162,48 @@ async fn topics_are_created_from_config() {
     let resource = described.into_iter().next().unwrap().unwrap();
     let retention = resource.get("retention.ms").and_then(|e| e.value.clone());
     assert_eq!(retention.as_deref(), Some("172800000"));
+}
+
+/// Headers (the W3C trace context of traced device messages) become Kafka record headers, for
+/// tools that read the topics directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_become_kafka_record_headers() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::{Headers, Message};
+
+    let broker = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&broker.address, dir.path());
+    let log = KafkaLog::new(config.clone()).unwrap();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let record = tern_eventlog::Record {
+        headers: vec![("traceparent".into(), traceparent.into())],
+        ..tern_eventlog::Record::new("telemetry", "acme/d1", "v")
+    };
+    log.append(vec![record]).await.unwrap();
+
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("group.id", "reader")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    reader
+        .subscribe(&[&format!("{}telemetry", config.namespace)])
+        .unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(20), reader.recv())
+        .await
+        .expect("a record in time")
+        .unwrap();
+    let headers = message.headers().expect("headers");
+    let found: Vec<(String, Vec<u8>)> = headers
+        .iter()
+        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+        .collect();
+    assert_eq!(
+        found,
+        [("traceparent".to_string(), traceparent.as_bytes().to_vec())]
+    );
 }

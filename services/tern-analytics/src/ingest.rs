@@ -307,22 +307,10 @@ mod tests {
             Arc::new(EmbeddedStore::open(&dir.path().join("store")).expect("store"));
         let good = envelope("m1", vec![("temp", 21.5)], b"{}");
         log.append(vec![
-            Record {
-                topic: "telemetry".into(),
-                key: "k".into(),
-                value: b"\xff not protobuf".to_vec().into(),
-            },
-            Record {
-                topic: "telemetry".into(),
-                key: "k".into(),
-                value: good.encode_to_vec().into(),
-            },
+            Record::new("telemetry", "k", b"\xff not protobuf".to_vec()),
+            Record::new("telemetry", "k", good.encode_to_vec()),
             // Replayed message: stored once.
-            Record {
-                topic: "telemetry".into(),
-                key: "k".into(),
-                value: good.encode_to_vec().into(),
-            },
+            Record::new("telemetry", "k", good.encode_to_vec()),
         ])
         .await
         .expect("append");

@@ -615,11 +615,11 @@ fn finished_record(command: &Command) -> Record {
         trace_context: Default::default(),
         topic: command.request_topic(),
     };
-    Record {
-        topic: COMMANDS_TOPIC.to_string(),
-        key: Bytes::from(format!("{}/{}", command.tenant_id, command.device_id)),
-        value: Bytes::from(event.encode_to_vec()),
-    }
+    Record::new(
+        COMMANDS_TOPIC,
+        format!("{}/{}", command.tenant_id, command.device_id),
+        event.encode_to_vec(),
+    )
 }
 
 #[cfg(test)]
