@@ -479,6 +479,60 @@ pub async fn data_survives_reopen(open: &Open, dir: &Path) {
     );
 }
 
+/// Of many concurrent swaps from the same state, exactly one wins; a stale expectation loses.
+pub async fn compare_and_swap_lets_exactly_one_win(open: &Open, dir: &Path) {
+    let store = open(dir);
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let won = store
+                    .compare_and_swap("code", "k", None, Some(Bytes::from(format!("{i}"))))
+                    .await
+                    .expect("swap");
+                (i, won)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (i, won) = task.await.expect("task");
+        if won {
+            winners.push(i);
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one swap from absent wins");
+    let winner = Bytes::from(format!("{}", winners[0]));
+    assert_eq!(
+        store.get_record("code", "k").await.expect("get"),
+        Some(winner.clone())
+    );
+    let stale = Bytes::from_static(b"not what is there");
+    assert!(
+        !store
+            .compare_and_swap("code", "k", Some(stale), None)
+            .await
+            .expect("swap")
+    );
+    assert!(
+        store
+            .compare_and_swap("code", "k", Some(winner), Some(Bytes::from_static(b"used")))
+            .await
+            .expect("swap")
+    );
+    assert!(
+        store
+            .compare_and_swap("code", "k", Some(Bytes::from_static(b"used")), None)
+            .await
+            .expect("swap")
+    );
+    assert_eq!(
+        store.get_record("code", "k").await.expect("get"),
+        None,
+        "None deletes"
+    );
+}
+
 pub async fn records_crud_and_paged_listing(open: &Open, dir: &Path) {
     let store = open(dir);
     for key in ["a/1", "a/2", "a/3", "ab/1", "b/1"] {
@@ -607,6 +661,7 @@ macro_rules! store_conformance_tests {
                 events_filter_by_kind_before_the_limit,
                 data_survives_reopen,
                 records_crud_and_paged_listing,
+                compare_and_swap_lets_exactly_one_win,
                 invalid_keys_are_refused,
             );
         }

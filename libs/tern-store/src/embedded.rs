@@ -25,6 +25,8 @@ struct Inner {
     /// Serialises writes, so the read-modify-write of latest values and rollups cannot
     /// interleave.
     write_lock: Mutex<()>,
+    /// Serialises compare-and-swap of records (one process owns the embedded store).
+    swap_lock: Mutex<()>,
 }
 
 /// The embedded store used by `tern up`.
@@ -48,6 +50,7 @@ impl EmbeddedStore {
             records: keyspace("records")?,
             db,
             write_lock: Mutex::new(()),
+            swap_lock: Mutex::new(()),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -491,6 +494,30 @@ impl Store for EmbeddedStore {
             .get(key)
             .map_err(storage)?
             .map(|v| Bytes::copy_from_slice(&v)))
+    }
+
+    async fn compare_and_swap(
+        &self,
+        kind: &str,
+        key: &str,
+        expected: Option<Bytes>,
+        new: Option<Bytes>,
+    ) -> Result<bool, StoreError> {
+        let key = record_key(kind, key)?;
+        self.run(move |inner| {
+            let _swap = inner.swap_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let current = inner.records.get(&key).map_err(storage)?;
+            if current.as_deref() != expected.as_deref() {
+                return Ok(false);
+            }
+            match new {
+                Some(value) => inner.records.insert(key, value.to_vec()).map_err(storage)?,
+                None => inner.records.remove(key).map_err(storage)?,
+            }
+            inner.db.persist(PersistMode::SyncData).map_err(storage)?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn delete_record(&self, kind: &str, key: &str) -> Result<bool, StoreError> {

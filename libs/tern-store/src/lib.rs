@@ -224,6 +224,17 @@ pub trait Store: Send + Sync + 'static {
         records: Vec<(String, Bytes)>,
     ) -> Result<(), StoreError>;
     async fn get_record(&self, kind: &str, key: &str) -> Result<Option<Bytes>, StoreError>;
+    /// Sets the record to `new` (`None` deletes it) only if it is still `expected` (`None`:
+    /// absent), durably; returns whether it did. Atomic against other `compare_and_swap`s of
+    /// the record, across processes where the backend is shared: what single use (an OAuth code,
+    /// a refresh token) and uniqueness rest on instead of a lock in one process.
+    async fn compare_and_swap(
+        &self,
+        kind: &str,
+        key: &str,
+        expected: Option<Bytes>,
+        new: Option<Bytes>,
+    ) -> Result<bool, StoreError>;
     /// Returns whether the record existed.
     async fn delete_record(&self, kind: &str, key: &str) -> Result<bool, StoreError>;
     /// Up to `limit` records whose key starts with `prefix`, in key order, after the key `after`.

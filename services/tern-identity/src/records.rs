@@ -19,6 +19,39 @@ pub(crate) async fn get<T: DeserializeOwned>(
     }
 }
 
+/// A record and the bytes it was read from, so that [`replace`] writes over exactly that.
+pub(crate) struct Versioned<T> {
+    pub value: T,
+    read: bytes::Bytes,
+}
+
+pub(crate) async fn get_versioned<T: DeserializeOwned>(
+    store: &dyn Store,
+    kind: &str,
+    key: &str,
+) -> Result<Option<Versioned<T>>, IdentityError> {
+    match store.get_record(kind, key).await? {
+        None => Ok(None),
+        Some(read) => serde_json::from_slice(&read)
+            .map(|value| Some(Versioned { value, read }))
+            .map_err(|e| IdentityError::Keys(format!("corrupt {kind} record: {e}"))),
+    }
+}
+
+/// Writes `value` only if the record is still what `read` saw; returns whether it did (false:
+/// someone changed it meanwhile, in this process or another).
+pub(crate) async fn replace<T: Serialize, R>(
+    store: &dyn Store,
+    kind: &str,
+    key: &str,
+    read: &Versioned<R>,
+    value: &T,
+) -> Result<bool, IdentityError> {
+    Ok(store
+        .compare_and_swap(kind, key, Some(read.read.clone()), Some(to_bytes(value)))
+        .await?)
+}
+
 pub(crate) async fn put<T: Serialize>(
     store: &dyn Store,
     kind: &str,

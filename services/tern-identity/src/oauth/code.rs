@@ -69,7 +69,7 @@ struct PendingRecord {
     expires_at_ms: i64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct CodeRecord {
     tenant_id: TenantId,
     client_id: String,
@@ -256,24 +256,18 @@ impl OAuth {
             .as_deref()
             .ok_or_else(|| OAuthError::invalid_request("code is missing"))?;
         let key = token_hash(code);
-        let _redeeming = self.redeem.lock().await;
-        let mut record: CodeRecord = records::get(&*self.store, CODE, &key)
+        let read = records::get_versioned::<CodeRecord>(&*self.store, CODE, &key)
             .await?
-            .filter(|r: &CodeRecord| r.tenant_id == tenant.id)
+            .filter(|r| r.value.tenant_id == tenant.id)
             .ok_or_else(|| OAuthError::invalid_grant("unknown authorization code"))?;
+        let mut record = read.value.clone();
         if record.client_id != client.client_id {
             return Err(OAuthError::invalid_grant(
                 "the code was issued to another client",
             ));
         }
         if let Some(family) = &record.redeemed_family {
-            // RFC 6749 4.1.2: a code used twice revokes what it gave.
-            tracing::warn!(tenant = %tenant.id, client_id = %client.client_id, "authorization code reused: revoking its tokens");
-            let until = now_ms() + self.config.refresh_token_ttl_secs as i64 * 1000;
-            self.revoke_family(family, until).await?;
-            return Err(OAuthError::invalid_grant(
-                "the code was already used; its tokens are revoked",
-            ));
+            return Err(self.code_reused(tenant, client, family).await);
         }
         if record.expires_at_ms <= now_ms() {
             return Err(OAuthError::invalid_grant("the authorization code expired"));
@@ -292,7 +286,16 @@ impl OAuth {
         check_verifier(verifier, &record.code_challenge)?;
         let family = uuid::Uuid::new_v4().to_string();
         record.redeemed_family = Some(family.clone());
-        records::put(&*self.store, CODE, &key, &record).await?;
+        if !records::replace(&*self.store, CODE, &key, &read, &record).await? {
+            // Redeemed meanwhile (here or by another instance): a second use like any other.
+            let winner = records::get::<CodeRecord>(&*self.store, CODE, &key)
+                .await?
+                .and_then(|r| r.redeemed_family);
+            return Err(match winner {
+                Some(family) => self.code_reused(tenant, client, &family).await,
+                None => OAuthError::invalid_grant("the authorization code is no longer valid"),
+            });
+        }
         let user = self
             .users
             .get(tenant.id, &record.user_id)
@@ -312,6 +315,18 @@ impl OAuth {
             auth_time_s: Some(record.auth_time_s),
         })
         .await
+    }
+}
+
+impl OAuth {
+    /// RFC 6749 4.1.2: a code used twice revokes what it gave.
+    async fn code_reused(&self, tenant: &Tenant, client: &OAuthClient, family: &str) -> OAuthError {
+        tracing::warn!(tenant = %tenant.id, client_id = %client.client_id, "authorization code reused: revoking its tokens");
+        let until = now_ms() + self.config.refresh_token_ttl_secs as i64 * 1000;
+        if let Err(e) = self.revoke_family(family, until).await {
+            return e;
+        }
+        OAuthError::invalid_grant("the code was already used; its tokens are revoked")
     }
 }
 

@@ -105,6 +105,24 @@ impl OAuth {
         Ok(())
     }
 
+    /// A spent refresh token came back: its whole family is revoked (RFC 9700 4.14.2).
+    async fn refresh_reused(
+        &self,
+        tenant: &Tenant,
+        client: &OAuthClient,
+        record: &RefreshRecord,
+    ) -> OAuthError {
+        tracing::warn!(tenant = %tenant.id, client_id = %client.client_id, family = %record.family,
+            "refresh token reused: revoking its family");
+        if let Err(e) = self
+            .revoke_family(&record.family, record.expires_at_ms)
+            .await
+        {
+            return e;
+        }
+        OAuthError::invalid_grant("the refresh token was already used; its family is revoked")
+    }
+
     /// The `refresh_token` grant.
     pub(super) async fn refresh(
         &self,
@@ -117,11 +135,12 @@ impl OAuth {
             .as_deref()
             .ok_or_else(|| OAuthError::invalid_request("refresh_token is missing"))?;
         let key = token_hash(token);
-        let _redeeming = self.redeem.lock().await;
-        let Some(mut record) = records::get::<RefreshRecord>(&*self.store, REFRESH, &key).await?
+        let Some(read) =
+            records::get_versioned::<RefreshRecord>(&*self.store, REFRESH, &key).await?
         else {
             return Err(OAuthError::invalid_grant("unknown refresh token"));
         };
+        let mut record = read.value.clone();
         if record.tenant_id != tenant.id || record.client_id != client.client_id {
             return Err(OAuthError::invalid_grant(
                 "the refresh token was not issued to this client",
@@ -132,13 +151,7 @@ impl OAuth {
             return Err(OAuthError::invalid_grant("the refresh token was revoked"));
         }
         if record.spent {
-            tracing::warn!(tenant = %tenant.id, client_id = %client.client_id, family = %record.family,
-                "refresh token reused: revoking its family");
-            self.revoke_family(&record.family, record.expires_at_ms)
-                .await?;
-            return Err(OAuthError::invalid_grant(
-                "the refresh token was already used; its family is revoked",
-            ));
+            return Err(self.refresh_reused(tenant, client, &record).await);
         }
         if record.expires_at_ms <= now_ms() {
             return Err(OAuthError::invalid_grant("the refresh token expired"));
@@ -154,7 +167,10 @@ impl OAuth {
         // The roles may have shrunk since: never grant more than they allow now.
         let scopes = scopes.intersection(&user_scopes(&user, &original));
         record.spent = true;
-        records::put(&*self.store, REFRESH, &key, &record).await?;
+        if !records::replace(&*self.store, REFRESH, &key, &read, &record).await? {
+            // Rotated meanwhile (here or by another instance): a second use like any other.
+            return Err(self.refresh_reused(tenant, client, &record).await);
+        }
         self.issue(Grant {
             tenant,
             client,

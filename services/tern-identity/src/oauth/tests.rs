@@ -22,6 +22,8 @@ const REDIRECT: &str = "http://127.0.0.1:9999/cb";
 struct Fixture {
     _dir: tempfile::TempDir,
     oauth: OAuth,
+    /// A second authorization server over the same store: another identity process.
+    twin: OAuth,
     keys: Arc<Keyring>,
     acme: Tenant,
     globex: Tenant,
@@ -45,6 +47,14 @@ async fn fixture() -> Fixture {
             .await
             .expect("keys"),
     );
+    let twin = OAuth::new(
+        store.clone(),
+        registry.clone(),
+        keys.clone(),
+        config.clone(),
+    )
+    .await
+    .expect("oauth");
     let oauth = OAuth::new(store, registry.clone(), keys.clone(), config)
         .await
         .expect("oauth");
@@ -99,6 +109,7 @@ async fn fixture() -> Fixture {
     Fixture {
         _dir: dir,
         oauth,
+        twin,
         keys,
         acme,
         globex,
@@ -430,6 +441,47 @@ async fn authorization_requests_are_checked_before_and_after_the_redirect_uri() 
             Err(AuthorizeFailure::Page(_))
         ),
         "a cancelled form is spent"
+    );
+}
+
+/// Single use holds across processes: two authorization servers on one store, the same code
+/// (then the same refresh token) presented to both at once, exactly one answers with tokens and
+/// the other sees a second use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_redeem_a_code_and_rotate_a_refresh_token_only_once() {
+    let f = fixture().await;
+    let code = TokenRequest {
+        code: Some(f.code("tern:read").await),
+        redirect_uri: Some(REDIRECT.into()),
+        code_verifier: Some(VERIFIER.into()),
+        ..grant("authorization_code")
+    };
+    let (a, b) = tokio::join!(
+        f.oauth.token(&f.acme, &f.app, &code),
+        f.twin.token(&f.acme, &f.app, &code)
+    );
+    let (_tokens, refused) = match (a, b) {
+        (Ok(tokens), Err(e)) | (Err(e), Ok(tokens)) => (tokens, e),
+        (a, b) => panic!("exactly one redemption must succeed: {a:?} / {b:?}"),
+    };
+    assert!(refused.description.contains("already used"), "{refused}");
+
+    let fresh = f
+        .redeem(&f.code("tern:read").await, VERIFIER)
+        .await
+        .expect("redeem");
+    let refresh = TokenRequest {
+        refresh_token: fresh.refresh_token.clone(),
+        ..grant("refresh_token")
+    };
+    let (a, b) = tokio::join!(
+        f.oauth.token(&f.acme, &f.app, &refresh),
+        f.twin.token(&f.acme, &f.app, &refresh)
+    );
+    assert_eq!(
+        [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(),
+        1,
+        "exactly one rotation: {a:?} / {b:?}"
     );
 }
 
