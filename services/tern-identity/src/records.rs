@@ -52,6 +52,18 @@ pub(crate) async fn replace<T: Serialize, R>(
         .await?)
 }
 
+/// Deletes the record only if it is still what `read` saw; returns whether it did.
+pub(crate) async fn remove<R>(
+    store: &dyn Store,
+    kind: &str,
+    key: &str,
+    read: &Versioned<R>,
+) -> Result<bool, IdentityError> {
+    Ok(store
+        .compare_and_swap(kind, key, Some(read.read.clone()), None)
+        .await?)
+}
+
 pub(crate) async fn put<T: Serialize>(
     store: &dyn Store,
     kind: &str,

@@ -39,7 +39,7 @@ enum Status {
     Denied,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct DeviceCodeRecord {
     tenant_id: TenantId,
     client_id: String,
@@ -116,33 +116,45 @@ impl OAuth {
         approve: bool,
     ) -> Result<String, IdentityError> {
         let user = self.users.authenticate(tenant, username, password).await?;
-        let _redeeming = self.redeem.lock().await;
         let index = format!("{}/{}", tenant.id, normalize(user_code));
         let not_found = || IdentityError::NotFound(format!("user code {user_code:?}"));
         let key: String = records::get(&*self.store, USER_CODE, &index)
             .await?
             .ok_or_else(not_found)?;
-        let mut record: DeviceCodeRecord = records::get(&*self.store, DEVICE_CODE, &key)
-            .await?
-            .ok_or_else(not_found)?;
-        if record.expires_at_ms <= now_ms() {
-            return Err(IdentityError::NotFound(format!(
-                "user code {user_code:?} (expired)"
-            )));
-        }
-        if record.status != Status::Pending {
-            return Err(IdentityError::Conflict(
-                "this user code was already answered".into(),
-            ));
-        }
-        record.status = if approve {
-            Status::Approved
-        } else {
-            Status::Denied
+        // The device's polls rewrite the record too: a swap lost to one of them reads again.
+        let mut attempts = 0;
+        let record = loop {
+            let read = records::get_versioned::<DeviceCodeRecord>(&*self.store, DEVICE_CODE, &key)
+                .await?
+                .ok_or_else(not_found)?;
+            let mut record = read.value.clone();
+            if record.expires_at_ms <= now_ms() {
+                return Err(IdentityError::NotFound(format!(
+                    "user code {user_code:?} (expired)"
+                )));
+            }
+            if record.status != Status::Pending {
+                return Err(IdentityError::Conflict(
+                    "this user code was already answered".into(),
+                ));
+            }
+            record.status = if approve {
+                Status::Approved
+            } else {
+                Status::Denied
+            };
+            record.user_id = Some(user.id.clone());
+            record.approved_at_s = Some(now_ms() / 1000);
+            if records::replace(&*self.store, DEVICE_CODE, &key, &read, &record).await? {
+                break record;
+            }
+            attempts += 1;
+            if attempts == 5 {
+                return Err(IdentityError::Unavailable(
+                    "the user code kept changing; try again".into(),
+                ));
+            }
         };
-        record.user_id = Some(user.id.clone());
-        record.approved_at_s = Some(now_ms() / 1000);
-        records::put(&*self.store, DEVICE_CODE, &key, &record).await?;
         self.store.delete_record(USER_CODE, &index).await?;
         tracing::info!(tenant = %tenant.id, user = %user.id, approve, "device code answered");
         let client = self.clients.get(tenant.id, &record.client_id).await?;
@@ -161,13 +173,11 @@ impl OAuth {
             .as_deref()
             .ok_or_else(|| OAuthError::invalid_request("device_code is missing"))?;
         let key = token_hash(code);
-        let _redeeming = self.redeem.lock().await;
-        let mut record: DeviceCodeRecord = records::get(&*self.store, DEVICE_CODE, &key)
+        let read = records::get_versioned::<DeviceCodeRecord>(&*self.store, DEVICE_CODE, &key)
             .await?
-            .filter(|r: &DeviceCodeRecord| {
-                r.tenant_id == tenant.id && r.client_id == client.client_id
-            })
+            .filter(|r| r.value.tenant_id == tenant.id && r.value.client_id == client.client_id)
             .ok_or_else(|| OAuthError::invalid_grant("unknown device code"))?;
+        let mut record = read.value.clone();
         let now = now_ms();
         if record.expires_at_ms <= now {
             self.forget_device_code(&key, &record).await?;
@@ -180,7 +190,8 @@ impl OAuth {
         record.last_poll_ms = now;
         if too_soon {
             record.interval_secs += SLOW_DOWN_SECS;
-            records::put(&*self.store, DEVICE_CODE, &key, &record).await?;
+            // A concurrent poll that changed it first is just as much too soon.
+            records::replace(&*self.store, DEVICE_CODE, &key, &read, &record).await?;
             return Err(OAuthError::new(
                 "slow_down",
                 format!("poll at most every {} seconds", record.interval_secs),
@@ -188,7 +199,13 @@ impl OAuth {
         }
         match record.status {
             Status::Pending => {
-                records::put(&*self.store, DEVICE_CODE, &key, &record).await?;
+                if !records::replace(&*self.store, DEVICE_CODE, &key, &read, &record).await? {
+                    // Polled (or answered) meanwhile: two polls at once are too fast.
+                    return Err(OAuthError::new(
+                        "slow_down",
+                        "poll at most once per interval",
+                    ));
+                }
                 Err(OAuthError::new(
                     "authorization_pending",
                     "the user has not answered yet",
@@ -202,7 +219,13 @@ impl OAuth {
                 ))
             }
             Status::Approved => {
-                // Single use: the code is gone before the tokens leave.
+                // Single use: the code is gone before the tokens leave, and only one poll (of
+                // any instance) can be the one that removed it.
+                if !records::remove(&*self.store, DEVICE_CODE, &key, &read).await? {
+                    return Err(OAuthError::invalid_grant(
+                        "the device code was already used",
+                    ));
+                }
                 self.forget_device_code(&key, &record).await?;
                 let user_id = record.user_id.clone().unwrap_or_default();
                 let user = self.users.get(tenant.id, &user_id).await.map_err(|_| {

@@ -23,7 +23,6 @@ use serde::Serialize;
 use tern_core::{Tenant, now_ms};
 use tern_registry::Registry;
 use tern_store::Store;
-use tokio::sync::Mutex;
 
 pub use access::{ApiPrincipal, PrincipalKind};
 pub use code::{AuthorizationRequest, AuthorizeFailure, PendingAuthorization};
@@ -152,9 +151,6 @@ pub struct OAuth {
     users: Users,
     config: IdentityConfig,
     revocations: access::Revocations,
-    /// Serialises the single-use checks of codes, refresh and device codes (one process; the
-    /// distributed mode needs the store's compare-and-set for this).
-    redeem: Mutex<()>,
 }
 
 impl OAuth {
@@ -180,7 +176,6 @@ impl OAuth {
             registry,
             keys,
             config,
-            redeem: Mutex::new(()),
         })
     }
 

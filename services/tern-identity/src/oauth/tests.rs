@@ -448,7 +448,7 @@ async fn authorization_requests_are_checked_before_and_after_the_redirect_uri() 
 /// (then the same refresh token) presented to both at once, exactly one answers with tokens and
 /// the other sees a second use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_redeem_a_code_and_rotate_a_refresh_token_only_once() {
+async fn two_instances_accept_each_code_and_refresh_token_only_once() {
     let f = fixture().await;
     let code = TokenRequest {
         code: Some(f.code("tern:read").await),
@@ -482,6 +482,30 @@ async fn two_instances_redeem_a_code_and_rotate_a_refresh_token_only_once() {
         [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(),
         1,
         "exactly one rotation: {a:?} / {b:?}"
+    );
+
+    // An approved device code, polled through both at once.
+    let auth = f
+        .oauth
+        .device_authorization(&f.acme, &f.app, Some("tern:read"))
+        .await
+        .expect("device authorization");
+    f.twin
+        .decide_device_code(&f.acme, &auth.user_code, "alice", PASSWORD, true)
+        .await
+        .expect("approve");
+    let poll = TokenRequest {
+        device_code: Some(auth.device_code.clone()),
+        ..grant(GrantType::DeviceCode.as_str())
+    };
+    let (a, b) = tokio::join!(
+        f.oauth.token(&f.acme, &f.app, &poll),
+        f.twin.token(&f.acme, &f.app, &poll)
+    );
+    assert_eq!(
+        [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(),
+        1,
+        "exactly one device token: {a:?} / {b:?}"
     );
 }
 
