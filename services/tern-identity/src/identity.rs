@@ -5,12 +5,14 @@ use std::sync::Arc;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::{Deserialize, Serialize};
 use tern_core::{Caller, Device, DeviceId, TenantId, ValidationError, now_ms, validate_name};
+use tern_eventlog::EventLog;
 use tern_registry::{Registry, RegistryError};
 use tern_store::Store;
 
 use crate::certificates::{TenantCa, TenantCas};
 use crate::keys::Keyring;
 use crate::ldap::LdapConfig;
+use crate::notices::{self, NOTICES_TOPIC, Notice, Notices};
 use crate::oauth::{ApiPrincipal, OAuth, PrincipalKind};
 use crate::policy::Pdp;
 use crate::scopes::Scopes;
@@ -185,6 +187,7 @@ pub struct Identity {
     oauth: OAuth,
     pdp: Pdp,
     config: IdentityConfig,
+    notices: Arc<Notices>,
 }
 
 impl Identity {
@@ -211,6 +214,9 @@ impl Identity {
         )
         .await?;
         let pdp = Pdp::new(store.clone()).await?;
+        let notices = Arc::new(Notices::new());
+        oauth.set_notices(notices.clone());
+        pdp.set_notices(notices.clone());
         Ok(Self {
             cas,
             store,
@@ -219,7 +225,61 @@ impl Identity {
             oauth,
             pdp,
             config,
+            notices,
         })
+    }
+
+    /// Keeps this instance and the others that share its store in step (the distributed
+    /// mode): revocations and policy changes made here are sent on `log`'s `notices` stream,
+    /// and the others' are applied until `shutdown`. Not needed with one instance.
+    /// Changes made after this call are sent; the returned task applies the others'.
+    pub fn follow_notices(
+        self: Arc<Self>,
+        log: Arc<dyn EventLog>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> impl Future<Output = Result<(), IdentityError>> + Send {
+        self.notices.connect(log.clone());
+        self.apply_notices(log, shutdown)
+    }
+
+    async fn apply_notices(
+        self: Arc<Self>,
+        log: Arc<dyn EventLog>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<(), IdentityError> {
+        let unavailable = |e: tern_eventlog::LogError| IdentityError::Unavailable(e.to_string());
+        let mut consumer = log
+            .consumer(&self.notices.group(), NOTICES_TOPIC)
+            .await
+            .map_err(unavailable)?;
+        loop {
+            let batch = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                batch = consumer.poll(100, notices::POLL_WAIT) => batch,
+            };
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read identity notices; retrying");
+                    tokio::time::sleep(notices::POLL_WAIT).await;
+                    continue;
+                }
+            };
+            for record in &batch {
+                match self.notices.read(&record.value) {
+                    Some(Notice::Revoked { id, expires_at_ms }) => {
+                        self.oauth.remember_revoked(&id, expires_at_ms);
+                    }
+                    Some(Notice::PoliciesChanged { tenant }) => self.pdp.forget(tenant),
+                    None => {}
+                }
+            }
+            if let Some(last) = batch.last()
+                && let Err(e) = consumer.commit(&[last.position]).await
+            {
+                tracing::warn!(error = %e, "cannot commit identity notices");
+            }
+        }
     }
 
     /// The OAuth 2.0 authorization server, users and clients.

@@ -260,6 +260,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let (identity, stop) = (identity.clone(), stop_apis.clone());
         async move { identity.run_key_rotation(stop).await }
     });
+    // On a shared log, other instances may share the store: keep their revocations and policy
+    // changes and ours in step. The embedded log has one instance by construction.
+    if config.eventlog.backend == EventLogBackend::Kafka {
+        let notices = identity
+            .clone()
+            .follow_notices(log.clone(), stop_apis.clone());
+        tokio::spawn(async move {
+            if let Err(e) = notices.await {
+                tracing::error!(error = %e, "identity notices stopped");
+            }
+        });
+    }
     // Commands whose TTL passes unanswered are expired (and logged) within about a second.
     tokio::spawn(commands.run_expiry(Duration::from_secs(1), stop_apis.clone().cancelled_owned()));
 

@@ -6,7 +6,7 @@
 //! would have expired anyway.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use jsonwebtoken::{Algorithm, Validation};
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,7 @@ use tern_store::Store;
 
 use super::{Grant, OAuth, OAuthError, Subject};
 use crate::IdentityError;
+use crate::notices::{Notice, Notices};
 use crate::records;
 use crate::scopes::{EMAIL, OPENID, PROFILE, Scopes};
 use crate::users::User;
@@ -85,6 +86,8 @@ pub(crate) struct Revocations {
     store: Arc<dyn Store>,
     /// id → expiry (ms).
     ids: RwLock<HashMap<String, i64>>,
+    /// Where other instances hear of revocations (the distributed mode).
+    pub notices: OnceLock<Arc<Notices>>,
 }
 
 impl Revocations {
@@ -101,16 +104,33 @@ impl Revocations {
         Ok(Self {
             store,
             ids: RwLock::new(ids),
+            notices: OnceLock::new(),
         })
     }
 
     pub async fn revoke(&self, id: &str, expires_at_ms: i64) -> Result<(), IdentityError> {
         records::put(&*self.store, REVOKED, id, &expires_at_ms).await?;
+        self.remember(id, expires_at_ms);
+        if let Some(notices) = self.notices.get() {
+            notices
+                .send(Notice::Revoked {
+                    id: id.to_string(),
+                    expires_at_ms,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Adds to the deny list in memory (another instance stored the revocation).
+    pub fn remember(&self, id: &str, expires_at_ms: i64) {
         let now = now_ms();
+        if expires_at_ms <= now {
+            return;
+        }
         let mut ids = self.ids.write().unwrap_or_else(|e| e.into_inner());
         ids.retain(|_, exp| *exp > now);
         ids.insert(id.to_string(), expires_at_ms);
-        Ok(())
     }
 
     pub fn is_revoked(&self, id: &str) -> bool {
@@ -319,7 +339,7 @@ impl OAuth {
         Ok(())
     }
 
-    pub(super) async fn revoke_id(
+    pub(crate) async fn revoke_id(
         &self,
         id: &str,
         expires_at_ms: i64,

@@ -30,6 +30,7 @@ pub use device::DeviceAuthorization;
 
 use crate::clients::{Clients, GrantType, OAuthClient};
 use crate::keys::Keyring;
+use crate::notices::Notices;
 use crate::scopes::{OPENID, Scopes};
 use crate::users::{User, Users};
 use crate::{IdentityConfig, IdentityError};
@@ -151,6 +152,23 @@ pub struct OAuth {
     users: Users,
     config: IdentityConfig,
     revocations: access::Revocations,
+}
+
+impl OAuth {
+    /// Sends revocations to the other instances (the distributed mode); set once.
+    pub(crate) fn set_notices(&self, notices: Arc<Notices>) {
+        let _ = self.revocations.notices.set(notices);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_revoked(&self, id: &str) -> bool {
+        self.revocations.is_revoked(id)
+    }
+
+    /// A revocation another instance stored.
+    pub(crate) fn remember_revoked(&self, id: &str, expires_at_ms: i64) {
+        self.revocations.remember(id, expires_at_ms);
+    }
 }
 
 impl OAuth {

@@ -16,7 +16,7 @@ pub mod xacml;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use cedar_policy::{Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator};
@@ -28,6 +28,7 @@ pub use audit::{AuditConfig, AuditMode, AuditRecord};
 pub use request::{AccessRequest, Decision, Environment, Outcome, Principal, Resource};
 pub use schema::{ACTIONS, SCHEMA, on_device};
 
+use crate::notices::{Notice, Notices};
 use crate::{IdentityError, records};
 
 const VERSION: &str = "policy_version";
@@ -81,6 +82,8 @@ pub struct Pdp {
     /// decisions (the bridge, per connection) drop them when it moves.
     generation: AtomicU64,
     audit: audit::Auditor,
+    /// Where other instances hear of policy changes (the distributed mode).
+    notices: OnceLock<Arc<Notices>>,
 }
 
 impl Pdp {
@@ -95,6 +98,7 @@ impl Pdp {
             cache: Mutex::new(HashMap::new()),
             changes: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
+            notices: OnceLock::new(),
         };
         // The defaults must always be valid; a broken build fails here, not at a request.
         pdp.compile(&defaults())
@@ -225,17 +229,48 @@ impl Pdp {
             change,
             policies,
         };
-        records::put(
-            &*self.store,
-            VERSION,
-            &version_key(tenant, version.version),
-            &version,
-        )
-        .await?;
+        // Created only if absent: of two instances changing the tenant's policies at once, one
+        // gets the version and the other a conflict (the `changes` lock covers only this one).
+        let created = self
+            .store
+            .compare_and_swap(
+                VERSION,
+                &version_key(tenant, version.version),
+                None,
+                Some(records::to_bytes(&version)),
+            )
+            .await?;
+        if !created {
+            return Err(IdentityError::Conflict(
+                "the policies changed meanwhile; read them again and retry".into(),
+            ));
+        }
         records::put(&*self.store, HEAD, &tenant.to_string(), &version.version).await?;
         self.install(tenant, version.version, set);
         tracing::info!(%tenant, version = version.version, change = %version.change, "policies changed");
+        if let Some(notices) = self.notices.get() {
+            notices.send(Notice::PoliciesChanged { tenant }).await?;
+        }
         Ok(version)
+    }
+
+    /// Sends policy changes to the other instances (the distributed mode); set once.
+    pub(crate) fn set_notices(&self, notices: Arc<Notices>) {
+        let _ = self.notices.set(notices);
+    }
+
+    /// Another instance changed the tenant's policies: drop what this one compiled and
+    /// decided, so the next decision reads them again.
+    pub(crate) fn forget(&self, tenant: TenantId) {
+        self.compiled
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&tenant);
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(t, _, _), _| *t != tenant);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Moves with every policy change of any tenant.
