@@ -72,8 +72,9 @@ where
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
-/// The registry over a store. Writes are serialised so that uniqueness checks (names,
-/// hardware ids) and their index records cannot race.
+/// The registry over a store. Unique names and hardware ids are claimed with the store's
+/// compare-and-swap, so they hold across registries sharing a store; read-modify-writes of one
+/// device are serialised in this process.
 pub struct Registry {
     store: Arc<dyn Store>,
     write_lock: Mutex<()>,
@@ -159,23 +160,40 @@ impl Registry {
 
     pub async fn create_tenant(&self, name: &str) -> Result<Tenant, RegistryError> {
         validate_tenant_name(name)?;
-        let _guard = self.write_lock.lock().await;
-        if self.store.get_record(TENANT_NAME, name).await?.is_some() {
-            return Err(RegistryError::Conflict(format!(
-                "a tenant named {name:?} already exists"
-            )));
-        }
         let tenant = Tenant {
             id: TenantId::random(),
             name: name.to_string(),
             created_at_ms: now_ms(),
         };
         let id = tenant.id.to_string();
-        self.put(TENANT, &id, &tenant).await?;
-        self.store
-            .put_record(TENANT_NAME, name, id.into_bytes().into())
-            .await?;
+        if !self.claim(TENANT_NAME, name, &id).await? {
+            return Err(RegistryError::Conflict(format!(
+                "a tenant named {name:?} already exists"
+            )));
+        }
+        if let Err(e) = self.put(TENANT, &id, &tenant).await {
+            self.release(TENANT_NAME, name, &id).await;
+            return Err(e);
+        }
         Ok(tenant)
+    }
+
+    /// Takes a unique name (or hardware id) for `id`: of any number of registries sharing the
+    /// store, exactly one gets it. Returns false when it is taken.
+    async fn claim(&self, kind: &str, key: &str, id: &str) -> Result<bool, RegistryError> {
+        Ok(self
+            .store
+            .compare_and_swap(kind, key, None, Some(id.to_string().into_bytes().into()))
+            .await?)
+    }
+
+    /// Gives back a claim whose record could not be written (best effort: a leftover claim
+    /// only keeps the name taken).
+    async fn release(&self, kind: &str, key: &str, id: &str) {
+        let held = Some(id.to_string().into_bytes().into());
+        if let Err(e) = self.store.compare_and_swap(kind, key, held, None).await {
+            tracing::error!(kind, key, error = %e, "cannot release a claimed name");
+        }
     }
 
     /// Finds a tenant by id or name.
@@ -251,37 +269,11 @@ impl Registry {
         if DeviceId::parse(&new.name).is_ok() {
             return Err(ValidationError::new("name", "device names may not be UUIDs").into());
         }
-        let _guard = self.write_lock.lock().await;
         let name_key = format!("{}/{}", tenant.id, new.name);
-        if self
-            .store
-            .get_record(DEVICE_NAME, &name_key)
-            .await?
-            .is_some()
-        {
-            return Err(RegistryError::Conflict(format!(
-                "a device named {:?} already exists in tenant {:?}",
-                new.name, tenant.name
-            )));
-        }
         let hardware_key = new
             .hardware_id
             .as_ref()
             .map(|hw| format!("{}/{hw}", tenant.id));
-        if let Some(key) = &hardware_key {
-            if self
-                .store
-                .get_record(DEVICE_HARDWARE_ID, key)
-                .await?
-                .is_some()
-            {
-                return Err(RegistryError::Conflict(format!(
-                    "a device with hardware id {:?} already exists in tenant {:?}",
-                    new.hardware_id.unwrap_or_default(),
-                    tenant.name
-                )));
-            }
-        }
         let mut device = Device {
             id: DeviceId::random(),
             tenant_id: tenant.id,
@@ -297,15 +289,31 @@ impl Registry {
             device.gateway_id = Some(self.gateway_for(&device, gateway).await?);
         }
         let id = device.id.to_string();
-        self.put(DEVICE, &format!("{}/{id}", tenant.id), &device)
-            .await?;
-        self.store
-            .put_record(DEVICE_NAME, &name_key, id.clone().into_bytes().into())
-            .await?;
-        if let Some(key) = hardware_key {
-            self.store
-                .put_record(DEVICE_HARDWARE_ID, &key, id.into_bytes().into())
-                .await?;
+        if !self.claim(DEVICE_NAME, &name_key, &id).await? {
+            return Err(RegistryError::Conflict(format!(
+                "a device named {:?} already exists in tenant {:?}",
+                device.name, tenant.name
+            )));
+        }
+        if let Some(key) = &hardware_key
+            && !self.claim(DEVICE_HARDWARE_ID, key, &id).await?
+        {
+            self.release(DEVICE_NAME, &name_key, &id).await;
+            return Err(RegistryError::Conflict(format!(
+                "a device with hardware id {:?} already exists in tenant {:?}",
+                device.hardware_id.clone().unwrap_or_default(),
+                tenant.name
+            )));
+        }
+        if let Err(e) = self
+            .put(DEVICE, &format!("{}/{id}", tenant.id), &device)
+            .await
+        {
+            self.release(DEVICE_NAME, &name_key, &id).await;
+            if let Some(key) = &hardware_key {
+                self.release(DEVICE_HARDWARE_ID, key, &id).await;
+            }
+            return Err(e);
         }
         Ok(device)
     }
@@ -533,6 +541,40 @@ mod tests {
             hardware_id: hardware_id.map(Into::into),
             gateway: None,
         }
+    }
+
+    #[tokio::test]
+    async fn names_and_hardware_ids_are_unique_across_registries_sharing_a_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        let (a, b) = (Registry::new(store.clone()), Registry::new(store));
+        let (x, y) = tokio::join!(a.create_tenant("acme"), b.create_tenant("acme"));
+        assert_eq!([x.is_ok(), y.is_ok()].iter().filter(|ok| **ok).count(), 1);
+        let tenant = x.or(y).expect("one tenant");
+        assert_eq!(a.tenant("acme").await.expect("found").id, tenant.id);
+
+        let (x, y) = tokio::join!(
+            a.create_device("acme", new_device("pump", Some("hw-1"))),
+            b.create_device("acme", new_device("pump", Some("hw-2")))
+        );
+        assert!(matches!(
+            (&x, &y),
+            (Ok(_), Err(RegistryError::Conflict(_))) | (Err(RegistryError::Conflict(_)), Ok(_))
+        ));
+        let (x, y) = tokio::join!(
+            a.create_device("acme", new_device("valve", Some("hw-9"))),
+            b.create_device("acme", new_device("meter", Some("hw-9")))
+        );
+        assert_eq!(
+            [x.is_ok(), y.is_ok()].iter().filter(|ok| **ok).count(),
+            1,
+            "one hardware id"
+        );
+        // The loser's name was given back: it can be created with another hardware id.
+        let lost = if x.is_ok() { "meter" } else { "valve" };
+        a.create_device("acme", new_device(lost, Some("hw-10")))
+            .await
+            .expect("the name of the refused device is free");
     }
 
     #[tokio::test]
