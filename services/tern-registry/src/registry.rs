@@ -72,9 +72,10 @@ where
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
-/// The registry over a store. Unique names and hardware ids are claimed with the store's
-/// compare-and-swap, so they hold across registries sharing a store; read-modify-writes of one
-/// device are serialised in this process.
+/// The registry over a store. Unique names and hardware ids are claimed, and devices updated,
+/// with the store's compare-and-swap, so both hold across registries sharing a store. Creating
+/// and deleting are serialised with each other in this process (a tenant is deleted only
+/// without devices).
 pub struct Registry {
     store: Arc<dyn Store>,
     write_lock: Mutex<()>,
@@ -111,31 +112,61 @@ impl Registry {
         if let Some(labels) = &patch.labels {
             validate_labels(labels)?;
         }
-        let mut device = self.device(tenant, reference).await?;
-        if let Some(gateway) = &patch.gateway {
-            device.gateway_id = match gateway {
-                Some(gateway) => Some(self.gateway_for(&device, gateway).await?),
-                None => None,
-            };
+        let device = self.device(tenant, reference).await?;
+        let gateway = match &patch.gateway {
+            Some(Some(gateway)) => Some(Some(self.gateway_for(&device, gateway).await?)),
+            Some(None) => Some(None),
+            None => None,
+        };
+        let (before, after) = self
+            .modify_device(device.tenant_id, device.id, |d| {
+                if let Some(gateway) = gateway {
+                    d.gateway_id = gateway;
+                }
+                if let Some(labels) = &patch.labels {
+                    d.labels = labels.clone();
+                }
+                if let Some(disabled) = patch.disabled {
+                    d.disabled = disabled;
+                }
+            })
+            .await?;
+        if after.disabled && !before.disabled {
+            self.revoked(&after).await;
         }
-        let _guard = self.write_lock.lock().await;
-        if let Some(labels) = patch.labels {
-            device.labels = labels;
+        Ok(after)
+    }
+
+    /// Applies `change` to the stored device with a swap, reading it again when another writer
+    /// (here or in another process) changed it meanwhile, so no update is lost. Returns the
+    /// device before and after.
+    async fn modify_device(
+        &self,
+        tenant: TenantId,
+        id: DeviceId,
+        mut change: impl FnMut(&mut Device),
+    ) -> Result<(Device, Device), RegistryError> {
+        let key = format!("{tenant}/{id}");
+        for _ in 0..16 {
+            let read = self
+                .store
+                .get_record(DEVICE, &key)
+                .await?
+                .ok_or_else(|| RegistryError::NotFound(format!("device {id}")))?;
+            let before: Device = decode(&key, &read)?;
+            let mut after = before.clone();
+            change(&mut after);
+            let written = self
+                .store
+                .compare_and_swap(DEVICE, &key, Some(read), Some(to_bytes(&after)))
+                .await?;
+            if written {
+                return Ok((before, after));
+            }
         }
-        let disabling = patch.disabled == Some(true) && !device.disabled;
-        if let Some(disabled) = patch.disabled {
-            device.disabled = disabled;
-        }
-        self.put(
-            DEVICE,
-            &format!("{}/{}", device.tenant_id, device.id),
-            &device,
-        )
-        .await?;
-        if disabling {
-            self.revoked(&device).await;
-        }
-        Ok(device)
+        Err(RegistryError::Conflict(format!(
+            "device {id} kept changing; try again"
+        )))
     }
 
     /// Refuses every access token issued to the device so far and ends its connections.
@@ -145,15 +176,13 @@ impl Registry {
         tenant: TenantId,
         device: DeviceId,
     ) -> Result<Device, RegistryError> {
-        let mut device = self.device_of(tenant, &device.to_string()).await?;
-        let _guard = self.write_lock.lock().await;
-        device.tokens_valid_from_s = now_ms() / 1000 + 1;
-        self.put(
-            DEVICE,
-            &format!("{}/{}", device.tenant_id, device.id),
-            &device,
-        )
-        .await?;
+        let device = self.device_of(tenant, &device.to_string()).await?;
+        let valid_from = now_ms() / 1000 + 1;
+        let (_, device) = self
+            .modify_device(device.tenant_id, device.id, |d| {
+                d.tokens_valid_from_s = valid_from;
+            })
+            .await?;
         self.revoked(&device).await;
         Ok(device)
     }
@@ -289,6 +318,9 @@ impl Registry {
             device.gateway_id = Some(self.gateway_for(&device, gateway).await?);
         }
         let id = device.id.to_string();
+        // Serialised with deleting its tenant in this process (that check and delete are not
+        // atomic across processes yet).
+        let _guard = self.write_lock.lock().await;
         if !self.claim(DEVICE_NAME, &name_key, &id).await? {
             return Err(RegistryError::Conflict(format!(
                 "a device named {:?} already exists in tenant {:?}",
@@ -575,6 +607,53 @@ mod tests {
         a.create_device("acme", new_device(lost, Some("hw-10")))
             .await
             .expect("the name of the refused device is free");
+    }
+
+    /// Two registries updating one device at once: both changes stay (no lost update).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_device_updates_across_registries_are_all_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        let (a, b) = (
+            Arc::new(Registry::new(store.clone())),
+            Arc::new(Registry::new(store)),
+        );
+        a.create_tenant("acme").await.expect("tenant");
+        a.create_device("acme", new_device("pump", None))
+            .await
+            .expect("device");
+        for round in 0..40 {
+            let labels = BTreeMap::from([("round".to_string(), round.to_string())]);
+            let relabel = tokio::spawn({
+                let (a, labels) = (a.clone(), labels.clone());
+                async move {
+                    let patch = DevicePatch {
+                        labels: Some(labels),
+                        ..DevicePatch::default()
+                    };
+                    a.update_device("acme", "pump", patch).await
+                }
+            });
+            let toggle = tokio::spawn({
+                let b = b.clone();
+                async move {
+                    let patch = DevicePatch {
+                        disabled: Some(round % 2 == 0),
+                        ..DevicePatch::default()
+                    };
+                    b.update_device("acme", "pump", patch).await
+                }
+            });
+            relabel.await.expect("task").expect("labels");
+            toggle.await.expect("task").expect("disabled");
+            let stored = b.device("acme", "pump").await.expect("device");
+            assert_eq!(stored.labels, labels, "round {round}: the labels stayed");
+            assert_eq!(
+                stored.disabled,
+                round % 2 == 0,
+                "round {round}: so did disabled"
+            );
+        }
     }
 
     #[tokio::test]

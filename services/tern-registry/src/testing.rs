@@ -20,12 +20,12 @@ impl NatsServer {
     /// # Panics
     /// When nats-server is not installed or does not listen within 20 s: the test cannot run.
     pub fn start() -> Self {
-        let [port, monitor] = [(); 2].map(|()| {
-            TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("a free port")
-        });
+        // Both listeners held at once, so the two ports differ.
+        let listeners = [(); 2].map(|()| TcpListener::bind("127.0.0.1:0").expect("a free port"));
+        let [port, monitor] = listeners
+            .each_ref()
+            .map(|l| l.local_addr().expect("bound").port());
+        drop(listeners);
         let mut child = Command::new("nats-server")
             .args(["--addr", "127.0.0.1", "--port", &port.to_string()])
             .args(["--http_port", &monitor.to_string()])
