@@ -144,7 +144,7 @@ pub struct KafkaLog {
     created: Mutex<HashSet<String>>,
     /// Held while a batch is handed to the producer, so concurrent appends cannot interleave
     /// and a batch waiting for queue space is not overtaken (order per key).
-    enqueue: tokio::sync::Mutex<()>,
+    order: tokio::sync::Mutex<()>,
 }
 
 impl KafkaLog {
@@ -177,7 +177,7 @@ impl KafkaLog {
             producer,
             admin,
             created: Mutex::new(HashSet::new()),
-            enqueue: tokio::sync::Mutex::new(()),
+            order: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -280,7 +280,7 @@ impl EventLog for KafkaLog {
         }
         self.ensure_topics(&topics).await?;
         let deliveries = {
-            let _order = self.enqueue.lock().await;
+            let _order = self.order.lock().await;
             let mut deliveries = Vec::with_capacity(records.len());
             for record in &records {
                 let topic = self.kafka_topic(&record.topic);

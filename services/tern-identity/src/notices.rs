@@ -98,9 +98,8 @@ pub(crate) const POLL_WAIT: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use tern_core::now_ms;
+    use tern_eventlog::testing::eventually;
     use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig};
     use tern_registry::Registry;
     use tern_store::{EmbeddedStore, Store};
@@ -109,17 +108,6 @@ mod tests {
     use super::*;
     use crate::policy::{AccessRequest, Environment, Principal, Resource};
     use crate::{Identity, IdentityConfig};
-
-    async fn eventually<F: AsyncFnMut() -> bool>(mut f: F) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if f().await {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        false
-    }
 
     /// Two identity instances on one store and one log, as two identity processes would be.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

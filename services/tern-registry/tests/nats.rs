@@ -4,12 +4,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{Map, json};
 use tern_core::{Command, CommandId, CommandState, DeviceId, TenantId};
+use tern_eventlog::testing::eventually;
 use tern_registry::nats::{
     DevicePresence, LocalRoutes, NatsConfig, NatsEndpoint, NatsRouter, TakenOver,
 };
@@ -90,18 +90,6 @@ fn command(tenant: TenantId, device: DeviceId) -> Command {
         result: None,
         history: vec![],
     }
-}
-
-/// Subscriptions take effect asynchronously: retries until `f` holds or 10 s pass.
-async fn eventually<F: AsyncFnMut() -> bool>(mut f: F) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
