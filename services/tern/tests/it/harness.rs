@@ -42,6 +42,9 @@ pub struct Tern {
     pub coap_port: u16,
     pub http_port: u16,
     pub grpc_port: u16,
+    /// Where MQTT over TLS and over WSS listen once a certificate is configured.
+    pub mqtts_port: u16,
+    pub wss_port: u16,
     env: Vec<(String, String)>,
     child: Option<Child>,
 }
@@ -59,10 +62,14 @@ impl Tern {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         // The TLS listeners start only with a certificate; then they must not collide either.
+        // Tests read them from `mqtts_port` / `wss_port` (picked with the others, all distinct).
         for (key, port) in [("TERN_MQTTS_PORT", mqtts_port), ("TERN_WSS_PORT", wss_port)] {
-            if !env.iter().any(|(k, _)| k == key) {
-                env.push((key.to_string(), port.to_string()));
-            }
+            assert!(
+                !env.iter().any(|(k, _)| k == key),
+                "use Tern::{} instead of setting {key}",
+                key.trim_start_matches("TERN_").to_lowercase()
+            );
+            env.push((key.to_string(), port.to_string()));
         }
         let mut tern = Self {
             dir: tempfile::tempdir().expect("tempdir"),
@@ -70,6 +77,8 @@ impl Tern {
             coap_port: free_udp_port(),
             http_port,
             grpc_port,
+            mqtts_port,
+            wss_port,
             env,
             child: None,
         };

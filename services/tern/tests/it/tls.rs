@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{PATIENCE, Provisioned, Tern, free_port};
+use crate::harness::{PATIENCE, Provisioned, Tern};
 
 /// A CA and a server certificate for `localhost` signed by it, under `dir/name-*`.
 struct Pki {
@@ -136,14 +136,13 @@ async fn mqtt_over_tls_with_mosquitto_and_a_renewed_certificate_without_restart(
     let (first, second) = (pki(certs.path(), "first"), pki(certs.path(), "second"));
     let (cert, key) = (certs.path().join("tls.crt"), certs.path().join("tls.key"));
     install(&first, &cert, &key);
-    let port = free_port();
     let tern = Tern::start_with_env(&[
-        ("TERN_MQTTS_PORT", &port.to_string()),
         ("TERN_MQTT__TLS__CERT_FILE", cert.to_str().expect("utf-8")),
         ("TERN_MQTT__TLS__KEY_FILE", key.to_str().expect("utf-8")),
         ("TERN_MQTT__TLS__RELOAD_INTERVAL_SECS", "1"),
     ]);
     let p = tern.provision("acme", "a");
+    let port = tern.mqtts_port;
 
     assert!(
         tls_pub(port, &p, Some(&first.ca), r#"{"temp": 1}"#),
@@ -189,10 +188,7 @@ async fn mqtt_over_tls_with_mosquitto_and_a_renewed_certificate_without_restart(
 async fn paho_speaks_mqtt_over_websocket_over_tls() {
     let certs = tempfile::tempdir().expect("tempdir");
     let pki = pki(certs.path(), "wss");
-    let wss_port = free_port();
     let tern = Tern::start_with_env(&[
-        ("TERN_MQTTS_PORT", &free_port().to_string()),
-        ("TERN_WSS_PORT", &wss_port.to_string()),
         (
             "TERN_MQTT__TLS__CERT_FILE",
             pki.cert.to_str().expect("utf-8"),
@@ -200,7 +196,7 @@ async fn paho_speaks_mqtt_over_websocket_over_tls() {
         ("TERN_MQTT__TLS__KEY_FILE", pki.key.to_str().expect("utf-8")),
     ]);
     let p = tern.provision("acme", "browser");
-    crate::harness::paho_websocket(wss_port, &p, Some(&pki.ca));
+    crate::harness::paho_websocket(tern.wss_port, &p, Some(&pki.ca));
     assert_eq!(tern.wait_points(&p, "ws", 2).await.len(), 2);
     // The lifecycle says how the device came in.
     let (_, events) = tern
@@ -212,11 +208,10 @@ async fn paho_speaks_mqtt_over_websocket_over_tls() {
     assert!(events.to_string().contains("websocket_tls"), "{events}");
 }
 
-/// `tern up` with MQTT over TLS on `port`, serving `server`'s certificate, and `extra` env.
-fn tls_tern(server: &Pki, port: u16, extra: &[(&str, &str)]) -> Tern {
-    let port = port.to_string();
+/// `tern up` with MQTT over TLS (on `Tern::mqtts_port`), serving `server`'s certificate, and
+/// `extra` env.
+fn tls_tern(server: &Pki, extra: &[(&str, &str)]) -> Tern {
     let mut env = vec![
-        ("TERN_MQTTS_PORT", port.as_str()),
         (
             "TERN_MQTT__TLS__CERT_FILE",
             server.cert.to_str().expect("utf-8"),
@@ -321,8 +316,8 @@ async fn mtls_devices_connect_with_certificates_from_their_tenants_ca_only() {
     let server = pki(dir, "server");
     let (acme_ca, globex_ca, stranger_ca) =
         (pki(dir, "acme"), pki(dir, "globex"), pki(dir, "stranger"));
-    let port = free_port();
-    let tern = tls_tern(&server, port, &[]);
+    let tern = tls_tern(&server, &[]);
+    let port = tern.mqtts_port;
     let meter = tern.provision("acme", "meter");
     let _globex = tern.provision("globex", "other");
     let ca_path = |p: &Pki| p.ca.to_str().expect("utf-8").to_string();
@@ -412,12 +407,11 @@ async fn with_require_client_certificate_a_token_alone_does_not_get_through() {
     let certs = tempfile::tempdir().expect("tempdir");
     let dir = certs.path();
     let (server, acme_ca) = (pki(dir, "server"), pki(dir, "acme"));
-    let port = free_port();
     let tern = tls_tern(
         &server,
-        port,
         &[("TERN_MQTT__TLS__REQUIRE_CLIENT_CERTIFICATE", "true")],
     );
+    let port = tern.mqtts_port;
     let meter = tern.provision("acme", "meter");
     tern.cli_json(&[
         "ca",
@@ -448,8 +442,8 @@ async fn with_require_client_certificate_a_token_alone_does_not_get_through() {
 async fn the_simulator_publishes_over_tls() {
     let certs = tempfile::tempdir().expect("tempdir");
     let server = pki(certs.path(), "server");
-    let port = free_port();
-    let tern = tls_tern(&server, port, &[]);
+    let tern = tls_tern(&server, &[]);
+    let port = tern.mqtts_port;
     let token = tern.operator_token();
     let ca = server.ca.to_str().expect("utf-8").to_string();
     let args = crate::harness::sim_args(
