@@ -173,7 +173,8 @@ mod tests {
             "b follows a's policies"
         );
 
-        // Changes made at once through both: one gets the next version, the other a conflict.
+        // Changes made at once through both never lose one another: either one gets a
+        // conflict, or they ran one after the other and the later version holds both.
         let allow = r#"permit (principal, action, resource);"#;
         let (x, y) = tokio::join!(
             a.pdp().put_policy(tenant.id, "from_a", allow, "a"),
@@ -182,7 +183,18 @@ mod tests {
         match (x, y) {
             (Ok(_), Err(IdentityError::Conflict(_))) | (Err(IdentityError::Conflict(_)), Ok(_)) => {
             }
-            (x, y) => panic!("one version and one conflict expected: {x:?} / {y:?}"),
+            (Ok(x), Ok(y)) => {
+                assert_ne!(x.version, y.version, "each change has its own version");
+                let later = if x.version > y.version { x } else { y };
+                for id in ["from_a", "from_b"] {
+                    assert!(
+                        later.policies.iter().any(|p| p.id == id),
+                        "{id} survives in version {}",
+                        later.version
+                    );
+                }
+            }
+            (x, y) => panic!("one version and one conflict, or two in turn: {x:?} / {y:?}"),
         }
 
         let expires = now_ms() + 60_000;
