@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::mqtt::micros_since;
 use crate::provision::Api;
 use crate::stats::{histogram, summary};
+use tern_mqtt_client::micros_since;
 
 /// Commands sent over `duration` at `rate` per second, spread over `devices` in turn; returns
 /// the report section (counts and round-trip latency).

@@ -2,8 +2,6 @@
 //! and latency (HDR histograms) as JSON. The `tern-sim` binary is a thin wrapper around [`run`].
 
 mod commander;
-mod mqtt;
-mod mqtt5;
 mod provision;
 mod stats;
 
@@ -18,8 +16,8 @@ use rumqttc::mqttbytes::v4::{Packet, PubAck, PubRel};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::mqtt::{Credentials, micros_since, publish};
 use crate::stats::{DeviceStats, own_cpu_seconds, summary};
+use tern_mqtt_client::{Credentials, micros_since, publish};
 
 /// What to simulate (the `tern-sim` command line).
 #[derive(Parser, Clone)]
@@ -83,7 +81,7 @@ pub struct Args {
     pub websocket: bool,
     /// Built from --tls-ca once, shared by every connection.
     #[arg(skip)]
-    pub tls: Option<mqtt::Tls>,
+    pub tls: Option<tern_mqtt_client::Tls>,
     /// Spread connections over 127.0.0.1..=127.0.0.N to exceed one address's port range.
     #[arg(long, default_value_t = 1)]
     pub source_addrs: u8,
@@ -168,9 +166,9 @@ async fn connect(
     args: &Args,
     index: usize,
     creds: &Credentials,
-) -> anyhow::Result<(mqtt::Reader, mqtt::Writer)> {
+) -> anyhow::Result<(tern_mqtt_client::Reader, tern_mqtt_client::Writer)> {
     let source = source(args, index);
-    mqtt::connect(
+    tern_mqtt_client::connect(
         args.broker,
         source,
         creds,
@@ -196,7 +194,7 @@ fn source(args: &Args, i: usize) -> Option<IpAddr> {
 /// Runs the simulation and returns the JSON report.
 pub async fn run(mut args: Args) -> anyhow::Result<serde_json::Value> {
     if let Some(ca) = &args.tls_ca {
-        args.tls = Some(mqtt::Tls::new(ca, &args.tls_server_name)?);
+        args.tls = Some(tern_mqtt_client::Tls::new(ca, &args.tls_server_name)?);
     }
     let args = Arc::new(args);
     let provision_started = Instant::now();

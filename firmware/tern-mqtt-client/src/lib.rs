@@ -1,6 +1,9 @@
-//! A lean MQTT client for load generation: one connection, pipelined publishes written in
-//! batches, acknowledgements matched to send times. It uses the same codec as the bridge;
-//! MQTT 3.1.1 by default, MQTT 5 with `--mqtt5` (`mqtt5.rs` translates on the wire).
+//! A lean MQTT client shared by the fleet simulator and the device agent: one connection,
+//! packets pushed into an outbox and flushed in batches, read back one at a time. It uses the
+//! same codec as the bridge; MQTT 3.1.1, or MQTT 5 on the wire (`mqtt5.rs` translates).
+//! Over TCP or TLS, either of them as a WebSocket.
+
+mod mqtt5;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -37,6 +40,18 @@ pub struct Writer {
     mqtt5: bool,
 }
 
+/// The broker's CONNACK refused the connection; `connect`'s error downcasts to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused(pub ConnectReturnCode);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "connection refused: {:?}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// TLS towards the broker: a connector trusting the given CAs, and the name to verify.
 #[derive(Clone)]
 pub struct Tls {
@@ -45,6 +60,26 @@ pub struct Tls {
 }
 
 impl Tls {
+    /// Trusts the operating system's certificate store (on Linux, the CA bundle).
+    pub fn system(server_name: &str) -> anyhow::Result<Self> {
+        use rustls_platform_verifier::BuilderVerifierExt;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_platform_verifier()?
+            .with_no_client_auth();
+        Self::with_config(config, server_name)
+    }
+
+    fn with_config(config: ClientConfig, server_name: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name: ServerName::try_from(server_name.to_string())
+                .with_context(|| format!("bad TLS server name {server_name:?}"))?,
+        })
+    }
+
+    /// Trusts the CAs in the PEM file `ca`.
     pub fn new(ca: &Path, server_name: &str) -> anyhow::Result<Self> {
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(ca)
@@ -57,11 +92,7 @@ impl Tls {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(Self {
-            connector: TlsConnector::from(Arc::new(config)),
-            server_name: ServerName::try_from(server_name.to_string())
-                .with_context(|| format!("--tls-server-name {server_name:?}"))?,
-        })
+        Self::with_config(config, server_name)
     }
 }
 
@@ -190,7 +221,7 @@ pub async fn connect(
     writer.flush().await?;
     match reader.next().await? {
         Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok((reader, writer)),
-        Packet::ConnAck(ack) => bail!("connection refused: {:?}", ack.code),
+        Packet::ConnAck(ack) => Err(Refused(ack.code).into()),
         other => bail!("expected CONNACK, got {other:?}"),
     }
 }
@@ -199,7 +230,7 @@ impl Reader {
     pub async fn next(&mut self) -> anyhow::Result<Packet> {
         loop {
             if self.mqtt5 {
-                if let Some(packet) = crate::mqtt5::read(&mut self.inbox, MAX_PACKET)? {
+                if let Some(packet) = mqtt5::read(&mut self.inbox, MAX_PACKET)? {
                     return Ok(packet);
                 }
                 if self.half.read_buf(&mut self.inbox).await? == 0 {
@@ -224,7 +255,7 @@ impl Writer {
     /// Encodes a packet into the outbox; nothing is sent until [`Writer::flush`].
     pub fn push(&mut self, packet: &Packet) -> anyhow::Result<()> {
         if self.mqtt5 {
-            return crate::mqtt5::write(packet, &mut self.outbox, MAX_PACKET);
+            return mqtt5::write(packet, &mut self.outbox, MAX_PACKET);
         }
         packet.write(&mut self.outbox, MAX_PACKET)?;
         Ok(())

@@ -1,6 +1,6 @@
-//! MQTT 5 on the wire for the simulator: the load generator is written against MQTT 3.1.1
-//! packets, so with `--mqtt5` each packet it writes is lifted to its MQTT 5 form (no
-//! properties) and each packet it reads is lowered back. Only the packets the generator uses.
+//! MQTT 5 on the wire: the client is written against MQTT 3.1.1 packets, so in MQTT 5 mode
+//! each packet it writes is lifted to its MQTT 5 form (no properties) and each packet it reads
+//! is lowered back. Only the packets the simulator and the agent use.
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
