@@ -393,10 +393,27 @@ impl Identity {
         };
         let record: RefreshRecord = serde_json::from_slice(&bytes)
             .map_err(|e| IdentityError::Keys(format!("corrupt refresh token record: {e}")))?;
+        // A disabled device keeps its token for when it is enabled again: refuse before
+        // spending it.
+        let (tenant, device) = (record.tenant_id.to_string(), record.device_id.to_string());
+        if self.registry.device(&tenant, &device).await?.disabled {
+            return Err(IdentityError::Forbidden(
+                "obtain tokens for a disabled device".into(),
+            ));
+        }
+        // Spent by compare-and-swap, so two concurrent refreshes (in any processes) cannot
+        // both succeed.
+        if !self
+            .store
+            .compare_and_swap(REFRESH_TOKEN, &hash, Some(bytes), None)
+            .await?
+        {
+            tracing::info!("refresh with a token spent concurrently");
+            return Err(IdentityError::Unauthenticated);
+        }
         self.delete_refresh_token(record.tenant_id, record.device_id, &hash)
             .await?;
-        self.issue_device_tokens(&record.tenant_id.to_string(), &record.device_id.to_string())
-            .await
+        self.issue_device_tokens(&tenant, &device).await
     }
 
     /// Revokes every token of a device: its refresh tokens are deleted (returns how many there
@@ -801,6 +818,40 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_disabled_device_keeps_its_refresh_token_for_when_it_is_enabled() {
+        let f = fixture().await;
+        let tokens = f
+            .identity
+            .issue_device_tokens("acme", "d1")
+            .await
+            .expect("issue");
+        let disabled = |disabled| tern_registry::DevicePatch {
+            disabled: Some(disabled),
+            ..Default::default()
+        };
+        f.registry
+            .update_device("acme", "d1", disabled(true))
+            .await
+            .expect("disable");
+        for _ in 0..2 {
+            assert!(matches!(
+                f.identity
+                    .refresh_device_tokens(&tokens.refresh_token)
+                    .await,
+                Err(IdentityError::Forbidden(_))
+            ));
+        }
+        f.registry
+            .update_device("acme", "d1", disabled(false))
+            .await
+            .expect("enable");
+        f.identity
+            .refresh_device_tokens(&tokens.refresh_token)
+            .await
+            .expect("the token was not spent while the device was disabled");
     }
 
     #[tokio::test]
