@@ -148,7 +148,12 @@ impl AgentConfig {
         }
         let config: Self = Figment::from(Serialized::defaults(Self::default()))
             .merge(Toml::file(path))
-            .merge(Env::prefixed("TERN_AGENT_").split("__"))
+            // Flags of the command line, not configuration.
+            .merge(
+                Env::prefixed("TERN_AGENT_")
+                    .ignore(&["config", "refresh_token"])
+                    .split("__"),
+            )
             .extract()
             .with_context(|| format!("bad configuration in {}", path.display()))?;
         config.validate()?;

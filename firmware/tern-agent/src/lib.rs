@@ -236,8 +236,9 @@ impl Agent {
             };
             match attempt.await {
                 Ok((Ok(()), _)) => {
-                    // Ended on purpose: new credentials, a token about to expire, or exit.
-                    renew = true;
+                    // Ended on purpose: new credentials, a token about to expire (renewed by
+                    // `credentials` on the way back), or exit.
+                    renew = false;
                     backoff = Duration::from_secs(1);
                     continue;
                 }

@@ -46,9 +46,9 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    // The refresh token is a flag, not configuration: keep it out of figment's view.
     let config = AgentConfig::load(&cli.config)?;
     let agent = Agent::new(config)?;
     match cli.command {

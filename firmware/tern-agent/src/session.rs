@@ -20,6 +20,8 @@ use crate::Agent;
 use crate::credentials::Credentials;
 
 const MAX_INFLIGHT: usize = 32;
+/// TCP, TLS and CONNACK together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A command as the device received it.
 #[derive(Debug)]
@@ -75,7 +77,7 @@ pub async fn run(
             credentials.access_token.clone(),
         )),
     };
-    let connected = tern_mqtt_client::connect(
+    let connect = tern_mqtt_client::connect(
         broker,
         None,
         &login,
@@ -83,8 +85,10 @@ pub async fn run(
         false,
         tls.as_ref(),
         false,
-    )
-    .await;
+    );
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no CONNACK within {CONNECT_TIMEOUT:?}")));
     let (reader, writer) = match connected {
         Ok(halves) => halves,
         Err(e) => {

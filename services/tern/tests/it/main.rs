@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod agent;
 mod anonymous;
 mod browser;
 mod coap;

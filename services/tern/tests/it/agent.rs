@@ -1,0 +1,455 @@
+//! The device agent (`firmware/tern-agent`) as a real process against `tern up`: enrolment,
+//! telemetry, the twin, every management operation through real hooks (shell scripts), signed
+//! updates with rollback, commands queued while it was offline, and being cut off.
+//! Update artifacts come from a small axum server in the test (Tern does not host them yet).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+use tern_eventlog::testing::eventually;
+
+use crate::harness::{Provisioned, TERN, Tern};
+
+/// Built beside `tern` by `cargo test --workspace` (tern-agent's own tests need it).
+fn agent_binary() -> PathBuf {
+    let path = Path::new(TERN).with_file_name("tern-agent");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p tern-agent` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+struct Agent {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Writes a configuration whose hooks record what they are asked to do in `dir`.
+    fn configure(tern: &Tern, public_key: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().display();
+        let script = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("hook");
+            format!("sh {}", path.display())
+        };
+        let feature = script("feature.sh", &format!("echo \"$1=$2\" >> {d}/features.log"));
+        let command = script(
+            "command.sh",
+            &format!("echo \"$1\" >> {d}/commands.log; echo \"{{\\\"done\\\": \\\"$1\\\"}}\""),
+        );
+        let config = format!(
+            r#"server = "{http}"
+mqtt = "mqtt://127.0.0.1:{mqtt}"
+root_dir = "{d}/root"
+keepalive_secs = 10
+
+[telemetry]
+interval_secs = 1
+system = false
+scripts = ["echo '{{\"temp\": 21.5}}'"]
+
+[hooks]
+feature = "{feature}"
+command = "{command}"
+network = "cat > {d}/network.json"
+location = "echo '{{\"lat\": 52.52, \"lon\": 13.405, \"accuracy_m\": 8}}'"
+twin = "cat > {d}/desired.json"
+lock = "touch {d}/locked"
+unlock = "rm -f {d}/locked"
+health_check = "grep -q healthy \"$TERN_UPDATE_ARTIFACT\""
+timeout_secs = 20
+
+[update]
+public_key = "{public_key}"
+"#,
+            http = tern.http(),
+            mqtt = tern.mqtt_port,
+        );
+        std::fs::write(dir.path().join("agent.toml"), config).expect("config");
+        Self { dir, child: None }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(agent_binary());
+        command
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("agent.toml"))
+            .env("RUST_LOG", "info");
+        command
+    }
+
+    fn enroll(&self, refresh_token: &str) -> Value {
+        let out = self
+            .command(&["enroll"])
+            .env("TERN_AGENT_REFRESH_TOKEN", refresh_token)
+            .output()
+            .expect("tern-agent enroll");
+        assert!(
+            out.status.success(),
+            "enroll failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).expect("log");
+        let child = self
+            .command(&["run"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tern-agent run");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the agent to exit on its own; returns whether it exited with success.
+    async fn exited(&mut self) -> bool {
+        let child = self.child.as_mut().expect("running");
+        for _ in 0..100 {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status.success();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the agent did not exit; log:\n{}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn device_path(p: &Provisioned) -> String {
+    format!("/api/v1/tenants/{}/devices/{}", p.tenant, p.device_id)
+}
+
+/// Sends a typed operation and waits for the device's answer; returns the finished command.
+async fn operate(tern: &Tern, p: &Provisioned, operation: &str, params: Value) -> Value {
+    let path = format!("{}/operations/{operation}", device_path(p));
+    let (status, command) = tern
+        .send_json(reqwest::Method::POST, &p.api_token, &path, &params)
+        .await;
+    assert_eq!(status, 201, "{operation}: {command}");
+    finished(tern, p, &command).await
+}
+
+async fn finished(tern: &Tern, p: &Provisioned, command: &Value) -> Value {
+    let id = command["id"].as_str().expect("command id");
+    let path = format!("{}/commands/{id}?wait=30", device_path(p));
+    let (status, command) = tern.get(&p.api_token, &path).await;
+    assert_eq!(status, 200, "{command}");
+    command
+}
+
+async fn reported(tern: &Tern, p: &Provisioned) -> Value {
+    let (_, twin) = tern
+        .get(&p.api_token, &format!("{}/twin", device_path(p)))
+        .await;
+    twin["reported"].clone()
+}
+
+fn device_refresh_token(tern: &Tern, p: &Provisioned) -> String {
+    let tokens = tern.cli_json(&["token", "device", &p.device_id, "--tenant", &p.tenant]);
+    tokens["refresh_token"]
+        .as_str()
+        .expect("refresh token")
+        .to_string()
+}
+
+/// Serves `artifacts` (path → bytes) over HTTP on loopback; returns the base URL.
+async fn artifact_server(artifacts: Vec<(&'static str, Vec<u8>)>) -> String {
+    let mut app = axum::Router::new();
+    for (path, bytes) in artifacts {
+        app = app.route(path, axum::routing::get(move || async move { bytes }));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+struct Signer(Ed25519KeyPair);
+
+impl Signer {
+    fn new() -> Self {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
+        Self(Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("pair"))
+    }
+
+    fn public_key(&self) -> String {
+        STANDARD.encode(self.0.public_key().as_ref())
+    }
+
+    /// The update operation's parameters for `bytes` at `url`, signed when `sign`.
+    fn update(&self, version: &str, url: &str, bytes: &[u8], sign: bool) -> Value {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+        let sha256: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mut params = json!({"version": version, "url": url, "sha256": sha256});
+        if sign {
+            params["signature"] = STANDARD
+                .encode(self.0.sign(digest.as_ref()).as_ref())
+                .into();
+        }
+        params
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_enrolls_reports_and_carries_out_every_operation() {
+    let tern = Tern::start();
+    let p = tern.provision("agents", "pi-1");
+    let signer = Signer::new();
+    let mut agent = Agent::configure(&tern, &signer.public_key());
+    let enrolled = agent.enroll(&device_refresh_token(&tern, &p));
+    assert_eq!(enrolled["device_id"], p.device_id.as_str());
+    agent.start();
+
+    // Telemetry from the script.
+    let points = tern.wait_points(&p, "temp", 2).await;
+    assert_eq!(points[0]["value"], 21.5);
+
+    // The twin: a desired change reaches the hook and is reported applied.
+    tern.cli_json(&[
+        "device",
+        "desire",
+        "pi-1",
+        r#"{"fan": 2}"#,
+        "--tenant",
+        "agents",
+    ]);
+    assert!(
+        eventually(async || reported(&tern, &p).await["desired_version"].as_u64() >= Some(1)).await,
+        "desired version reported; log:\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&agent.file("desired.json")).expect("desired"),
+        json!({"fan": 2})
+    );
+
+    // Operations, each through its hook.
+    let done = operate(
+        &tern,
+        &p,
+        "feature",
+        json!({"feature": "camera", "enabled": false}),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(agent.file("features.log"), "camera=off\n");
+
+    let done = operate(
+        &tern,
+        &p,
+        "configure",
+        json!({"wifi": {"ssid": "plant-3", "psk": "correct horse"}, "settings": {"rate": 5}}),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let network: Value = serde_json::from_str(&agent.file("network.json")).expect("network");
+    assert_eq!(network["wifi"]["ssid"], "plant-3");
+    let settings =
+        std::fs::read_to_string(agent.root().join("state/settings.json")).expect("settings");
+    assert_eq!(
+        serde_json::from_str::<Value>(&settings).expect("json"),
+        json!({"rate": 5})
+    );
+
+    let done = operate(&tern, &p, "locate", json!({})).await;
+    assert_eq!(done["result"]["payload"]["lat"], 52.52, "{done}");
+    tern.wait_points(&p, "lat", 1).await;
+
+    let done = operate(&tern, &p, "lock", json!({})).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(agent.dir.path().join("locked").exists());
+    operate(&tern, &p, "unlock", json!({})).await;
+    assert!(!agent.dir.path().join("locked").exists());
+
+    let state = reported(&tern, &p).await;
+    assert_eq!(state["features"]["camera"], false, "{state}");
+    assert_eq!(state["network"]["wifi_ssid"], "plant-3");
+    assert!(
+        !state.to_string().contains("correct horse"),
+        "no secrets in the twin"
+    );
+    assert_eq!(state["locked"], false);
+
+    // A plain command goes to the command hook, and its output is the answer.
+    let (_, sent) = tern
+        .send_json(
+            reqwest::Method::POST,
+            &p.api_token,
+            &format!("{}/commands", device_path(&p)),
+            &json!({"name": "calibrate", "payload": {}, "wait_secs": 20}),
+        )
+        .await;
+    assert_eq!(sent["result"]["payload"]["done"], "calibrate", "{sent}");
+
+    // Updates: a signed healthy one is installed; an unhealthy one rolls back; an unsigned
+    // or altered one is refused before installing.
+    let healthy = b"healthy firmware 2.0".to_vec();
+    let unhealthy = b"firmware 3.0 that crashes".to_vec();
+    let base = artifact_server(vec![("/v2", healthy.clone()), ("/v3", unhealthy.clone())]).await;
+    let v2 = signer.update("2.0", &format!("{base}/v2"), &healthy, true);
+    let done = operate(&tern, &p, "update", v2.clone()).await;
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", agent.log());
+    assert_eq!(
+        std::fs::read(agent.root().join("current/artifact")).expect("installed"),
+        healthy
+    );
+    let done = operate(
+        &tern,
+        &p,
+        "update",
+        signer.update("3.0", &format!("{base}/v3"), &unhealthy, true),
+    )
+    .await;
+    assert_eq!(done["result"]["status"], 500, "{done}");
+    assert_eq!(done["result"]["payload"]["state"], "rolled_back");
+    assert_eq!(
+        std::fs::read(agent.root().join("current/artifact")).expect("still installed"),
+        healthy,
+        "rolled back to 2.0"
+    );
+    let state = reported(&tern, &p).await;
+    assert_eq!(state["firmware"]["version"], "2.0", "{state}");
+    assert_eq!(state["update"]["state"], "rolled_back");
+    let unsigned = signer.update("3.1", &format!("{base}/v2"), &healthy, false);
+    let done = operate(&tern, &p, "update", unsigned).await;
+    assert_eq!(done["result"]["status"], 422, "{done}");
+    let mut altered = v2;
+    altered["version"] = "2.1".into();
+    altered["url"] = format!("{base}/v3").into();
+    let done = operate(&tern, &p, "update", altered).await;
+    assert_eq!(done["result"]["status"], 422, "{done}");
+
+    // Credential rotation: new tokens on disk, and the agent carries on with them.
+    let before =
+        std::fs::read_to_string(agent.root().join("secure/credentials.json")).expect("creds");
+    let done = operate(&tern, &p, "rotate_credentials", json!({})).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let after =
+        std::fs::read_to_string(agent.root().join("secure/credentials.json")).expect("creds");
+    assert_ne!(before, after);
+    let done = operate(
+        &tern,
+        &p,
+        "feature",
+        json!({"feature": "gps", "enabled": true}),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+
+    // Wipe: answered, then the secure store is gone and the agent stops.
+    let done = operate(&tern, &p, "wipe", json!({})).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(agent.exited().await, "exits cleanly after a wipe");
+    assert!(!agent.root().join("secure").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_commands_arrive_in_order_and_a_disabled_agent_is_cut_off() {
+    let tern = Tern::start();
+    let p = tern.provision("agents", "pi-2");
+    let mut agent = Agent::configure(&tern, &Signer::new().public_key());
+    agent.enroll(&device_refresh_token(&tern, &p));
+
+    // Commands sent while the agent is not running are carried out in order once it is.
+    let mut sent = Vec::new();
+    for name in ["first", "second", "third"] {
+        let (status, command) = tern
+            .send_json(
+                reqwest::Method::POST,
+                &p.api_token,
+                &format!("{}/commands", device_path(&p)),
+                &json!({"name": name, "payload": {}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{command}");
+        sent.push(command);
+    }
+    agent.start();
+    for command in &sent {
+        assert_eq!(finished(&tern, &p, command).await["state"], "succeeded");
+    }
+    assert_eq!(agent.file("commands.log"), "first\nsecond\nthird\n");
+
+    // Telemetry made while the platform is away is kept and sent later, in order.
+    tern.wait_points(&p, "temp", 1).await;
+    let status_path = format!("{}/status", device_path(&p));
+    let online = async || tern.get(&p.api_token, &status_path).await.1["online"] == true;
+    assert!(eventually(online).await, "online once connected");
+    tern.cli_json(&["device", "disable", "pi-2", "--tenant", "agents"]);
+    assert!(eventually(async || !online().await).await, "cut off");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, status) = tern.get(&p.api_token, &status_path).await;
+    assert_eq!(status["online"], false, "and kept out: {status}");
+    let held = std::fs::read_dir(agent.root().join("outbox"))
+        .expect("outbox")
+        .count();
+    assert!(held >= 2, "telemetry buffered while refused: {held}");
+
+    tern.cli_json(&["device", "enable", "pi-2", "--tenant", "agents"]);
+    // The agent retries with backoff (up to a minute); it was refused for a few seconds.
+    let mut drained = false;
+    for _ in 0..300 {
+        let outbox = std::fs::read_dir(agent.root().join("outbox")).expect("outbox");
+        if outbox.count() == 0 {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        drained,
+        "the buffer drains once the device is enabled; log:\n{}",
+        agent.log()
+    );
+
+    // Decommission: the agent stops and refuses to run again until enrolled anew.
+    let done = operate(&tern, &p, "decommission", json!({})).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(agent.exited().await);
+    agent.start();
+    assert!(
+        !agent.exited().await,
+        "refuses to run after decommissioning"
+    );
+    assert!(agent.log().contains("decommissioned"), "{}", agent.log());
+}
