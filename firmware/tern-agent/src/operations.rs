@@ -339,9 +339,24 @@ async fn install_steps(
     let part = downloads.join(format!("{}.part", sha256.to_ascii_lowercase()));
 
     progress(agent, version, "downloading", None);
+    // The platform's own artifacts (`/device/v1/artifacts/{id}`) need the device's token;
+    // other servers never see it.
+    let own = reqwest::Url::parse(url).is_ok_and(|u| u.origin() == agent.server.origin());
+    let token = match own {
+        true => Some(
+            agent
+                .credentials(false)
+                .await
+                .map_err(UpdateError::Download)?
+                .access_token,
+        ),
+        false => None,
+    };
+    tracing::info!(%url, with_device_token = token.is_some(), "downloading");
     update::download(
         &agent.http,
         url,
+        token.as_deref(),
         &part,
         config.max_artifact_bytes,
         config.download_attempts,

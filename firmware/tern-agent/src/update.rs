@@ -40,6 +40,11 @@ impl UpdateError {
     }
 }
 
+/// The server refused the download for good (4xx other than 408 and 429): not retried.
+#[derive(Debug, thiserror::Error)]
+#[error("the server answered {0}")]
+pub struct Refused(pub StatusCode);
+
 pub fn parse_public_key(base64: &str) -> anyhow::Result<Vec<u8>> {
     let key = STANDARD.decode(base64.trim()).context("base64 expected")?;
     if key.len() != 32 {
@@ -53,6 +58,7 @@ pub fn parse_public_key(base64: &str) -> anyhow::Result<Vec<u8>> {
 pub async fn download(
     http: &Client,
     url: &str,
+    bearer: Option<&str>,
     part: &Path,
     max_bytes: u64,
     attempts: u32,
@@ -62,8 +68,9 @@ pub async fn download(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(500 << attempt.min(5))).await;
         }
-        match download_once(http, url, part, max_bytes).await {
+        match download_once(http, url, bearer, part, max_bytes).await {
             Ok(()) => return Ok(()),
+            Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
             Err(e) => {
                 tracing::warn!(attempt, error = %format!("{e:#}"), "download interrupted");
                 last = Some(e);
@@ -76,11 +83,15 @@ pub async fn download(
 async fn download_once(
     http: &Client,
     url: &str,
+    bearer: Option<&str>,
     part: &Path,
     max_bytes: u64,
 ) -> anyhow::Result<()> {
     let have = tokio::fs::metadata(part).await.map_or(0, |m| m.len());
     let mut request = http.get(url);
+    if let Some(token) = bearer {
+        request = request.bearer_auth(token);
+    }
     if have > 0 {
         request = request.header(header::RANGE, format!("bytes={have}-"));
     }
@@ -110,6 +121,9 @@ async fn download_once(
         }
         // Nothing left after `have`: a previous attempt got everything.
         StatusCode::RANGE_NOT_SATISFIABLE if have > 0 => return Ok(()),
+        status if status.is_client_error() && !matches!(status.as_u16(), 408 | 429) => {
+            return Err(Refused(status).into());
+        }
         status => bail!("the server answered {status}"),
     };
     while let Some(chunk) = response.chunk().await.context("reading the body")? {
@@ -307,7 +321,7 @@ mod tests {
         let (url, requests) = artifact_server(body.clone(), 50_000).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let part = dir.path().join("x.part");
-        download(&Client::new(), &url, &part, 1 << 20, 3)
+        download(&Client::new(), &url, None, &part, 1 << 20, 3)
             .await
             .expect("download");
         assert_eq!(std::fs::read(&part).expect("read"), body);

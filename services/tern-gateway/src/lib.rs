@@ -12,6 +12,7 @@ mod error;
 mod extract;
 mod identity;
 mod observe;
+mod ota;
 mod pep;
 mod policies;
 mod routes;
@@ -29,6 +30,7 @@ use tern_analytics::retention::Retention;
 use tern_analytics::rules::Rules;
 use tern_eventlog::EventLog;
 use tern_identity::Identity;
+use tern_registry::ota::{Artifacts, Campaigns};
 use tern_registry::{Commands, Registry, Twins};
 use tern_runtime::MetricsRegistry;
 use tern_store::Store;
@@ -45,6 +47,8 @@ pub struct GatewayServices {
     pub alerts: Arc<Alerts>,
     pub retention: Arc<Retention>,
     pub jobs: Arc<Jobs>,
+    pub artifacts: Arc<Artifacts>,
+    pub campaigns: Arc<Campaigns>,
     pub store: Arc<dyn Store>,
     /// Where the HTTP device API appends messages.
     pub log: Arc<dyn EventLog>,
@@ -60,6 +64,8 @@ pub struct Gateway {
     alerts: Arc<Alerts>,
     retention: Arc<Retention>,
     jobs: Arc<Jobs>,
+    artifacts: Arc<Artifacts>,
+    campaigns: Arc<Campaigns>,
     store: Arc<dyn Store>,
     log: Arc<dyn EventLog>,
     metrics: MetricsRegistry,
@@ -81,6 +87,8 @@ impl Gateway {
             alerts,
             retention,
             jobs,
+            artifacts,
+            campaigns,
             store,
             log,
         } = services;
@@ -93,6 +101,8 @@ impl Gateway {
             alerts,
             retention,
             jobs,
+            artifacts,
+            campaigns,
             store,
             log,
             http_metrics: observe::HttpMetrics::register(metrics),

@@ -56,6 +56,15 @@ pub(crate) fn operation(method: &Method, template: &str) -> Option<Operation> {
             ("GET", "/jobs" | "/jobs/{job}") => "readJobs",
             ("POST", "/jobs/rebuild-rollups") => "writeJobs",
             ("GET", "/retention") => "readRetention",
+            (
+                "GET",
+                "/artifacts"
+                | "/artifacts/{artifact}"
+                | "/ota/signing-key"
+                | "/campaigns"
+                | "/campaigns/{campaign}",
+            ) => "readOta",
+            ("POST", "/artifacts" | "/campaigns" | "/campaigns/{campaign}/{action}") => "writeOta",
             ("PUT", "/retention") => "writeRetention",
             (
                 "GET",

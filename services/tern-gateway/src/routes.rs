@@ -20,7 +20,8 @@ use tern_store::{RangeQuery, Resolution};
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
 use crate::{
-    ApiError, Gateway, certificates, commands, device_api, identity, policies, rules, status, twins,
+    ApiError, Gateway, certificates, commands, device_api, identity, ota, policies, rules, status,
+    twins,
 };
 
 type Shared = State<Arc<Gateway>>;
@@ -113,6 +114,27 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
             &format!("{tenant}/rules"),
             post(rules::create).get(rules::list),
         )
+        .route(
+            &format!("{tenant}/artifacts"),
+            post(ota::upload).get(ota::list_artifacts),
+        )
+        .route(
+            &format!("{tenant}/artifacts/{{artifact}}"),
+            get(ota::show_artifact),
+        )
+        .route(&format!("{tenant}/ota/signing-key"), get(ota::signing_key))
+        .route(
+            &format!("{tenant}/campaigns"),
+            post(ota::create_campaign).get(ota::list_campaigns),
+        )
+        .route(
+            &format!("{tenant}/campaigns/{{campaign}}"),
+            get(ota::show_campaign),
+        )
+        .route(
+            &format!("{tenant}/campaigns/{{campaign}}/{{action}}"),
+            post(ota::control_campaign),
+        )
         .route(&format!("{tenant}/rule-tests"), post(rules::test))
         .route(
             &format!("{tenant}/rules/{{rule}}"),
@@ -190,6 +212,7 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .route("/device/v1/telemetry", post(device_api::telemetry))
         .route("/device/v1/event", post(device_api::event))
         .route("/device/v1/commands", get(device_api::commands))
+        .route("/device/v1/artifacts/{artifact}", get(ota::download))
         .route("/device/v1/twin", get(twins::device_show))
         .route(
             "/device/v1/twin/reported",

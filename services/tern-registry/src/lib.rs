@@ -1,5 +1,5 @@
-//! The device registry: tenants, the devices they own, the commands sent to them and their
-//! twins.
+//! The device registry: tenants, the devices they own, the commands sent to them, their
+//! twins, and over-the-air updates.
 //!
 //! Tenants and devices can be referred to by id or by name (names are unique: tenant names
 //! platform-wide, device names within their tenant), so people can type `acme` and `boiler-1`
@@ -9,6 +9,7 @@ mod commands;
 mod error;
 mod grpc;
 pub mod nats;
+pub mod ota;
 mod registry;
 pub mod testing;
 mod twins;

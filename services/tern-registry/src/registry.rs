@@ -540,7 +540,7 @@ impl Registry {
     }
 }
 
-fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, RegistryError> {
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, RegistryError> {
     serde_json::from_slice(bytes).map_err(|e| RegistryError::Corrupt {
         key: key.to_string(),
         reason: e.to_string(),
@@ -548,7 +548,7 @@ fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, RegistryErr
 }
 
 /// JSON for a record; serialising our own plain structs cannot fail.
-fn to_bytes<T: Serialize>(value: &T) -> bytes::Bytes {
+pub(crate) fn to_bytes<T: Serialize>(value: &T) -> bytes::Bytes {
     serde_json::to_vec(value).unwrap_or_default().into()
 }
 

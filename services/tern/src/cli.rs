@@ -101,6 +101,78 @@ pub enum AdminCommand {
     /// The tenant's access policies (Cedar): versions, rollback, validation, what-if, audit.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Over-the-air updates: artifacts, the signing key, and campaigns that roll them out.
+    #[command(subcommand)]
+    Ota(OtaCommand),
+}
+
+#[derive(Subcommand)]
+pub enum OtaCommand {
+    /// Upload an artifact; it is hashed (SHA-256) and signed with the tenant's key.
+    Upload {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+    },
+    /// The tenant's artifacts.
+    Artifacts,
+    /// The tenant's update-signing public key, for tern-agent's `update.public_key`.
+    Key,
+    /// OTA campaigns.
+    #[command(subcommand)]
+    Campaign(CampaignCommand),
+}
+
+#[derive(Subcommand)]
+pub enum CampaignCommand {
+    /// Roll an artifact out to the devices a label selector picks: a canary wave, then waves,
+    /// stopping on its own when too many fail.
+    Create {
+        #[arg(long)]
+        artifact: String,
+        /// Label selector, e.g. 'site=plant-3,tier!=test'.
+        #[arg(long)]
+        selector: String,
+        /// Percentage of the devices updated first, on their own.
+        #[arg(long, default_value_t = 10)]
+        canary: u8,
+        /// Devices per wave after the canary (0: all the rest together).
+        #[arg(long, default_value_t = 0)]
+        wave_size: u32,
+        /// Most devices updating at once.
+        #[arg(long, default_value_t = 50)]
+        max_concurrent: u32,
+        /// Failure rate (percent of finished devices) that stops the campaign.
+        #[arg(long, default_value_t = 20)]
+        failure_threshold: u8,
+        /// What crossing the threshold does: abort or pause.
+        #[arg(long, default_value = "abort")]
+        on_failure: String,
+        /// Seconds a device has to finish its update.
+        #[arg(long, default_value_t = 3600)]
+        device_timeout: u64,
+        /// Start updates only between these UTC times, e.g. 22:00-04:00.
+        #[arg(long, value_name = "HH:MM-HH:MM")]
+        window: Option<String>,
+    },
+    List,
+    /// A campaign with every device's progress.
+    Show {
+        campaign: String,
+    },
+    /// Devices updating finish; no new ones start.
+    Pause {
+        campaign: String,
+    },
+    Resume {
+        campaign: String,
+    },
+    /// Cancel updates in progress and skip the rest.
+    Abort {
+        campaign: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -5,8 +5,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::cli::{
-    AdminCommand, AlertCommand, CaCommand, ClientCommand, CommandAction, DeviceCommand, Global,
-    JobCommand, Output, PolicyCommand, RuleCommand, TenantCommand, TokenCommand, UserCommand,
+    AdminCommand, AlertCommand, CaCommand, CampaignCommand, ClientCommand, CommandAction,
+    DeviceCommand, Global, JobCommand, OtaCommand, Output, PolicyCommand, RuleCommand,
+    TenantCommand, TokenCommand, UserCommand,
 };
 use crate::output;
 
@@ -62,6 +63,22 @@ impl Client {
         if let Some(body) = body {
             request = request.json(&body);
         }
+        self.answer(request).await
+    }
+
+    /// Posts a file as the raw request body.
+    async fn upload(&self, path: &str, file: &std::path::Path) -> anyhow::Result<Value> {
+        let bytes = tokio::fs::read(file)
+            .await
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let token = self.token.as_deref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let request = self
+            .http
+            .post(format!("{}{path}", self.server))
+            .bearer_auth(token)
+            .timeout(std::time::Duration::from_secs(600))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(bytes);
         self.answer(request).await
     }
 
@@ -423,6 +440,7 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::Client(cmd) => oauth_client(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::User(cmd) => user(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::Policy(cmd) => policy(&client, out, tenant(&global)?, cmd).await?,
+        AdminCommand::Ota(cmd) => ota(&client, out, tenant(&global)?, cmd).await?,
         AdminCommand::Token(cmd) => {
             let tenant = seg(tenant(&global)?);
             match cmd {
@@ -473,6 +491,116 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+const ARTIFACT_FIELDS: &[&str] = &["id", "name", "version", "size", "sha256", "created_at_ms"];
+const CAMPAIGN_FIELDS: &[&str] = &[
+    "id",
+    "version",
+    "selector",
+    "state",
+    "reason",
+    "current_wave",
+    "waves",
+    "counts",
+];
+
+async fn ota(client: &Client, out: Output, tenant: &str, cmd: OtaCommand) -> anyhow::Result<()> {
+    let base = format!("/api/v1/tenants/{}", seg(tenant));
+    let campaigns = format!("{base}/campaigns");
+    match cmd {
+        OtaCommand::Upload {
+            file,
+            name,
+            version,
+        } => {
+            let path = format!(
+                "{base}/artifacts?name={}&version={}",
+                seg(&name),
+                seg(&version)
+            );
+            let a = client.upload(&path, &file).await?;
+            output::record(out, &a, &[ARTIFACT_FIELDS, &["signature"]].concat());
+        }
+        OtaCommand::Artifacts => {
+            let list = client
+                .call(Method::GET, &format!("{base}/artifacts"), None)
+                .await?;
+            output::table(out, &list["artifacts"], ARTIFACT_FIELDS);
+        }
+        OtaCommand::Key => {
+            let key = client
+                .call(Method::GET, &format!("{base}/ota/signing-key"), None)
+                .await?;
+            output::record(out, &key, &["public_key", "algorithm"]);
+        }
+        OtaCommand::Campaign(CampaignCommand::Create {
+            artifact,
+            selector,
+            canary,
+            wave_size,
+            max_concurrent,
+            failure_threshold,
+            on_failure,
+            device_timeout,
+            window,
+        }) => {
+            let window = match window {
+                None => Value::Null,
+                Some(w) => {
+                    let (start, end) = w
+                        .split_once('-')
+                        .context("--window: HH:MM-HH:MM expected")?;
+                    json!({"start": start, "end": end})
+                }
+            };
+            let body = json!({
+                "artifact_id": artifact, "selector": selector, "canary_percent": canary,
+                "wave_size": wave_size, "max_concurrent": max_concurrent,
+                "failure_threshold_percent": failure_threshold, "on_failure": on_failure,
+                "device_timeout_secs": device_timeout, "maintenance_window": window,
+            });
+            let c = client.call(Method::POST, &campaigns, Some(body)).await?;
+            output::record(out, &c, CAMPAIGN_FIELDS);
+        }
+        OtaCommand::Campaign(CampaignCommand::List) => {
+            let list = client.call(Method::GET, &campaigns, None).await?;
+            output::table(out, &list["campaigns"], CAMPAIGN_FIELDS);
+        }
+        OtaCommand::Campaign(CampaignCommand::Show { campaign }) => {
+            let c = client
+                .call(
+                    Method::GET,
+                    &format!("{campaigns}/{}", seg(&campaign)),
+                    None,
+                )
+                .await?;
+            output::record(out, &c, &[CAMPAIGN_FIELDS, &["devices"]].concat());
+        }
+        OtaCommand::Campaign(CampaignCommand::Pause { campaign }) => {
+            control_campaign(client, out, &campaigns, &campaign, "pause").await?;
+        }
+        OtaCommand::Campaign(CampaignCommand::Resume { campaign }) => {
+            control_campaign(client, out, &campaigns, &campaign, "resume").await?;
+        }
+        OtaCommand::Campaign(CampaignCommand::Abort { campaign }) => {
+            control_campaign(client, out, &campaigns, &campaign, "abort").await?;
+        }
+    }
+    Ok(())
+}
+
+async fn control_campaign(
+    client: &Client,
+    out: Output,
+    campaigns: &str,
+    campaign: &str,
+    verb: &str,
+) -> anyhow::Result<()> {
+    let path = format!("{campaigns}/{}/{verb}", seg(campaign));
+    let c = client.call(Method::POST, &path, None).await?;
+    output::record(out, &c, CAMPAIGN_FIELDS);
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use tern_analytics::retention::RetentionConfig;
 use tern_analytics::rules::RulesConfig;
 use tern_bridge::BridgeConfig;
 use tern_identity::IdentityConfig;
+use tern_registry::ota::OtaConfig;
 use tern_registry::{CommandsConfig, TwinsConfig};
 use tern_runtime::logging::LogFormat;
 
@@ -37,6 +38,7 @@ pub struct UpConfig {
     pub identity: IdentityConfig,
     pub commands: CommandsConfig,
     pub twins: TwinsConfig,
+    pub ota: OtaConfig,
     pub rules: RulesConfig,
     pub retention: RetentionConfig,
     pub eventlog: EventLogConfig,
@@ -102,6 +104,7 @@ impl Default for UpConfig {
             identity: IdentityConfig::default(),
             commands: CommandsConfig::default(),
             twins: TwinsConfig::default(),
+            ota: OtaConfig::default(),
             rules: RulesConfig::default(),
             retention: RetentionConfig::default(),
             eventlog: EventLogConfig::default(),
@@ -214,6 +217,10 @@ impl UpConfig {
                 .then_some("`commands.max_payload_bytes` must be at least 1"),
             (self.twins.max_document_bytes == 0)
                 .then_some("`twins.max_document_bytes` must be at least 1"),
+            (self.ota.max_artifact_bytes == 0)
+                .then_some("`ota.max_artifact_bytes` must be at least 1"),
+            (self.ota.campaign_interval_ms == 0)
+                .then_some("`ota.campaign_interval_ms` must be at least 1"),
             (self.rules.max_rules_per_tenant == 0)
                 .then_some("`rules.max_rules_per_tenant` must be at least 1"),
             (self.rules.max_groups_per_rule == 0)

@@ -20,6 +20,7 @@ use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog, KafkaLog};
 use tern_gateway::{Gateway, GatewayServices};
 use tern_identity::{Identity, IdentityGrpc, grpc_auth};
 use tern_registry::nats::{NatsEndpoint, NatsRouter};
+use tern_registry::ota::{Artifacts, Campaigns};
 use tern_registry::{Commands, Registry, RegistryGrpc, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown, logging, shutdown_signal};
 use tern_store::{EmbeddedStore, Store};
@@ -113,6 +114,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if identity_config.public_url.is_empty() {
         identity_config.public_url = format!("http://localhost:{}", config.http_port);
     }
+    // Where devices reach this platform's HTTP API (OTA artifact downloads, OAuth issuer).
+    let public_url = identity_config.public_url.clone();
     let identity = Arc::new(Identity::new(store.clone(), registry.clone(), identity_config).await?);
     identity
         .ensure_operator_token(&data.join("admin.token"))
@@ -231,6 +234,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     let rules_task = tokio::spawn(rule_engine.run(stop_ingest.clone()));
 
+    let artifacts = Arc::new(Artifacts::new(
+        store.clone(),
+        data.join("artifacts"),
+        config.ota.max_artifact_bytes,
+    ));
+    let campaigns = Arc::new(Campaigns::new(
+        store.clone(),
+        registry.clone(),
+        commands.clone(),
+        twins.clone(),
+        artifacts.clone(),
+        public_url.clone(),
+    ));
+    tokio::spawn(campaigns.clone().run(
+        Duration::from_millis(config.ota.campaign_interval_ms),
+        stop_ingest.clone().cancelled_owned(),
+    ));
+
     let gateway = Gateway::new(
         GatewayServices {
             registry: registry.clone(),
@@ -241,6 +262,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             alerts,
             retention,
             jobs,
+            artifacts,
+            campaigns,
             store: store.clone(),
             log: log.clone(),
         },

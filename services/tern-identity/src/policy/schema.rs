@@ -30,9 +30,10 @@ type MqttContext = {
 
 action read, write, admin, mqtt;
 
-action getTenant, listDevices, readRules, readAlerts, readJobs, readRetention, queryPdp
+action getTenant, listDevices, readRules, readAlerts, readJobs, readRetention, queryPdp, readOta
   in [read] appliesTo { principal: [User, Client, ApiToken], resource: [Tenant], context: ApiContext };
-action createDevice, sendBulkCommand, writeRules, testRule, writeAlerts, writeJobs, writeRetention
+action createDevice, sendBulkCommand, writeRules, testRule, writeAlerts, writeJobs, writeRetention,
+  writeOta
   in [write] appliesTo { principal: [User, Client, ApiToken], resource: [Tenant], context: ApiContext };
 action readCredentials, manageCredentials, readPolicies, managePolicies
   in [admin] appliesTo { principal: [User, Client, ApiToken], resource: [Tenant], context: ApiContext };
@@ -57,6 +58,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("readJobs", "read"),
     ("readRetention", "read"),
     ("queryPdp", "read"),
+    ("readOta", "read"),
     ("createDevice", "write"),
     ("sendBulkCommand", "write"),
     ("writeRules", "write"),
@@ -64,6 +66,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("writeAlerts", "write"),
     ("writeJobs", "write"),
     ("writeRetention", "write"),
+    ("writeOta", "write"),
     ("readCredentials", "admin"),
     ("manageCredentials", "admin"),
     ("readPolicies", "admin"),

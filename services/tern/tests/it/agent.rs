@@ -47,7 +47,9 @@ impl Agent {
             &format!("echo \"$1\" >> {d}/commands.log; echo \"{{\\\"done\\\": \\\"$1\\\"}}\""),
         );
         let config = format!(
-            r#"server = "{http}"
+            // `localhost`, as in Tern's default `identity.public_url`: artifact URLs on that
+            // origin get the device's token.
+            r#"server = "http://localhost:{http}"
 mqtt = "mqtt://127.0.0.1:{mqtt}"
 root_dir = "{d}/root"
 keepalive_secs = 10
@@ -71,7 +73,7 @@ timeout_secs = 20
 [update]
 public_key = "{public_key}"
 "#,
-            http = tern.http(),
+            http = tern.http_port,
             mqtt = tern.mqtt_port,
         );
         std::fs::write(dir.path().join("agent.toml"), config).expect("config");
@@ -452,4 +454,153 @@ async fn queued_commands_arrive_in_order_and_a_disabled_agent_is_cut_off() {
         "refuses to run after decommissioning"
     );
     assert!(agent.log().contains("decommissioned"), "{}", agent.log());
+}
+
+/// Polls a campaign until it is no longer running; returns it with its devices.
+async fn campaign_outcome(tern: &Tern, p: &Provisioned, id: &str) -> Value {
+    let path = format!("/api/v1/tenants/{}/campaigns/{id}", p.tenant);
+    for _ in 0..600 {
+        let (status, campaign) = tern.get(&p.api_token, &path).await;
+        assert_eq!(status, 200, "{campaign}");
+        if campaign["state"] != "running" {
+            return campaign;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("campaign {id} still running after 60 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ota_campaigns_roll_out_in_waves_and_abort_when_the_canary_fails() {
+    let tern = Tern::start_with_env(&[("TERN_OTA__CAMPAIGN_INTERVAL_MS", "200")]);
+    let fleet: Vec<Provisioned> = (1..=4)
+        .map(|n| tern.provision("fleet", &format!("ota-{n}")))
+        .collect();
+    let p = &fleet[0];
+    let key = tern.cli_json(&["ota", "key", "--tenant", "fleet"]);
+    let key = key["public_key"].as_str().expect("public key");
+    let mut agents = Vec::new();
+    for device in &fleet {
+        let mut agent = Agent::configure(&tern, key);
+        agent.enroll(&device_refresh_token(&tern, device));
+        agent.start();
+        agents.push(agent);
+    }
+
+    let files = tempfile::tempdir().expect("tempdir");
+    let upload = |name: &str, version: &str, bytes: &[u8]| {
+        let file = files.path().join(name);
+        std::fs::write(&file, bytes).expect("artifact");
+        let path = file.to_str().expect("utf-8");
+        tern.cli_json(&[
+            "ota",
+            "upload",
+            path,
+            "--name",
+            "fw",
+            "--version",
+            version,
+            "--tenant",
+            "fleet",
+        ])
+    };
+    let healthy = b"healthy firmware 2.0".to_vec();
+    let good = upload("good.bin", "2.0", &healthy);
+    let good_id = good["id"].as_str().expect("artifact id");
+
+    // The platform serves its artifacts to its own tenant's devices, with ranges.
+    let download = format!("{}/device/v1/artifacts/{good_id}", tern.http());
+    let http = reqwest::Client::new();
+    let rest = http
+        .get(&download)
+        .bearer_auth(&p.access_token)
+        .header("range", "bytes=8-")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(rest.status(), 206);
+    assert_eq!(rest.bytes().await.expect("body"), healthy[8..]);
+    let stranger = tern.provision("elsewhere", "spy");
+    let refused = http
+        .get(&download)
+        .bearer_auth(&stranger.access_token)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(
+        refused.status(),
+        404,
+        "another tenant's artifact does not exist for it"
+    );
+
+    // A healthy update: the canary (1 of 4), then waves of 2, all succeed.
+    let campaign = tern.cli_json(&[
+        "ota",
+        "campaign",
+        "create",
+        "--artifact",
+        good_id,
+        "--selector",
+        "site=test",
+        "--canary",
+        "25",
+        "--wave-size",
+        "2",
+        "--tenant",
+        "fleet",
+    ]);
+    assert_eq!(campaign["waves"], 3, "{campaign}");
+    let done = campaign_outcome(&tern, p, campaign["id"].as_str().expect("id")).await;
+    let logs: Vec<String> = agents.iter().map(Agent::log).collect();
+    assert_eq!(done["state"], "completed", "{done}\n{logs:#?}");
+    assert_eq!(done["counts"]["succeeded"], 4, "{done}");
+    let waves: Vec<u64> = done["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["wave"].as_u64().expect("wave"))
+        .collect();
+    assert_eq!(waves, [0, 1, 1, 2]);
+    for agent in &agents {
+        let installed = std::fs::read(agent.root().join("current/artifact")).expect("installed");
+        assert_eq!(installed, healthy);
+    }
+
+    // A broken update fails its health check on the canary: the campaign aborts by itself
+    // and no other device is touched.
+    let broken = upload("broken.bin", "3.0", b"firmware 3.0 that crashes");
+    let campaign = tern.cli_json(&[
+        "ota",
+        "campaign",
+        "create",
+        "--artifact",
+        broken["id"].as_str().expect("id"),
+        "--selector",
+        "site=test",
+        "--canary",
+        "25",
+        "--failure-threshold",
+        "20",
+        "--tenant",
+        "fleet",
+    ]);
+    let done = campaign_outcome(&tern, p, campaign["id"].as_str().expect("id")).await;
+    assert_eq!(done["state"], "aborted", "{done}");
+    assert_eq!(done["counts"]["failed"], 1, "{done}");
+    assert_eq!(done["counts"]["skipped"], 3, "{done}");
+    assert!(
+        done["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("threshold"),
+        "{done}"
+    );
+    let canary = &done["devices"][0];
+    assert_eq!(canary["progress"], "rolled_back", "{canary}");
+    for agent in &agents {
+        let installed = std::fs::read(agent.root().join("current/artifact")).expect("installed");
+        assert_eq!(installed, healthy, "every device still runs 2.0");
+    }
+    let list = tern.cli_json(&["ota", "campaign", "list", "--tenant", "fleet"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
 }
