@@ -47,6 +47,12 @@ build: deps ## Build the release binary into bin/tern
 	@mkdir -p bin && cp "$(CARGO_TARGET_DIR)/release/tern" bin/tern
 	@echo "built bin/tern"
 
+.PHONY: agent
+agent: deps ## Build the release device agent into bin/tern-agent (docs/agent.md)
+	$(CARGO) build --release --locked -p tern-agent
+	@mkdir -p bin && cp "$(CARGO_TARGET_DIR)/release/tern-agent" bin/tern-agent
+	@echo "built bin/tern-agent"
+
 .PHONY: run
 run: build ## Run every service in one process on embedded storage (data in ./data)
 	bin/tern up
