@@ -167,9 +167,35 @@ impl Agent {
             .push("twin/reported", &serde_json::to_vec(patch)?)
     }
 
+    /// Reports the whole state and what the agent can do (operations whose hook is missing
+    /// are left out, so the platform refuses them before sending).
     fn report_state(&self) -> anyhow::Result<()> {
-        let reported = self.state.lock().expect("state lock").reported();
+        let mut reported = self.state.lock().expect("state lock").reported();
+        reported["capabilities"] = self.capabilities().into();
         self.report(&reported).map(drop)
+    }
+
+    pub fn capabilities(&self) -> Vec<&'static str> {
+        let hooks = &self.config.hooks;
+        let mut offered = vec![
+            "lock",
+            "unlock",
+            "wipe",
+            "configure",
+            "rotate_credentials",
+            "update",
+            "decommission",
+        ];
+        for (operation, hook) in [
+            ("reboot", &hooks.reboot),
+            ("locate", &hooks.location),
+            ("feature", &hooks.feature),
+        ] {
+            if hook.is_some() {
+                offered.push(operation);
+            }
+        }
+        offered
     }
 
     /// Changes the device state, stores it and reports it.

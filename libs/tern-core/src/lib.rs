@@ -17,7 +17,8 @@ pub use command::{
 };
 pub use error::{ErrorCode, ValidationError};
 pub use model::{
-    Caller, Device, DeviceId, NewDevice, Tenant, TenantId, validate_labels, validate_name,
+    Caller, Device, DeviceId, ManagementLevel, NewDevice, Tenant, TenantId, validate_groups,
+    validate_labels, validate_name,
 };
 pub use operation::{OPERATION_PREFIX, Operation, Wifi};
 pub use payload::{DecodedTelemetry, decode_telemetry};

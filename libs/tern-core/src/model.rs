@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -98,6 +98,47 @@ pub struct Device {
     /// The gateway device that may publish on this device's behalf (`telemetry/{device}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_id: Option<DeviceId>,
+    /// How much of the device the platform may manage.
+    #[serde(default)]
+    pub management: ManagementLevel,
+    /// The user (of the tenant's directory, by name) the device belongs to; policies can
+    /// let owners manage their own devices (`resource.owner == principal.name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub groups: BTreeSet<String>,
+}
+
+/// How much of a device the platform manages: a non-managed device only sends data and takes
+/// plain commands; a semi-managed one also takes the operations that configure and maintain
+/// it, but not those that take it away from its user (lock, wipe, decommission); a fully
+/// managed one takes every operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ManagementLevel {
+    NonManaged,
+    SemiManaged,
+    #[default]
+    FullyManaged,
+}
+
+impl ManagementLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NonManaged => "non_managed",
+            Self::SemiManaged => "semi_managed",
+            Self::FullyManaged => "fully_managed",
+        }
+    }
+
+    /// Whether the typed operation `operation` (its name without `tern.`) may be sent.
+    pub fn allows(self, operation: &str) -> bool {
+        match self {
+            Self::NonManaged => false,
+            Self::SemiManaged => !matches!(operation, "lock" | "unlock" | "wipe" | "decommission"),
+            Self::FullyManaged => true,
+        }
+    }
 }
 
 /// What a caller supplies to register a device.
@@ -112,6 +153,12 @@ pub struct NewDevice {
     /// The gateway (a device of the same tenant, by id or name) that may act for this one.
     #[serde(default)]
     pub gateway: Option<String>,
+    #[serde(default)]
+    pub management: ManagementLevel,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub groups: BTreeSet<String>,
 }
 
 const MAX_NAME_LEN: usize = 128;
@@ -181,8 +228,24 @@ impl NewDevice {
         if let Some(hw) = &self.hardware_id {
             validate_name("hardware_id", hw)?;
         }
-        Ok(())
+        if let Some(owner) = &self.owner {
+            validate_name("owner", owner)?;
+        }
+        validate_groups(&self.groups)
     }
+}
+
+const MAX_GROUPS: usize = 32;
+
+/// At most 32 groups, each a valid name.
+pub fn validate_groups(groups: &BTreeSet<String>) -> Result<(), ValidationError> {
+    if groups.len() > MAX_GROUPS {
+        return Err(ValidationError::new(
+            "groups",
+            format!("at most {MAX_GROUPS} groups per device"),
+        ));
+    }
+    groups.iter().try_for_each(|g| validate_name("groups", g))
 }
 
 #[cfg(test)]

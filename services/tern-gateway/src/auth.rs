@@ -99,11 +99,7 @@ async fn enforce(
                 .registry
                 .device(&tenant.id.to_string(), device)
                 .await?;
-            Resource::Device {
-                id: device.id.to_string(),
-                name: device.name,
-                labels: device.labels,
-            }
+            Resource::device(&device)
         }
         None => Resource::Tenant {
             id: tenant.id.to_string(),

@@ -181,11 +181,7 @@ impl Identity {
                     XacmlError::missing(format!("{} is required", xacml::RESOURCE_ID))
                 })?;
                 let device = self.xacml_device(tenant, reference).await?;
-                Resource::Device {
-                    id: device.id.to_string(),
-                    name: device.name,
-                    labels: device.labels,
-                }
+                Resource::device(&device)
             }
             "topic" => Resource::Topic {
                 name: q.resource_id.clone().unwrap_or_default(),

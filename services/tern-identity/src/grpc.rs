@@ -202,6 +202,9 @@ fn access_request(r: v1::AccessRequest) -> Result<AccessRequest, String> {
             id: res.id,
             name: res.name,
             labels: res.labels.into_iter().collect(),
+            owner: None,
+            management: None,
+            groups: Default::default(),
         },
         "topic" => Resource::Topic { name: res.name },
         other => {

@@ -654,6 +654,9 @@ mod tests {
             disabled: false,
             tokens_valid_from_s: 0,
             gateway_id: None,
+            management: Default::default(),
+            owner: None,
+            groups: Default::default(),
         };
         Fixture {
             commands: Arc::new(Commands::new(store, log.clone(), CommandsConfig::default())),

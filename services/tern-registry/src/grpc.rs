@@ -135,7 +135,7 @@ impl registry_server::Registry for RegistryGrpc {
             name: req.name,
             labels: req.labels.into_iter().collect(),
             hardware_id: Some(req.hardware_id).filter(|h| !h.is_empty()),
-            gateway: None,
+            ..NewDevice::default()
         };
         let d = self
             .registry

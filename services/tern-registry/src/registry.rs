@@ -1,11 +1,11 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, OnceLock};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tern_core::{
-    Caller, Device, DeviceId, NewDevice, Selector, Tenant, TenantId, ValidationError, now_ms,
-    validate_labels, validate_name,
+    Caller, Device, DeviceId, ManagementLevel, NewDevice, Selector, Tenant, TenantId,
+    ValidationError, now_ms, validate_groups, validate_labels, validate_name,
 };
 use tern_store::Store;
 use tokio::sync::Mutex;
@@ -61,6 +61,12 @@ pub struct DevicePatch {
     /// Sets (a device id or name) or, with `null`, clears the device's gateway.
     #[serde(default, deserialize_with = "present")]
     pub gateway: Option<Option<String>>,
+    pub management: Option<ManagementLevel>,
+    /// Sets or, with `null`, clears the owner.
+    #[serde(default, deserialize_with = "present")]
+    pub owner: Option<Option<String>>,
+    /// Replaces all groups.
+    pub groups: Option<BTreeSet<String>>,
 }
 
 /// Tells an explicit `null` (`Some(None)`) from an absent field (`None`).
@@ -102,7 +108,8 @@ impl Registry {
         }
     }
 
-    /// Disables or enables a device, or replaces its labels. Disabling ends its connections.
+    /// Changes what the patch names (enabled, labels, gateway, management level, owner,
+    /// groups). Disabling ends its connections.
     pub async fn update_device(
         &self,
         tenant: &str,
@@ -111,6 +118,12 @@ impl Registry {
     ) -> Result<Device, RegistryError> {
         if let Some(labels) = &patch.labels {
             validate_labels(labels)?;
+        }
+        if let Some(Some(owner)) = &patch.owner {
+            validate_name("owner", owner)?;
+        }
+        if let Some(groups) = &patch.groups {
+            validate_groups(groups)?;
         }
         let device = self.device(tenant, reference).await?;
         let gateway = match &patch.gateway {
@@ -128,6 +141,15 @@ impl Registry {
                 }
                 if let Some(disabled) = patch.disabled {
                     d.disabled = disabled;
+                }
+                if let Some(management) = patch.management {
+                    d.management = management;
+                }
+                if let Some(owner) = &patch.owner {
+                    d.owner = owner.clone();
+                }
+                if let Some(groups) = &patch.groups {
+                    d.groups = groups.clone();
                 }
             })
             .await?;
@@ -313,6 +335,9 @@ impl Registry {
             disabled: false,
             tokens_valid_from_s: 0,
             gateway_id: None,
+            management: new.management,
+            owner: new.owner,
+            groups: new.groups,
         };
         if let Some(gateway) = &new.gateway {
             device.gateway_id = Some(self.gateway_for(&device, gateway).await?);
@@ -571,7 +596,7 @@ mod tests {
             name: name.into(),
             labels: BTreeMap::from([("site".into(), "berlin".into())]),
             hardware_id: hardware_id.map(Into::into),
-            gateway: None,
+            ..NewDevice::default()
         }
     }
 

@@ -106,6 +106,19 @@ pub enum AdminCommand {
     Ota(OtaCommand),
 }
 
+#[derive(clap::Args)]
+pub struct DeviceManagement {
+    /// non_managed, semi_managed or fully_managed (docs/devices.md).
+    #[arg(long)]
+    pub management: Option<String>,
+    /// The user (by name) the device belongs to.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// A group the device is in; repeat for more (with `set`, replaces all groups).
+    #[arg(long = "group", value_name = "GROUP")]
+    pub groups: Vec<String>,
+}
+
 #[derive(Subcommand)]
 pub enum OtaCommand {
     /// Upload an artifact; it is hashed (SHA-256) and signed with the tenant's key.
@@ -519,6 +532,17 @@ pub enum DeviceCommand {
         /// (`telemetry/{device}`, `event/{device}`).
         #[arg(long)]
         gateway: Option<String>,
+        #[command(flatten)]
+        management: DeviceManagement,
+    },
+    /// Change a device's management level, owner or groups.
+    Set {
+        device: String,
+        #[command(flatten)]
+        management: DeviceManagement,
+        /// Remove the owner.
+        #[arg(long, conflicts_with = "owner")]
+        no_owner: bool,
     },
     /// List the tenant's devices.
     List {

@@ -156,6 +156,9 @@ const DEVICE_FIELDS: &[&str] = &[
     "id",
     "name",
     "tenant_id",
+    "management",
+    "owner",
+    "groups",
     "labels",
     "hardware_id",
     "gateway_id",
@@ -239,14 +242,49 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     labels,
                     hardware_id,
                     gateway,
+                    management,
                 } => {
-                    let body = json!({
+                    let mut body = json!({
                         "name": name,
                         "labels": parse_labels(&labels)?,
                         "hardware_id": hardware_id,
                         "gateway": gateway,
+                        "owner": management.owner,
+                        "groups": management.groups,
                     });
+                    if let Some(level) = management.management {
+                        body["management"] = level.into();
+                    }
                     let d = client.call(Method::POST, &base, Some(body)).await?;
+                    output::record(out, &d, DEVICE_FIELDS);
+                }
+                DeviceCommand::Set {
+                    device,
+                    management,
+                    no_owner,
+                } => {
+                    let mut body = serde_json::Map::new();
+                    if let Some(level) = management.management {
+                        body.insert("management".into(), level.into());
+                    }
+                    if let Some(owner) = management.owner {
+                        body.insert("owner".into(), owner.into());
+                    }
+                    if no_owner {
+                        body.insert("owner".into(), Value::Null);
+                    }
+                    if !management.groups.is_empty() {
+                        body.insert("groups".into(), management.groups.into());
+                    }
+                    if body.is_empty() {
+                        bail!(
+                            "nothing to change: give --management, --owner, --no-owner or --group"
+                        );
+                    }
+                    let path = format!("{base}/{}", seg(&device));
+                    let d = client
+                        .call(Method::PATCH, &path, Some(Value::Object(body)))
+                        .await?;
                     output::record(out, &d, DEVICE_FIELDS);
                 }
                 DeviceCommand::List { selector } => {

@@ -1,7 +1,7 @@
 //! A decision request in Tern's terms (who, what, on what, in which circumstances), turned into
 //! Cedar's request and entities; and the decision, in XACML's four outcomes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use std::str::FromStr;
@@ -48,10 +48,32 @@ pub enum Resource {
         id: String,
         name: String,
         labels: BTreeMap<String, String>,
+        /// The device's owner (a user name), for ownership policies.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+        /// `non_managed`, `semi_managed` or `fully_managed`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        management: Option<String>,
+        #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+        groups: BTreeSet<String>,
     },
     Topic {
         name: String,
     },
+}
+
+impl Resource {
+    /// A registry device as the resource of a request, with everything policies may test.
+    pub fn device(device: &tern_core::Device) -> Self {
+        Self::Device {
+            id: device.id.to_string(),
+            name: device.name.clone(),
+            labels: device.labels.clone(),
+            owner: device.owner.clone(),
+            management: Some(device.management.as_str().to_string()),
+            groups: device.groups.clone(),
+        }
+    }
 }
 
 /// The environment of a request.
@@ -195,12 +217,29 @@ fn resource_entity(r: &Resource) -> Result<Entity, String> {
             Vec::new(),
             &none,
         ),
-        Resource::Device { id, name, labels } => entity(
-            uid("Device", id)?,
-            vec![("name", string(name))],
-            Vec::new(),
+        Resource::Device {
+            id,
+            name,
             labels,
-        ),
+            owner,
+            management,
+            groups,
+        } => {
+            let mut attrs = vec![
+                ("name", string(name)),
+                (
+                    "groups",
+                    RestrictedExpression::new_set(groups.iter().map(|g| string(g))),
+                ),
+            ];
+            if let Some(owner) = owner {
+                attrs.push(("owner", string(owner)));
+            }
+            if let Some(management) = management {
+                attrs.push(("management", string(management)));
+            }
+            entity(uid("Device", id)?, attrs, Vec::new(), labels)
+        }
         Resource::Topic { name } => entity(
             uid("Topic", name)?,
             vec![("name", string(name))],

@@ -2,13 +2,14 @@
 //! default policies a new tenant starts with.
 
 /// Entity types, the request context and the actions. Device labels are entity tags:
-/// `resource.hasTag("site") && resource.getTag("site") == "berlin"`.
+/// `resource.hasTag("site") && resource.getTag("site") == "berlin"`; a device as a resource
+/// also has its `owner` (when it has one), `management` level and `groups`.
 pub const SCHEMA: &str = r#"
 entity Group in [Group];
 entity User in [Group] { name: String, roles: Set<String> };
 entity Client { name: String };
 entity ApiToken;
-entity Device { name: String } tags String;
+entity Device { name: String, owner?: String, management?: String, groups?: Set<String> } tags String;
 entity Tenant { name: String };
 entity Topic { name: String };
 

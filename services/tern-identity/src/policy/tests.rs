@@ -35,6 +35,9 @@ fn device(site: &str) -> Resource {
         id: format!("dev-{site}"),
         name: format!("boiler-{site}"),
         labels: BTreeMap::from([("site".to_string(), site.to_string())]),
+        owner: Some(format!("owner-{site}")),
+        management: Some("fully_managed".into()),
+        groups: Default::default(),
     }
 }
 
@@ -377,4 +380,71 @@ async fn decisions_are_audited_in_full_or_sampled_with_every_denial() {
         .await
         .unwrap_err();
     assert!(matches!(err, IdentityError::Invalid(ref v) if v.field == "sample_rate"));
+}
+
+#[tokio::test]
+async fn owners_may_manage_their_own_devices_and_levels_can_be_tested() {
+    let (_dir, pdp) = pdp().await;
+    let t = TenantId::random();
+    pdp.put_policy(
+        t,
+        "owners-operate",
+        "permit (principal is User, action == Action::\"operateDevice\", resource) \
+         when { resource has owner && resource.owner == principal.name };",
+        "alice",
+    )
+    .await
+    .expect("owner policy");
+    pdp.put_policy(
+        t,
+        "no-remote-wipe-of-semi-managed",
+        "forbid (principal, action == Action::\"operateDevice\", resource) \
+         when { resource has management && resource.management == \"semi_managed\" };",
+        "alice",
+    )
+    .await
+    .expect("level policy");
+    let operate = |user: &str, resource: Resource| AccessRequest {
+        principal: Principal::User {
+            id: format!("u-{user}"),
+            name: user.into(),
+            roles: Vec::new(),
+            groups: Vec::new(),
+        },
+        action: "operateDevice".into(),
+        resource,
+        environment: Environment {
+            now_s: AFTERNOON,
+            ..Default::default()
+        },
+    };
+    let decide =
+        async |request: AccessRequest| pdp.authorize(t, &request).await.expect("decide").allowed();
+    assert!(decide(operate("owner-berlin", device("berlin"))).await);
+    assert!(
+        !decide(operate("owner-berlin", device("paris"))).await,
+        "not the owner"
+    );
+    let Resource::Device {
+        id,
+        name,
+        labels,
+        owner,
+        ..
+    } = device("berlin")
+    else {
+        unreachable!()
+    };
+    let semi = Resource::Device {
+        id,
+        name,
+        labels,
+        owner,
+        management: Some("semi_managed".into()),
+        groups: Default::default(),
+    };
+    assert!(
+        !decide(operate("owner-berlin", semi)).await,
+        "the forbid wins"
+    );
 }

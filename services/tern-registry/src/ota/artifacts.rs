@@ -175,22 +175,7 @@ impl Artifacts {
     }
 
     pub async fn list(&self, tenant: TenantId) -> Result<Vec<Artifact>, RegistryError> {
-        let prefix = format!("{tenant}/");
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .list_records(ARTIFACT, &prefix, after.as_deref(), 500)
-                .await?;
-            let Some((last, _)) = page.last() else {
-                return Ok(out);
-            };
-            after = Some(last.clone());
-            for (key, bytes) in &page {
-                out.push(decode(key, bytes)?);
-            }
-        }
+        super::all_records(self.store.as_ref(), ARTIFACT, &format!("{tenant}/")).await
     }
 
     /// The tenant's update-signing public key (base64, 32 bytes): what devices are given as

@@ -315,35 +315,14 @@ impl Campaigns {
         }
     }
 
-    async fn all<T: serde::de::DeserializeOwned>(
-        &self,
-        kind: &str,
-        prefix: &str,
-    ) -> Result<Vec<T>, RegistryError> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .list_records(kind, prefix, after.as_deref(), 500)
-                .await?;
-            let Some((last, _)) = page.last() else {
-                return Ok(out);
-            };
-            after = Some(last.clone());
-            for (key, bytes) in &page {
-                out.push(decode(key, bytes)?);
-            }
-        }
-    }
-
     pub async fn list(&self, tenant: TenantId) -> Result<Vec<Campaign>, RegistryError> {
-        self.all(CAMPAIGN, &format!("{tenant}/")).await
+        super::all_records(self.store.as_ref(), CAMPAIGN, &format!("{tenant}/")).await
     }
 
     /// The campaign's devices, in wave order.
     pub async fn targets(&self, tenant: TenantId, id: Uuid) -> Result<Vec<Target>, RegistryError> {
-        let mut targets: Vec<Target> = self.all(TARGET, &format!("{tenant}/{id}/")).await?;
+        let mut targets: Vec<Target> =
+            super::all_records(self.store.as_ref(), TARGET, &format!("{tenant}/{id}/")).await?;
         targets.sort_by_key(|t| t.wave);
         Ok(targets)
     }
@@ -477,7 +456,8 @@ impl Campaigns {
 
     /// Advances every running campaign of every tenant.
     pub async fn tick(&self) -> Result<(), RegistryError> {
-        let campaigns: Vec<Campaign> = self.all(CAMPAIGN, "").await?;
+        let campaigns: Vec<Campaign> =
+            super::all_records(self.store.as_ref(), CAMPAIGN, "").await?;
         for mut campaign in campaigns {
             if campaign.state != CampaignState::Running {
                 continue;
@@ -572,6 +552,22 @@ impl Campaigns {
             }
             Err(e) => return Err(e),
         };
+        if !device.management.allows("update") {
+            target.state = TargetState::Skipped;
+            target.reason = Some(format!(
+                "the device is {}: updates are not allowed",
+                device.management.as_str()
+            ));
+            return Ok(());
+        }
+        let twin = self.twins.get(campaign.tenant_id, device.id).await?;
+        if let Some(offered) = twin.reported.get("capabilities").and_then(|c| c.as_array())
+            && !offered.iter().any(|c| c == "update")
+        {
+            target.state = TargetState::Skipped;
+            target.reason = Some("the device's agent does not offer `update`".into());
+            return Ok(());
+        }
         let artifact = self
             .artifacts
             .get(campaign.tenant_id, campaign.artifact_id)

@@ -444,6 +444,57 @@ async fn queued_commands_arrive_in_order_and_a_disabled_agent_is_cut_off() {
         agent.log()
     );
 
+    // What may be sent depends on the device's management level and its agent's capabilities.
+    let refused = async |operation: &str| {
+        let path = format!("{}/operations/{operation}", device_path(&p));
+        tern.send_json(reqwest::Method::POST, &p.api_token, &path, &json!({}))
+            .await
+    };
+    let (status, body) = refused("reboot").await;
+    assert_eq!(
+        status, 409,
+        "no reboot hook, so no reboot capability: {body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("does not offer")
+    );
+    let set = tern.cli_json(&[
+        "device",
+        "set",
+        "pi-2",
+        "--management",
+        "semi_managed",
+        "--owner",
+        "alice",
+        "--group",
+        "line-1",
+        "--tenant",
+        "agents",
+    ]);
+    assert_eq!(set["management"], "semi_managed", "{set}");
+    assert_eq!(set["owner"], "alice");
+    assert_eq!(set["groups"], json!(["line-1"]));
+    let (status, body) = refused("decommission").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("semi_managed")
+    );
+    tern.cli_json(&[
+        "device",
+        "set",
+        "pi-2",
+        "--management",
+        "fully_managed",
+        "--tenant",
+        "agents",
+    ]);
+
     // Decommission: the agent stops and refuses to run again until enrolled anew.
     let done = operate(&tern, &p, "decommission", json!({})).await;
     assert_eq!(done["state"], "succeeded", "{done}");

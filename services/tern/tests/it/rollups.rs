@@ -10,8 +10,10 @@ const HOUR: i64 = 3_600_000;
 async fn rollups_follow_the_raw_points_and_auto_picks_the_resolution() {
     let tern = Tern::start();
     let p = tern.provision("acme", "meter");
-    // Samples over three hours that ended 200 days ago, sent out of order.
-    let base = (tern_core::now_ms() - 200 * 24 * HOUR) / HOUR * HOUR;
+    // Samples over the first three hours of a UTC day 200 days ago, sent out of order. (Starting
+    // at midnight keeps them in one day bucket whatever the time of day the test runs.)
+    let one_day = 24 * HOUR;
+    let base = (tern_core::now_ms() - 200 * one_day) / one_day * one_day;
     let samples = [
         (2, 30.0),
         (0, 10.0),
