@@ -50,6 +50,9 @@ pub struct GatewayServices {
     pub artifacts: Arc<Artifacts>,
     pub campaigns: Arc<Campaigns>,
     pub store: Arc<dyn Store>,
+    /// A device without a live MQTT connection counts as online while it was heard from
+    /// within this window (HTTP and CoAP devices).
+    pub heartbeat_window_ms: i64,
     /// Where the HTTP device API appends messages.
     pub log: Arc<dyn EventLog>,
 }
@@ -67,6 +70,7 @@ pub struct Gateway {
     artifacts: Arc<Artifacts>,
     campaigns: Arc<Campaigns>,
     store: Arc<dyn Store>,
+    heartbeat_window_ms: i64,
     log: Arc<dyn EventLog>,
     metrics: MetricsRegistry,
     http_metrics: observe::HttpMetrics,
@@ -90,6 +94,7 @@ impl Gateway {
             artifacts,
             campaigns,
             store,
+            heartbeat_window_ms,
             log,
         } = services;
         Arc::new(Self {
@@ -104,6 +109,7 @@ impl Gateway {
             artifacts,
             campaigns,
             store,
+            heartbeat_window_ms,
             log,
             http_metrics: observe::HttpMetrics::register(metrics),
             metrics: metrics.clone(),

@@ -16,8 +16,13 @@ use crate::{ApiError, Gateway};
 #[derive(Serialize)]
 pub(crate) struct DeviceStatus {
     device_id: String,
-    /// Its last lifecycle event was `connected`, since this server started.
+    /// Connected over MQTT (its last lifecycle event was `connected`, since this server
+    /// started), or heard from within the heartbeat window after its last lifecycle event
+    /// (HTTP and CoAP devices, which have no connection to follow).
     online: bool,
+    /// `mqtt` or `heartbeat`, when online.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    online_by: Option<&'static str>,
     /// That event: `connected`, `disconnected` or `will_published`, with its details
     /// (protocol, transport and peer; or the disconnect reason).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,18 +61,32 @@ pub(crate) async fn status(
     let last_lifecycle = lifecycle
         .as_ref()
         .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.payload).ok());
+    // A `connected` event from before this process started is from a connection that
+    // ended with it (a crash leaves no `disconnected`).
+    let connected = last_lifecycle
+        .as_ref()
+        .is_some_and(|l| l["event"] == "connected")
+        && lifecycle
+            .as_ref()
+            .is_some_and(|e| e.ts_ms >= gw.started_at_ms);
+    let last_seen_ms = any_event.map(|e| e.ts_ms).max(latest_metric);
+    // Heard from after its last connection ended (or it never had one): a device that only
+    // speaks HTTP or CoAP.
+    let heartbeat = last_seen_ms.is_some_and(|seen| {
+        tern_core::now_ms() - seen <= gw.heartbeat_window_ms
+            && lifecycle.as_ref().is_none_or(|e| seen > e.ts_ms)
+    });
+    let online_by = match (connected, heartbeat) {
+        (true, _) => Some("mqtt"),
+        (false, true) => Some("heartbeat"),
+        (false, false) => None,
+    };
     Ok(Json(DeviceStatus {
         device_id,
-        // A `connected` event from before this process started is from a connection that
-        // ended with it (a crash leaves no `disconnected`).
-        online: last_lifecycle
-            .as_ref()
-            .is_some_and(|l| l["event"] == "connected")
-            && lifecycle
-                .as_ref()
-                .is_some_and(|e| e.ts_ms >= gw.started_at_ms),
+        online: online_by.is_some(),
+        online_by,
         last_lifecycle_ms: lifecycle.as_ref().map(|e| e.ts_ms),
         last_lifecycle,
-        last_seen_ms: any_event.map(|e| e.ts_ms).max(latest_metric),
+        last_seen_ms,
     }))
 }

@@ -38,12 +38,29 @@ pub struct UpConfig {
     pub identity: IdentityConfig,
     pub commands: CommandsConfig,
     pub twins: TwinsConfig,
+    pub devices: DevicesConfig,
     pub ota: OtaConfig,
     pub rules: RulesConfig,
     pub retention: RetentionConfig,
     pub eventlog: EventLogConfig,
     pub routing: RoutingConfig,
     pub tracing: tern_runtime::otel::TracingConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    /// A device without a live MQTT connection (HTTP, CoAP) is online while it was heard from
+    /// within this many seconds.
+    pub heartbeat_window_secs: u64,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_window_secs: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,6 +121,7 @@ impl Default for UpConfig {
             identity: IdentityConfig::default(),
             commands: CommandsConfig::default(),
             twins: TwinsConfig::default(),
+            devices: DevicesConfig::default(),
             ota: OtaConfig::default(),
             rules: RulesConfig::default(),
             retention: RetentionConfig::default(),
@@ -217,6 +235,8 @@ impl UpConfig {
                 .then_some("`commands.max_payload_bytes` must be at least 1"),
             (self.twins.max_document_bytes == 0)
                 .then_some("`twins.max_document_bytes` must be at least 1"),
+            (self.devices.heartbeat_window_secs == 0)
+                .then_some("`devices.heartbeat_window_secs` must be at least 1"),
             (self.ota.max_artifact_bytes == 0)
                 .then_some("`ota.max_artifact_bytes` must be at least 1"),
             (self.ota.campaign_interval_ms == 0)

@@ -264,6 +264,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             jobs,
             artifacts,
             campaigns,
+            heartbeat_window_ms: i64::try_from(config.devices.heartbeat_window_secs)
+                .unwrap_or(i64::MAX / 1000)
+                .saturating_mul(1000),
             store: store.clone(),
             log: log.clone(),
         },

@@ -170,3 +170,47 @@ async fn a_synchronous_command_reaches_a_long_polling_http_device() {
     .await;
     assert_eq!((status, &err["error"]["field"]), (400, &json!("wait")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_devices_are_online_within_the_heartbeat_window_and_mqtt_ones_only_while_connected() {
+    let tern = Tern::start_with_env(&[("TERN_DEVICES__HEARTBEAT_WINDOW_SECS", "2")]);
+    let p = tern.provision("acme", "http-only");
+    let status = async |p: &Provisioned| {
+        let path = format!("/api/v1/tenants/acme/devices/{}/status", p.device_id);
+        tern.get(&p.api_token, &path).await.1
+    };
+    assert_eq!(status(&p).await["online"], false, "never heard from");
+    let (code, body) = post(&tern, &p, "/device/v1/telemetry", br#"{"temp": 1}"#).await;
+    assert_eq!(code, 201, "{body}");
+    tern.wait_points(&p, "temp", 1).await;
+    let heard = status(&p).await;
+    assert_eq!(heard["online"], true, "{heard}");
+    assert_eq!(heard["online_by"], "heartbeat");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let quiet = status(&p).await;
+    assert_eq!(quiet["online"], false, "the window passed: {quiet}");
+
+    // An MQTT device that sent data and then disconnected is offline at once, window or not.
+    let m = tern.provision("acme", "mqtt");
+    let mut device = crate::harness::Mqtt::device(&tern, &m).await;
+    device
+        .publish_acked("telemetry", vec![br#"{"temp": 2}"#.to_vec()])
+        .await;
+    tern.wait_points(&m, "temp", 1).await;
+    assert_eq!(status(&m).await["online_by"], "mqtt");
+    drop(device);
+    let mut offline = false;
+    for _ in 0..100 {
+        let now = status(&m).await;
+        if now["online"] == false {
+            assert_eq!(now["last_lifecycle"]["event"], "disconnected", "{now}");
+            offline = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        offline,
+        "offline after its disconnect, within the heartbeat window"
+    );
+}
