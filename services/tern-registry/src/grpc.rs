@@ -65,6 +65,9 @@ fn device_out(d: Device) -> v1::Device {
         hardware_id: d.hardware_id.unwrap_or_default(),
         created_at_ms: d.created_at_ms,
         disabled: d.disabled,
+        management: d.management.as_str().to_string(),
+        owner: d.owner.unwrap_or_default(),
+        groups: d.groups.into_iter().collect(),
     }
 }
 

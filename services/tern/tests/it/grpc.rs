@@ -54,6 +54,7 @@ async fn registry_over_grpc_with_tokens() {
         .expect("device")
         .into_inner();
     assert_eq!(device.tenant_id, tenant.id);
+    assert_eq!(device.management, "fully_managed", "the default level");
 
     let err = client
         .create_device(authed(
