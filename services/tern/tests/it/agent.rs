@@ -34,6 +34,12 @@ struct Agent {
 impl Agent {
     /// Writes a configuration whose hooks record what they are asked to do in `dir`.
     fn configure(tern: &Tern, public_key: &str) -> Self {
+        let mqtt = format!("mqtt://127.0.0.1:{}", tern.mqtt_port);
+        Self::configure_with(tern, public_key, &mqtt, "")
+    }
+
+    /// As [`Agent::configure`], to the MQTT endpoint `mqtt`, with `extra` top-level keys.
+    fn configure_with(tern: &Tern, public_key: &str, mqtt: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display();
         let script = |name: &str, text: &str| {
@@ -50,8 +56,9 @@ impl Agent {
             // `localhost`, as in Tern's default `identity.public_url`: artifact URLs on that
             // origin get the device's token.
             r#"server = "http://localhost:{http}"
-mqtt = "mqtt://127.0.0.1:{mqtt}"
+mqtt = "{mqtt}"
 root_dir = "{d}/root"
+{extra}
 keepalive_secs = 10
 
 [telemetry]
@@ -74,7 +81,6 @@ timeout_secs = 20
 public_key = "{public_key}"
 "#,
             http = tern.http_port,
-            mqtt = tern.mqtt_port,
         );
         std::fs::write(dir.path().join("agent.toml"), config).expect("config");
         Self { dir, child: None }
@@ -654,4 +660,30 @@ async fn ota_campaigns_roll_out_in_waves_and_abort_when_the_canary_fails() {
     }
     let list = tern.cli_json(&["ota", "campaign", "list", "--tenant", "fleet"]);
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_connects_over_tls_trusting_its_ca_file() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let pki = crate::tls::pki(certs.path(), "agent");
+    let tern = Tern::start_with_env(&[
+        (
+            "TERN_MQTT__TLS__CERT_FILE",
+            pki.cert.to_str().expect("utf-8"),
+        ),
+        ("TERN_MQTT__TLS__KEY_FILE", pki.key.to_str().expect("utf-8")),
+    ]);
+    let p = tern.provision("agents", "tls-1");
+    let mqtts = format!("mqtts://localhost:{}", tern.mqtts_port);
+    let ca = format!("ca_file = \"{}\"", pki.ca.display());
+    let mut agent = Agent::configure_with(&tern, &Signer::new().public_key(), &mqtts, &ca);
+    agent.enroll(&device_refresh_token(&tern, &p));
+    agent.start();
+    let points = tern.wait_points(&p, "temp", 1).await;
+    assert_eq!(points[0]["value"], 21.5);
+    let status_path = format!("{}/status", device_path(&p));
+    let over_tls = async || {
+        tern.get(&p.api_token, &status_path).await.1["last_lifecycle"]["transport"] == "tls"
+    };
+    assert!(eventually(over_tls).await, "connected over TLS");
 }

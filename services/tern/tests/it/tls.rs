@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use crate::harness::{PATIENCE, Provisioned, Tern};
 
 /// A CA and a server certificate for `localhost` signed by it, under `dir/name-*`.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+pub(crate) struct Pki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -27,7 +27,7 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-fn pki(dir: &Path, name: &str) -> Pki {
+pub(crate) fn pki(dir: &Path, name: &str) -> Pki {
     let f = |suffix: &str| format!("{name}-{suffix}");
     let ec = [
         "-newkey",
