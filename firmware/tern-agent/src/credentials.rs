@@ -17,6 +17,21 @@ pub struct Credentials {
     pub access_token: String,
     pub access_token_expires_at_ms: i64,
     pub refresh_token: String,
+    /// When the agent got them (not part of the platform's answer).
+    #[serde(default)]
+    pub obtained_at_ms: i64,
+}
+
+/// Renew the access token when it has less than this left.
+const RENEW_BEFORE_MS: i64 = 120_000;
+
+impl Credentials {
+    /// When to renew: two minutes before expiry, or after two thirds of the token's life
+    /// when it lives less than six minutes (so a short TTL does not renew at every connect).
+    pub fn renew_at_ms(&self) -> i64 {
+        let lifetime = self.access_token_expires_at_ms - self.obtained_at_ms;
+        self.access_token_expires_at_ms - RENEW_BEFORE_MS.min(lifetime / 3)
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -67,7 +82,11 @@ pub async fn refresh(
                 .to_string(),
         });
     }
-    Ok(response.json().await?)
+    let mut credentials: Credentials = response.json().await?;
+    credentials.obtained_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    Ok(credentials)
 }
 
 /// The directory of secrets: credentials and anything else `wipe` must erase.
@@ -139,6 +158,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn short_lived_tokens_are_renewed_after_two_thirds_of_their_life() {
+        let at = |obtained, expires| Credentials {
+            tenant_id: "t".into(),
+            device_id: "d".into(),
+            access_token: String::new(),
+            access_token_expires_at_ms: expires,
+            refresh_token: String::new(),
+            obtained_at_ms: obtained,
+        };
+        assert_eq!(
+            at(0, 3_600_000).renew_at_ms(),
+            3_480_000,
+            "an hour: two minutes before"
+        );
+        assert_eq!(at(0, 60_000).renew_at_ms(), 40_000, "a minute: after 40 s");
+    }
+
+    #[test]
     fn credentials_are_private_and_survive_a_reload() {
         let root = tempfile::tempdir().expect("tempdir");
         let vault = Vault::new(root.path());
@@ -149,6 +186,7 @@ mod tests {
             access_token: "secret-access".into(),
             access_token_expires_at_ms: 1,
             refresh_token: "tern_rt_secret".into(),
+            obtained_at_ms: 0,
         };
         vault.save(&credentials).expect("save");
         let mode = std::fs::metadata(root.path().join("secure/credentials.json"))

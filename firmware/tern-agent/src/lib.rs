@@ -41,8 +41,6 @@ pub enum Exit {
     Decommissioned,
 }
 
-/// Renew the access token when it has less than this left.
-const RENEW_BEFORE_MS: i64 = 120_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 pub struct Agent {
@@ -150,7 +148,7 @@ impl Agent {
         let Some(current) = held.clone() else {
             bail!("not enrolled: run `tern-agent enroll` first");
         };
-        if !renew && current.access_token_expires_at_ms - now_ms() > RENEW_BEFORE_MS {
+        if !renew && now_ms() < current.renew_at_ms() {
             return Ok(current);
         }
         let renewed =
@@ -245,10 +243,8 @@ impl Agent {
             }
             let attempt = async {
                 let credentials = self.credentials(renew).await?;
-                let expiry = Duration::from_millis(
-                    (credentials.access_token_expires_at_ms - now_ms() - RENEW_BEFORE_MS).max(0)
-                        as u64,
-                );
+                let expiry =
+                    Duration::from_millis((credentials.renew_at_ms() - now_ms()).max(0) as u64);
                 let started = tokio::time::Instant::now();
                 let until = async {
                     tokio::select! {

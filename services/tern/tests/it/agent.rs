@@ -687,3 +687,21 @@ async fn the_agent_connects_over_tls_trusting_its_ca_file() {
     };
     assert!(eventually(over_tls).await, "connected over TLS");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_renews_its_access_token_before_it_expires() {
+    let tern = Tern::start_with_env(&[("TERN_IDENTITY__DEVICE_ACCESS_TOKEN_TTL_SECS", "3")]);
+    let p = tern.provision("agents", "short-lived");
+    let mut agent = Agent::configure(&tern, &Signer::new().public_key());
+    agent.enroll(&device_refresh_token(&tern, &p));
+    agent.start();
+    tern.wait_points(&p, "temp", 1).await;
+    // Three token lifetimes later it is still connected and sending, on renewed tokens.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let before = tern.wait_points(&p, "temp", 1).await.len();
+    let after = tern.wait_points(&p, "temp", before + 2).await.len();
+    assert!(after >= before + 2);
+    let renewals = agent.log().matches("credentials renewed").count();
+    assert!(renewals >= 3, "renewed {renewals} times:\n{}", agent.log());
+    assert!(!agent.log().contains("refused"), "{}", agent.log());
+}
