@@ -284,7 +284,7 @@ impl Registry {
     }
 
     pub async fn list_tenants(&self) -> Result<Vec<Tenant>, RegistryError> {
-        self.list(TENANT, "").await
+        list_all(self.store.as_ref(), TENANT, "").await
     }
 
     /// Deletes an empty tenant; a tenant that still has devices is refused.
@@ -540,27 +540,27 @@ impl Registry {
             Some(bytes) => decode(key, &bytes).map(Some),
         }
     }
+}
 
-    async fn list<T: DeserializeOwned>(
-        &self,
-        kind: &str,
-        prefix: &str,
-    ) -> Result<Vec<T>, RegistryError> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .list_records(kind, prefix, after.as_deref(), PAGE)
-                .await?;
-            let full = page.len() == PAGE;
-            for (key, bytes) in page {
-                out.push(decode(&key, &bytes)?);
-                after = Some(key);
-            }
-            if !full {
-                return Ok(out);
-            }
+/// Every record of `kind` under `prefix`, decoded, a page at a time.
+pub(crate) async fn list_all<T: DeserializeOwned>(
+    store: &dyn Store,
+    kind: &str,
+    prefix: &str,
+) -> Result<Vec<T>, RegistryError> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .list_records(kind, prefix, after.as_deref(), PAGE)
+            .await?;
+        let full = page.len() == PAGE;
+        for (key, bytes) in page {
+            out.push(decode(&key, &bytes)?);
+            after = Some(key);
+        }
+        if !full {
+            return Ok(out);
         }
     }
 }

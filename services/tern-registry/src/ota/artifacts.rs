@@ -175,7 +175,7 @@ impl Artifacts {
     }
 
     pub async fn list(&self, tenant: TenantId) -> Result<Vec<Artifact>, RegistryError> {
-        super::all_records(self.store.as_ref(), ARTIFACT, &format!("{tenant}/")).await
+        crate::registry::list_all(self.store.as_ref(), ARTIFACT, &format!("{tenant}/")).await
     }
 
     /// The tenant's update-signing public key (base64, 32 bytes): what devices are given as

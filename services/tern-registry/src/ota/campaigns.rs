@@ -316,13 +316,14 @@ impl Campaigns {
     }
 
     pub async fn list(&self, tenant: TenantId) -> Result<Vec<Campaign>, RegistryError> {
-        super::all_records(self.store.as_ref(), CAMPAIGN, &format!("{tenant}/")).await
+        crate::registry::list_all(self.store.as_ref(), CAMPAIGN, &format!("{tenant}/")).await
     }
 
     /// The campaign's devices, in wave order.
     pub async fn targets(&self, tenant: TenantId, id: Uuid) -> Result<Vec<Target>, RegistryError> {
         let mut targets: Vec<Target> =
-            super::all_records(self.store.as_ref(), TARGET, &format!("{tenant}/{id}/")).await?;
+            crate::registry::list_all(self.store.as_ref(), TARGET, &format!("{tenant}/{id}/"))
+                .await?;
         targets.sort_by_key(|t| t.wave);
         Ok(targets)
     }
@@ -457,7 +458,7 @@ impl Campaigns {
     /// Advances every running campaign of every tenant.
     pub async fn tick(&self) -> Result<(), RegistryError> {
         let campaigns: Vec<Campaign> =
-            super::all_records(self.store.as_ref(), CAMPAIGN, "").await?;
+            crate::registry::list_all(self.store.as_ref(), CAMPAIGN, "").await?;
         for mut campaign in campaigns {
             if campaign.state != CampaignState::Running {
                 continue;

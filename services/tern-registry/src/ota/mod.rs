@@ -9,34 +9,7 @@ pub use campaigns::{
     Campaign, CampaignState, Campaigns, Counts, NewCampaign, OnFailure, Target, TargetState, Window,
 };
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tern_store::Store;
-
-use crate::RegistryError;
-use crate::registry::decode;
-
-/// Every record of `kind` under `prefix`, decoded, a page at a time.
-async fn all_records<T: DeserializeOwned>(
-    store: &dyn Store,
-    kind: &str,
-    prefix: &str,
-) -> Result<Vec<T>, RegistryError> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store
-            .list_records(kind, prefix, after.as_deref(), 500)
-            .await?;
-        let Some((last, _)) = page.last() else {
-            return Ok(out);
-        };
-        after = Some(last.clone());
-        for (key, bytes) in &page {
-            out.push(decode(key, bytes)?);
-        }
-    }
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
