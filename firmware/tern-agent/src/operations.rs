@@ -332,6 +332,12 @@ async fn install_steps(
     sha256: &str,
     signature: Option<&str>,
 ) -> Result<String, UpdateError> {
+    // It names a file below: only the 64 hex digits the contract allows.
+    if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(UpdateError::Verify(format!(
+            "sha256 must be 64 hex digits, got {sha256:?}"
+        )));
+    }
     let config = &agent.config.update;
     let downloads = agent.config.root_dir.join("downloads");
     std::fs::create_dir_all(&downloads).map_err(|e| UpdateError::Download(e.into()))?;
