@@ -23,6 +23,8 @@ use crate::{Commands, NewCommand, Registry, RegistryError, Twins};
 
 const CAMPAIGN: &str = "ota_campaign";
 const TARGET: &str = "ota_campaign_device";
+/// `{tenant}/{campaign}` of every running campaign, so a tick reads only those.
+const RUNNING: &str = "ota_campaign_running";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -296,14 +298,24 @@ impl Campaigns {
         Ok(campaign)
     }
 
+    /// Stores the campaign and keeps the index of running ones, which is all a tick reads.
+    /// The index entry is written before a running campaign and removed after a stopped one,
+    /// so a crash in between leaves an extra entry (skipped and removed by the next tick),
+    /// never a running campaign nobody advances.
     async fn save(&self, campaign: &Campaign) -> Result<(), RegistryError> {
+        let key = key(campaign.tenant_id, campaign.id);
+        let running = campaign.state == CampaignState::Running;
+        if running {
+            self.store
+                .put_record(RUNNING, &key, bytes::Bytes::new())
+                .await?;
+        }
         self.store
-            .put_record(
-                CAMPAIGN,
-                &key(campaign.tenant_id, campaign.id),
-                to_bytes(campaign),
-            )
+            .put_record(CAMPAIGN, &key, to_bytes(campaign))
             .await?;
+        if !running {
+            self.store.delete_record(RUNNING, &key).await?;
+        }
         Ok(())
     }
 
@@ -457,10 +469,27 @@ impl Campaigns {
 
     /// Advances every running campaign of every tenant.
     pub async fn tick(&self) -> Result<(), RegistryError> {
-        let campaigns: Vec<Campaign> =
-            crate::registry::list_all(self.store.as_ref(), CAMPAIGN, "").await?;
-        for mut campaign in campaigns {
+        let mut running = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list_records(RUNNING, "", after.as_deref(), 500)
+                .await?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            running.extend(page.into_iter().map(|(key, _)| key));
+        }
+        for key in running {
+            let Some(bytes) = self.store.get_record(CAMPAIGN, &key).await? else {
+                self.store.delete_record(RUNNING, &key).await?;
+                continue;
+            };
+            let mut campaign: Campaign = decode(&key, &bytes)?;
             if campaign.state != CampaignState::Running {
+                self.store.delete_record(RUNNING, &key).await?;
                 continue;
             }
             if let Err(e) = self.advance(&mut campaign).await {
@@ -710,7 +739,119 @@ fn assign_waves(n: usize, canary_percent: u8, wave_size: u32) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    use tern_core::{CommandState, NewDevice};
+    use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog};
+    use tern_store::EmbeddedStore;
+
     use super::*;
+    use crate::{CommandsConfig, TwinsConfig};
+
+    /// A tick reads only the running campaigns' index: a stopped campaign leaves it, and its
+    /// devices are not touched again.
+    #[tokio::test]
+    async fn ticks_advance_running_campaigns_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("store")).expect("store"));
+        let log: Arc<dyn EventLog> = Arc::new(
+            EmbeddedLog::open(EmbeddedLogConfig::new(dir.path().join("log"))).expect("log"),
+        );
+        let registry = Arc::new(Registry::new(store.clone()));
+        let commands = Arc::new(Commands::new(store.clone(), log, CommandsConfig::default()));
+        let twins = Arc::new(Twins::new(store.clone(), TwinsConfig::default()));
+        let artifacts = Arc::new(Artifacts::new(store.clone(), dir.path().join("a"), 1 << 20));
+        let campaigns = Campaigns::new(
+            store.clone(),
+            registry.clone(),
+            commands.clone(),
+            twins,
+            artifacts.clone(),
+            "http://tern.example".into(),
+        );
+        let tenant = registry.create_tenant("acme").await.expect("tenant");
+        for name in ["a", "b"] {
+            let new = NewDevice {
+                name: name.into(),
+                ..NewDevice::default()
+            };
+            registry.create_device("acme", new).await.expect("device");
+        }
+        let mut upload = artifacts.begin().await.expect("upload");
+        upload.write(b"firmware").await.expect("write");
+        let artifact = artifacts
+            .finish(tenant.id, upload, "fw", "2.0")
+            .await
+            .expect("artifact");
+        let new = NewCampaign {
+            artifact_id: artifact.id,
+            selector: String::new(),
+            canary_percent: 50,
+            wave_size: 0,
+            max_concurrent: 10,
+            failure_threshold_percent: 20,
+            on_failure: OnFailure::Abort,
+            device_timeout_secs: 60,
+            maintenance_window: None,
+        };
+        let campaign = campaigns.create(tenant.id, new).await.expect("campaign");
+        let running = async || {
+            store
+                .list_records(RUNNING, "", None, 10)
+                .await
+                .expect("index")
+        };
+        assert_eq!(running().await.len(), 1);
+
+        campaigns.tick().await.expect("tick");
+        let targets = campaigns
+            .targets(tenant.id, campaign.id)
+            .await
+            .expect("targets");
+        assert_eq!(
+            targets[0].state,
+            TargetState::InProgress,
+            "the canary is sent"
+        );
+        assert_eq!(
+            targets[1].state,
+            TargetState::Pending,
+            "the next wave waits"
+        );
+        let sent = targets[0].command_id.expect("command");
+        let command = commands
+            .get(tenant.id, targets[0].device_id, sent)
+            .await
+            .expect("command");
+        assert_eq!(command.name, "tern.update");
+        assert_eq!(
+            command.payload["url"],
+            format!("http://tern.example/device/v1/artifacts/{}", artifact.id)
+        );
+
+        campaigns
+            .abort(tenant.id, campaign.id)
+            .await
+            .expect("abort");
+        assert!(
+            running().await.is_empty(),
+            "a stopped campaign leaves the index"
+        );
+        let cancelled = commands
+            .get(tenant.id, targets[0].device_id, sent)
+            .await
+            .expect("command");
+        assert_eq!(cancelled.state, CommandState::Cancelled);
+        campaigns.tick().await.expect("tick");
+        let after = campaigns
+            .targets(tenant.id, campaign.id)
+            .await
+            .expect("targets");
+        assert!(
+            after.iter().all(|t| t.state == TargetState::Skipped),
+            "{after:?}"
+        );
+        assert!(after[1].command_id.is_none(), "never sent");
+    }
 
     #[test]
     fn canary_then_waves() {
