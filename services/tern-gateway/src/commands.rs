@@ -271,31 +271,7 @@ pub(crate) async fn operate(
     };
     let operation_name = operation;
     let operation = Operation::parse(&operation_name, body)?;
-    if !device.management.allows(&operation_name) {
-        return Err(ApiError::new(
-            tern_core::ErrorCode::FailedPrecondition,
-            format!(
-                "device {} is {}: `{operation_name}` is not allowed (see its `management`)",
-                device.name,
-                device.management.as_str()
-            ),
-        ));
-    }
-    // An agent that declares its capabilities (tern-agent does, in its reported twin) is
-    // not sent what it cannot do.
-    let twin = gw.twins.get(device.tenant_id, device.id).await?;
-    if let Some(offered) = twin.reported.get("capabilities").and_then(|c| c.as_array())
-        && !offered.iter().any(|c| c == operation_name.as_str())
-    {
-        return Err(ApiError::new(
-            tern_core::ErrorCode::FailedPrecondition,
-            format!(
-                "device {} does not offer `{operation_name}`; its agent offers {}",
-                device.name,
-                serde_json::Value::Array(offered.clone())
-            ),
-        ));
-    }
+    gw.twins.may_receive(&device, &operation_name).await?;
     let (command, created) = gw
         .commands
         .send(

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tern_core::{DeviceId, TenantId, ValidationError, now_ms};
+use tern_core::{Device, DeviceId, TenantId, ValidationError, now_ms};
 use tern_store::Store;
 
 use crate::RegistryError;
@@ -89,6 +89,30 @@ impl Twins {
     /// Connects the bridge; set once at start-up.
     pub fn set_route(&self, route: Arc<dyn TwinRoute>) {
         let _ = self.route.set(route);
+    }
+
+    /// Whether the typed operation `operation` may be sent to `device`: its management level
+    /// allows it, and its agent, if it declares `capabilities` in its reported twin (tern-agent
+    /// does), offers it. The refusal says which of the two.
+    pub async fn may_receive(&self, device: &Device, operation: &str) -> Result<(), RegistryError> {
+        if !device.management.allows(operation) {
+            return Err(RegistryError::FailedPrecondition(format!(
+                "device {} is {}: `{operation}` is not allowed (see its `management`)",
+                device.name,
+                device.management.as_str()
+            )));
+        }
+        let twin = self.get(device.tenant_id, device.id).await?;
+        if let Some(offered) = twin.reported.get("capabilities").and_then(Value::as_array)
+            && !offered.iter().any(|c| c == operation)
+        {
+            return Err(RegistryError::FailedPrecondition(format!(
+                "device {} does not offer `{operation}`; its agent offers {}",
+                device.name,
+                Value::Array(offered.clone())
+            )));
+        }
+        Ok(())
     }
 
     pub async fn get(&self, tenant: TenantId, device: DeviceId) -> Result<Twin, RegistryError> {

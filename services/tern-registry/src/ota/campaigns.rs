@@ -582,21 +582,14 @@ impl Campaigns {
             }
             Err(e) => return Err(e),
         };
-        if !device.management.allows("update") {
-            target.state = TargetState::Skipped;
-            target.reason = Some(format!(
-                "the device is {}: updates are not allowed",
-                device.management.as_str()
-            ));
-            return Ok(());
-        }
-        let twin = self.twins.get(campaign.tenant_id, device.id).await?;
-        if let Some(offered) = twin.reported.get("capabilities").and_then(|c| c.as_array())
-            && !offered.iter().any(|c| c == "update")
-        {
-            target.state = TargetState::Skipped;
-            target.reason = Some("the device's agent does not offer `update`".into());
-            return Ok(());
+        match self.twins.may_receive(&device, "update").await {
+            Ok(()) => {}
+            Err(RegistryError::FailedPrecondition(why)) => {
+                target.state = TargetState::Skipped;
+                target.reason = Some(why);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
         let artifact = self
             .artifacts
