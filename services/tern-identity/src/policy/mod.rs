@@ -154,7 +154,8 @@ impl Pdp {
     ) -> Result<PolicyVersion, IdentityError> {
         validate_id(id)?;
         let _change = self.changes.lock().await;
-        let mut policies = self.current(tenant).await?.policies;
+        let base = self.current(tenant).await?;
+        let mut policies = base.policies;
         let change = match policies.iter_mut().find(|p| p.id == id) {
             Some(existing) => {
                 existing.text = text.to_string();
@@ -168,7 +169,8 @@ impl Pdp {
                 format!("create {id}")
             }
         };
-        self.save(tenant, policies, author, change).await
+        self.save(tenant, base.version, policies, author, change)
+            .await
     }
 
     pub async fn delete_policy(
@@ -178,14 +180,21 @@ impl Pdp {
         author: &str,
     ) -> Result<PolicyVersion, IdentityError> {
         let _change = self.changes.lock().await;
-        let mut policies = self.current(tenant).await?.policies;
+        let base = self.current(tenant).await?;
+        let mut policies = base.policies;
         let before = policies.len();
         policies.retain(|p| p.id != id);
         if policies.len() == before {
             return Err(IdentityError::NotFound(format!("policy {id:?}")));
         }
-        self.save(tenant, policies, author, format!("delete {id}"))
-            .await
+        self.save(
+            tenant,
+            base.version,
+            policies,
+            author,
+            format!("delete {id}"),
+        )
+        .await
     }
 
     /// Makes `version`'s policies current again (as a new version).
@@ -196,9 +205,11 @@ impl Pdp {
         author: &str,
     ) -> Result<PolicyVersion, IdentityError> {
         let _change = self.changes.lock().await;
+        let base = self.current(tenant).await?.version;
         let target = self.version(tenant, version).await?;
         self.save(
             tenant,
+            base,
             target.policies,
             author,
             format!("rollback to {version}"),
@@ -206,9 +217,13 @@ impl Pdp {
         .await
     }
 
+    /// Stores `policies` as the version after `base`, the version they were made from. The
+    /// number comes from that same read, so a change made from a stale read conflicts with
+    /// the version that superseded it instead of silently dropping it.
     async fn save(
         &self,
         tenant: TenantId,
+        base: u64,
         policies: Vec<NamedPolicy>,
         author: &str,
         change: String,
@@ -221,9 +236,8 @@ impl Pdp {
             .into());
         }
         let set = self.compile(&policies)?;
-        let current = self.current(tenant).await?.version;
         let version = PolicyVersion {
-            version: current + 1,
+            version: base + 1,
             created_at_ms: now_ms(),
             author: author.to_string(),
             change,

@@ -448,3 +448,30 @@ async fn owners_may_manage_their_own_devices_and_levels_can_be_tested() {
         "the forbid wins"
     );
 }
+
+/// A change made from a version that has since been superseded conflicts instead of becoming
+/// the next version without the change in between (a lost update).
+#[tokio::test]
+async fn a_change_from_a_stale_version_conflicts() {
+    let (_dir, pdp) = pdp().await;
+    let t = TenantId::random();
+    let stale = pdp.current(t).await.expect("current");
+    let allow = "permit (principal, action, resource);";
+    pdp.put_policy(t, "first", allow, "alice")
+        .await
+        .expect("first change");
+    let mut policies = stale.policies;
+    policies.push(NamedPolicy {
+        id: "second".into(),
+        text: allow.into(),
+    });
+    let late = pdp
+        .save(t, stale.version, policies, "bob", "create second".into())
+        .await;
+    assert!(matches!(late, Err(IdentityError::Conflict(_))), "{late:?}");
+    let head = pdp.current(t).await.expect("current");
+    assert!(
+        head.policies.iter().any(|p| p.id == "first"),
+        "nothing lost"
+    );
+}
