@@ -6,12 +6,12 @@
 use std::sync::Arc;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use tern_core::{Caller, Device, ErrorCode};
+use tern_core::{Caller, Device, ErrorCode, TenantId};
 use tern_identity::policy::{Outcome, Resource};
 use tern_identity::{ApiPrincipal, DeviceAuthError};
 
@@ -106,33 +106,59 @@ async fn enforce(
             name: tenant.name.clone(),
         },
     };
-    let source_ip = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip());
+    let SourceIp(source_ip) = SourceIp::from_request_parts(parts, gateway).await?;
+    authorize(
+        gateway, principal, tenant.id, op.action, resource, source_ip,
+    )
+    .await
+}
+
+/// Asks the PDP for one decision; anything but Permit is a 403 that says why.
+pub(crate) async fn authorize(
+    gateway: &Gateway,
+    principal: &ApiPrincipal,
+    tenant: TenantId,
+    action: &str,
+    resource: Resource,
+    source_ip: Option<IpAddr>,
+) -> Result<(), ApiError> {
     let decision = gateway
         .identity
-        .authorize_api(principal, tenant.id, op.action, resource, source_ip)
+        .authorize_api(principal, tenant, action, resource, source_ip)
         .await?;
     if decision.allowed() {
         return Ok(());
     }
-    tracing::info!(tenant = %tenant.id, subject = %principal.subject, action = op.action,
+    tracing::info!(%tenant, subject = %principal.subject, action,
         outcome = ?decision.outcome, policies = ?decision.policies, "request refused by policy");
     let reason = match decision.outcome {
         Outcome::Deny => format!(
-            "{} is forbidden by policy {}",
-            op.action,
+            "{action} is forbidden by policy {}",
             decision.policies.join(", ")
         ),
         Outcome::Indeterminate => format!(
-            "{} could not be decided: {}",
-            op.action,
+            "{action} could not be decided: {}",
             decision.errors.join("; ")
         ),
-        _ => format!("no policy permits {} here", op.action),
+        _ => format!("no policy permits {action} here"),
     };
     Err(ApiError::new(ErrorCode::Forbidden, reason))
+}
+
+/// The caller's address, where the server knows it (an environment attribute of policies).
+pub(crate) struct SourceIp(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for SourceIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(addr)| addr.ip()),
+        ))
+    }
 }
 
 /// A device calling the device API with its own access token.

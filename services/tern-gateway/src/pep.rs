@@ -47,6 +47,7 @@ pub(crate) fn operation(method: &Method, template: &str) -> Option<Operation> {
             ("GET", "") => "getTenant",
             ("GET", "/devices") => "listDevices",
             ("POST", "/devices") => "createDevice",
+            ("POST", "/enrolments") => "enrolDevice",
             ("POST", "/commands") => "sendBulkCommand",
             ("GET", "/rules" | "/rules/{rule}" | "/rules/{rule}/dead-letters") => "readRules",
             ("POST", "/rules") | ("PATCH" | "DELETE", "/rules/{rule}") => "writeRules",

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tern_core::{TenantId, ValidationError, now_ms, validate_name};
 use tern_store::Store;
 
-use crate::scopes::{READ, Scopes};
+use crate::scopes::{DEVICE, READ, Scopes};
 use crate::secrets::new_token;
 use crate::{IdentityError, passwords, records};
 
@@ -140,6 +140,26 @@ impl Clients {
             validate_redirect_uri(uri)?;
         }
         let scopes = Scopes::parse("scope", new.scope.as_deref().unwrap_or(READ))?;
+        if scopes.contains(DEVICE) {
+            // An enrolment client's tokens are device credentials, nothing else.
+            if scopes != Scopes::of(&[DEVICE]) {
+                return Err(ValidationError::new(
+                    "scope",
+                    format!("{DEVICE} (device enrolment) cannot be combined with other scopes"),
+                )
+                .into());
+            }
+            if new.grant_types != [GrantType::DeviceCode] {
+                return Err(ValidationError::new(
+                    "grant_types",
+                    format!(
+                        "a {DEVICE} client enrols devices with the {} grant only",
+                        GrantType::DeviceCode.as_str()
+                    ),
+                )
+                .into());
+            }
+        }
         let client_secret = if new.confidential {
             Some(new_token("tern_cs_")?)
         } else {

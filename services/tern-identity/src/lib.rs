@@ -15,6 +15,7 @@
 mod certificates;
 mod clients;
 mod decisions;
+mod device_tokens;
 mod error;
 mod grpc;
 pub mod http;
@@ -32,9 +33,10 @@ mod users;
 
 pub use certificates::TenantCa;
 pub use clients::{Clients, GrantType, NewClient, OAuthClient};
+pub use device_tokens::{DevicePrincipal, DeviceTokens};
 pub use error::{DeviceAuthError, IdentityError};
 pub use grpc::{IdentityGrpc, grpc_auth};
-pub use identity::{ApiToken, DevicePrincipal, DeviceTokens, Identity, IdentityConfig};
+pub use identity::{ApiToken, Identity, IdentityConfig};
 pub use ldap::LdapConfig;
 pub use notices::NOTICES_TOPIC;
 pub use oauth::{ApiPrincipal, PrincipalKind};

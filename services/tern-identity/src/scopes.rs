@@ -4,6 +4,10 @@
 //! (credentials: API tokens, OAuth clients, users, CAs) are checked by the gateway for every
 //! request; fine-grained decisions belong to policies. `openid`, `profile` and `email` are the
 //! OpenID Connect scopes; they grant no API access.
+//!
+//! `tern:device` is enrolment: a device asks for it with the device authorization grant, and
+//! once a person binds the user code to a registry device, the token response carries that
+//! device's own credentials. An enrolment client may have no other scope or grant.
 
 use std::collections::BTreeSet;
 
@@ -15,9 +19,10 @@ pub const ADMIN: &str = "tern:admin";
 pub const OPENID: &str = "openid";
 pub const PROFILE: &str = "profile";
 pub const EMAIL: &str = "email";
+pub const DEVICE: &str = "tern:device";
 
 /// Every scope a client may be allowed or a token granted.
-pub const KNOWN: [&str; 6] = [READ, WRITE, ADMIN, OPENID, PROFILE, EMAIL];
+pub const KNOWN: [&str; 7] = [READ, WRITE, ADMIN, OPENID, PROFILE, EMAIL, DEVICE];
 
 /// What an API request needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

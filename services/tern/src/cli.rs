@@ -596,18 +596,31 @@ pub enum TokenCommand {
         #[arg(long, default_value = "cli")]
         name: String,
     },
-    /// Approve (or deny) the code a device shows (OAuth device authorization grant), signing
-    /// in as a user of the tenant; the password is read from stdin or TERN_PASSWORD.
+    /// Approve (or deny) the code a device shows (OAuth device authorization grant).
+    ///
+    /// With --device, the code is an enrolment (`tern-agent enroll`): the device receives the
+    /// credentials of the named registry device, which is created if absent. This uses your
+    /// CLI credentials. With --user, the device acts for that user, who signs in with the
+    /// password read from stdin or TERN_PASSWORD.
     Approve {
         /// The code the device shows, e.g. BCDF-GHJK.
         user_code: String,
+        /// Enrol: the registry device (id or name) the credentials are for.
+        #[arg(long, required_unless_present = "user", conflicts_with_all = ["user", "deny"])]
+        device: Option<String>,
+        /// A label `key=value` of a device created by --device; repeat for more.
+        #[arg(long = "label", value_name = "KEY=VALUE", requires = "device")]
+        labels: Vec<String>,
+        /// A group of a device created by --device; repeat for more.
+        #[arg(long = "group", value_name = "GROUP", requires = "device")]
+        groups: Vec<String>,
         /// The user who approves: the device acts for them.
         #[arg(long)]
-        user: String,
+        user: Option<String>,
         /// Deny instead of approve.
-        #[arg(long)]
+        #[arg(long, requires = "user")]
         deny: bool,
-        #[arg(long)]
+        #[arg(long, requires = "user")]
         password_stdin: bool,
     },
 }

@@ -510,9 +510,31 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                 }
                 TokenCommand::Approve {
                     user_code,
-                    user,
+                    device: Some(device),
+                    labels,
+                    groups,
+                    ..
+                } => {
+                    let path = format!("/api/v1/tenants/{tenant}/enrolments");
+                    let body = json!({
+                        "user_code": user_code,
+                        "device": device,
+                        "labels": parse_labels(&labels)?,
+                        "groups": groups,
+                    });
+                    let r = client.call(Method::POST, &path, Some(body)).await?;
+                    output::record(
+                        out,
+                        &r,
+                        &["user_code", "device_id", "device_name", "created", "client"],
+                    );
+                }
+                TokenCommand::Approve {
+                    user_code,
+                    user: Some(user),
                     deny,
                     password_stdin,
+                    ..
                 } => {
                     let password = read_password(password_stdin)?;
                     let action = if deny { "deny" } else { "approve" };
@@ -526,6 +548,7 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     let r = client.post_form(&path, &form).await?;
                     output::record(out, &r, &["user_code", "approved", "client"]);
                 }
+                TokenCommand::Approve { .. } => bail!("name --device or --user"),
             }
         }
     }

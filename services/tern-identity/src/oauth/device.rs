@@ -1,16 +1,21 @@
 //! The device authorization grant (RFC 8628): a headless device asks for a code, shows the
 //! user code to a person, who approves it (verification page, `tern token approve`, REST)
 //! while the device polls the token endpoint.
+//!
+//! With the scope `tern:device` it enrols the device instead: the person binds the code to a
+//! registry device (`tern token approve CODE --device NAME`, an API call the PDP decides), and
+//! the poll answers with that device's own credentials.
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
-use tern_core::{Tenant, TenantId, now_ms};
+use tern_core::{DeviceId, Tenant, TenantId, ValidationError, now_ms};
 
 use super::refresh::user_scopes;
 use super::{ClientCredentials, Grant, OAuth, OAuthError, Subject, TokenRequest, TokenResponse};
 use crate::IdentityError;
 use crate::clients::{GrantType, OAuthClient};
 use crate::records;
+use crate::scopes::DEVICE;
 use crate::secrets::{new_token, token_hash};
 
 const DEVICE_CODE: &str = "oauth_device_code";
@@ -52,6 +57,23 @@ struct DeviceCodeRecord {
     /// The user who approved.
     user_id: Option<String>,
     approved_at_s: Option<i64>,
+    /// An enrolment's device, bound by the approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device_id: Option<DeviceId>,
+}
+
+impl DeviceCodeRecord {
+    fn enrols(&self) -> bool {
+        self.scope == DEVICE
+    }
+}
+
+/// An enrolment code's approval, as the approver sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Enrolment {
+    pub user_code: String,
+    pub device_id: DeviceId,
+    pub client: String,
 }
 
 impl OAuth {
@@ -84,6 +106,7 @@ impl OAuth {
             status: Status::Pending,
             user_id: None,
             approved_at_s: None,
+            device_id: None,
         };
         let key = token_hash(&device_code);
         records::put(&*self.store, DEVICE_CODE, &key, &record).await?;
@@ -116,17 +139,111 @@ impl OAuth {
         approve: bool,
     ) -> Result<String, IdentityError> {
         let user = self.users.authenticate(tenant, username, password).await?;
+        let record = self
+            .answer_device_code(tenant, user_code, |record| {
+                if record.enrols() && approve {
+                    return Err(ValidationError::new(
+                        "user_code",
+                        "this code enrols a device: approve it with \
+                         `tern token approve CODE --device NAME`",
+                    )
+                    .into());
+                }
+                record.status = if approve {
+                    Status::Approved
+                } else {
+                    Status::Denied
+                };
+                record.user_id = Some(user.id.clone());
+                Ok(())
+            })
+            .await?;
+        tracing::info!(tenant = %tenant.id, user = %user.id, approve, "device code answered");
+        let client = self.clients.get(tenant.id, &record.client_id).await?;
+        Ok(client.name)
+    }
+
+    /// Whether `user_code` is a pending enrolment code of `tenant`: checked before a device is
+    /// created for it, so a mistyped code creates nothing.
+    pub async fn check_enrolment_code(
+        &self,
+        tenant: &Tenant,
+        user_code: &str,
+    ) -> Result<(), IdentityError> {
+        let (_, read) = self.read_user_code(tenant, user_code).await?;
+        Self::pending_enrolment(&read.value, user_code)
+    }
+
+    /// Approves an enrolment code for `device`: the polling device receives its credentials.
+    /// `approver` is who approved (for the log); the caller has checked they may.
+    pub async fn approve_enrolment(
+        &self,
+        tenant: &Tenant,
+        user_code: &str,
+        device: DeviceId,
+        approver: &str,
+    ) -> Result<Enrolment, IdentityError> {
+        let record = self
+            .answer_device_code(tenant, user_code, |record| {
+                Self::pending_enrolment(record, user_code)?;
+                record.status = Status::Approved;
+                record.device_id = Some(device);
+                Ok(())
+            })
+            .await?;
+        tracing::info!(tenant = %tenant.id, %device, approver, "device enrolment approved");
+        let client = self.clients.get(tenant.id, &record.client_id).await?;
+        Ok(Enrolment {
+            user_code: user_code.to_string(),
+            device_id: device,
+            client: client.name,
+        })
+    }
+
+    fn pending_enrolment(record: &DeviceCodeRecord, user_code: &str) -> Result<(), IdentityError> {
+        if record.expires_at_ms <= now_ms() {
+            return Err(IdentityError::NotFound(format!(
+                "user code {user_code:?} (expired)"
+            )));
+        }
+        if !record.enrols() {
+            return Err(ValidationError::new(
+                "user_code",
+                format!("this code does not enrol a device (its scope is not {DEVICE})"),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The record a user code stands for, and its key.
+    async fn read_user_code(
+        &self,
+        tenant: &Tenant,
+        user_code: &str,
+    ) -> Result<(String, records::Versioned<DeviceCodeRecord>), IdentityError> {
         let index = format!("{}/{}", tenant.id, normalize(user_code));
         let not_found = || IdentityError::NotFound(format!("user code {user_code:?}"));
         let key: String = records::get(&*self.store, USER_CODE, &index)
             .await?
             .ok_or_else(not_found)?;
+        let read = records::get_versioned::<DeviceCodeRecord>(&*self.store, DEVICE_CODE, &key)
+            .await?
+            .ok_or_else(not_found)?;
+        Ok((key, read))
+    }
+
+    /// Answers a pending user code once: `answer` sets the outcome on the record, which is
+    /// stored by compare-and-swap, and the user code is forgotten.
+    async fn answer_device_code(
+        &self,
+        tenant: &Tenant,
+        user_code: &str,
+        mut answer: impl FnMut(&mut DeviceCodeRecord) -> Result<(), IdentityError>,
+    ) -> Result<DeviceCodeRecord, IdentityError> {
         // The device's polls rewrite the record too: a swap lost to one of them reads again.
-        let mut attempts = 0;
-        let record = loop {
-            let read = records::get_versioned::<DeviceCodeRecord>(&*self.store, DEVICE_CODE, &key)
-                .await?
-                .ok_or_else(not_found)?;
+        for _ in 0..5 {
+            let (key, read) = self.read_user_code(tenant, user_code).await?;
             let mut record = read.value.clone();
             if record.expires_at_ms <= now_ms() {
                 return Err(IdentityError::NotFound(format!(
@@ -138,27 +255,17 @@ impl OAuth {
                     "this user code was already answered".into(),
                 ));
             }
-            record.status = if approve {
-                Status::Approved
-            } else {
-                Status::Denied
-            };
-            record.user_id = Some(user.id.clone());
+            answer(&mut record)?;
             record.approved_at_s = Some(now_ms() / 1000);
             if records::replace(&*self.store, DEVICE_CODE, &key, &read, &record).await? {
-                break record;
+                let index = format!("{}/{}", tenant.id, normalize(user_code));
+                self.store.delete_record(USER_CODE, &index).await?;
+                return Ok(record);
             }
-            attempts += 1;
-            if attempts == 5 {
-                return Err(IdentityError::Unavailable(
-                    "the user code kept changing; try again".into(),
-                ));
-            }
-        };
-        self.store.delete_record(USER_CODE, &index).await?;
-        tracing::info!(tenant = %tenant.id, user = %user.id, approve, "device code answered");
-        let client = self.clients.get(tenant.id, &record.client_id).await?;
-        Ok(client.name)
+        }
+        Err(IdentityError::Unavailable(
+            "the user code kept changing; try again".into(),
+        ))
     }
 
     /// The device polling the token endpoint.
@@ -227,6 +334,9 @@ impl OAuth {
                     ));
                 }
                 self.forget_device_code(&key, &record).await?;
+                if let Some(device) = record.device_id {
+                    return self.enrolled_device_tokens(tenant, device).await;
+                }
                 let user_id = record.user_id.clone().unwrap_or_default();
                 let user = self.users.get(tenant.id, &user_id).await.map_err(|_| {
                     OAuthError::invalid_grant("the approving user no longer exists")
@@ -247,6 +357,37 @@ impl OAuth {
                 .await
             }
         }
+    }
+
+    /// The token response of an enrolment: the device's own credentials.
+    async fn enrolled_device_tokens(
+        &self,
+        tenant: &Tenant,
+        device: DeviceId,
+    ) -> Result<TokenResponse, OAuthError> {
+        let tokens = self
+            .device_credentials
+            .issue(&tenant.id.to_string(), &device.to_string())
+            .await
+            .map_err(|e| match e {
+                IdentityError::NotFound(_) => {
+                    OAuthError::invalid_grant("the approved device no longer exists")
+                }
+                IdentityError::Forbidden(_) => {
+                    OAuthError::invalid_grant("the approved device is disabled")
+                }
+                other => other.into(),
+            })?;
+        Ok(TokenResponse {
+            access_token: tokens.access_token,
+            token_type: "Bearer",
+            expires_in: ((tokens.access_token_expires_at_ms - now_ms()).max(0) / 1000) as u64,
+            scope: DEVICE.to_string(),
+            refresh_token: Some(tokens.refresh_token),
+            id_token: None,
+            device_id: Some(tokens.device_id),
+            tenant_id: Some(tokens.tenant_id),
+        })
     }
 
     async fn forget_device_code(

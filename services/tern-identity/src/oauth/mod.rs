@@ -26,9 +26,10 @@ use tern_store::Store;
 
 pub use access::{ApiPrincipal, PrincipalKind};
 pub use code::{AuthorizationRequest, AuthorizeFailure, PendingAuthorization};
-pub use device::DeviceAuthorization;
+pub use device::{DeviceAuthorization, Enrolment};
 
 use crate::clients::{Clients, GrantType, OAuthClient};
+use crate::device_tokens::DeviceCredentials;
 use crate::keys::Keyring;
 use crate::notices::Notices;
 use crate::scopes::{OPENID, Scopes};
@@ -99,6 +100,11 @@ pub struct TokenResponse {
     pub refresh_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id_token: Option<String>,
+    /// An enrolment's device (scope `tern:device`): the tokens are this device's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<tern_core::DeviceId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<tern_core::TenantId>,
 }
 
 /// Client authentication as presented: HTTP Basic or form fields.
@@ -148,6 +154,7 @@ pub struct OAuth {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     keys: Arc<Keyring>,
+    device_credentials: Arc<DeviceCredentials>,
     clients: Clients,
     users: Users,
     config: IdentityConfig,
@@ -176,6 +183,7 @@ impl OAuth {
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
         keys: Arc<Keyring>,
+        device_credentials: Arc<DeviceCredentials>,
         config: IdentityConfig,
     ) -> Result<Self, IdentityError> {
         let users = Users::new(
@@ -193,6 +201,7 @@ impl OAuth {
             store,
             registry,
             keys,
+            device_credentials,
             config,
         })
     }
@@ -338,6 +347,8 @@ impl OAuth {
             scope: grant.scopes.to_string(),
             refresh_token,
             id_token,
+            device_id: None,
+            tenant_id: None,
         })
     }
 

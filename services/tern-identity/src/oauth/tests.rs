@@ -33,6 +33,19 @@ struct Fixture {
     app: ClientCredentials,
 }
 
+fn device_credentials(
+    store: &Arc<dyn Store>,
+    registry: &Arc<Registry>,
+    keys: &Arc<Keyring>,
+) -> Arc<DeviceCredentials> {
+    Arc::new(DeviceCredentials::new(
+        store.clone(),
+        registry.clone(),
+        keys.clone(),
+        3600,
+    ))
+}
+
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
@@ -51,11 +64,13 @@ async fn fixture() -> Fixture {
         store.clone(),
         registry.clone(),
         keys.clone(),
+        device_credentials(&store, &registry, &keys),
         config.clone(),
     )
     .await
     .expect("oauth");
-    let oauth = OAuth::new(store, registry.clone(), keys.clone(), config)
+    let credentials = device_credentials(&store, &registry, &keys);
+    let oauth = OAuth::new(store, registry.clone(), keys.clone(), credentials, config)
         .await
         .expect("oauth");
     let acme = registry.create_tenant("acme").await.expect("tenant");
@@ -662,7 +677,8 @@ async fn expired_device_codes_say_expired_token() {
             .await
             .expect("keys"),
     );
-    let oauth = OAuth::new(store, registry.clone(), keys, config)
+    let credentials = device_credentials(&store, &registry, &keys);
+    let oauth = OAuth::new(store, registry.clone(), keys, credentials, config)
         .await
         .expect("oauth");
     let acme = registry.create_tenant("acme").await.expect("tenant");
@@ -779,4 +795,136 @@ async fn introspection_and_revocation() {
             .await
             .is_err()
     );
+}
+
+/// Enrolment (scope `tern:device`): an enrolment client may do nothing else, a person cannot
+/// take the code for themselves, and bound to a registry device the poll answers with that
+/// device's own credentials.
+#[tokio::test]
+async fn enrolment_codes_give_the_bound_device_its_own_credentials() {
+    let f = fixture().await;
+    let new = |scope: &str, grant_types: Vec<GrantType>| NewClient {
+        name: "enrolment".into(),
+        confidential: false,
+        grant_types,
+        redirect_uris: vec![],
+        scope: Some(scope.into()),
+    };
+    let clients = &f.oauth.clients;
+    let mixed = new("tern:device tern:read", vec![GrantType::DeviceCode]);
+    let err = clients.create(f.acme.id, mixed).await.unwrap_err();
+    assert!(err.to_string().contains("`scope`"), "{err}");
+    let refreshing = new(
+        "tern:device",
+        vec![GrantType::DeviceCode, GrantType::RefreshToken],
+    );
+    let err = clients.create(f.acme.id, refreshing).await.unwrap_err();
+    assert!(err.to_string().contains("`grant_types`"), "{err}");
+    let client = clients
+        .create(f.acme.id, new("tern:device", vec![GrantType::DeviceCode]))
+        .await
+        .expect("enrolment client");
+    let enrol = ClientCredentials {
+        client_id: Some(client.client_id),
+        client_secret: None,
+    };
+    let err = f
+        .oauth
+        .device_authorization(&f.acme, &f.app, Some("tern:device"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.error, "invalid_scope", "only enrolment clients enrol");
+
+    let auth = f
+        .oauth
+        .device_authorization(&f.acme, &enrol, None)
+        .await
+        .expect("device authorization");
+    let device = f
+        .oauth
+        .registry
+        .create_device(
+            "acme",
+            tern_core::NewDevice {
+                name: "pi".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("device");
+    let plain = f
+        .oauth
+        .device_authorization(&f.acme, &f.app, Some("tern:read"))
+        .await
+        .expect("device authorization");
+    assert!(matches!(
+        f.oauth
+            .approve_enrolment(&f.acme, &plain.user_code, device.id, "operator")
+            .await,
+        Err(IdentityError::Invalid(_))
+    ));
+    let err = f
+        .oauth
+        .decide_device_code(&f.acme, &auth.user_code, "alice", PASSWORD, true)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--device"), "{err}");
+    assert!(matches!(
+        f.oauth
+            .check_enrolment_code(&f.globex, &auth.user_code)
+            .await,
+        Err(IdentityError::NotFound(_))
+    ));
+    f.oauth
+        .check_enrolment_code(&f.acme, &auth.user_code)
+        .await
+        .expect("a pending enrolment");
+
+    let poll = TokenRequest {
+        device_code: Some(auth.device_code.clone()),
+        ..grant(GrantType::DeviceCode.as_str())
+    };
+    let err = f.oauth.token(&f.acme, &enrol, &poll).await.unwrap_err();
+    assert_eq!(err.error, "authorization_pending");
+    let approved = f
+        .oauth
+        .approve_enrolment(
+            &f.acme,
+            &auth.user_code.to_lowercase(),
+            device.id,
+            "operator",
+        )
+        .await
+        .expect("approve");
+    assert_eq!(approved.client, "enrolment");
+    tokio::time::sleep(Duration::from_millis(1_050)).await; // the polling interval
+    let tokens = f.oauth.token(&f.acme, &enrol, &poll).await.expect("tokens");
+    assert_eq!(tokens.scope, "tern:device");
+    assert_eq!(
+        (tokens.device_id, tokens.tenant_id),
+        (Some(device.id), Some(f.acme.id))
+    );
+    let principal = f
+        .oauth
+        .device_credentials
+        .verify(&tokens.access_token)
+        .expect("a device access token");
+    assert_eq!(principal.device_id, device.id);
+    assert!(
+        f.oauth
+            .verify_access_token(&tokens.access_token)
+            .await
+            .is_err(),
+        "not an API token"
+    );
+    let refreshed = f
+        .oauth
+        .device_credentials
+        .refresh(tokens.refresh_token.as_deref().expect("refresh token"))
+        .await
+        .expect("the device's refresh token works");
+    assert_eq!(refreshed.device_id, device.id);
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    let err = f.oauth.token(&f.acme, &enrol, &poll).await.unwrap_err();
+    assert_eq!(err.error, "invalid_grant", "single use");
 }

@@ -36,7 +36,7 @@ action getTenant, listDevices, readRules, readAlerts, readJobs, readRetention, q
 action createDevice, sendBulkCommand, writeRules, testRule, writeAlerts, writeJobs, writeRetention,
   writeOta
   in [write] appliesTo { principal: [User, Client, ApiToken], resource: [Tenant], context: ApiContext };
-action readCredentials, manageCredentials, readPolicies, managePolicies
+action readCredentials, manageCredentials, readPolicies, managePolicies, enrolDevice
   in [admin] appliesTo { principal: [User, Client, ApiToken], resource: [Tenant], context: ApiContext };
 
 action getDevice, readTelemetry, readCommands
@@ -82,6 +82,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("cancelCommand", "write"),
     ("operateDevice", "write"),
     ("manageDeviceTokens", "admin"),
+    ("enrolDevice", "admin"),
     ("publish", "mqtt"),
     ("subscribe", "mqtt"),
 ];
