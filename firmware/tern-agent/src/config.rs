@@ -25,6 +25,18 @@ pub struct AgentConfig {
     pub telemetry: TelemetryConfig,
     pub hooks: HooksConfig,
     pub update: UpdateConfig,
+    pub enrolment: EnrolmentConfig,
+}
+
+/// Enrolment by the OAuth device authorization grant: `tern-agent enroll` shows a code that a
+/// person approves (`tern token approve CODE --device NAME`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrolmentConfig {
+    /// The tenant (name or id) the device joins.
+    pub tenant: Option<String>,
+    /// The tenant's enrolment client: a public client with the scope `tern:device`.
+    pub client_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +101,7 @@ impl Default for AgentConfig {
             telemetry: TelemetryConfig::default(),
             hooks: HooksConfig::default(),
             update: UpdateConfig::default(),
+            enrolment: EnrolmentConfig::default(),
         }
     }
 }

@@ -2,10 +2,12 @@
 //! (`session.rs`), publishes everything through an on-disk outbox (`outbox.rs`), reads
 //! telemetry sources (`telemetry.rs`), applies the desired twin and carries out commands and
 //! management operations (`operations.rs`, updates in `update.rs`) through the owner's hooks
-//! (`hooks.rs`), and renews its own credentials (`credentials.rs`).
+//! (`hooks.rs`), and renews its own credentials (`credentials.rs`), which it got by enrolling
+//! (`enrolment.rs`).
 
 pub mod config;
 pub mod credentials;
+pub mod enrolment;
 pub mod hooks;
 pub mod operations;
 pub mod outbox;
@@ -132,6 +134,30 @@ impl Agent {
         let credentials = credentials::refresh(&self.http, &self.server, refresh_token)
             .await
             .context("enrolment failed")?;
+        self.keep_enrolled(credentials).await
+    }
+
+    /// Enrols by the device authorization grant (`[enrolment]` in the configuration):
+    /// `show` gets the code to display; returns once a person approved it.
+    pub async fn enroll_with_code(
+        &self,
+        show: impl FnOnce(&enrolment::UserCode),
+    ) -> anyhow::Result<Credentials> {
+        let settings = &self.config.enrolment;
+        let (Some(tenant), Some(client_id)) = (&settings.tenant, &settings.client_id) else {
+            bail!(
+                "enrolment.tenant and enrolment.client_id are not configured (or pass a \
+                 pre-issued token in TERN_AGENT_REFRESH_TOKEN)"
+            );
+        };
+        let flow = enrolment::DeviceFlow::new(&self.http, &self.server, tenant, client_id)?;
+        let code = flow.start().await.context("enrolment failed")?;
+        show(&code);
+        let credentials = flow.wait(&code).await.context("enrolment failed")?;
+        self.keep_enrolled(credentials).await
+    }
+
+    async fn keep_enrolled(&self, credentials: Credentials) -> anyhow::Result<Credentials> {
         self.vault.save(&credentials)?;
         let _ = std::fs::remove_file(self.decommissioned_marker());
         *self.credentials.lock().await = Some(credentials.clone());

@@ -28,12 +28,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Exchange a pre-issued refresh token (`tern token device`) for the device's own
-    /// credentials and store them under the root directory.
+    /// Obtain the device's own credentials and store them under the root directory: by a
+    /// code a person approves (`[enrolment]` in the configuration), or by exchanging a
+    /// pre-issued refresh token (`tern token device`).
     Enroll {
         /// Read from the environment rather than the command line, so it stays out of `ps`.
         #[arg(long, env = "TERN_AGENT_REFRESH_TOKEN", hide_env_values = true)]
-        refresh_token: String,
+        refresh_token: Option<String>,
     },
     /// Connect and serve the platform until stopped.
     Run,
@@ -53,7 +54,10 @@ async fn main() -> anyhow::Result<()> {
     let agent = Agent::new(config)?;
     match cli.command {
         Command::Enroll { refresh_token } => {
-            let credentials = agent.enroll(&refresh_token).await?;
+            let credentials = match refresh_token {
+                Some(token) => agent.enroll(&token).await?,
+                None => agent.enroll_with_code(show_code).await?,
+            };
             println!(
                 "{}",
                 serde_json::json!({
@@ -77,6 +81,19 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Tells the person at the device's console what to approve (standard error: standard output
+/// is the result).
+fn show_code(code: &tern_agent::enrolment::UserCode) {
+    let minutes = code.expires_in.div_ceil(60);
+    eprintln!(
+        "Enrolment code: {user_code}\n\
+         Within {minutes} minutes, approve it with\n  \
+         tern token approve {user_code} --device NAME\n\
+         (the device NAME is created if it does not exist yet).",
+        user_code = code.user_code,
+    );
 }
 
 async fn shutdown_signal() -> std::io::Result<()> {

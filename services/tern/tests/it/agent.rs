@@ -705,3 +705,158 @@ async fn the_agent_renews_its_access_token_before_it_expires() {
     assert!(renewals >= 3, "renewed {renewals} times:\n{}", agent.log());
     assert!(!agent.log().contains("refused"), "{}", agent.log());
 }
+
+/// Runs `tern-agent enroll` without a token (the device authorization grant); returns the
+/// process and the code it shows.
+fn enroll_by_code(agent: &Agent) -> (Child, String) {
+    let mut child = agent
+        .command(&["enroll"])
+        .env_remove("TERN_AGENT_REFRESH_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tern-agent enroll");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if let Some(code) = line.strip_prefix("Enrolment code: ") {
+                let _ = tx.send(code.to_string());
+            }
+        }
+    });
+    let code = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the agent shows an enrolment code");
+    (child, code)
+}
+
+/// Enrolment by the device authorization grant: the agent shows a code, a person approves it
+/// with `tern token approve CODE --device NAME`, which registers the device, and the agent
+/// receives that device's own credentials and runs on them. Approving needs the admin scope,
+/// and for a device that already exists, `manageDeviceTokens` on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_enrolls_by_a_code_a_person_approves() {
+    let tern = Tern::start();
+    let p = tern.provision("fleet", "existing-pi");
+    let client = tern.cli_json(&[
+        "client",
+        "create",
+        "--tenant",
+        "fleet",
+        "--name",
+        "enrolment",
+        "--grant",
+        "device_code",
+        "--public",
+        "--scope",
+        "tern:device",
+    ]);
+    let client_id = client["client_id"].as_str().expect("client id");
+    let mqtt = format!("mqtt://127.0.0.1:{}", tern.mqtt_port);
+    let extra = format!(r#"enrolment = {{ tenant = "fleet", client_id = "{client_id}" }}"#);
+    let mut agent = Agent::configure_with(&tern, &Signer::new().public_key(), &mqtt, &extra);
+    let (enrolling, code) = enroll_by_code(&agent);
+    let enrolments = "/api/v1/tenants/fleet/enrolments";
+
+    // Without the admin scope: refused.
+    let writer = tern.cli_json(&[
+        "client",
+        "create",
+        "--tenant",
+        "fleet",
+        "--name",
+        "writer",
+        "--grant",
+        "client_credentials",
+        "--scope",
+        "tern:read tern:write",
+    ]);
+    let token = tern
+        .client_token("fleet", &writer, "tern:read tern:write")
+        .await;
+    let body = json!({"user_code": code, "device": "kitchen-pi"});
+    let (status, answer) = tern
+        .send_json(reqwest::Method::POST, &token, enrolments, &body)
+        .await;
+    assert_eq!(status, 403, "{answer}");
+
+    // An existing device's credentials also need manageDeviceTokens on it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("keep-test-devices.cedar");
+    std::fs::write(
+        &policy,
+        "forbid (principal, action == Action::\"manageDeviceTokens\", resource)\n\
+         when { resource.hasTag(\"site\") && resource.getTag(\"site\") == \"test\" };\n",
+    )
+    .expect("policy");
+    let policy = policy.display().to_string();
+    tern.cli_json(&[
+        "policy",
+        "put",
+        "keep-test-devices",
+        &policy,
+        "--tenant",
+        "fleet",
+    ]);
+    let body = json!({"user_code": code, "device": "existing-pi"});
+    let (status, answer) = tern
+        .send_json(reqwest::Method::POST, &p.api_token, enrolments, &body)
+        .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer.to_string().contains("manageDeviceTokens"),
+        "{answer}"
+    );
+
+    // A mistyped code creates nothing.
+    let body = json!({"user_code": "BCDF-GHJK", "device": "typo-pi"});
+    let (status, _) = tern
+        .send_json(reqwest::Method::POST, &p.api_token, enrolments, &body)
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = tern
+        .get(&p.api_token, "/api/v1/tenants/fleet/devices/typo-pi")
+        .await;
+    assert_eq!(status, 404, "no device for a mistyped code");
+
+    // The person approves from the CLI; the device is created with its label.
+    let approved = tern.cli_json(&[
+        "token",
+        "approve",
+        &code,
+        "--device",
+        "kitchen-pi",
+        "--label",
+        "site=berlin",
+        "--tenant",
+        "fleet",
+    ]);
+    assert_eq!(approved["created"], true, "{approved}");
+    assert_eq!(approved["client"], "enrolment");
+    let out = enrolling.wait_with_output().expect("enroll exits");
+    assert!(out.status.success(), "enroll failed");
+    let enrolled: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(enrolled["device_id"], approved["device_id"], "{enrolled}");
+    let (_, device) = tern
+        .get(&p.api_token, "/api/v1/tenants/fleet/devices/kitchen-pi")
+        .await;
+    assert_eq!(device["labels"]["site"], "berlin", "{device}");
+
+    // The code is spent.
+    let again = tern.cli(&[
+        "token", "approve", &code, "--device", "other-pi", "--tenant", "fleet",
+    ]);
+    assert!(!again.status.success());
+
+    // The agent runs on the credentials it received.
+    agent.start();
+    let kitchen = Provisioned {
+        tenant: "fleet".into(),
+        device_id: enrolled["device_id"].as_str().expect("id").to_string(),
+        access_token: String::new(),
+        api_token: p.api_token.clone(),
+    };
+    let points = tern.wait_points(&kitchen, "temp", 1).await;
+    assert_eq!(points[0]["value"], 21.5, "log:\n{}", agent.log());
+}
