@@ -1,19 +1,56 @@
-//! Label selectors, as Kubernetes writes them: requirements separated by commas, all of which a
-//! device's labels must meet. `site=berlin` (or `==`), `env!=prod`, `camera` (has the label),
-//! `!legacy` (has not), `tier in (a,b)`, `tier notin (a,b)`.
+//! Device selectors: Kubernetes' label selectors, plus the device's own fields. Requirements
+//! are separated by commas, and a device must meet all of them: `site=berlin` (or `==`),
+//! `env!=prod`, `camera` (has the label), `!legacy` (has not), `tier in (a,b)`,
+//! `tier notin (a,b)`.
+//!
+//! A key starting with `@` is a field, which label keys cannot be: `@group` (the device's
+//! groups; `@group=ops` means "in the group ops"), `@owner` and `@management`. So
+//! `@group in (lab,field),@management=fully_managed` works like a label requirement, with a
+//! group requirement met by any of the device's groups.
 
-use std::collections::BTreeMap;
+use crate::{Device, ValidationError};
 
-use crate::ValidationError;
+/// What a requirement looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    Label(String),
+    Group,
+    Owner,
+    Management,
+}
+
+/// The fields, as written in a selector.
+const FIELDS: [(&str, Key); 3] = [
+    ("@group", Key::Group),
+    ("@owner", Key::Owner),
+    ("@management", Key::Management),
+];
+
+impl Key {
+    /// The device's values for this key: none, one, or (groups) several.
+    fn values<'a>(&self, device: &'a Device) -> Vec<&'a str> {
+        match self {
+            Self::Label(k) => device
+                .labels
+                .get(k)
+                .map(String::as_str)
+                .into_iter()
+                .collect(),
+            Self::Group => device.groups.iter().map(String::as_str).collect(),
+            Self::Owner => device.owner.as_deref().into_iter().collect(),
+            Self::Management => vec![device.management.as_str()],
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Requirement {
-    Equals(String, String),
-    NotEquals(String, String),
-    Exists(String),
-    Absent(String),
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
+    Equals(Key, String),
+    NotEquals(Key, String),
+    Exists(Key),
+    Absent(Key),
+    In(Key, Vec<String>),
+    NotIn(Key, Vec<String>),
 }
 
 /// A parsed selector; the empty selector selects everything.
@@ -33,14 +70,17 @@ impl Selector {
         Ok(Self(requirements))
     }
 
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.0.iter().all(|r| match r {
-            Requirement::Equals(k, v) => labels.get(k) == Some(v),
-            Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
-            Requirement::Exists(k) => labels.contains_key(k),
-            Requirement::Absent(k) => !labels.contains_key(k),
-            Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
-            Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
+    pub fn matches(&self, device: &Device) -> bool {
+        self.0.iter().all(|r| {
+            let has = |key: &Key, value: &str| key.values(device).contains(&value);
+            match r {
+                Requirement::Equals(k, v) => has(k, v),
+                Requirement::NotEquals(k, v) => !has(k, v),
+                Requirement::Exists(k) => !k.values(device).is_empty(),
+                Requirement::Absent(k) => k.values(device).is_empty(),
+                Requirement::In(k, vs) => vs.iter().any(|v| has(k, v)),
+                Requirement::NotIn(k, vs) => !vs.iter().any(|v| has(k, v)),
+            }
         })
     }
 }
@@ -74,10 +114,22 @@ fn requirement(part: &str) -> Result<Requirement, ValidationError> {
     };
     let key = |k: &str| {
         let k = k.trim();
+        if k.starts_with('@') {
+            return FIELDS
+                .iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, key)| key.clone())
+                .ok_or_else(|| {
+                    ValidationError::new(
+                        "selector",
+                        format!("unknown field {k:?} in {part:?}: expected @group, @owner or @management"),
+                    )
+                });
+        }
         if k.is_empty() || k.contains(|c: char| c.is_whitespace() || "=!(),".contains(c)) {
             Err(bad("an invalid label key"))
         } else {
-            Ok(k.to_string())
+            Ok(Key::Label(k.to_string()))
         }
     };
     if let Some((k, v)) = part.split_once("!=") {
@@ -110,18 +162,32 @@ fn requirement(part: &str) -> Result<Requirement, ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{DeviceId, ManagementLevel, TenantId};
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    fn device(labels: &[(&str, &str)], groups: &[&str]) -> Device {
+        Device {
+            id: DeviceId::random(),
+            tenant_id: TenantId::random(),
+            name: "d".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            hardware_id: None,
+            created_at_ms: 0,
+            disabled: false,
+            tokens_valid_from_s: 0,
+            gateway_id: None,
+            management: ManagementLevel::default(),
+            owner: None,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
     }
 
     #[test]
     fn every_requirement_kind_selects_as_kubernetes_does() {
-        let berlin_cam = labels(&[("site", "berlin"), ("camera", "yes"), ("tier", "a")]);
-        let paris = labels(&[("site", "paris"), ("env", "prod"), ("tier", "c")]);
+        let berlin_cam = device(&[("site", "berlin"), ("camera", "yes"), ("tier", "a")], &[]);
+        let paris = device(&[("site", "paris"), ("env", "prod"), ("tier", "c")], &[]);
         for (selector, expected) in [
             ("", [true, true]),
             ("site=berlin", [true, false]),
@@ -143,10 +209,48 @@ mod tests {
     }
 
     #[test]
+    fn fields_select_by_group_owner_and_management() {
+        let mut lab = device(&[("group", "label-not-field")], &["lab", "berlin"]);
+        lab.owner = Some("alice".into());
+        let mut field = device(&[], &["field"]);
+        field.management = ManagementLevel::SemiManaged;
+        let loose = device(&[], &[]);
+        for (selector, expected) in [
+            ("@group=lab", [true, false, false]),
+            ("@group!=lab", [false, true, true]),
+            ("@group", [true, true, false]),
+            ("!@group", [false, false, true]),
+            ("@group in (berlin, field)", [true, true, false]),
+            ("@group notin (lab)", [false, true, true]),
+            ("group=lab", [false, false, false]),
+            ("@owner=alice", [true, false, false]),
+            ("!@owner", [false, true, true]),
+            ("@management=semi_managed", [false, true, false]),
+            ("@management=fully_managed,@group", [true, false, false]),
+        ] {
+            let parsed = Selector::parse(selector).expect(selector);
+            assert_eq!(
+                [
+                    parsed.matches(&lab),
+                    parsed.matches(&field),
+                    parsed.matches(&loose)
+                ],
+                expected,
+                "{selector}"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_selectors_name_the_field() {
-        for bad in ["tier in a,b", "=x", "a b", "!"] {
+        for bad in ["tier in a,b", "=x", "a b", "!", "@site=berlin"] {
             let err = Selector::parse(bad).expect_err(bad);
             assert_eq!(err.field, "selector");
         }
+        let err = Selector::parse("@groups=x").expect_err("unknown field");
+        assert!(
+            err.reason.contains("@group, @owner or @management"),
+            "{err}"
+        );
     }
 }

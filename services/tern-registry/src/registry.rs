@@ -483,7 +483,7 @@ impl Registry {
             for (key, bytes) in page {
                 let device: Device = decode(&key, &bytes)?;
                 cursor = Some(key);
-                if selector.matches(&device.labels) {
+                if selector.matches(&device) {
                     out.push(device);
                     if out.len() == limit {
                         let next = out.last().map(|d| d.id);

@@ -46,6 +46,37 @@ async fn devices_are_selected_by_labels_and_paged() {
     assert_eq!(names(&list("tier in (a,c),site")), ["b1", "p1", "p2"]);
     assert_eq!(names(&list("!site")), ["bare"]);
 
+    // Groups, the owner and the management level are fields: `@group` and so on.
+    for (device, group) in [("b1", "lab"), ("p1", "lab"), ("p2", "field")] {
+        tern.cli_json(&[
+            "device", "set", device, "--group", group, "--tenant", "acme",
+        ]);
+    }
+    tern.cli_json(&[
+        "device", "set", "p1", "--owner", "alice", "--tenant", "acme",
+    ]);
+    assert_eq!(names(&list("@group=lab")), ["b1", "p1"]);
+    assert_eq!(
+        names(&list("@group in (lab,field),site=paris")),
+        ["p1", "p2"]
+    );
+    assert_eq!(names(&list("!@group")), ["b2", "bare"]);
+    assert_eq!(names(&list("@group,!@owner")), ["b1", "p2"]);
+    let unknown = tern.cli(&[
+        "device",
+        "list",
+        "--tenant",
+        "acme",
+        "--selector",
+        "@site=x",
+    ]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("@group, @owner or @management"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+
     // Pages of two through REST, following x-next-after.
     let token = tern.provision("acme", "reader").api_token;
     let http = reqwest::Client::new();
