@@ -1,7 +1,9 @@
-//! The device agent (`firmware/tern-agent`) as a real process against `tern up`: enrolment,
-//! telemetry, the twin, every management operation through real hooks (shell scripts), signed
-//! updates with rollback, commands queued while it was offline, and being cut off.
-//! Update artifacts come from a small axum server in the test (Tern does not host them yet).
+//! The device agent (`firmware/tern-agent`) as a real process against `tern up`: enrolment
+//! (pre-issued token, or a code a person approves), telemetry, the twin, every management
+//! operation through real hooks (shell scripts), signed updates with rollback, OTA campaigns
+//! from Tern's artifact store (one download cut by a relay and resumed), commands queued
+//! while it was offline, and being cut off. The single-device update tests serve artifacts
+//! from a small axum server in the test.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -84,6 +86,15 @@ public_key = "{public_key}"
         );
         std::fs::write(dir.path().join("agent.toml"), config).expect("config");
         Self { dir, child: None }
+    }
+
+    /// Points the agent's HTTP traffic at `url` instead of Tern's port.
+    fn set_server(&self, url: &str) {
+        let path = self.dir.path().join("agent.toml");
+        let config = std::fs::read_to_string(&path).expect("config");
+        let (first, rest) = config.split_once('\n').expect("lines");
+        assert!(first.starts_with("server = "), "{first}");
+        std::fs::write(&path, format!("server = \"{url}\"\n{rest}")).expect("config");
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -859,4 +870,132 @@ async fn the_agent_enrolls_by_a_code_a_person_approves() {
     };
     let points = tern.wait_points(&kitchen, "temp", 1).await;
     assert_eq!(points[0]["value"], 21.5, "log:\n{}", agent.log());
+}
+
+/// A TCP relay to `target` that cuts the first connection to carry more than `cut_after`
+/// bytes back to the client, and notes whether a later request asked for a range.
+struct CuttingRelay {
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ranged: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CuttingRelay {
+    fn start(listener: tokio::net::TcpListener, target: u16, cut_after: usize) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let relay = Self {
+            cut: Default::default(),
+            ranged: Default::default(),
+        };
+        let (cut, ranged) = (relay.cut.clone(), relay.ranged.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let (cut, ranged) = (cut.clone(), ranged.clone());
+                tokio::spawn(async move {
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let upstream = tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+                            let text = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+                            if text.contains("range: bytes=") {
+                                ranged.store(true, SeqCst);
+                            }
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    let mut sent = 0;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+                        let n = if sent + n > cut_after && !cut.swap(true, SeqCst) {
+                            // Part of it, then the connection is gone mid-body.
+                            let _ = client_write.write_all(&buf[..cut_after - sent]).await;
+                            break;
+                        } else {
+                            n
+                        };
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        sent += n;
+                    }
+                    upstream.abort();
+                });
+            }
+        });
+        relay
+    }
+}
+
+/// An update from Tern's own artifact store whose download is cut mid-way: the agent
+/// resumes it with a range request and installs the whole artifact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_artifact_download_resumes_where_it_stopped() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let relay_url = format!(
+        "http://localhost:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    // Devices reach the platform (and its artifact URLs) through the relay.
+    let tern = Tern::start_with_env(&[
+        ("TERN_OTA__CAMPAIGN_INTERVAL_MS", "200"),
+        ("TERN_IDENTITY__PUBLIC_URL", &relay_url),
+    ]);
+    let relay = CuttingRelay::start(listener, tern.http_port, 100_000);
+    let p = tern.provision("fleet", "resumer");
+    let key = tern.cli_json(&["ota", "key", "--tenant", "fleet"]);
+    let mut agent = Agent::configure(&tern, key["public_key"].as_str().expect("key"));
+    agent.set_server(&relay_url);
+    agent.enroll(&device_refresh_token(&tern, &p));
+    agent.start();
+
+    let mut firmware = b"healthy firmware 4.0\n".to_vec();
+    firmware.extend((0..400_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8));
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = files.path().join("fw.bin");
+    std::fs::write(&file, &firmware).expect("artifact");
+    let artifact = tern.cli_json(&[
+        "ota",
+        "upload",
+        file.to_str().expect("utf-8"),
+        "--name",
+        "fw",
+        "--version",
+        "4.0",
+        "--tenant",
+        "fleet",
+    ]);
+    let campaign = tern.cli_json(&[
+        "ota",
+        "campaign",
+        "create",
+        "--artifact",
+        artifact["id"].as_str().expect("id"),
+        "--selector",
+        "site=test",
+        "--tenant",
+        "fleet",
+    ]);
+    let done = campaign_outcome(&tern, &p, campaign["id"].as_str().expect("id")).await;
+    assert_eq!(done["state"], "completed", "{done}\n{}", agent.log());
+    use std::sync::atomic::Ordering::SeqCst;
+    assert!(relay.cut.load(SeqCst), "the download was cut");
+    assert!(
+        relay.ranged.load(SeqCst),
+        "and resumed with a range request"
+    );
+    assert!(
+        agent.log().contains("download interrupted"),
+        "{}",
+        agent.log()
+    );
+    let installed = std::fs::read(agent.root().join("current/artifact")).expect("installed");
+    assert!(installed == firmware, "the whole artifact, byte for byte");
 }
