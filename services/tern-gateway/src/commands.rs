@@ -1,5 +1,6 @@
 //! `/api/v1/tenants/{tenant}/devices/{device}/commands`: send, list, show (optionally waiting
-//! for the outcome) and cancel commands.
+//! for the outcome) and cancel commands; typed operations, to one device or to every device
+//! a selector selects.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,10 +9,11 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use tern_core::{Command, CommandId, OPERATION_PREFIX, Operation};
+use tern_core::{Command, CommandId, DeviceId, OPERATION_PREFIX, Operation};
+use tern_identity::policy::Resource;
 use tern_registry::NewCommand;
 
-use crate::auth::Authenticated;
+use crate::auth::{self, Authenticated, AuthenticatedPrincipal, SourceIp};
 use crate::extract::{ApiJson, ApiQuery};
 use crate::routes::device_for;
 use crate::{ApiError, Gateway};
@@ -290,4 +292,113 @@ pub(crate) async fn operate(
         StatusCode::OK
     };
     Ok((status, Json(command)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OperateSelected {
+    /// Which devices; must not be empty (an operation such as `wipe` is not for "all").
+    selector: String,
+    /// The operation's parameters, as for one device.
+    #[serde(default)]
+    params: serde_json::Map<String, serde_json::Value>,
+    ttl_secs: Option<u64>,
+    /// Made per device (`{key}/{device id}`), so that a retried request sends nothing twice.
+    idempotency_key: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct OperatedSelected {
+    count: usize,
+    commands: Vec<Command>,
+    /// Selected devices the operation was not sent to, and why.
+    skipped: Vec<Skipped>,
+}
+
+#[derive(Serialize)]
+struct Skipped {
+    device_id: DeviceId,
+    device_name: String,
+    reason: String,
+}
+
+/// `POST /api/v1/tenants/{tenant}/operations/{operation}`: a typed operation to every device a
+/// selector selects. Each device is checked as if it were sent alone: the tenant's policies
+/// (`operateDevice` on it), its management level and its agent's capabilities. A device that
+/// fails a check is skipped, with the reason, and the others still get theirs.
+pub(crate) async fn operate_selected(
+    State(gw): Shared,
+    AuthenticatedPrincipal(principal): AuthenticatedPrincipal,
+    SourceIp(source_ip): SourceIp,
+    Path((tenant, operation_name)): Path<(String, String)>,
+    ApiJson(body): ApiJson<OperateSelected>,
+) -> ApiResult<(StatusCode, Json<OperatedSelected>)> {
+    let tenant = gw.registry.tenant_for(principal.caller, &tenant).await?;
+    if body.selector.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "selector",
+            "name the devices: an empty selector would select every device",
+        ));
+    }
+    let selector = tern_core::Selector::parse(&body.selector)?;
+    let operation = Operation::parse(&operation_name, body.params)?;
+    let (devices, more) = gw
+        .registry
+        .select_devices(tenant.id, &selector, None, MAX_BULK_DEVICES)
+        .await?;
+    if more.is_some() {
+        return Err(ApiError::bad_request(
+            "selector",
+            format!("selects more than {MAX_BULK_DEVICES} devices; narrow it"),
+        ));
+    }
+    let (mut commands, mut skipped) = (Vec::new(), Vec::new());
+    for device in &devices {
+        let resource = Resource::device(device);
+        let allowed = auth::authorize(
+            &gw,
+            &principal,
+            tenant.id,
+            "operateDevice",
+            resource,
+            source_ip,
+        )
+        .await;
+        let checked = match allowed {
+            Ok(()) => gw
+                .twins
+                .may_receive(device, &operation_name)
+                .await
+                .map_err(ApiError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = checked {
+            skipped.push(Skipped {
+                device_id: device.id,
+                device_name: device.name.clone(),
+                reason: e.message,
+            });
+            continue;
+        }
+        let new = NewCommand {
+            name: operation.command_name(),
+            payload: operation.payload(),
+            ttl_secs: body.ttl_secs,
+            idempotency_key: body
+                .idempotency_key
+                .as_ref()
+                .map(|key| format!("{key}/{}", device.id)),
+        };
+        commands.push(gw.commands.send(device, new).await?.0);
+    }
+    tracing::info!(tenant = %tenant.id, selector = %body.selector, operation = %operation_name,
+        count = commands.len(), skipped = skipped.len(), "operation sent to selected devices");
+    Ok((
+        StatusCode::CREATED,
+        Json(OperatedSelected {
+            count: commands.len(),
+            commands,
+            skipped,
+        }),
+    ))
 }

@@ -49,6 +49,7 @@ pub(crate) fn operation(method: &Method, template: &str) -> Option<Operation> {
             ("POST", "/devices") => "createDevice",
             ("POST", "/enrolments") => "enrolDevice",
             ("POST", "/commands") => "sendBulkCommand",
+            ("POST", "/operations/{operation}") => "operateDevices",
             ("GET", "/rules" | "/rules/{rule}" | "/rules/{rule}/dead-letters") => "readRules",
             ("POST", "/rules") | ("PATCH" | "DELETE", "/rules/{rule}") => "writeRules",
             ("POST", "/rule-tests") => "testRule",

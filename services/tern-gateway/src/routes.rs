@@ -46,6 +46,10 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route(&format!("{tenant}/api-tokens"), post(create_api_token))
         .route(
+            &format!("{tenant}/operations/{{operation}}"),
+            post(commands::operate_selected),
+        )
+        .route(
             &format!("{tenant}/enrolments"),
             post(identity::enrol_device),
         )

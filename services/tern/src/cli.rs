@@ -570,6 +570,24 @@ pub enum DeviceCommand {
         #[arg(long, value_name = "JSON")]
         params: Option<String>,
     },
+    /// Send a typed operation to every device a selector selects. Each is checked as if sent
+    /// alone (policies, management level, agent capabilities); those that fail are skipped
+    /// and listed with the reason.
+    Bulk {
+        operation: String,
+        /// Device selector (required): `site=berlin,@group=pilot`.
+        #[arg(long, short = 'l')]
+        selector: String,
+        /// The operation's parameters as a JSON object.
+        #[arg(long, value_name = "JSON")]
+        params: Option<String>,
+        /// Seconds before an unanswered operation expires.
+        #[arg(long, value_name = "SECS")]
+        ttl: Option<u64>,
+        /// Retrying with the same key sends nothing twice.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
     /// The device's twin: desired and reported state, versions, field times.
     Twin { device: String },
     /// Change the device's desired state with a JSON merge patch (null deletes a field); the

@@ -129,6 +129,16 @@ fn tenant(global: &Global) -> anyhow::Result<&str> {
         .context("this command needs a tenant: pass --tenant ID|NAME or set TERN_TENANT")
 }
 
+/// An operation's `--params`: a JSON object, `{}` when absent.
+fn operation_params(params: Option<String>) -> anyhow::Result<Value> {
+    match params {
+        Some(text) => {
+            serde_json::from_str(&text).with_context(|| format!("--params is not JSON: {text}"))
+        }
+        None => Ok(json!({})),
+    }
+}
+
 /// `key=value` labels from the command line.
 fn parse_labels(labels: &[String]) -> anyhow::Result<serde_json::Map<String, Value>> {
     labels
@@ -314,14 +324,34 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                     operation,
                     params,
                 } => {
-                    let params: Value = match params {
-                        Some(text) => serde_json::from_str(&text)
-                            .with_context(|| format!("--params is not JSON: {text}"))?,
-                        None => json!({}),
-                    };
                     let path = format!("{base}/{}/operations/{}", seg(&device), seg(&operation));
+                    let params = operation_params(params)?;
                     let c = client.call(Method::POST, &path, Some(params)).await?;
                     output::record(out, &c, COMMAND_FIELDS);
+                }
+                DeviceCommand::Bulk {
+                    operation,
+                    selector,
+                    params,
+                    ttl,
+                    idempotency_key,
+                } => {
+                    let body = json!({
+                        "selector": selector, "params": operation_params(params)?,
+                        "ttl_secs": ttl, "idempotency_key": idempotency_key,
+                    });
+                    let tenant_base = base.trim_end_matches("/devices");
+                    let path = format!("{tenant_base}/operations/{}", seg(&operation));
+                    let sent = client.call(Method::POST, &path, Some(body)).await?;
+                    if out == Output::Json {
+                        output::record(out, &sent, &[]);
+                    } else {
+                        output::table(out, &sent["commands"], COMMAND_FIELDS);
+                        if sent["skipped"].as_array().is_some_and(|s| !s.is_empty()) {
+                            println!("skipped:");
+                            output::table(out, &sent["skipped"], &["device_name", "reason"]);
+                        }
+                    }
                 }
                 DeviceCommand::Twin { device } => {
                     let path = format!("{base}/{}/twin", seg(&device));

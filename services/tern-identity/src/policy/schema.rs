@@ -34,7 +34,7 @@ action read, write, admin, mqtt;
 action getTenant, listDevices, readRules, readAlerts, readJobs, readRetention, queryPdp, readOta
   in [read] appliesTo { principal: [User, Client, ApiToken], resource: [Tenant], context: ApiContext };
 action createDevice, sendBulkCommand, writeRules, testRule, writeAlerts, writeJobs, writeRetention,
-  writeOta
+  writeOta, operateDevices
   in [write] appliesTo { principal: [User, Client, ApiToken], resource: [Tenant], context: ApiContext };
 action readCredentials, manageCredentials, readPolicies, managePolicies, enrolDevice
   in [admin] appliesTo { principal: [User, Client, ApiToken], resource: [Tenant], context: ApiContext };
@@ -68,6 +68,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("writeJobs", "write"),
     ("writeRetention", "write"),
     ("writeOta", "write"),
+    ("operateDevices", "write"),
     ("readCredentials", "admin"),
     ("manageCredentials", "admin"),
     ("readPolicies", "admin"),

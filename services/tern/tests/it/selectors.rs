@@ -1,6 +1,7 @@
 //! Registry queries: label selectors and pagination over REST and the CLI, within a tenant.
 
-use serde_json::Value;
+use reqwest::Method;
+use serde_json::{Value, json};
 
 use crate::harness::Tern;
 
@@ -195,4 +196,109 @@ async fn a_command_goes_to_every_selected_device_once_even_when_retried() {
         String::from_utf8_lossy(&bad.stderr).contains("selector"),
         "{bad:?}"
     );
+}
+
+/// A typed operation to every selected device: each device is checked as if it were sent
+/// alone (management level, the tenant's policies), so some are skipped with a reason while
+/// the others get their command; retries with the same key send nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_goes_to_the_selected_devices_that_may_receive_it() {
+    let tern = Tern::start();
+    let token = tern.provision("acme", "reader").api_token;
+    for (name, site, group, management) in [
+        ("b1", "berlin", "lab", "fully_managed"),
+        ("b2", "berlin", "lab", "semi_managed"),
+        ("p1", "paris", "lab", "fully_managed"),
+        ("p2", "paris", "field", "fully_managed"),
+    ] {
+        tern.cli_json(&[
+            "device",
+            "create",
+            name,
+            "--tenant",
+            "acme",
+            "--label",
+            &format!("site={site}"),
+            "--group",
+            group,
+            "--management",
+            management,
+        ]);
+    }
+    // Nobody may operate Paris's devices with an API token.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("hands-off-paris.cedar");
+    std::fs::write(
+        &policy,
+        "forbid (principal is ApiToken, action == Action::\"operateDevice\", resource)\n\
+         when { resource.hasTag(\"site\") && resource.getTag(\"site\") == \"paris\" };\n",
+    )
+    .expect("policy");
+    let policy = policy.display().to_string();
+    tern.cli_json(&[
+        "policy",
+        "put",
+        "hands-off-paris",
+        &policy,
+        "--tenant",
+        "acme",
+    ]);
+
+    let lock = json!({"selector": "@group=lab", "idempotency_key": "stolen-van"});
+    let path = "/api/v1/tenants/acme/operations/lock";
+    let (status, sent) = tern.send_json(Method::POST, &token, path, &lock).await;
+    assert_eq!(status, 201, "{sent}");
+    assert_eq!(sent["count"], 1, "{sent}");
+    assert_eq!(sent["commands"][0]["name"], "tern.lock");
+    let skipped: Vec<(String, String)> = sent["skipped"]
+        .as_array()
+        .expect("skipped")
+        .iter()
+        .map(|s| {
+            let name = s["device_name"].as_str().expect("name").to_string();
+            (name, s["reason"].as_str().expect("reason").to_string())
+        })
+        .collect();
+    let mut names: Vec<&str> = skipped.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["b2", "p1"], "{sent}");
+    for (name, reason) in &skipped {
+        let expected = if name == "b2" {
+            "semi_managed"
+        } else {
+            "policy"
+        };
+        assert!(reason.contains(expected), "{name}: {reason}");
+    }
+    // A retry sends nothing new.
+    let (_, again) = tern.send_json(Method::POST, &token, path, &lock).await;
+    assert_eq!(again["commands"][0]["id"], sent["commands"][0]["id"]);
+
+    // The operator (through the CLI) is not bound by the tenant's policies.
+    let rebooted = tern.cli_json(&[
+        "device",
+        "bulk",
+        "reboot",
+        "--selector",
+        "site=paris",
+        "--tenant",
+        "acme",
+    ]);
+    assert_eq!(rebooted["count"], 2, "{rebooted}");
+
+    for (body, field) in [
+        (json!({"selector": ""}), "selector"),
+        (
+            json!({"selector": "@group=lab", "params": {"enabled": true}}),
+            "feature",
+        ),
+    ] {
+        let path = "/api/v1/tenants/acme/operations/feature";
+        let (status, answer) = tern.send_json(Method::POST, &token, path, &body).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.to_string().contains(field), "{answer}");
+    }
+    let globex = tern.provision("globex", "g").api_token;
+    let (status, _) = tern.send_json(Method::POST, &globex, path, &lock).await;
+    assert_eq!(status, 403);
 }
