@@ -11,6 +11,7 @@ mod device_api;
 mod error;
 mod extract;
 mod identity;
+mod locations;
 mod observe;
 mod ota;
 mod pep;

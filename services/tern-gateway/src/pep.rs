@@ -34,7 +34,9 @@ pub(crate) fn operation(method: &Method, template: &str) -> Option<Operation> {
             ("PATCH", "") => "updateDevice",
             ("DELETE", "") => "deleteDevice",
             ("POST" | "DELETE", "/tokens") => "manageDeviceTokens",
-            ("GET", "/telemetry" | "/telemetry/latest" | "/events") => "readTelemetry",
+            ("GET", "/telemetry" | "/telemetry/latest" | "/events" | "/locations") => {
+                "readTelemetry"
+            }
             ("PATCH", "/twin/desired") => "updateTwin",
             ("POST", "/commands") => "sendCommand",
             ("GET", "/commands" | "/commands/{command}") => "readCommands",

@@ -20,8 +20,8 @@ use tern_store::{RangeQuery, Resolution};
 use crate::auth::Authenticated;
 use crate::extract::{ApiJson, ApiQuery};
 use crate::{
-    ApiError, Gateway, certificates, commands, device_api, identity, ota, policies, rules, status,
-    twins,
+    ApiError, Gateway, certificates, commands, device_api, identity, locations, ota, policies,
+    rules, status, twins,
 };
 
 type Shared = State<Arc<Gateway>>;
@@ -195,6 +195,7 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .route(&format!("{device}/telemetry/latest"), get(latest))
         .route(&format!("{device}/events"), get(events))
         .route(&format!("{device}/status"), get(status::status))
+        .route(&format!("{device}/locations"), get(locations::history))
         .route(&format!("{device}/twin"), get(twins::show))
         .route(
             &format!("{device}/twin/desired"),
@@ -503,26 +504,26 @@ async fn create_api_token(
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RangeParams {
-    metric: Option<String>,
+pub(crate) struct RangeParams {
+    pub(crate) metric: Option<String>,
     /// Milliseconds since the epoch, inclusive; default 24 hours ago.
-    from: Option<i64>,
+    pub(crate) from: Option<i64>,
     /// Milliseconds since the epoch, exclusive; default unbounded.
-    to: Option<i64>,
-    limit: Option<usize>,
+    pub(crate) to: Option<i64>,
+    pub(crate) limit: Option<usize>,
     /// `asc` (default) or `desc`.
-    order: Option<String>,
+    pub(crate) order: Option<String>,
     /// Events only: `event`, `telemetry` (non-numeric) or `lifecycle`.
-    kind: Option<String>,
+    pub(crate) kind: Option<String>,
     /// Telemetry only: `raw` (default), `1m`, `1h`, `1d` or `auto`.
-    resolution: Option<String>,
+    pub(crate) resolution: Option<String>,
 }
 
 /// The kinds of raw events the store keeps.
 const EVENT_KINDS: [&str; 4] = ["event", "telemetry", "lifecycle", "command"];
 
 impl RangeParams {
-    fn query(&self, device: &Device) -> ApiResult<RangeQuery> {
+    pub(crate) fn query(&self, device: &Device) -> ApiResult<RangeQuery> {
         let from_ms = self.from.unwrap_or_else(|| now_ms() - DAY_MS);
         let to_ms = self.to.unwrap_or(i64::MAX);
         if from_ms >= to_ms {

@@ -10,6 +10,7 @@ use serde::Serialize;
 use tern_store::RangeQuery;
 
 use crate::auth::Authenticated;
+use crate::locations::{Position, last_position};
 use crate::routes::device_for;
 use crate::{ApiError, Gateway};
 
@@ -32,6 +33,9 @@ pub(crate) struct DeviceStatus {
     /// The newest of any message or lifecycle event from the device.
     #[serde(skip_serializing_if = "Option::is_none")]
     last_seen_ms: Option<i64>,
+    /// The last position it reported (`.../locations` has the history).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    location: Option<Position>,
 }
 
 pub(crate) async fn status(
@@ -51,13 +55,8 @@ pub(crate) async fn status(
     };
     let lifecycle = gw.store.events(&newest, Some("lifecycle")).await?.pop();
     let any_event = gw.store.events(&newest, None).await?.pop();
-    let latest_metric = gw
-        .store
-        .latest(&tenant_id, &device_id)
-        .await?
-        .into_iter()
-        .map(|v| v.ts_ms)
-        .max();
+    let latest = gw.store.latest(&tenant_id, &device_id).await?;
+    let latest_metric = latest.iter().map(|v| v.ts_ms).max();
     let last_lifecycle = lifecycle
         .as_ref()
         .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.payload).ok());
@@ -88,5 +87,6 @@ pub(crate) async fn status(
         last_lifecycle_ms: lifecycle.as_ref().map(|e| e.ts_ms),
         last_lifecycle,
         last_seen_ms,
+        location: last_position(&latest),
     }))
 }

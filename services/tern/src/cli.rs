@@ -561,6 +561,16 @@ pub enum DeviceCommand {
     Enable { device: String },
     /// Whether the device is connected, since when and how, and when it was last heard from.
     Status { device: String },
+    /// Where the device has been: positions it reported (`lat`, `lon`, `accuracy_m`),
+    /// newest first.
+    Locations {
+        device: String,
+        /// Milliseconds since the epoch [default: 24 hours ago].
+        #[arg(long)]
+        from: Option<i64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Send a typed management operation (reboot, locate, lock, unlock, wipe, feature,
     /// configure, rotate_credentials, update, decommission; see docs/devices.md).
     Operate {

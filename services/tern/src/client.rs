@@ -353,6 +353,19 @@ pub async fn run(global: Global, command: AdminCommand) -> anyhow::Result<()> {
                         }
                     }
                 }
+                DeviceCommand::Locations {
+                    device,
+                    from,
+                    limit,
+                } => {
+                    let mut path =
+                        format!("{base}/{}/locations?order=desc&limit={limit}", seg(&device));
+                    if let Some(from) = from {
+                        path.push_str(&format!("&from={from}"));
+                    }
+                    let r = client.call(Method::GET, &path, None).await?;
+                    output::table(out, &r["positions"], &["ts", "lat", "lon", "accuracy_m"]);
+                }
                 DeviceCommand::Twin { device } => {
                     let path = format!("{base}/{}/twin", seg(&device));
                     let twin = client.call(Method::GET, &path, None).await?;

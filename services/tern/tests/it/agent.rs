@@ -313,6 +313,18 @@ async fn the_agent_enrolls_reports_and_carries_out_every_operation() {
     let done = operate(&tern, &p, "locate", json!({})).await;
     assert_eq!(done["result"]["payload"]["lat"], 52.52, "{done}");
     tern.wait_points(&p, "lat", 1).await;
+    tern.wait_points(&p, "lon", 1).await;
+    let positions = tern.cli_json(&["device", "locations", "pi-1", "--tenant", "agents"]);
+    let fix = &positions[0];
+    assert_eq!(
+        (&fix["lat"], &fix["lon"], &fix["accuracy_m"]),
+        (&json!(52.52), &json!(13.405), &json!(8.0)),
+        "{positions}"
+    );
+    let (_, status) = tern
+        .get(&p.api_token, &format!("{}/status", device_path(&p)))
+        .await;
+    assert_eq!(status["location"], *fix, "{status}");
 
     let done = operate(&tern, &p, "lock", json!({})).await;
     assert_eq!(done["state"], "succeeded", "{done}");
