@@ -1,7 +1,8 @@
-//! The web dashboard: a static single page (embedded in the binary) that signs in with a
-//! tenant's API token and shows its devices and their latest telemetry, refreshed every few
-//! seconds. It has no server-side state: every call goes from the browser to the REST API with
-//! the token, so the dashboard sees exactly what that token may see.
+//! The web dashboard: a static single page (embedded in the binary) that shows a tenant's
+//! devices and their latest telemetry, refreshed every few seconds. A person signs in with
+//! their account (authorization code with PKCE, the built-in client `tern-portal`), or with an
+//! API token. It has no server-side state: every call goes from the browser to the REST API
+//! with the token, so the dashboard sees exactly what that token may see.
 
 use axum::Router;
 use axum::http::{HeaderName, HeaderValue, header};

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tern_core::{TenantId, ValidationError, now_ms, validate_name};
 use tern_store::Store;
 
-use crate::scopes::{DEVICE, READ, Scopes};
+use crate::scopes::{ADMIN, DEVICE, EMAIL, OPENID, PROFILE, READ, Scopes, WRITE};
 use crate::secrets::new_token;
 use crate::{IdentityError, passwords, records};
 
@@ -103,13 +103,38 @@ struct StoredClient {
     secret_hash: Option<String>,
 }
 
+/// The dashboard's client, built into every tenant (as Keycloak's account console is): public,
+/// authorization code with PKCE, and it redirects only to the dashboard at `{public_url}/`.
+/// What its tokens may do is capped by the person's roles, then decided by policies.
+pub const PORTAL_CLIENT_ID: &str = "tern-portal";
+
 pub struct Clients {
     store: Arc<dyn Store>,
+    /// Where the portal client redirects; `None`: no portal client.
+    portal_redirect_uri: Option<String>,
 }
 
 impl Clients {
-    pub(crate) fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    pub(crate) fn new(store: Arc<dyn Store>, portal_redirect_uri: Option<String>) -> Self {
+        Self {
+            store,
+            portal_redirect_uri,
+        }
+    }
+
+    fn portal(&self, tenant: TenantId) -> Option<OAuthClient> {
+        let redirect_uri = self.portal_redirect_uri.clone()?;
+        Some(OAuthClient {
+            client_id: PORTAL_CLIENT_ID.into(),
+            tenant_id: tenant,
+            name: "Tern dashboard".into(),
+            confidential: false,
+            grant_types: vec![GrantType::AuthorizationCode, GrantType::RefreshToken],
+            redirect_uris: vec![redirect_uri],
+            scopes: Scopes::of(&[OPENID, PROFILE, EMAIL, READ, WRITE, ADMIN]).to_vec(),
+            created_at_ms: 0,
+            client_secret: None,
+        })
     }
 
     pub async fn create(
@@ -200,7 +225,11 @@ impl Clients {
     pub async fn list(&self, tenant: TenantId) -> Result<Vec<OAuthClient>, IdentityError> {
         let all: Vec<(String, StoredClient)> =
             records::list(&*self.store, CLIENT, &format!("{tenant}/")).await?;
-        Ok(all.into_iter().map(|(_, s)| s.client).collect())
+        Ok(self
+            .portal(tenant)
+            .into_iter()
+            .chain(all.into_iter().map(|(_, s)| s.client))
+            .collect())
     }
 
     /// A client of `tenant`; another tenant's client is "not found".
@@ -213,6 +242,12 @@ impl Clients {
     }
 
     pub async fn delete(&self, tenant: TenantId, client_id: &str) -> Result<(), IdentityError> {
+        if client_id == PORTAL_CLIENT_ID && self.portal_redirect_uri.is_some() {
+            return Err(IdentityError::Conflict(format!(
+                "{PORTAL_CLIENT_ID} is built in (the dashboard's sign-in); a policy can limit \
+                 what its tokens may do"
+            )));
+        }
         self.stored(tenant, client_id).await?;
         self.store
             .delete_record(CLIENT, &format!("{tenant}/{client_id}"))
@@ -251,6 +286,14 @@ impl Clients {
         tenant: TenantId,
         client_id: &str,
     ) -> Result<StoredClient, IdentityError> {
+        if client_id == PORTAL_CLIENT_ID
+            && let Some(client) = self.portal(tenant)
+        {
+            return Ok(StoredClient {
+                client,
+                secret_hash: None,
+            });
+        }
         match records::get::<StoredClient>(&*self.store, CLIENT, &format!("{tenant}/{client_id}"))
             .await?
         {
@@ -298,7 +341,7 @@ mod tests {
     async fn confidential_clients_authenticate_with_their_secret_only() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
-        let clients = Clients::new(store);
+        let clients = Clients::new(store, None);
         let t = TenantId::random();
         let created = clients
             .create(
@@ -367,7 +410,7 @@ mod tests {
     async fn public_clients_cannot_use_client_credentials() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
-        let err = Clients::new(store)
+        let err = Clients::new(store, None)
             .create(
                 TenantId::random(),
                 NewClient {

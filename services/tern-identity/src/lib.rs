@@ -32,7 +32,7 @@ mod secrets;
 mod users;
 
 pub use certificates::TenantCa;
-pub use clients::{Clients, GrantType, NewClient, OAuthClient};
+pub use clients::{Clients, GrantType, NewClient, OAuthClient, PORTAL_CLIENT_ID};
 pub use device_tokens::{DevicePrincipal, DeviceTokens};
 pub use error::{DeviceAuthError, IdentityError};
 pub use grpc::{IdentityGrpc, grpc_auth};

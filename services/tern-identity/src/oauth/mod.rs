@@ -195,7 +195,10 @@ impl OAuth {
             config.ldap.clone().into_iter().collect(),
         );
         Ok(Self {
-            clients: Clients::new(store.clone()),
+            clients: Clients::new(
+                store.clone(),
+                Some(format!("{}/", config.public_url.trim_end_matches('/'))),
+            ),
             users,
             revocations: access::Revocations::load(store.clone()).await?,
             store,

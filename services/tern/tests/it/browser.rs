@@ -3,97 +3,14 @@
 //! subprotocol, sends CONNECT and a QoS 1 telemetry PUBLISH, and writes what came back into
 //! the page title. No virtual time: the test polls the title until the PUBACK shows.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Connect, Publish};
-use serde_json::{Value, json};
 
-use crate::harness::{PATIENCE, Tern, free_port};
-
-/// chromedriver on a free loopback port, stopped on drop.
-struct Driver {
-    child: Child,
-    url: String,
-    _profile: tempfile::TempDir,
-    session: String,
-}
-
-impl Driver {
-    async fn start() -> Self {
-        let port = free_port();
-        let child = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver must be installed (make deps: chromium-driver)");
-        let url = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + PATIENCE;
-        while http.get(format!("{url}/status")).send().await.is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let profile = tempfile::tempdir().expect("profile");
-        let capabilities = json!({"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": [
-                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                    format!("--user-data-dir={}", profile.path().display()),
-                ],
-            },
-        }}});
-        let created: Value = http
-            .post(format!("{url}/session"))
-            .json(&capabilities)
-            .send()
-            .await
-            .expect("new session")
-            .json()
-            .await
-            .expect("session JSON");
-        let session = created["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no session: {created}"))
-            .to_string();
-        Self {
-            child,
-            url,
-            _profile: profile,
-            session,
-        }
-    }
-
-    async fn command(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let url = format!("{}/session/{}{path}", self.url, self.session);
-        let mut request = reqwest::Client::new().request(method, url);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let answer: Value = request
-            .send()
-            .await
-            .expect("WebDriver call")
-            .json()
-            .await
-            .expect("WebDriver JSON");
-        answer["value"].clone()
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::harness::{PATIENCE, Tern};
+use crate::webdriver::Driver;
 
 /// Serves `page` over HTTP on a free loopback port (the way a web app would be served);
 /// returns its URL.
@@ -167,9 +84,7 @@ ws.onerror = () => {{ document.title = "error"; }};
     let url = serve_page(page).await;
 
     let driver = Driver::start().await;
-    driver
-        .command(reqwest::Method::POST, "/url", Some(json!({ "url": url })))
-        .await;
+    driver.goto(&url).await;
     let deadline = Instant::now() + PATIENCE;
     let title = loop {
         let title = driver.command(reqwest::Method::GET, "/title", None).await;
@@ -183,7 +98,7 @@ ws.onerror = () => {{ document.title = "error"; }};
         title, "puback 7 mqtt",
         "PUBACK for packet 7, subprotocol mqtt"
     );
-    let _ = driver.command(reqwest::Method::DELETE, "", None).await;
+    driver.quit().await;
     let points = tern.wait_points(&p, "browser", 1).await;
     assert_eq!(crate::harness::values(&points), [1.0]);
 }

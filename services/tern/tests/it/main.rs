@@ -37,4 +37,5 @@ mod tenancy;
 mod tls;
 mod traces;
 mod twins;
+mod webdriver;
 mod websocket;
