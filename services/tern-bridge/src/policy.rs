@@ -141,6 +141,7 @@ pub(crate) async fn decide(
         },
         environment: Environment {
             now_s: now_ms() / 1000,
+            utc_offset_s: 0,
             source_ip: peer,
             scopes: Vec::new(),
             protocol: Some("mqtt".into()),

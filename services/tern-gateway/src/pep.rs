@@ -90,7 +90,7 @@ pub(crate) fn operation(method: &Method, template: &str) -> Option<Operation> {
             | ("GET", "/policy-decisions" | "/policy-audit") => "readPolicies",
             ("PUT" | "DELETE", "/policies/{policy}")
             | ("POST", "/policy-rollback" | "/policy-validation" | "/policy-what-if")
-            | ("PUT", "/policy-audit") => "managePolicies",
+            | ("PUT", "/policy-audit" | "/policy-time-zone") => "managePolicies",
             ("POST", "/pdp/authorize") => "queryPdp",
             _ => return None,
         }

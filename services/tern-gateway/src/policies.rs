@@ -80,6 +80,29 @@ pub(crate) async fn delete(
     Ok(Json(version))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TimeZoneSetting {
+    /// An IANA name (`Europe/Berlin`); null: UTC.
+    time_zone: Option<String>,
+}
+
+/// Sets the time zone of the policies' `context.hour` and `context.weekday` (a new version).
+pub(crate) async fn set_time_zone(
+    State(gw): Shared,
+    AuthenticatedPrincipal(principal): AuthenticatedPrincipal,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<TimeZoneSetting>,
+) -> ApiResult<Json<PolicyVersion>> {
+    let tenant = gw.registry.tenant_for(principal.caller, &tenant).await?;
+    let version = gw
+        .identity
+        .pdp()
+        .set_time_zone(tenant.id, body.time_zone.as_deref(), &principal.subject)
+        .await?;
+    Ok(Json(version))
+}
+
 pub(crate) async fn versions(
     State(gw): Shared,
     Authenticated(caller): Authenticated,
@@ -185,8 +208,8 @@ pub(crate) async fn what_if(
     let decision = gw
         .identity
         .pdp()
-        .what_if(&policies, &request)
-        .map_err(tern_identity::IdentityError::from)?;
+        .what_if(tenant.id, &policies, &request)
+        .await?;
     Ok(Json(decision))
 }
 

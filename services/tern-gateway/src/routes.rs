@@ -97,6 +97,10 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
             post(policies::rollback),
         )
         .route(
+            &format!("{tenant}/policy-time-zone"),
+            axum::routing::put(policies::set_time_zone),
+        )
+        .route(
             &format!("{tenant}/policy-validation"),
             post(policies::validate),
         )

@@ -75,6 +75,7 @@ impl Identity {
             resource,
             environment: Environment {
                 now_s: now_ms() / 1000,
+                utc_offset_s: 0,
                 source_ip,
                 scopes: caller.scopes.to_vec(),
                 protocol: None,
@@ -199,6 +200,7 @@ impl Identity {
             resource,
             environment: Environment {
                 now_s: q.now_s.unwrap_or_else(|| now_ms() / 1000),
+                utc_offset_s: 0,
                 source_ip: q.source_ip,
                 scopes: q.scopes.clone(),
                 protocol: None,

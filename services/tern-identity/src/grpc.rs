@@ -234,6 +234,7 @@ fn access_request(r: v1::AccessRequest) -> Result<AccessRequest, String> {
             source_ip,
             scopes: env.scopes,
             protocol: (!env.protocol.is_empty()).then_some(env.protocol),
+            utc_offset_s: 0,
         },
     })
 }

@@ -147,6 +147,7 @@ mod tests {
             },
             environment: Environment {
                 now_s: now_ms() / 1000,
+                utc_offset_s: 0,
                 scopes: vec!["tern:read".into()],
                 ..Environment::default()
             },

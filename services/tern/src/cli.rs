@@ -202,6 +202,9 @@ pub enum PolicyCommand {
     Versions,
     /// Make an earlier version current again (as a new version).
     Rollback { version: u64 },
+    /// The time zone of the policies' context.hour and context.weekday, e.g. Europe/Berlin
+    /// (an IANA name; UTC by default). Saved as a new version.
+    TimeZone { zone: String },
     /// Check a policy file against the schema and the other policies, without saving.
     Validate { id: String, file: PathBuf },
     /// Decide a request (JSON file, "-" for stdin) as the current policies would, or with

@@ -1069,7 +1069,7 @@ fn read_input(path: &std::path::Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-const VERSION_FIELDS: &[&str] = &["version", "change", "author", "created_at_ms"];
+const VERSION_FIELDS: &[&str] = &["version", "change", "author", "created_at_ms", "time_zone"];
 
 async fn policy(
     client: &Client,
@@ -1119,6 +1119,13 @@ async fn policy(
             let body = json!({ "version": version });
             let v = client
                 .call(Method::POST, &format!("{base}/policy-rollback"), Some(body))
+                .await?;
+            output::record(out, &v, VERSION_FIELDS);
+        }
+        PolicyCommand::TimeZone { zone } => {
+            let body = json!({ "time_zone": zone });
+            let v = client
+                .call(Method::PUT, &format!("{base}/policy-time-zone"), Some(body))
                 .await?;
             output::record(out, &v, VERSION_FIELDS);
         }

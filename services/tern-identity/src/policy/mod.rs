@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use cedar_policy::{Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 use tern_core::{TenantId, ValidationError, now_ms};
 use tern_store::Store;
@@ -55,14 +56,47 @@ pub struct PolicyVersion {
     pub created_at_ms: i64,
     /// Who made it (the API caller's subject).
     pub author: String,
-    /// What changed: `create x`, `update x`, `delete x`, `rollback to 3`.
+    /// What changed: `create x`, `update x`, `delete x`, `rollback to 3`, `time zone X`.
     pub change: String,
     pub policies: Vec<NamedPolicy>,
+    /// The IANA time zone (`Europe/Berlin`) of the context's `hour` and `weekday`; none: UTC.
+    /// Part of the version, because it changes what the policies decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
 }
 
 struct Compiled {
     version: u64,
     set: PolicySet,
+    time_zone: TimeZone,
+}
+
+impl Compiled {
+    /// `request` with the tenant's offset from UTC at its time.
+    fn localized(&self, request: &AccessRequest) -> AccessRequest {
+        let mut request = request.clone();
+        request.environment.utc_offset_s = utc_offset(&self.time_zone, request.environment.now_s);
+        request
+    }
+}
+
+fn utc_offset(zone: &TimeZone, now_s: i64) -> i32 {
+    jiff::Timestamp::from_second(now_s)
+        .map(|t| zone.to_offset(t).seconds())
+        .unwrap_or(0)
+}
+
+/// The time zone a name stands for; an unknown name is an error on `time_zone`.
+fn time_zone(name: Option<&str>) -> Result<TimeZone, ValidationError> {
+    match name {
+        None => Ok(TimeZone::UTC),
+        Some(name) => TimeZone::get(name).map_err(|_| {
+            ValidationError::new(
+                "time_zone",
+                format!("{name:?} is not an IANA time zone (such as Europe/Berlin or UTC)"),
+            )
+        }),
+    }
 }
 
 struct CachedDecision {
@@ -169,7 +203,24 @@ impl Pdp {
                 format!("create {id}")
             }
         };
-        self.save(tenant, base.version, policies, author, change)
+        let zone = base.time_zone;
+        self.save(tenant, base.version, policies, zone, author, change)
+            .await
+    }
+
+    /// Sets the time zone of the context's `hour` and `weekday` (`None`: UTC), as a new version.
+    pub async fn set_time_zone(
+        &self,
+        tenant: TenantId,
+        zone: Option<&str>,
+        author: &str,
+    ) -> Result<PolicyVersion, IdentityError> {
+        time_zone(zone)?;
+        let _change = self.changes.lock().await;
+        let base = self.current(tenant).await?;
+        let change = format!("time zone {}", zone.unwrap_or("UTC"));
+        let zone = zone.map(str::to_string);
+        self.save(tenant, base.version, base.policies, zone, author, change)
             .await
     }
 
@@ -191,6 +242,7 @@ impl Pdp {
             tenant,
             base.version,
             policies,
+            base.time_zone,
             author,
             format!("delete {id}"),
         )
@@ -211,6 +263,7 @@ impl Pdp {
             tenant,
             base,
             target.policies,
+            target.time_zone,
             author,
             format!("rollback to {version}"),
         )
@@ -225,6 +278,7 @@ impl Pdp {
         tenant: TenantId,
         base: u64,
         policies: Vec<NamedPolicy>,
+        zone_name: Option<String>,
         author: &str,
         change: String,
     ) -> Result<PolicyVersion, IdentityError> {
@@ -236,12 +290,14 @@ impl Pdp {
             .into());
         }
         let set = self.compile(&policies)?;
+        let zone = time_zone(zone_name.as_deref())?;
         let version = PolicyVersion {
             version: base + 1,
             created_at_ms: now_ms(),
             author: author.to_string(),
             change,
             policies,
+            time_zone: zone_name,
         };
         // Created only if absent: of two instances changing the tenant's policies at once, one
         // gets the version and the other a conflict (the `changes` lock covers only this one).
@@ -260,7 +316,7 @@ impl Pdp {
             ));
         }
         records::put(&*self.store, HEAD, &tenant.to_string(), &version.version).await?;
-        self.install(tenant, version.version, set);
+        self.install(tenant, version.version, set, zone);
         tracing::info!(%tenant, version = version.version, change = %version.change, "policies changed");
         if let Some(notices) = self.notices.get() {
             notices.send(Notice::PoliciesChanged { tenant }).await?;
@@ -292,11 +348,18 @@ impl Pdp {
         self.generation.load(Ordering::Acquire)
     }
 
-    fn install(&self, tenant: TenantId, version: u64, set: PolicySet) {
+    fn install(&self, tenant: TenantId, version: u64, set: PolicySet, time_zone: TimeZone) {
         self.compiled
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(tenant, Arc::new(Compiled { version, set }));
+            .insert(
+                tenant,
+                Arc::new(Compiled {
+                    version,
+                    set,
+                    time_zone,
+                }),
+            );
         // Cached decisions of older versions can no longer be hit (the key holds the version);
         // drop them now rather than waiting for the TTL.
         self.cache
@@ -355,6 +418,7 @@ impl Pdp {
         let compiled = Arc::new(Compiled {
             version: policies.version,
             set,
+            time_zone: time_zone(policies.time_zone.as_deref())?,
         });
         // A change installed meanwhile is newer than what was read: keep it.
         let mut map = self.compiled.write().unwrap_or_else(|e| e.into_inner());
@@ -388,7 +452,8 @@ impl Pdp {
         let decision = match cached {
             Some(d) => d,
             None => {
-                let decision = request::evaluate(&self.schema, &compiled.set, request);
+                let local = compiled.localized(request);
+                let decision = request::evaluate(&self.schema, &compiled.set, &local);
                 let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
                 if cache.len() >= CACHE_CAPACITY {
                     cache.clear();
@@ -409,14 +474,18 @@ impl Pdp {
         Ok(decision)
     }
 
-    /// What `request` would get under `proposed` policies (a dry run; nothing is saved).
-    pub fn what_if(
+    /// What `request` would get under `proposed` policies (a dry run; nothing is saved), in
+    /// the tenant's current time zone.
+    pub async fn what_if(
         &self,
+        tenant: TenantId,
         proposed: &[NamedPolicy],
         request: &AccessRequest,
-    ) -> Result<Decision, ValidationError> {
+    ) -> Result<Decision, IdentityError> {
         let set = self.compile(proposed)?;
-        Ok(request::evaluate(&self.schema, &set, request))
+        let current = self.compiled(tenant).await?;
+        let local = current.localized(request);
+        Ok(request::evaluate(&self.schema, &set, &local))
     }
 
     pub fn auditor(&self) -> &audit::Auditor {
@@ -432,6 +501,7 @@ fn defaults_version() -> PolicyVersion {
         author: "tern".into(),
         change: "defaults".into(),
         policies: defaults(),
+        time_zone: None,
     }
 }
 

@@ -79,8 +79,11 @@ impl Resource {
 /// The environment of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Environment {
-    /// Seconds since the epoch; hour and weekday (UTC) derive from it.
+    /// Seconds since the epoch; hour and weekday derive from it, in the tenant's time zone.
     pub now_s: i64,
+    /// The tenant's offset from UTC at `now_s`; the PDP sets it from the tenant's time zone.
+    #[serde(default)]
+    pub utc_offset_s: i32,
     pub source_ip: Option<IpAddr>,
     /// The token's scopes (API requests).
     pub scopes: Vec<String>,
@@ -89,13 +92,17 @@ pub struct Environment {
 }
 
 impl Environment {
+    fn local_s(&self) -> i64 {
+        self.now_s + i64::from(self.utc_offset_s)
+    }
+
     fn hour(&self) -> i64 {
-        self.now_s.rem_euclid(86_400) / 3600
+        self.local_s().rem_euclid(86_400) / 3600
     }
 
     /// ISO weekday, 1 = Monday (1970-01-01 was a Thursday).
     fn weekday(&self) -> i64 {
-        (self.now_s.div_euclid(86_400) + 3).rem_euclid(7) + 1
+        (self.local_s().div_euclid(86_400) + 3).rem_euclid(7) + 1
     }
 }
 
@@ -348,6 +355,7 @@ mod tests {
         // 2026-11-25 (a Wednesday) 14:30 UTC.
         let env = Environment {
             now_s: 1_795_617_000,
+            utc_offset_s: 0,
             ..Default::default()
         };
         assert_eq!((env.hour(), env.weekday()), (14, 3));

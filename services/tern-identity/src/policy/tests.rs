@@ -51,6 +51,7 @@ fn maintenance(action: &str, resource: Resource, now_s: i64, ip: &str) -> Access
         resource,
         environment: Environment {
             now_s,
+            utc_offset_s: 0,
             source_ip: Some(ip.parse().expect("ip")),
             scopes: vec!["tern:read".into(), "tern:write".into()],
             protocol: None,
@@ -68,6 +69,7 @@ fn api_token(action: &str, scopes: &[&str]) -> AccessRequest {
         },
         environment: Environment {
             now_s: AFTERNOON,
+            utc_offset_s: 0,
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         },
@@ -105,6 +107,7 @@ async fn defaults_follow_scopes_and_let_devices_publish() {
         },
         environment: Environment {
             now_s: AFTERNOON,
+            utc_offset_s: 0,
             ..Default::default()
         },
     };
@@ -305,7 +308,10 @@ async fn what_if_decides_against_a_proposal_without_saving_it() {
     });
     let request = maintenance("sendCommand", device("hamburg"), AFTERNOON, "10.20.1.5");
     assert_eq!(
-        pdp.what_if(&proposed, &request).expect("what if").outcome,
+        pdp.what_if(t, &proposed, &request)
+            .await
+            .expect("what if")
+            .outcome,
         Outcome::Deny
     );
     assert!(
@@ -316,7 +322,7 @@ async fn what_if_decides_against_a_proposal_without_saving_it() {
         id: "bad".into(),
         text: "permit (".into(),
     });
-    assert!(pdp.what_if(&proposed, &request).is_err());
+    assert!(pdp.what_if(t, &proposed, &request).await.is_err());
 }
 
 #[tokio::test]
@@ -415,6 +421,7 @@ async fn owners_may_manage_their_own_devices_and_levels_can_be_tested() {
         resource,
         environment: Environment {
             now_s: AFTERNOON,
+            utc_offset_s: 0,
             ..Default::default()
         },
     };
@@ -466,7 +473,14 @@ async fn a_change_from_a_stale_version_conflicts() {
         text: allow.into(),
     });
     let late = pdp
-        .save(t, stale.version, policies, "bob", "create second".into())
+        .save(
+            t,
+            stale.version,
+            policies,
+            None,
+            "bob",
+            "create second".into(),
+        )
         .await;
     assert!(matches!(late, Err(IdentityError::Conflict(_))), "{late:?}");
     let head = pdp.current(t).await.expect("current");
@@ -474,4 +488,60 @@ async fn a_change_from_a_stale_version_conflicts() {
         head.policies.iter().any(|p| p.id == "first"),
         "nothing lost"
     );
+}
+
+/// `hour` and `weekday` are in the tenant's time zone, daylight saving included; the zone is
+/// part of the policy version, so a rollback restores it.
+#[tokio::test]
+async fn context_time_follows_the_tenants_time_zone() {
+    let (_dir, pdp) = pdp().await;
+    let t = TenantId::random();
+    pdp.put_policy(t, "maintenance-berlin", MAINTENANCE, "test")
+        .await
+        .expect("put");
+    // 07:30 UTC: 09:30 in Berlin in summer (UTC+2), 08:30 in winter (UTC+1); 06:30 UTC is
+    // 07:30 in Berlin in winter.
+    let summer = 1_782_891_000; // 2026-07-01 07:30 UTC
+    let winter = 1_768_462_200; // 2026-01-15 07:30 UTC
+    let winter_early = winter - 3600;
+    let allowed = async |now_s| {
+        let request = maintenance("sendCommand", device("berlin"), now_s, "10.20.1.5");
+        pdp.authorize(t, &request).await.expect("decide").allowed()
+    };
+    assert!(!allowed(summer).await, "07:30 in UTC is before 08:00");
+    let err = pdp
+        .set_time_zone(t, Some("Europe/Atlantis"), "test")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("time_zone"), "{err}");
+    let zoned = pdp
+        .set_time_zone(t, Some("Europe/Berlin"), "test")
+        .await
+        .expect("time zone");
+    assert_eq!(zoned.time_zone.as_deref(), Some("Europe/Berlin"));
+    assert_eq!(
+        zoned.policies.len(),
+        pdp.version(t, zoned.version - 1)
+            .await
+            .expect("v")
+            .policies
+            .len()
+    );
+    assert!(allowed(summer).await, "09:30 in Berlin");
+    assert!(allowed(winter).await, "08:30 in Berlin");
+    assert!(!allowed(winter_early).await, "07:30 in Berlin");
+    let request = maintenance("sendCommand", device("berlin"), summer, "10.20.1.5");
+    let current = pdp.current(t).await.expect("current").policies;
+    let what_if = pdp.what_if(t, &current, &request).await.expect("what if");
+    assert_eq!(
+        what_if.outcome,
+        Outcome::Permit,
+        "what-if uses the zone too"
+    );
+
+    pdp.rollback(t, zoned.version - 1, "test")
+        .await
+        .expect("rollback");
+    assert_eq!(pdp.current(t).await.expect("current").time_zone, None);
+    assert!(!allowed(summer).await, "back in UTC");
 }

@@ -233,6 +233,24 @@ async fn policies_decide_requests_roll_back_and_answer_xacml() {
             "maintenance-berlin"
         );
     }
+    // Working hours in Berlin: 17:30 UTC is 18:30 there in November.
+    let evening = || {
+        xacml(
+            &client_id,
+            "sendCommand",
+            "boiler-berlin",
+            "2026-11-25T17:30:00Z",
+            "10.20.1.5",
+        )
+    };
+    assert_eq!(ask(evening()).await["Decision"], "Permit", "in UTC");
+    let zoned = tern.cli_json(&["policy", "time-zone", "Europe/Berlin", "--tenant", "acme"]);
+    assert_eq!(zoned["time_zone"], "Europe/Berlin", "{zoned}");
+    assert_eq!(ask(evening()).await["Decision"], "Deny", "in Berlin time");
+    let out = tern.cli(&["policy", "time-zone", "Mars/Olympus", "--tenant", "acme"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("time_zone"));
+
     // Shaped like the JSON Profile's own example: a subject and resource Tern has no policy for.
     let example = json!({"Request": {
         "AccessSubject": {"Attribute": [{"AttributeId": "urn:oasis:names:tc:xacml:1.0:subject:subject-id", "Value": "Andreas"}]},
