@@ -161,7 +161,8 @@ impl<S: Send + Sync> FromRequestParts<S> for SourceIp {
     }
 }
 
-/// A device calling the device API with its own access token.
+/// A device calling the device API with its own access token, allowed by its tenant's
+/// policies to use the topic the route stands for (`pep::device_topic`).
 pub(crate) struct AuthenticatedDevice(pub Device);
 
 impl FromRequestParts<Arc<Gateway>> for AuthenticatedDevice {
@@ -173,7 +174,28 @@ impl FromRequestParts<Arc<Gateway>> for AuthenticatedDevice {
     ) -> Result<Self, ApiError> {
         let token = bearer(parts)?;
         match gateway.identity.authenticate_device(token).await {
-            Ok(device) => Ok(Self(device)),
+            Ok(device) => {
+                let template = parts
+                    .extensions
+                    .get::<MatchedPath>()
+                    .map(|m| m.as_str().to_string())
+                    .unwrap_or_default();
+                let Some(use_of) = pep::device_topic(&parts.method, &template) else {
+                    return Err(ApiError::new(
+                        ErrorCode::Forbidden,
+                        "this route has no policy action for devices",
+                    ));
+                };
+                if let Some((action, topic)) = use_of {
+                    let SourceIp(source_ip) = SourceIp::from_request_parts(parts, gateway).await?;
+                    gateway
+                        .identity
+                        .authorize_device(&device, action, topic, "http", source_ip)
+                        .await
+                        .map_err(|reason| ApiError::new(ErrorCode::Forbidden, reason))?;
+                }
+                Ok(Self(device))
+            }
             Err(e) => {
                 tracing::info!(error = %e, "device authentication failed");
                 Err(match e {

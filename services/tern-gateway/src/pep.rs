@@ -112,6 +112,27 @@ pub(crate) fn operation(method: &Method, template: &str) -> Option<Operation> {
     })
 }
 
+/// What a device API route is, as the MQTT topic it stands for: `Some(Some((action, topic)))`
+/// is a publish or subscribe the policies decide as they do for MQTT; `Some(None)` needs no
+/// topic decision (an artifact download, checked against the device's tenant); `None` is a
+/// route missing here, refused (fail closed).
+pub(crate) fn device_topic(
+    method: &Method,
+    template: &str,
+) -> Option<Option<(&'static str, &'static str)>> {
+    let rest = template.strip_prefix("/device/v1")?;
+    Some(Some(match (method.as_str(), rest) {
+        ("POST", "/telemetry") => ("publish", "telemetry"),
+        ("POST", "/event") => ("publish", "event"),
+        ("GET", "/commands") => ("subscribe", "command/req/#"),
+        ("POST", "/commands/{command}/response") => ("publish", "command/res"),
+        ("GET", "/twin") => ("subscribe", "twin/desired"),
+        ("PATCH", "/twin/reported") => ("publish", "twin/reported"),
+        ("GET", "/artifacts/{artifact}") => return Some(None),
+        _ => return None,
+    }))
+}
+
 /// The scope a request outside the tenant routes needs (`/api/v1/tenants`, `/pdp/authorize`).
 pub(crate) fn access_by_method(method: &Method, template: &str) -> ApiAccess {
     if method == Method::GET || method == Method::HEAD || template == "/pdp/authorize" {

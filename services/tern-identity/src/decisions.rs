@@ -84,6 +84,57 @@ impl Identity {
         self.pdp().authorize(tenant, &request).await
     }
 
+    /// Decides whether `device` may publish to (`publish`) or receive from (`subscribe`)
+    /// `topic` over a protocol without MQTT's own enforcement (HTTP, CoAP): the same request
+    /// the bridge asks for an MQTT client, so one policy covers every protocol. `Err` is a
+    /// refusal (or a failure, which refuses too) with the reason.
+    pub async fn authorize_device(
+        &self,
+        device: &Device,
+        action: &str,
+        topic: &str,
+        protocol: &str,
+        source_ip: Option<IpAddr>,
+    ) -> Result<(), String> {
+        let request = AccessRequest {
+            principal: Principal::Device {
+                id: device.id.to_string(),
+                name: device.name.clone(),
+                labels: device.labels.clone(),
+            },
+            action: action.to_string(),
+            resource: Resource::Topic {
+                name: topic.to_string(),
+            },
+            environment: Environment {
+                now_s: now_ms() / 1000,
+                utc_offset_s: 0,
+                source_ip,
+                scopes: Vec::new(),
+                protocol: Some(protocol.to_string()),
+            },
+        };
+        match self.pdp().authorize(device.tenant_id, &request).await {
+            Ok(decision) if decision.allowed() => Ok(()),
+            Ok(decision) => {
+                tracing::info!(device = %device.id, action, topic, protocol,
+                    outcome = ?decision.outcome, policies = ?decision.policies, "refused by policy");
+                Err(if decision.policies.is_empty() {
+                    format!("no policy permits {action} on {topic}")
+                } else {
+                    format!(
+                        "{action} on {topic} is forbidden by policy {}",
+                        decision.policies.join(", ")
+                    )
+                })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy decision failed; refusing");
+                Err(format!("{action} on {topic} could not be decided"))
+            }
+        }
+    }
+
     /// Answers an XACML 3.0 JSON Profile request against `tenant`'s policies.
     pub async fn xacml_authorize(&self, tenant: &Tenant, body: &Value) -> Value {
         let query = match xacml::parse(body) {

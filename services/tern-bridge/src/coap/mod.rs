@@ -276,12 +276,19 @@ impl Coap {
             {
                 let device = self.authenticate(request).await?;
                 let kind = kind(stream).expect("checked above");
+                let topic = match child.first() {
+                    Some(child) => format!("{}/{child}", kind_topic(kind)),
+                    None => kind_topic(kind).to_string(),
+                };
+                self.permit(request, &device, "publish", &topic).await?;
                 let payload = Bytes::from(std::mem::take(&mut request.message.payload));
                 self.append(&device, kind, child.first().copied(), payload)
                     .await
             }
             (RequestType::Get, ["commands"]) => {
                 let device = self.authenticate(request).await?;
+                self.permit(request, &device, "subscribe", "command/req/#")
+                    .await?;
                 match request.get_observe_flag() {
                     Some(Ok(ObserveOption::Register)) => {
                         let token = access_token(request).unwrap_or_default();
@@ -301,6 +308,8 @@ impl Coap {
             }
             (RequestType::Post, ["commands", id, "response"]) => {
                 let device = self.authenticate(request).await?;
+                self.permit(request, &device, "publish", "command/res")
+                    .await?;
                 self.command_response(&device, id, &request.message.payload)
                     .await
             }
@@ -322,6 +331,28 @@ impl Coap {
             ));
         };
         authenticate(&self.bridge, &token).await
+    }
+
+    /// The tenant's policies decide a CoAP request as the MQTT publish or subscribe it stands
+    /// for.
+    async fn permit(
+        &self,
+        request: &CoapRequest<SocketAddr>,
+        device: &Device,
+        action: &str,
+        topic: &str,
+    ) -> Result<(), Answer> {
+        self.bridge
+            .identity
+            .authorize_device(
+                device,
+                action,
+                topic,
+                "coap",
+                request.source.map(|s| s.ip()),
+            )
+            .await
+            .map_err(|reason| Answer::error(ResponseType::Forbidden, reason))
     }
 
     /// Appends a message durably, as the device's or (for a gateway) its child's.

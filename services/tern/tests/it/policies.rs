@@ -281,3 +281,71 @@ async fn policies_decide_requests_roll_back_and_answer_xacml() {
     assert_eq!(newest["request"]["principal"]["id"], client_id.as_str());
     assert_eq!(newest["request"]["action"], "sendCommand");
 }
+
+/// The HTTP and CoAP device endpoints ask the PDP the same question as MQTT (publish or
+/// subscribe on the topic the request stands for), so one policy governs every protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_policies_apply_over_http_and_coap_as_over_mqtt() {
+    let tern = Tern::start();
+    let sensor = tern.provision("acme", "sensor");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write_temp(
+        dir.path(),
+        "quarantine.cedar",
+        r#"// A quarantined device may not send telemetry (it may still take commands).
+forbid (principal is Device, action == Action::"publish", resource is Topic)
+when { resource.name == "telemetry" && principal.hasTag("quarantined") };
+"#,
+    );
+    tern.cli_json(&["policy", "put", "quarantine", &file, "--tenant", "acme"]);
+    let label = |labels: Value| {
+        let tern = &tern;
+        let api = sensor.api_token.clone();
+        async move {
+            let path = "/api/v1/tenants/acme/devices/sensor";
+            let body = json!({ "labels": labels });
+            assert_eq!(
+                tern.send_json(Method::PATCH, &api, path, &body).await.0,
+                200
+            );
+        }
+    };
+    let http = reqwest::Client::new();
+    let post = || {
+        http.post(format!("{}/device/v1/telemetry", tern.http()))
+            .bearer_auth(&sensor.access_token)
+            .body(r#"{"temp": 20}"#)
+            .send()
+    };
+    assert_eq!(post().await.expect("POST").status(), 201);
+
+    label(json!({"quarantined": "yes"})).await;
+    let refused = post().await.expect("POST");
+    assert_eq!(refused.status(), 403);
+    let body: Value = refused.json().await.expect("JSON");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("publish on telemetry") && m.contains("quarantine")),
+        "{body}"
+    );
+    let commands = http
+        .get(format!("{}/device/v1/commands", tern.http()))
+        .bearer_auth(&sensor.access_token)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(commands.status(), 200, "commands are still allowed");
+    let coap = std::process::Command::new("coap-client-notls")
+        .args(["-B", "10", "-m", "post", "-e", r#"{"temp": 20}"#])
+        .args(["-O", &format!("65003,{}", sensor.access_token)])
+        .arg(format!("coap://127.0.0.1:{}/telemetry", tern.coap_port))
+        .output()
+        .expect("coap-client-notls runs");
+    let said =
+        String::from_utf8_lossy(&coap.stdout).to_string() + &String::from_utf8_lossy(&coap.stderr);
+    assert!(said.contains("4.03"), "{said}");
+
+    label(json!({})).await;
+    assert_eq!(post().await.expect("POST").status(), 201, "released");
+}
