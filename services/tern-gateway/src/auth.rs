@@ -12,7 +12,7 @@ use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use tern_core::{Caller, Device, ErrorCode, TenantId};
-use tern_identity::policy::{Outcome, Resource};
+use tern_identity::policy::Resource;
 use tern_identity::{ApiPrincipal, DeviceAuthError};
 
 use crate::{ApiError, Gateway, pep};
@@ -131,18 +131,10 @@ pub(crate) async fn authorize(
     }
     tracing::info!(%tenant, subject = %principal.subject, action,
         outcome = ?decision.outcome, policies = ?decision.policies, "request refused by policy");
-    let reason = match decision.outcome {
-        Outcome::Deny => format!(
-            "{action} is forbidden by policy {}",
-            decision.policies.join(", ")
-        ),
-        Outcome::Indeterminate => format!(
-            "{action} could not be decided: {}",
-            decision.errors.join("; ")
-        ),
-        _ => format!("no policy permits {action} here"),
-    };
-    Err(ApiError::new(ErrorCode::Forbidden, reason))
+    Err(ApiError::new(
+        ErrorCode::Forbidden,
+        decision.refusal(action),
+    ))
 }
 
 /// The caller's address, where the server knows it (an environment attribute of policies).

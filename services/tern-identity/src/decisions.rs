@@ -119,14 +119,7 @@ impl Identity {
             Ok(decision) => {
                 tracing::info!(device = %device.id, action, topic, protocol,
                     outcome = ?decision.outcome, policies = ?decision.policies, "refused by policy");
-                Err(if decision.policies.is_empty() {
-                    format!("no policy permits {action} on {topic}")
-                } else {
-                    format!(
-                        "{action} on {topic} is forbidden by policy {}",
-                        decision.policies.join(", ")
-                    )
-                })
+                Err(decision.refusal(&format!("{action} on {topic}")))
             }
             Err(e) => {
                 tracing::error!(error = %e, "policy decision failed; refusing");

@@ -1,12 +1,16 @@
-//! The `tern.v1.Identity` gRPC service over [`Identity`].
+//! The `tern.v1.Identity` gRPC service over [`Identity`], and the policy check of every gRPC
+//! call inside a tenant ([`GrpcPolicy`] for [`Identity`]).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tern_core::{DeviceId, TenantId, now_ms};
+use tern_core::{Device, Tenant, now_ms};
 use tern_proto::tonic::{Request, Response, Status};
 use tern_proto::v1::{self, identity_server};
 use tern_proto::{require_operator, status_from};
-use tern_registry::request_tenant_id;
+use tern_registry::{GrpcPolicy, request_tenant};
+
+use crate::oauth::ApiPrincipal;
 
 use crate::policy::{AccessRequest, Environment, Outcome, Principal, Resource};
 use crate::scopes::ApiAccess;
@@ -32,9 +36,65 @@ fn status(e: IdentityError) -> Status {
 }
 
 impl IdentityGrpc {
-    /// Resolves the tenant of a request for its caller (tenant tokens reach only their own).
-    async fn tenant_id<T>(&self, req: &Request<T>, reference: &str) -> Result<String, Status> {
-        request_tenant_id(self.identity.registry(), req, reference).await
+    /// The tenant a request names (tenant tokens reach only their own), once the policies
+    /// allow `action` on it, or on `device` of it.
+    async fn tenant<T>(
+        &self,
+        req: &Request<T>,
+        reference: &str,
+        action: &'static str,
+        device: Option<&str>,
+    ) -> Result<(Tenant, Option<Device>), Status> {
+        let tenant = request_tenant(self.identity.registry(), req, reference).await?;
+        let device = match device {
+            Some(d) => Some(
+                self.identity
+                    .registry()
+                    .device_of(tenant.id, d)
+                    .await
+                    .map_err(|e| status(e.into()))?,
+            ),
+            None => None,
+        };
+        self.identity
+            .check(req.extensions(), &tenant, action, device.as_ref())
+            .await?;
+        Ok((tenant, device))
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcPolicy for Identity {
+    async fn check(
+        &self,
+        extensions: &tonic::Extensions,
+        tenant: &Tenant,
+        action: &'static str,
+        device: Option<&Device>,
+    ) -> Result<(), Status> {
+        let principal = extensions
+            .get::<ApiPrincipal>()
+            .ok_or_else(|| Status::unauthenticated("the call was not authenticated"))?;
+        let resource = match device {
+            Some(d) => Resource::device(d),
+            None => Resource::Tenant {
+                id: tenant.id.to_string(),
+                name: tenant.name.clone(),
+            },
+        };
+        let source_ip = extensions
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        let decision = self
+            .authorize_api(principal, tenant.id, action, resource, source_ip)
+            .await
+            .map_err(status)?;
+        if decision.allowed() {
+            return Ok(());
+        }
+        tracing::info!(tenant = %tenant.id, subject = %principal.subject, action,
+            outcome = ?decision.outcome, "gRPC call refused by policy");
+        Err(Status::permission_denied(decision.refusal(action)))
     }
 }
 
@@ -52,11 +112,14 @@ impl identity_server::Identity for IdentityGrpc {
         &self,
         req: Request<v1::IssueDeviceTokensRequest>,
     ) -> Result<Response<v1::DeviceTokens>, Status> {
-        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
-        let req = req.into_inner();
+        let r = req.get_ref();
+        let (tenant, device) = self
+            .tenant(&req, &r.tenant_id, "manageDeviceTokens", Some(&r.device_id))
+            .await?;
+        let device = device.expect("asked for");
         let tokens = self
             .identity
-            .issue_device_tokens(&tenant, &req.device_id)
+            .issue_device_tokens(&tenant.id.to_string(), &device.id.to_string())
             .await
             .map_err(status)?;
         Ok(Response::new(tokens_out(tokens)))
@@ -79,13 +142,14 @@ impl identity_server::Identity for IdentityGrpc {
         &self,
         req: Request<v1::RevokeDeviceTokensRequest>,
     ) -> Result<Response<v1::RevokeDeviceTokensResponse>, Status> {
-        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
-        let req = req.into_inner();
-        let tenant = TenantId::parse(&tenant).map_err(|e| status(e.into()))?;
-        let device = DeviceId::parse(&req.device_id).map_err(|e| status(e.into()))?;
+        let r = req.get_ref();
+        let (tenant, device) = self
+            .tenant(&req, &r.tenant_id, "manageDeviceTokens", Some(&r.device_id))
+            .await?;
+        let device = device.expect("asked for");
         let revoked = self
             .identity
-            .revoke_device_tokens(tenant, device)
+            .revoke_device_tokens(tenant.id, device.id)
             .await
             .map_err(status)?;
         Ok(Response::new(v1::RevokeDeviceTokensResponse { revoked }))
@@ -111,8 +175,10 @@ impl identity_server::Identity for IdentityGrpc {
         &self,
         req: Request<v1::AuthorizeRequest>,
     ) -> Result<Response<v1::AuthorizeResponse>, Status> {
-        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
-        let tenant = TenantId::parse(&tenant).map_err(|e| status(e.into()))?;
+        let (tenant, _) = self
+            .tenant(&req, &req.get_ref().tenant_id, "queryPdp", None)
+            .await?;
+        let tenant = tenant.id;
         let requests = req.into_inner().requests;
         if requests.len() > MAX_AUTHORIZE_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -147,11 +213,13 @@ impl identity_server::Identity for IdentityGrpc {
         &self,
         req: Request<v1::CreateApiTokenRequest>,
     ) -> Result<Response<v1::ApiToken>, Status> {
-        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
+        let (tenant, _) = self
+            .tenant(&req, &req.get_ref().tenant_id, "manageCredentials", None)
+            .await?;
         let req = req.into_inner();
         let t = self
             .identity
-            .create_api_token(&tenant, &req.name)
+            .create_api_token(&tenant.id.to_string(), &req.name)
             .await
             .map_err(status)?;
         Ok(Response::new(v1::ApiToken {
@@ -274,6 +342,8 @@ pub async fn grpc_auth(
                 .into_http();
             }
             req.extensions_mut().insert(principal.caller);
+            // For the handlers' policy checks (`GrpcPolicy`).
+            req.extensions_mut().insert(principal);
             next.run(req).await
         }
         Err(e) => status(e).into_http(),

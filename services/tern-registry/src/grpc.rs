@@ -1,4 +1,5 @@
-//! The `tern.v1.Registry` gRPC service over [`Registry`].
+//! The `tern.v1.Registry` gRPC service over [`Registry`]. Every call inside a tenant is
+//! decided by the tenant's policies ([`GrpcPolicy`]), with the REST API's actions.
 
 use std::sync::Arc;
 
@@ -9,14 +10,29 @@ use tern_proto::{caller, require_operator, status_from};
 
 use crate::{Registry, RegistryError};
 
+/// Asks the tenant's policies whether a gRPC call may do `action` (an action of the policy
+/// schema, as in the REST API) on the tenant, or on `device`. The identity service implements
+/// it: it knows the caller (from the request's extensions) and holds the PDP.
+#[tonic::async_trait]
+pub trait GrpcPolicy: Send + Sync {
+    async fn check(
+        &self,
+        extensions: &tonic::Extensions,
+        tenant: &Tenant,
+        action: &'static str,
+        device: Option<&Device>,
+    ) -> Result<(), Status>;
+}
+
 #[derive(Clone)]
 pub struct RegistryGrpc {
     registry: Arc<Registry>,
+    policy: Arc<dyn GrpcPolicy>,
 }
 
 impl RegistryGrpc {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    pub fn new(registry: Arc<Registry>, policy: Arc<dyn GrpcPolicy>) -> Self {
+        Self { registry, policy }
     }
 
     pub fn into_server(self) -> registry_server::RegistryServer<Self> {
@@ -29,23 +45,52 @@ fn status(e: RegistryError) -> Status {
 }
 
 impl RegistryGrpc {
-    async fn tenant_id<T>(&self, req: &Request<T>, reference: &str) -> Result<String, Status> {
-        request_tenant_id(&self.registry, req, reference).await
+    /// The tenant a request names, once the policies allow `action` on it.
+    async fn tenant<T>(
+        &self,
+        req: &Request<T>,
+        reference: &str,
+        action: &'static str,
+    ) -> Result<Tenant, Status> {
+        let tenant = request_tenant(&self.registry, req, reference).await?;
+        self.policy
+            .check(req.extensions(), &tenant, action, None)
+            .await?;
+        Ok(tenant)
+    }
+
+    /// A device of the tenant a request names, once the policies allow `action` on it.
+    async fn device<T>(
+        &self,
+        req: &Request<T>,
+        reference: &str,
+        device: &str,
+        action: &'static str,
+    ) -> Result<Device, Status> {
+        let tenant = request_tenant(&self.registry, req, reference).await?;
+        let device = self
+            .registry
+            .device_of(tenant.id, device)
+            .await
+            .map_err(status)?;
+        self.policy
+            .check(req.extensions(), &tenant, action, Some(&device))
+            .await?;
+        Ok(device)
     }
 }
 
-/// The tenant id a gRPC request names, resolved for its caller (tenant tokens reach only their
+/// The tenant a gRPC request names, resolved for its caller (tenant tokens reach only their
 /// own); shared by every gRPC service that works inside a tenant.
-pub async fn request_tenant_id<T>(
+pub async fn request_tenant<T>(
     registry: &Registry,
     req: &Request<T>,
     reference: &str,
-) -> Result<String, Status> {
-    let tenant = registry
+) -> Result<Tenant, Status> {
+    registry
         .tenant_for(caller(req)?, reference)
         .await
-        .map_err(status)?;
-    Ok(tenant.id.to_string())
+        .map_err(status)
 }
 
 fn tenant_out(t: Tenant) -> v1::Tenant {
@@ -91,10 +136,8 @@ impl registry_server::Registry for RegistryGrpc {
         req: Request<v1::GetTenantRequest>,
     ) -> Result<Response<v1::Tenant>, Status> {
         let t = self
-            .registry
-            .tenant_for(caller(&req)?, &req.get_ref().tenant_id)
-            .await
-            .map_err(status)?;
+            .tenant(&req, &req.get_ref().tenant_id, "getTenant")
+            .await?;
         Ok(Response::new(tenant_out(t)))
     }
 
@@ -132,7 +175,11 @@ impl registry_server::Registry for RegistryGrpc {
         &self,
         req: Request<v1::CreateDeviceRequest>,
     ) -> Result<Response<v1::Device>, Status> {
-        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
+        let tenant = self
+            .tenant(&req, &req.get_ref().tenant_id, "createDevice")
+            .await?
+            .id
+            .to_string();
         let req = req.into_inner();
         let new = NewDevice {
             name: req.name,
@@ -152,12 +199,10 @@ impl registry_server::Registry for RegistryGrpc {
         &self,
         req: Request<v1::GetDeviceRequest>,
     ) -> Result<Response<v1::Device>, Status> {
-        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
+        let r = req.get_ref();
         let d = self
-            .registry
-            .device(&tenant, &req.get_ref().device_id)
-            .await
-            .map_err(status)?;
+            .device(&req, &r.tenant_id, &r.device_id, "getDevice")
+            .await?;
         Ok(Response::new(device_out(d)))
     }
 
@@ -165,8 +210,14 @@ impl registry_server::Registry for RegistryGrpc {
         &self,
         req: Request<v1::ListDevicesRequest>,
     ) -> Result<Response<v1::ListDevicesResponse>, Status> {
-        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
-        let devices = self.registry.list_devices(&tenant).await.map_err(status)?;
+        let tenant = self
+            .tenant(&req, &req.get_ref().tenant_id, "listDevices")
+            .await?;
+        let devices = self
+            .registry
+            .list_devices(&tenant.id.to_string())
+            .await
+            .map_err(status)?;
         Ok(Response::new(v1::ListDevicesResponse {
             devices: devices.into_iter().map(device_out).collect(),
         }))
@@ -176,9 +227,12 @@ impl registry_server::Registry for RegistryGrpc {
         &self,
         req: Request<v1::DeleteDeviceRequest>,
     ) -> Result<Response<v1::DeleteDeviceResponse>, Status> {
-        let tenant = self.tenant_id(&req, &req.get_ref().tenant_id).await?;
+        let r = req.get_ref();
+        let d = self
+            .device(&req, &r.tenant_id, &r.device_id, "deleteDevice")
+            .await?;
         self.registry
-            .delete_device(&tenant, &req.get_ref().device_id)
+            .delete_device(&d.tenant_id.to_string(), &d.id.to_string())
             .await
             .map_err(status)?;
         Ok(Response::new(v1::DeleteDeviceResponse {}))

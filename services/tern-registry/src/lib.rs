@@ -16,6 +16,6 @@ mod twins;
 
 pub use commands::{COMMANDS_TOPIC, CommandRoute, Commands, CommandsConfig, NewCommand};
 pub use error::RegistryError;
-pub use grpc::{RegistryGrpc, request_tenant_id};
+pub use grpc::{GrpcPolicy, RegistryGrpc, request_tenant};
 pub use registry::{AccessRevoked, DevicePatch, Registry, validate_tenant_name};
 pub use twins::{DesiredState, Twin, TwinMetadata, TwinRoute, Twins, TwinsConfig};

@@ -309,16 +309,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tern_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build gRPC reflection")?;
-    let grpc_router =
-        tonic::service::Routes::new(RegistryGrpc::new(registry.clone()).into_server())
-            .add_service(IdentityGrpc::new(identity.clone()).into_server())
-            .add_service(reflection)
-            .add_service(health_service)
-            .into_axum_router()
-            .layer(axum::middleware::from_fn_with_state(
-                identity.clone(),
-                grpc_auth,
-            ));
+    let grpc_router = tonic::service::Routes::new(
+        RegistryGrpc::new(registry.clone(), identity.clone()).into_server(),
+    )
+    .add_service(IdentityGrpc::new(identity.clone()).into_server())
+    .add_service(reflection)
+    .add_service(health_service)
+    .into_axum_router()
+    .layer(axum::middleware::from_fn_with_state(
+        identity.clone(),
+        grpc_auth,
+    ));
     let grpc = axum::serve(grpc_listener, grpc_router)
         .with_graceful_shutdown(stop_apis.clone().cancelled_owned());
     let grpc_task = tokio::spawn(async move { grpc.await });

@@ -139,6 +139,17 @@ impl Decision {
         self.outcome == Outcome::Permit
     }
 
+    /// Why `what` (an action, or an action on a topic) was refused, for the caller.
+    pub fn refusal(&self, what: &str) -> String {
+        match self.outcome {
+            Outcome::Deny => format!("{what} is forbidden by policy {}", self.policies.join(", ")),
+            Outcome::Indeterminate => {
+                format!("{what} could not be decided: {}", self.errors.join("; "))
+            }
+            _ => format!("no policy permits {what} here"),
+        }
+    }
+
     pub(crate) fn indeterminate(error: String) -> Self {
         Self {
             outcome: Outcome::Indeterminate,

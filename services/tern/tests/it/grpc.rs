@@ -295,3 +295,69 @@ async fn health_and_reflection() {
 fn tokio_stream_once<T: Send + 'static>(item: T) -> impl futures_util::Stream<Item = T> + Send {
     futures_util::stream::once(async move { item })
 }
+
+/// gRPC calls inside a tenant are decided by the tenant's policies, with the REST API's
+/// actions: a policy that keeps API tokens away from the vault's devices holds over gRPC too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_decided_by_the_tenants_policies() {
+    use tern_proto::v1::identity_client::IdentityClient;
+    use tern_proto::v1::{GetDeviceRequest, IssueDeviceTokensRequest};
+
+    let tern = Tern::start();
+    let p = tern.provision("acme", "lobby");
+    tern.cli_json(&[
+        "device",
+        "create",
+        "vault",
+        "--tenant",
+        "acme",
+        "--label",
+        "site=vault",
+    ]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("vault.cedar");
+    std::fs::write(
+        &file,
+        "forbid (principal is ApiToken, action, resource is Device)\n\
+         when { resource.hasTag(\"site\") && resource.getTag(\"site\") == \"vault\" };\n",
+    )
+    .expect("policy");
+    let file = file.display().to_string();
+    tern.cli_json(&["policy", "put", "vault", &file, "--tenant", "acme"]);
+
+    let url = format!("http://127.0.0.1:{}", tern.grpc_port);
+    let mut registry = RegistryClient::connect(url.clone()).await.expect("connect");
+    let mut identity = IdentityClient::connect(url).await.expect("connect");
+    let get = |device: &str| {
+        authed(
+            GetDeviceRequest {
+                tenant_id: "acme".into(),
+                device_id: device.into(),
+            },
+            &p.api_token,
+        )
+    };
+    let lobby = registry.get_device(get("lobby")).await.expect("lobby");
+    assert_eq!(lobby.into_inner().name, "lobby");
+    let err = registry.get_device(get("vault")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("getDevice is forbidden by policy vault"),
+        "{err:?}"
+    );
+    let issue = IssueDeviceTokensRequest {
+        tenant_id: "acme".into(),
+        device_id: "vault".into(),
+    };
+    let err = identity
+        .issue_device_tokens(authed(issue.clone(), &p.api_token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // The operator is not governed by tenant policies.
+    identity
+        .issue_device_tokens(authed(issue, &tern.operator_token()))
+        .await
+        .expect("the operator may");
+}
