@@ -7,12 +7,40 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `N` distinct free loopback ports (all held at once while picked, so none repeats).
+/// A free loopback port (TCP and UDP) for a server a test starts. Taken from below the
+/// kernel's ephemeral range, so that no outgoing connection of a test running beside it can
+/// take the port between this check and the server's bind (port 0 would pick from that
+/// range); handed out once per process, from a start that differs between processes.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .clamp(LOW + 1_000, 65_535);
+    let span = high - LOW;
+    let _ = NEXT.compare_exchange(
+        0,
+        std::process::id() * 97 % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{high}");
+}
+
+/// `N` distinct free loopback ports.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners = [(); N].map(|()| TcpListener::bind("127.0.0.1:0").expect("a free port"));
-    listeners
-        .each_ref()
-        .map(|l| l.local_addr().expect("bound").port())
+    std::array::from_fn(|_| free_port())
 }
 
 /// Waits until `child` accepts connections on `address`.

@@ -1,6 +1,5 @@
 //! Starting and stopping `tern up`, running the CLI, and MQTT helpers.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -12,26 +11,10 @@ pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
 /// Upper bound for anything the tests wait on (start-up, ingest); a bound, not a measurement.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// `N` distinct free TCP ports: all bound at once, so no two are the same.
-pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("free port"))
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().expect("addr").port())
-}
+pub use tern_eventlog::testing::{free_port, free_ports};
 
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free UDP port")
+    free_port()
 }
 
 /// A running `tern up` in its own data directory.
