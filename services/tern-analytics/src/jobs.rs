@@ -1,9 +1,12 @@
-//! Background jobs with progress. Today one kind: rebuilding a tenant's rollups from its raw
-//! points (for data stored before rollups existed, or imported around the write path).
+//! Background jobs with progress:
+//! - `rebuild-rollups`: a tenant's rollups from its raw points (for data stored before rollups
+//!   existed, or imported around the write path);
+//! - `rerun-rule`: a rule over a historical range of stored telemetry, acting on what it emits
+//!   (backfill), under the live engine's idempotency keys.
 //!
 //! A job is a store record updated as it runs (at most once a second), so its progress can be
 //! read while it runs; a job that a restart interrupted is marked failed when the process
-//! starts again, and can simply be started again (a rebuild is idempotent).
+//! starts again, and can simply be started again (both kinds are idempotent).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +17,8 @@ use tern_core::{TenantId, ValidationError, now_ms};
 use tern_registry::RegistryError;
 use tern_store::Store;
 use uuid::Uuid;
+
+use crate::rules::{RerunProgress, Rule, RuleActions, rerun};
 
 const JOB: &str = "job";
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -30,14 +35,26 @@ pub enum JobState {
 pub struct Job {
     pub id: Uuid,
     pub tenant_id: TenantId,
-    /// `rebuild-rollups`.
+    /// `rebuild-rollups` or `rerun-rule`.
     pub kind: String,
+    /// `rerun-rule`: the rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_id: Option<Uuid>,
     pub from_ms: i64,
     pub to_ms: i64,
     pub state: JobState,
+    /// `rebuild-rollups`: the (device, metric) series, and the points they held.
     pub series_total: u64,
     pub series_done: u64,
     pub points_read: u64,
+    /// `rerun-rule`: everything before this time is replayed and acted on; the messages
+    /// replayed and the rows the rule emitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covered_to_ms: Option<i64>,
+    #[serde(default)]
+    pub messages_read: u64,
+    #[serde(default)]
+    pub rows_emitted: u64,
     pub created_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<i64>,
@@ -47,6 +64,8 @@ pub struct Job {
 
 pub struct Jobs {
     store: Arc<dyn Store>,
+    /// What re-run rules act through; `None`: no re-runs (no rule engine).
+    actions: Option<Arc<RuleActions>>,
 }
 
 fn key(tenant: TenantId, id: Uuid) -> String {
@@ -54,8 +73,103 @@ fn key(tenant: TenantId, id: Uuid) -> String {
 }
 
 impl Jobs {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<dyn Store>, actions: Option<Arc<RuleActions>>) -> Self {
+        Self { store, actions }
+    }
+
+    fn new_job(
+        tenant: TenantId,
+        kind: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Job, RegistryError> {
+        if from_ms >= to_ms {
+            return Err(ValidationError::new("from", "`from` must be before `to`").into());
+        }
+        Ok(Job {
+            id: Uuid::now_v7(),
+            tenant_id: tenant,
+            kind: kind.into(),
+            rule_id: None,
+            from_ms,
+            to_ms,
+            state: JobState::Running,
+            series_total: 0,
+            series_done: 0,
+            points_read: 0,
+            covered_to_ms: None,
+            messages_read: 0,
+            rows_emitted: 0,
+            created_at_ms: now_ms(),
+            finished_at_ms: None,
+            error: None,
+        })
+    }
+
+    /// Starts re-running `rule` over `[from_ms, to_ms)`: its rows are acted on as the live
+    /// engine would (alerts, commands, webhooks, republishes), with the same idempotency keys,
+    /// so no command the engine already sent is sent again.
+    pub async fn rerun_rule(
+        self: &Arc<Self>,
+        rule: Rule,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Job, RegistryError> {
+        let Some(actions) = self.actions.clone() else {
+            return Err(RegistryError::FailedPrecondition(
+                "this process runs no rules".into(),
+            ));
+        };
+        crate::rules::validate_replay(&rule.sql)?;
+        let mut job = Self::new_job(rule.tenant_id, "rerun-rule", from_ms, to_ms)?;
+        job.rule_id = Some(rule.id);
+        job.covered_to_ms = Some(from_ms);
+        self.save(&job).await?;
+        let this = self.clone();
+        let started = job.clone();
+        tokio::spawn(async move {
+            let mut job = started;
+            let (progress, mut seen) = tokio::sync::watch::channel(RerunProgress::default());
+            let work = rerun(&actions, Arc::new(rule), (from_ms, to_ms), &progress);
+            tokio::pin!(work);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut work => break outcome,
+                    _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                        Self::record_rerun(&mut job, *seen.borrow_and_update());
+                        if let Err(e) = this.save(&job).await {
+                            tracing::warn!(job = %job.id, error = %e, "cannot record the job's progress");
+                        }
+                    }
+                }
+            };
+            let outcome = outcome.map(|p| Self::record_rerun(&mut job, p));
+            this.finish(job, outcome).await;
+        });
+        Ok(job)
+    }
+
+    fn record_rerun(job: &mut Job, progress: RerunProgress) {
+        job.covered_to_ms = Some(progress.covered_to_ms);
+        job.messages_read = progress.messages;
+        job.rows_emitted = progress.rows;
+    }
+
+    /// Records how a job ended.
+    async fn finish(&self, mut job: Job, outcome: Result<(), RegistryError>) {
+        job.finished_at_ms = Some(now_ms());
+        match outcome {
+            Ok(()) => job.state = JobState::Succeeded,
+            Err(e) => {
+                tracing::error!(job = %job.id, kind = %job.kind, error = %e, "job failed");
+                job.state = JobState::Failed;
+                job.error = Some(e.to_string());
+            }
+        }
+        if let Err(e) = self.save(&job).await {
+            tracing::error!(job = %job.id, error = %e, "cannot record the job's end");
+        }
+        tracing::info!(job = %job.id, tenant = %job.tenant_id, kind = %job.kind, "job ended");
     }
 
     async fn save(&self, job: &Job) -> Result<(), RegistryError> {
@@ -73,23 +187,7 @@ impl Jobs {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Job, RegistryError> {
-        if from_ms >= to_ms {
-            return Err(ValidationError::new("from", "`from` must be before `to`").into());
-        }
-        let job = Job {
-            id: Uuid::now_v7(),
-            tenant_id: tenant,
-            kind: "rebuild-rollups".into(),
-            from_ms,
-            to_ms,
-            state: JobState::Running,
-            series_total: 0,
-            series_done: 0,
-            points_read: 0,
-            created_at_ms: now_ms(),
-            finished_at_ms: None,
-            error: None,
-        };
+        let job = Self::new_job(tenant, "rebuild-rollups", from_ms, to_ms)?;
         self.save(&job).await?;
         let this = self.clone();
         let started = job.clone();
@@ -99,19 +197,7 @@ impl Jobs {
 
     async fn run(&self, mut job: Job) {
         let outcome = self.rebuild(&mut job).await;
-        job.finished_at_ms = Some(now_ms());
-        match outcome {
-            Ok(()) => job.state = JobState::Succeeded,
-            Err(e) => {
-                tracing::error!(job = %job.id, error = %e, "rollup rebuild failed");
-                job.state = JobState::Failed;
-                job.error = Some(e.to_string());
-            }
-        }
-        if let Err(e) = self.save(&job).await {
-            tracing::error!(job = %job.id, error = %e, "cannot record the job's end");
-        }
-        tracing::info!(job = %job.id, tenant = %job.tenant_id, series = job.series_done, points = job.points_read, "rollup rebuild ended");
+        self.finish(job, outcome).await;
     }
 
     async fn rebuild(&self, job: &mut Job) -> Result<(), RegistryError> {

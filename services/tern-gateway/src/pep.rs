@@ -53,7 +53,10 @@ pub(crate) fn operation(method: &Method, template: &str) -> Option<Operation> {
             ("POST", "/commands") => "sendBulkCommand",
             ("POST", "/operations/{operation}") => "operateDevices",
             ("GET", "/rules" | "/rules/{rule}" | "/rules/{rule}/dead-letters") => "readRules",
-            ("POST", "/rules") | ("PATCH" | "DELETE", "/rules/{rule}") => "writeRules",
+            // A re-run acts as the rule does: whoever may write rules may run one.
+            ("POST", "/rules" | "/jobs/rerun-rule") | ("PATCH" | "DELETE", "/rules/{rule}") => {
+                "writeRules"
+            }
             ("POST", "/rule-tests") => "testRule",
             ("GET", "/alerts" | "/alerts/{alert}") => "readAlerts",
             ("POST", "/alerts/{alert}/ack" | "/alerts/{alert}/clear") => "writeAlerts",

@@ -159,6 +159,10 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .route(&format!("{tenant}/alerts"), get(rules::list_alerts))
         .route(&format!("{tenant}/jobs"), get(rules::list_jobs))
         .route(
+            &format!("{tenant}/jobs/rerun-rule"),
+            post(rules::rerun_rule),
+        )
+        .route(
             &format!("{tenant}/jobs/rebuild-rollups"),
             post(rules::rebuild_rollups),
         )

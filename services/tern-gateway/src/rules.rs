@@ -170,6 +170,32 @@ pub(crate) async fn rebuild_rollups(
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RerunRequest {
+    /// The rule (id or name).
+    rule: String,
+    /// Milliseconds since the epoch.
+    from: i64,
+    /// Milliseconds since the epoch; default now.
+    to: Option<i64>,
+}
+
+/// Starts re-running a rule over stored telemetry, acting on its rows → 202 with the job.
+pub(crate) async fn rerun_rule(
+    State(gw): Shared,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<RerunRequest>,
+) -> ApiResult<(StatusCode, Json<Job>)> {
+    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    let rule = gw.rules.get(tenant.id, &body.rule).await?;
+    let to = body.to.unwrap_or_else(now_ms);
+    let job = gw.jobs.rerun_rule(rule, body.from, to).await?;
+    tracing::info!(tenant = %tenant.id, job = %job.id, rule = ?job.rule_id, "rule re-run started");
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
 pub(crate) async fn list_jobs(
     State(gw): Shared,
     Authenticated(caller): Authenticated,

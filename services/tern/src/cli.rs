@@ -302,6 +302,22 @@ pub enum JobCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Re-run a rule over stored telemetry and carry out what it emits (backfill): alerts,
+    /// commands, webhooks, republishes, under the live engine's idempotency keys, so no
+    /// command it already sent is sent again.
+    RerunRule {
+        /// The rule (id or name).
+        rule: String,
+        /// Start, ms since the epoch.
+        #[arg(long)]
+        from: i64,
+        /// End, ms since the epoch (default: now).
+        #[arg(long)]
+        to: Option<i64>,
+        /// Wait until the job ends; exit 1 if it failed.
+        #[arg(long)]
+        wait: bool,
+    },
     /// One job and its progress.
     Show { id: String },
     /// The tenant's jobs, newest first.

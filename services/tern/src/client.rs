@@ -804,6 +804,9 @@ const JOB_FIELDS: &[&str] = &[
     "series_done",
     "series_total",
     "points_read",
+    "covered_to_ms",
+    "messages_read",
+    "rows_emitted",
     "error",
 ];
 
@@ -812,18 +815,22 @@ async fn job(client: &Client, out: Output, tenant: &str, cmd: JobCommand) -> any
     match cmd {
         JobCommand::RebuildRollups { from, to, wait } => {
             let body = json!({ "from": from, "to": to });
-            let mut job = client
+            let job = client
                 .call(Method::POST, &format!("{base}/rebuild-rollups"), Some(body))
                 .await?;
-            while wait && job["state"] == "running" {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                let path = format!("{base}/{}", seg(job["id"].as_str().unwrap_or_default()));
-                job = client.call(Method::GET, &path, None).await?;
-            }
-            output::record(out, &job, JOB_FIELDS);
-            if wait && job["state"] != "succeeded" {
-                bail!("the job did not succeed");
-            }
+            finish_job(client, out, &base, job, wait).await?;
+        }
+        JobCommand::RerunRule {
+            rule,
+            from,
+            to,
+            wait,
+        } => {
+            let body = json!({ "rule": rule, "from": from, "to": to });
+            let job = client
+                .call(Method::POST, &format!("{base}/rerun-rule"), Some(body))
+                .await?;
+            finish_job(client, out, &base, job, wait).await?;
         }
         JobCommand::Show { id } => {
             let job = client
@@ -835,6 +842,26 @@ async fn job(client: &Client, out: Output, tenant: &str, cmd: JobCommand) -> any
             let list = client.call(Method::GET, &base, None).await?;
             output::table(out, &list, JOB_FIELDS);
         }
+    }
+    Ok(())
+}
+
+/// Prints a started job; with `wait`, once it ended (failing unless it succeeded).
+async fn finish_job(
+    client: &Client,
+    out: Output,
+    base: &str,
+    mut job: Value,
+    wait: bool,
+) -> anyhow::Result<()> {
+    while wait && job["state"] == "running" {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let path = format!("{base}/{}", seg(job["id"].as_str().unwrap_or_default()));
+        job = client.call(Method::GET, &path, None).await?;
+    }
+    output::record(out, &job, JOB_FIELDS);
+    if wait && job["state"] != "succeeded" {
+        bail!("the job did not succeed");
     }
     Ok(())
 }

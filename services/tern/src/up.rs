@@ -206,8 +206,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let rules = Arc::new(Rules::new(store.clone(), config.rules.max_rules_per_tenant));
     let alerts = Arc::new(Alerts::new(store.clone()));
     let retention = Arc::new(Retention::new(store.clone()));
-    let jobs = Arc::new(Jobs::new(store.clone()));
-    jobs.fail_interrupted().await?;
     tokio::spawn(retention.clone().run(
         Duration::from_secs(config.retention.sweep_interval_secs),
         stop_ingest.clone(),
@@ -232,6 +230,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         config.rules.clone(),
         &metrics,
     );
+    let jobs = Arc::new(Jobs::new(store.clone(), Some(rule_engine.actions())));
+    jobs.fail_interrupted().await?;
     let rules_task = tokio::spawn(rule_engine.run(stop_ingest.clone()));
 
     let artifacts = Arc::new(Artifacts::new(

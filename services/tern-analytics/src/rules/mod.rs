@@ -4,6 +4,7 @@
 //! rules, `engine` runs every enabled rule as the consumer group `analytics-rules` with
 //! checkpoints and carries out what rules emit; alerts live in `crate::alerts`.
 
+mod actions;
 mod backtest;
 mod engine;
 pub mod expr;
@@ -13,7 +14,9 @@ pub mod sql;
 pub mod webhooks;
 pub mod window;
 
-pub use backtest::{Sources, TestReport, TestRow, test_rule};
-pub use engine::{RULES_GROUP, Republish, RuleEngine, RuleServices, RulesConfig, dead_letters};
+pub use actions::{RuleActions, dead_letters};
+pub use backtest::{RerunProgress, Sources, TestReport, TestRow, test_rule};
+pub(crate) use backtest::{rerun, validate_replay};
+pub use engine::{RULES_GROUP, Republish, RuleEngine, RuleServices, RulesConfig};
 pub use model::{Action, Rule, Severity};
 pub use repository::{NewRule, RulePatch, Rules, validate};

@@ -22,7 +22,7 @@ use tern_store::Store;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use super::engine::{DeadLetter, store_dead_letter};
+use super::actions::{DeadLetter, store_dead_letter};
 
 const OUTBOX: &str = "webhook_outbox";
 const SECRET: &str = "rule_webhook_secret";
