@@ -245,6 +245,8 @@ impl UpConfig {
                 .then_some("`rules.max_rules_per_tenant` must be at least 1"),
             (self.rules.max_groups_per_rule == 0)
                 .then_some("`rules.max_groups_per_rule` must be at least 1"),
+            (self.rules.max_tenant_cpu_ms_per_sec == 0)
+                .then_some("`rules.max_tenant_cpu_ms_per_sec` must be at least 1"),
             (self.retention.sweep_interval_secs == 0)
                 .then_some("`retention.sweep_interval_secs` must be at least 1"),
         ];

@@ -23,6 +23,7 @@ use tern_store::Store;
 use uuid::Uuid;
 
 use super::actions::RuleActions;
+use super::budget::{Admission, Budgets};
 use super::expr::Value;
 use super::model::Rule;
 use super::sql::{Plan, STREAMS, compile};
@@ -50,6 +51,9 @@ pub struct RulesConfig {
     /// Let `webhook:` actions reach loopback, private and link-local addresses. Off: a
     /// tenant's rule cannot be pointed at the platform's own network.
     pub webhook_allow_private_networks: bool,
+    /// Evaluation time one tenant's rules may spend per second on a stream; messages beyond
+    /// it are skipped by that tenant's rules (and counted) until the budget refills.
+    pub max_tenant_cpu_ms_per_sec: u64,
 }
 
 impl Default for RulesConfig {
@@ -58,6 +62,7 @@ impl Default for RulesConfig {
             max_rules_per_tenant: 100,
             max_groups_per_rule: 100_000,
             webhook_allow_private_networks: false,
+            max_tenant_cpu_ms_per_sec: 250,
         }
     }
 }
@@ -217,6 +222,7 @@ impl RuleEngine {
             .await;
         let mut applied = checkpoint.applied;
         let mut devices = DeviceCache::default();
+        let mut budgets = Budgets::new(self.config.max_tenant_cpu_ms_per_sec);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         // Offsets of records acted on but not yet covered by a saved checkpoint.
         let mut uncommitted: Vec<Position> = Vec::new();
@@ -258,7 +264,7 @@ impl RuleEngine {
                         if applied.get(&record.position.partition).is_some_and(|o| *o >= record.position.offset) {
                             continue;
                         }
-                        self.evaluate(&record, &mut running, &mut devices, &mut firings).await;
+                        self.evaluate(&record, &mut running, &mut devices, &mut budgets, &mut firings).await;
                         applied.insert(record.position.partition, record.position.offset);
                     }
                 }
@@ -283,6 +289,7 @@ impl RuleEngine {
         record: &Consumed,
         running: &mut HashMap<TenantId, Vec<Running>>,
         devices: &mut DeviceCache,
+        budgets: &mut Budgets,
         firings: &mut Firings,
     ) {
         // Records are keyed `tenant/device`: a tenant without rules on this stream costs no
@@ -309,6 +316,13 @@ impl RuleEngine {
         let Some(rules) = running.get_mut(&tenant) else {
             return;
         };
+        if let Admission::Skip { log } = budgets.admit(tenant, Instant::now()) {
+            self.metrics.throttled.inc();
+            if log {
+                tracing::warn!(tenant = %tenant, budget_ms = self.config.max_tenant_cpu_ms_per_sec, "the tenant's rules are over their CPU budget; skipping its messages until it refills");
+            }
+            return;
+        }
         self.metrics.messages.inc();
         let (labels, twin) = (
             rules.iter().any(|r| r.plan.uses_labels()),
@@ -340,7 +354,8 @@ impl RuleEngine {
             labels: &device.labels,
             twin: device.twin.as_ref(),
         };
-        for rule in rules {
+        let started = Instant::now();
+        for rule in rules.iter_mut() {
             let mut out = Vec::new();
             match rule.state.on_message(
                 &rule.plan,
@@ -361,6 +376,7 @@ impl RuleEngine {
             let arrived = rule.plan.windowed.is_none().then_some(event.ingest_time_ms);
             firings.extend(out.into_iter().map(|f| (rule.rule.clone(), f, arrived)));
         }
+        budgets.charge(tenant, started.elapsed());
     }
 
     async fn load_checkpoint(&self, stream: &str) -> Checkpoint {

@@ -6,6 +6,7 @@
 
 mod actions;
 mod backtest;
+mod budget;
 mod engine;
 pub mod expr;
 mod model;

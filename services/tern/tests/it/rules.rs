@@ -823,3 +823,71 @@ async fn a_rule_rerun_over_history_acts_once() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("sql"));
 }
+
+/// A tenant whose rules use up their CPU budget has its messages skipped by its rules (and
+/// counted), while another tenant's rules keep acting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_rule_cpu_budget_does_not_hold_up_another() {
+    // 1 ms of evaluation per second: a burst of thousands of messages is far more.
+    let tern = Tern::start_with_env(&[("TERN_RULES__MAX_TENANT_CPU_MS_PER_SEC", "1")]);
+    let heavy = tern.provision("heavy", "firehose");
+    let light = tern.provision("light", "thermostat");
+    for tenant in ["heavy", "light"] {
+        create_rule(
+            &tern,
+            tenant,
+            "hot",
+            "SELECT device, temp FROM telemetry WHERE temp > 50",
+            &["alert"],
+        );
+    }
+    // The heavy tenant's other rules make each of its messages cost more.
+    for n in 0..10 {
+        create_rule(
+            &tern,
+            "heavy",
+            &format!("stats-{n}"),
+            "SELECT device, avg(temp) AS a, percentile(temp, 0.99) AS p FROM telemetry \
+             GROUP BY device, HOP(ts, INTERVAL '10' SECOND, INTERVAL '1' MINUTE)",
+            &["alert"],
+        );
+    }
+    let mut firehose = Mqtt::device(&tern, &heavy).await;
+    for batch in 0..10 {
+        let payloads = (0..500)
+            .map(|i| {
+                json!({"temp": 10 + (batch * 500 + i) % 40})
+                    .to_string()
+                    .into_bytes()
+            })
+            .collect();
+        firehose.publish_acked("telemetry", payloads).await;
+    }
+    let mut thermostat = Mqtt::device(&tern, &light).await;
+    thermostat
+        .publish_acked("telemetry", vec![br#"{"temp": 80}"#.to_vec()])
+        .await;
+    let alerts = wait_for(
+        &tern,
+        &light.api_token,
+        "/api/v1/tenants/light/alerts",
+        |b| b.as_array().is_some_and(|a| !a.is_empty()),
+    )
+    .await;
+    assert_eq!(alerts[0]["details"]["temp"], 80, "{alerts}");
+    let metrics = reqwest::get(format!("{}/metrics", tern.http()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let throttled: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tern_rules_throttled_messages_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the throttled counter");
+    assert!(
+        throttled > 0.0,
+        "the heavy tenant was throttled: {throttled}"
+    );
+}
