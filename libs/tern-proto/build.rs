@@ -3,8 +3,13 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = "../../proto";
-    let files =
-        ["event.proto", "registry.proto", "identity.proto"].map(|f| format!("{root}/tern/v1/{f}"));
+    let files = [
+        "event.proto",
+        "registry.proto",
+        "identity.proto",
+        "store.proto",
+    ]
+    .map(|f| format!("{root}/tern/v1/{f}"));
     // The descriptor set is what gRPC server reflection serves.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()

@@ -8,17 +8,20 @@
 //! is one contiguous scan. Writes are idempotent: writing a point or event with the same message id
 //! again leaves one copy.
 //!
-//! Implementations: [`EmbeddedStore`] (fjall). Every implementation must pass [`conformance`].
+//! Implementations: [`EmbeddedStore`] (fjall), and [`RemoteStore`], a store another process
+//! serves ([`StoreService`], `tern store`). Every implementation must pass [`conformance`].
 
 pub mod conformance;
 mod embedded;
 mod keys;
+mod remote;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use thiserror::Error;
 
 pub use embedded::EmbeddedStore;
+pub use remote::{RemoteStore, StoreService};
 
 /// One numeric sample of one metric.
 #[derive(Debug, Clone, PartialEq)]
