@@ -59,6 +59,9 @@ pub enum Output {
 pub enum Command {
     /// Run every service in one process on embedded storage.
     Up(UpArgs),
+    /// Serve the store to other processes over gRPC (`tern.v1.Store`): the shared store of
+    /// the distributed mode. Other processes name it in `store.url`.
+    Store(StoreArgs),
     #[command(flatten)]
     Admin(AdminCommand),
 }
@@ -470,6 +473,19 @@ pub enum CommandAction {
     },
     /// Cancel a command that has not ended.
     Cancel { device: String, command: String },
+}
+
+#[derive(Args)]
+pub struct StoreArgs {
+    /// Where the store keeps its data.
+    #[arg(long, default_value = "data/store")]
+    pub data_dir: PathBuf,
+    /// Address and port to serve on.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    pub listen: std::net::SocketAddr,
+    /// File holding the token every caller must present (16 characters or more).
+    #[arg(long, env = "TERN_STORE_TOKEN_FILE")]
+    pub token_file: PathBuf,
 }
 
 #[derive(Args, Default)]

@@ -45,6 +45,42 @@ pub struct UpConfig {
     pub eventlog: EventLogConfig,
     pub routing: RoutingConfig,
     pub tracing: tern_runtime::otel::TracingConfig,
+    pub store: StoreConfig,
+}
+
+/// Where the store is: embedded in `data_dir`, or served by `tern store` to several processes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Empty: the embedded store in `data_dir`. Else the `tern store` to use, such as
+    /// `http://tern-store:50052`.
+    pub url: String,
+    /// The file holding the store token (with `url`).
+    pub token_file: Option<PathBuf>,
+}
+
+impl StoreConfig {
+    /// The token of a remote store, read from `token_file`.
+    pub fn token(&self) -> anyhow::Result<String> {
+        let Some(path) = &self.token_file else {
+            anyhow::bail!("invalid configuration: `store.token_file` must be set with `store.url`");
+        };
+        read_token(path, "store.token_file")
+    }
+}
+
+/// A secret kept in a file (one line); errors name `key`.
+pub fn read_token(path: &std::path::Path, key: &str) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("`{key}`: cannot read {}: {e}", path.display()))?;
+    let token = token.trim().to_string();
+    if token.len() < 16 {
+        anyhow::bail!(
+            "`{key}`: the token in {} is shorter than 16 characters",
+            path.display()
+        );
+    }
+    Ok(token)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,6 +164,7 @@ impl Default for UpConfig {
             eventlog: EventLogConfig::default(),
             routing: RoutingConfig::default(),
             tracing: tern_runtime::otel::TracingConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -264,6 +301,15 @@ impl UpConfig {
         }
         if let Err((key, reason)) = self.tracing.validate() {
             anyhow::bail!("invalid configuration: `{key}` {reason}");
+        }
+        if !self.store.url.is_empty() {
+            if !(self.store.url.starts_with("http://") || self.store.url.starts_with("https://")) {
+                anyhow::bail!(
+                    "invalid configuration: `store.url` must be an http:// or https:// URL, got {:?}",
+                    self.store.url
+                );
+            }
+            self.store.token()?;
         }
         if let Some(first) = problems.first() {
             anyhow::bail!(

@@ -4,6 +4,7 @@ mod cli;
 mod client;
 mod config;
 mod output;
+mod store;
 mod up;
 
 use std::process::ExitCode;
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             cli::Command::Up(args) => up::run(args).await,
+            cli::Command::Store(args) => store::run(args).await,
             cli::Command::Admin(command) => client::run(cli.global, command).await,
         }
     });

@@ -23,7 +23,7 @@ use tern_registry::nats::{NatsEndpoint, NatsRouter};
 use tern_registry::ota::{Artifacts, Campaigns};
 use tern_registry::{Commands, Registry, RegistryGrpc, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown, logging, shutdown_signal};
-use tern_store::{EmbeddedStore, Store};
+use tern_store::{EmbeddedStore, RemoteStore, Store};
 use tokio::net::{TcpListener, UdpSocket};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -104,10 +104,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         )
     })?;
     let log = open_event_log(&config)?;
-    let store: Arc<dyn Store> =
+    let store: Arc<dyn Store> = if config.store.url.is_empty() {
         Arc::new(EmbeddedStore::open(&data.join("store")).with_context(|| {
             format!("cannot open the store in {}", data.join("store").display())
-        })?);
+        })?)
+    } else {
+        let url = &config.store.url;
+        let remote = RemoteStore::connect(url, &config.store.token()?)?;
+        // One call now, so that a wrong address or token stops start-up with the keys named.
+        remote
+            .get_record("probe", "start-up")
+            .await
+            .with_context(|| {
+                format!("cannot use the store at {url} (`store.url`, `store.token_file`)")
+            })?;
+        tracing::info!(%url, "using a served store");
+        Arc::new(remote)
+    };
     let metrics = MetricsRegistry::default();
     let registry = Arc::new(Registry::new(store.clone()));
     let mut identity_config = config.identity.clone();

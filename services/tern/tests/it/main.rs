@@ -31,6 +31,7 @@ mod revocation;
 mod rollups;
 mod rules;
 mod selectors;
+mod served_store;
 mod sessions;
 mod simulator;
 mod tenancy;

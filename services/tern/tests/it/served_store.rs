@@ -1,0 +1,107 @@
+//! The distributed mode's shared store: `tern store` serves it, and two `tern up` processes
+//! that name it in `store.url` see the same tenants, devices, keys and telemetry.
+
+use std::process::{Child, Command, Stdio};
+
+use tern_eventlog::testing::{free_port, wait_listening};
+
+use crate::harness::{Mqtt, TERN, Tern};
+
+/// `tern store` on a free port, stopped on drop.
+struct StoreServer {
+    child: Child,
+    url: String,
+    token_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl StoreServer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token_file = dir.path().join("store.token");
+        std::fs::write(&token_file, "a-store-token-for-the-tests\n").expect("token");
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(TERN)
+            .args(["store", "--listen", &address])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tern store");
+        wait_listening(&mut child, &address, "tern store");
+        Self {
+            child,
+            url: format!("http://{address}"),
+            token_file,
+            _dir: dir,
+        }
+    }
+
+    fn tern(&self) -> Tern {
+        let token_file = self.token_file.to_str().expect("utf-8 path");
+        Tern::start_with_env(&[
+            ("TERN_STORE__URL", &self.url),
+            ("TERN_STORE__TOKEN_FILE", token_file),
+        ])
+    }
+}
+
+impl Drop for StoreServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_a_served_store() {
+    let store = StoreServer::start();
+    let first = store.tern();
+    let p = first.provision("acme", "boiler");
+    let mut device = Mqtt::device(&first, &p).await;
+    device
+        .publish_acked("telemetry", vec![br#"{"temp": 21.5}"#.to_vec()])
+        .await;
+    first.wait_points(&p, "temp", 1).await;
+
+    // Another process, another data directory, the same store.
+    let second = store.tern();
+    let operator = first.operator_token();
+    let (status, devices) = second.get(&operator, "/api/v1/tenants/acme/devices").await;
+    assert_eq!(status, 200, "{devices}");
+    assert_eq!(devices[0]["name"], "boiler", "{devices}");
+    let points = second.wait_points(&p, "temp", 1).await;
+    assert_eq!(
+        points[0]["value"], 21.5,
+        "telemetry the first process stored"
+    );
+    // The signing keys are shared too: the first process's device token opens the second's
+    // MQTT port.
+    let options = Mqtt::options(second.mqtt_port, &p.device_id, &p.access_token);
+    Mqtt::connect(options)
+        .await
+        .expect("the device connects to the second process");
+
+    // A wrong store token stops start-up, with the store named.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "not-the-store-token-at-all").expect("token");
+    let out = Command::new(TERN)
+        .args(["up", "--bind", "127.0.0.1"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--mqtt-port", &free_port().to_string()])
+        .args(["--http-port", &free_port().to_string()])
+        .args(["--grpc-port", &free_port().to_string()])
+        .args(["--coap-port", &free_port().to_string()])
+        .env("TERN_STORE__URL", &store.url)
+        .env("TERN_STORE__TOKEN_FILE", &wrong)
+        .output()
+        .expect("tern up");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`store.url`"), "{stderr}");
+}
