@@ -200,6 +200,26 @@ pub(crate) struct SentToSelected {
     commands: Vec<Command>,
 }
 
+/// The devices a selector selects, at most [`MAX_BULK_DEVICES`] (more is a 400).
+async fn selected(
+    gw: &Gateway,
+    tenant: tern_core::TenantId,
+    selector: &str,
+) -> ApiResult<Vec<tern_core::Device>> {
+    let selector = tern_core::Selector::parse(selector)?;
+    let (devices, more) = gw
+        .registry
+        .select_devices(tenant, &selector, None, MAX_BULK_DEVICES)
+        .await?;
+    if more.is_some() {
+        return Err(ApiError::bad_request(
+            "selector",
+            format!("selects more than {MAX_BULK_DEVICES} devices; narrow it"),
+        ));
+    }
+    Ok(devices)
+}
+
 /// `POST /api/v1/tenants/{tenant}/commands`: the same command to every device a label
 /// selector selects (each gets its own command, with its own state).
 pub(crate) async fn send_to_selected(
@@ -210,17 +230,7 @@ pub(crate) async fn send_to_selected(
 ) -> ApiResult<(StatusCode, Json<SentToSelected>)> {
     let tenant = gw.registry.tenant_for(caller, &tenant).await?;
     reserved_name(&body.name)?;
-    let selector = tern_core::Selector::parse(&body.selector)?;
-    let (devices, more) = gw
-        .registry
-        .select_devices(tenant.id, &selector, None, MAX_BULK_DEVICES)
-        .await?;
-    if more.is_some() {
-        return Err(ApiError::bad_request(
-            "selector",
-            format!("selects more than {MAX_BULK_DEVICES} devices; narrow it"),
-        ));
-    }
+    let devices = selected(&gw, tenant.id, &body.selector).await?;
     let mut commands = Vec::with_capacity(devices.len());
     for device in &devices {
         let new = NewCommand {
@@ -340,18 +350,8 @@ pub(crate) async fn operate_selected(
             "name the devices: an empty selector would select every device",
         ));
     }
-    let selector = tern_core::Selector::parse(&body.selector)?;
     let operation = Operation::parse(&operation_name, body.params)?;
-    let (devices, more) = gw
-        .registry
-        .select_devices(tenant.id, &selector, None, MAX_BULK_DEVICES)
-        .await?;
-    if more.is_some() {
-        return Err(ApiError::bad_request(
-            "selector",
-            format!("selects more than {MAX_BULK_DEVICES} devices; narrow it"),
-        ));
-    }
+    let devices = selected(&gw, tenant.id, &body.selector).await?;
     let (mut commands, mut skipped) = (Vec::new(), Vec::new());
     for device in &devices {
         let resource = Resource::device(device);
