@@ -48,14 +48,22 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
 /// # Panics
 /// When it exits or does not listen within 20 s (killing it): the test cannot run.
 pub fn wait_listening(child: &mut Child, address: &str, what: &str) {
+    if !listening(child, address) {
+        let _ = child.kill();
+        panic!("{what} did not listen on {address}");
+    }
+}
+
+/// Whether `child` accepts connections on `address` within 20 s (false once it exits).
+pub fn listening(child: &mut Child, address: &str) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(address).is_err() {
         if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
-            let _ = child.kill();
-            panic!("{what} did not listen on {address}");
+            return false;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// Retries `condition` until it holds or 10 s pass (what happens in another task or process

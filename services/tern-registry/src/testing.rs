@@ -3,7 +3,7 @@
 
 use std::process::{Child, Command, Stdio};
 
-use tern_eventlog::testing::{free_ports, wait_listening};
+use tern_eventlog::testing::{free_ports, listening};
 
 /// A nats-server, killed when dropped.
 pub struct NatsServer {
@@ -20,21 +20,33 @@ impl NatsServer {
     /// # Panics
     /// When nats-server is not installed or does not listen: the test cannot run.
     pub fn start() -> Self {
-        let [port, monitor] = free_ports();
-        let mut child = Command::new("nats-server")
-            .args(["--addr", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--http_port", &monitor.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server is not installed: run `make deps`");
-        let address = format!("127.0.0.1:{port}");
-        wait_listening(&mut child, &address, "nats-server");
-        Self {
-            child,
-            url: format!("nats://{address}"),
-            monitor_url: format!("http://127.0.0.1:{monitor}"),
+        // A server that dies at start-up (a port taken between the pick and its bind: once,
+        // in a CI run, it was gone right after answering) is started again on other ports.
+        for _ in 0..3 {
+            let [port, monitor] = free_ports();
+            let mut child = Command::new("nats-server")
+                .args(["--addr", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--http_port", &monitor.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nats-server is not installed: run `make deps`");
+            let address = format!("127.0.0.1:{port}");
+            let monitoring = format!("127.0.0.1:{monitor}");
+            if listening(&mut child, &address) && listening(&mut child, &monitoring) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                if child.try_wait().ok().flatten().is_none() {
+                    return Self {
+                        child,
+                        url: format!("nats://{address}"),
+                        monitor_url: format!("http://{monitoring}"),
+                    };
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
+        panic!("nats-server did not start on three pairs of free ports");
     }
 }
 
