@@ -34,6 +34,10 @@ pub const COMMANDS_TOPIC: &str = "commands";
 const MAX_IDEMPOTENCY_KEY: usize = 128;
 const PAGE: usize = 1000;
 const WRITE_LOCK_STRIPES: usize = 64;
+/// Waiters are woken at once by changes made in this process; another process that shares the
+/// store (the distributed mode) may change a command too, so they read it again at least this
+/// often.
+const SHARED_STORE_POLL: Duration = Duration::from_millis(500);
 
 /// Hands a command to the connection of its device, wherever that is.
 #[async_trait::async_trait]
@@ -286,7 +290,10 @@ impl Commands {
             if !pending.is_empty() {
                 break pending;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let wake = deadline.min(tokio::time::Instant::now() + SHARED_STORE_POLL);
+            if tokio::time::timeout_at(wake, notified).await.is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
                 break Vec::new();
             }
         };
@@ -398,7 +405,9 @@ impl Commands {
             }
             let until_expiry =
                 Duration::from_millis((command.expires_at_ms - now_ms()).max(0) as u64);
-            let wake = deadline.min(tokio::time::Instant::now() + until_expiry);
+            let wake = deadline
+                .min(tokio::time::Instant::now() + until_expiry)
+                .min(tokio::time::Instant::now() + SHARED_STORE_POLL);
             match tokio::time::timeout_at(wake, changes.changed()).await {
                 Ok(Ok(())) => continue,
                 // The deadline (or the expiry, which the next `get` applies).

@@ -1,11 +1,15 @@
 //! The distributed mode's shared store: `tern store` serves it, and two `tern up` processes
-//! that name it in `store.url` see the same tenants, devices, keys and telemetry.
+//! that name it in `store.url` (and route commands over one nats-server) see the same
+//! tenants, devices, keys and telemetry, and complete each other's commands.
 
 use std::process::{Child, Command, Stdio};
 
+use rumqttc::QoS;
+use serde_json::json;
 use tern_eventlog::testing::{free_port, wait_listening};
+use tern_registry::testing::NatsServer;
 
-use crate::harness::{Mqtt, TERN, Tern};
+use crate::harness::{Mqtt, PATIENCE, TERN, Tern};
 
 /// `tern store` on a free port, stopped on drop.
 struct StoreServer {
@@ -40,11 +44,13 @@ impl StoreServer {
         }
     }
 
-    fn tern(&self) -> Tern {
+    fn tern(&self, nats: &NatsServer) -> Tern {
         let token_file = self.token_file.to_str().expect("utf-8 path");
         Tern::start_with_env(&[
             ("TERN_STORE__URL", &self.url),
             ("TERN_STORE__TOKEN_FILE", token_file),
+            ("TERN_ROUTING__BACKEND", "nats"),
+            ("TERN_ROUTING__NATS__URL", &nats.url),
         ])
     }
 }
@@ -59,7 +65,8 @@ impl Drop for StoreServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_share_a_served_store() {
     let store = StoreServer::start();
-    let first = store.tern();
+    let nats = NatsServer::start();
+    let first = store.tern(&nats);
     let p = first.provision("acme", "boiler");
     let mut device = Mqtt::device(&first, &p).await;
     device
@@ -68,7 +75,7 @@ async fn two_processes_share_a_served_store() {
     first.wait_points(&p, "temp", 1).await;
 
     // Another process, another data directory, the same store.
-    let second = store.tern();
+    let second = store.tern(&nats);
     let operator = first.operator_token();
     let (status, devices) = second.get(&operator, "/api/v1/tenants/acme/devices").await;
     assert_eq!(status, 200, "{devices}");
@@ -78,8 +85,41 @@ async fn two_processes_share_a_served_store() {
         points[0]["value"], 21.5,
         "telemetry the first process stored"
     );
+    // A synchronous command sent through the second process reaches the device on the first
+    // (over NATS), and the second sees its answer, which the first stored.
+    device.subscribe("command/req/#", QoS::AtLeastOnce).await;
+    let request = {
+        let (http, operator) = (second.http(), operator.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!(
+                    "{http}/api/v1/tenants/acme/devices/boiler/commands"
+                ))
+                .bearer_auth(operator)
+                .json(&json!({"name": "ping", "wait_secs": 120}))
+                .send()
+                .await
+                .expect("POST")
+                .json::<serde_json::Value>()
+                .await
+                .expect("JSON")
+        })
+    };
+    let got = device.received().await;
+    let id = got.topic.split('/').nth(2).expect("command id").to_string();
+    device
+        .publish(&format!("command/res/{id}/200"), r#"{"pong": true}"#)
+        .await;
+    // Well before the request's own 120 s: the answer ends the wait, not the deadline.
+    let command = tokio::time::timeout(PATIENCE, request)
+        .await
+        .expect("the answer ends the wait")
+        .expect("request");
+    assert_eq!(command["state"], "succeeded", "{command}");
+    assert_eq!(command["result"]["payload"]["pong"], true);
+
     // The signing keys are shared too: the first process's device token opens the second's
-    // MQTT port.
+    // MQTT port (and takes the device's session over from the first, as MQTT wants).
     let options = Mqtt::options(second.mqtt_port, &p.device_id, &p.access_token);
     Mqtt::connect(options)
         .await
