@@ -198,6 +198,8 @@ pub(crate) struct SendToSelected {
 pub(crate) struct SentToSelected {
     count: usize,
     commands: Vec<Command>,
+    /// Selected devices the command was not sent to (the policies refused), and why.
+    skipped: Vec<Skipped>,
 }
 
 /// The devices a selector selects, at most [`MAX_BULK_DEVICES`] (more is a 400).
@@ -224,15 +226,31 @@ async fn selected(
 /// selector selects (each gets its own command, with its own state).
 pub(crate) async fn send_to_selected(
     State(gw): Shared,
-    Authenticated(caller): Authenticated,
+    AuthenticatedPrincipal(principal): AuthenticatedPrincipal,
+    SourceIp(source_ip): SourceIp,
     Path(tenant): Path<String>,
     ApiJson(body): ApiJson<SendToSelected>,
 ) -> ApiResult<(StatusCode, Json<SentToSelected>)> {
-    let tenant = gw.registry.tenant_for(caller, &tenant).await?;
+    let tenant = gw.registry.tenant_for(principal.caller, &tenant).await?;
     reserved_name(&body.name)?;
     let devices = selected(&gw, tenant.id, &body.selector).await?;
-    let mut commands = Vec::with_capacity(devices.len());
+    let (mut commands, mut skipped) = (Vec::with_capacity(devices.len()), Vec::new());
     for device in &devices {
+        // As if sent to the device alone.
+        let resource = Resource::device(device);
+        let allowed = auth::authorize(
+            &gw,
+            &principal,
+            tenant.id,
+            "sendCommand",
+            resource,
+            source_ip,
+        )
+        .await;
+        if let Err(e) = allowed {
+            skipped.push(Skipped::new(device, e));
+            continue;
+        }
         let new = NewCommand {
             name: body.name.clone(),
             payload: body.payload.clone(),
@@ -250,6 +268,7 @@ pub(crate) async fn send_to_selected(
         Json(SentToSelected {
             count: commands.len(),
             commands,
+            skipped,
         }),
     ))
 }
@@ -332,6 +351,16 @@ struct Skipped {
     reason: String,
 }
 
+impl Skipped {
+    fn new(device: &tern_core::Device, why: ApiError) -> Self {
+        Self {
+            device_id: device.id,
+            device_name: device.name.clone(),
+            reason: why.message,
+        }
+    }
+}
+
 /// `POST /api/v1/tenants/{tenant}/operations/{operation}`: a typed operation to every device a
 /// selector selects. Each device is checked as if it were sent alone: the tenant's policies
 /// (`operateDevice` on it), its management level and its agent's capabilities. A device that
@@ -373,11 +402,7 @@ pub(crate) async fn operate_selected(
             Err(e) => Err(e),
         };
         if let Err(e) = checked {
-            skipped.push(Skipped {
-                device_id: device.id,
-                device_name: device.name.clone(),
-                reason: e.message,
-            });
+            skipped.push(Skipped::new(device, e));
             continue;
         }
         let new = NewCommand {

@@ -230,7 +230,7 @@ async fn an_operation_goes_to_the_selected_devices_that_may_receive_it() {
     let policy = dir.path().join("hands-off-paris.cedar");
     std::fs::write(
         &policy,
-        "forbid (principal is ApiToken, action == Action::\"operateDevice\", resource)\n\
+        "forbid (principal is ApiToken, action in [Action::\"operateDevice\", Action::\"sendCommand\"], resource)\n\
          when { resource.hasTag(\"site\") && resource.getTag(\"site\") == \"paris\" };\n",
     )
     .expect("policy");
@@ -298,6 +298,14 @@ async fn an_operation_goes_to_the_selected_devices_that_may_receive_it() {
         assert_eq!(status, 400, "{answer}");
         assert!(answer.to_string().contains(field), "{answer}");
     }
+    // Plain bulk commands are decided per device the same way.
+    let body = json!({"selector": "@group=lab", "name": "blink"});
+    let commands = "/api/v1/tenants/acme/commands";
+    let (status, sent) = tern.send_json(Method::POST, &token, commands, &body).await;
+    assert_eq!(status, 201, "{sent}");
+    assert_eq!(sent["count"], 2, "b1 and b2: {sent}");
+    assert_eq!(sent["skipped"][0]["device_name"], "p1", "{sent}");
+
     let globex = tern.provision("globex", "g").api_token;
     let (status, _) = tern.send_json(Method::POST, &globex, path, &lock).await;
     assert_eq!(status, 403);
