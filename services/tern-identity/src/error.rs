@@ -21,7 +21,9 @@ pub enum IdentityError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("identity storage: {0}")]
-    Storage(#[from] StoreError),
+    // The cause is in the message, and not also a `source`, so that a chain printed with
+    // `{:#}` does not say it twice.
+    Storage(StoreError),
     #[error("signing keys: {0}")]
     Keys(String),
 }
@@ -53,5 +55,11 @@ impl IdentityError {
             Self::Registry(e) => e.code(),
             Self::Storage(_) | Self::Keys(_) => ErrorCode::Internal,
         }
+    }
+}
+
+impl From<StoreError> for IdentityError {
+    fn from(e: StoreError) -> Self {
+        Self::Storage(e)
     }
 }

@@ -15,7 +15,9 @@ pub enum RegistryError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("registry storage: {0}")]
-    Storage(#[from] StoreError),
+    // The cause is in the message, and not also a `source`, so that a chain printed with
+    // `{:#}` does not say it twice.
+    Storage(StoreError),
     #[error("corrupt registry record {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -31,5 +33,11 @@ impl RegistryError {
             Self::Storage(StoreError::Invalid { .. }) => ErrorCode::BadRequest,
             Self::Storage(_) | Self::Corrupt { .. } => ErrorCode::Internal,
         }
+    }
+}
+
+impl From<StoreError> for RegistryError {
+    fn from(e: StoreError) -> Self {
+        Self::Storage(e)
     }
 }
