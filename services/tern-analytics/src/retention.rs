@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tern_core::{TenantId, ValidationError, now_ms};
-use tern_registry::RegistryError;
+use tern_registry::{Lease, RegistryError};
 use tern_runtime::Shutdown;
 use tern_store::{Resolution, Store};
 
@@ -150,10 +150,25 @@ impl Retention {
     /// Sweeps every `every` until `shutdown`.
     pub async fn run(self: Arc<Self>, every: Duration, shutdown: Shutdown) {
         let mut tick = tokio::time::interval(every);
+        // One process sweeps when several share the store (sweeps are idempotent, so a lease
+        // that lapses between two hourly ticks only lets another process take a turn).
+        let ttl = (every * 3).min(Duration::from_secs(600));
+        let lease = Lease::new(self.store.clone(), "retention-sweep", ttl);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    lease.release().await;
+                    return;
+                }
                 _ = tick.tick() => {}
+            }
+            match lease.hold().await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "retention: cannot read its lease");
+                    continue;
+                }
             }
             match self.sweep().await {
                 Ok(0) => {}

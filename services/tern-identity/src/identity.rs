@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tern_core::{Caller, Device, DeviceId, TenantId, ValidationError, now_ms, validate_name};
 use tern_eventlog::EventLog;
-use tern_registry::{Registry, RegistryError};
+use tern_registry::{Lease, Registry, RegistryError};
 use tern_store::Store;
 
 use crate::certificates::{TenantCa, TenantCas};
@@ -260,16 +260,32 @@ impl Identity {
     /// Rotates the signing keys when due and picks up other instances' keys, every few
     /// minutes until `shutdown`.
     pub async fn run_key_rotation(&self, shutdown: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(300));
+        let every = std::time::Duration::from_secs(300);
+        let mut tick = tokio::time::interval(every);
+        // One process rotates when several share the store; the others pick its keys up.
+        let lease = Lease::new(self.store.clone(), "signing-key-rotation", every * 3);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    lease.release().await;
+                    return;
+                }
                 _ = tick.tick() => {}
             }
-            let result = match self.keys.rotate_if_due(now_ms() / 1000).await {
-                Ok(false) => self.keys.reload().await,
-                Ok(true) => Ok(()),
-                Err(e) => Err(e),
+            let rotate = match lease.hold().await {
+                Ok(held) => held,
+                Err(e) => {
+                    tracing::error!(error = %e, "signing keys: cannot read their lease");
+                    false
+                }
+            };
+            let result = match rotate {
+                true => match self.keys.rotate_if_due(now_ms() / 1000).await {
+                    Ok(false) => self.keys.reload().await,
+                    Ok(true) => Ok(()),
+                    Err(e) => Err(e),
+                },
+                false => self.keys.reload().await,
             };
             if let Err(e) = result {
                 tracing::error!(error = %e, "signing key rotation failed");

@@ -8,6 +8,7 @@
 mod commands;
 mod error;
 mod grpc;
+mod lease;
 pub mod nats;
 pub mod ota;
 mod registry;
@@ -17,5 +18,6 @@ mod twins;
 pub use commands::{COMMANDS_TOPIC, CommandRoute, Commands, CommandsConfig, NewCommand};
 pub use error::RegistryError;
 pub use grpc::{GrpcPolicy, RegistryGrpc, request_tenant};
+pub use lease::Lease;
 pub use registry::{AccessRevoked, DevicePatch, Registry, validate_tenant_name};
 pub use twins::{DesiredState, Twin, TwinMetadata, TwinRoute, Twins, TwinsConfig};

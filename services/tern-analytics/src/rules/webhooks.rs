@@ -16,7 +16,7 @@ use aws_lc_rs::hmac;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tern_core::{TenantId, now_ms};
-use tern_registry::RegistryError;
+use tern_registry::{Lease, RegistryError};
 use tern_runtime::Shutdown;
 use tern_store::Store;
 use tokio::sync::Notify;
@@ -33,6 +33,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Deliveries in flight at once.
 const CONCURRENCY: usize = 16;
+/// How long the delivery lease lasts, and how often its holder renews it.
+const LEASE_TTL: Duration = Duration::from_secs(60);
+const LEASE_RENEW: Duration = Duration::from_secs(15);
 
 /// One queued POST.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,19 +149,32 @@ impl Webhooks {
 
     /// Delivers queued posts until `shutdown`; what is in flight then is retried after restart.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
+        // One process posts when several share the outbox; it renews the lease at least every
+        // LEASE_RENEW, and another takes over within LEASE_TTL of its end.
+        let lease = Lease::new(self.store.clone(), "webhook-delivery", LEASE_TTL);
         loop {
-            let next_due = match self.deliver_due().await {
-                Ok(next) => next,
+            let next_due = match lease.hold().await {
+                Ok(true) => match self.deliver_due().await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the webhook outbox; retrying");
+                        Some(now_ms() + 1000)
+                    }
+                },
+                Ok(false) => Some(now_ms() + LEASE_RENEW.as_millis() as i64),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot read the webhook outbox; retrying");
+                    tracing::error!(error = %e, "webhooks: cannot read their lease; retrying");
                     Some(now_ms() + 1000)
                 }
             };
-            let wait = next_due.map_or(Duration::from_secs(60), |at| {
-                Duration::from_millis((at - now_ms()).clamp(0, 60_000) as u64)
+            let wait = next_due.map_or(LEASE_RENEW, |at| {
+                Duration::from_millis((at - now_ms()).max(0) as u64).min(LEASE_RENEW)
             });
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    lease.release().await;
+                    return;
+                }
                 _ = self.queued.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }

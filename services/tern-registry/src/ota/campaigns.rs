@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::artifacts::Artifacts;
 use crate::registry::{decode, to_bytes};
-use crate::{Commands, NewCommand, Registry, RegistryError, Twins};
+use crate::{Commands, Lease, NewCommand, Registry, RegistryError, Twins};
 
 const CAMPAIGN: &str = "ota_campaign";
 const TARGET: &str = "ota_campaign_device";
@@ -454,15 +454,30 @@ impl Campaigns {
         stop: impl Future<Output = ()>,
     ) {
         let mut ticks = tokio::time::interval(interval);
+        // One process advances the campaigns when several share the store.
+        let lease = Lease::new(
+            self.store.clone(),
+            "ota-campaigns",
+            (interval * 3).max(std::time::Duration::from_secs(10)),
+        );
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 _ = ticks.tick() => {
-                    if let Err(e) = self.tick().await {
-                        tracing::error!(error = %e, "OTA campaigns");
+                    match lease.hold().await {
+                        Ok(true) => {
+                            if let Err(e) = self.tick().await {
+                                tracing::error!(error = %e, "OTA campaigns");
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(error = %e, "OTA campaigns: cannot read their lease"),
                     }
                 }
-                () = &mut stop => return,
+                () = &mut stop => {
+                    lease.release().await;
+                    return;
+                }
             }
         }
     }
