@@ -58,7 +58,7 @@ run: build ## Run every service in one process on embedded storage (data in ./da
 	bin/tern up
 
 .PHONY: run-distributed
-run-distributed: build ## Run Tern on Kafka (tansu) and NATS started on loopback (data in ./data-distributed)
+run-distributed: build ## Run Tern on Kafka (tansu), NATS and the served store, started on loopback (data in ./data-distributed)
 	deploy/run-distributed.sh
 
 .PHONY: lint

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make run-distributed`: the distributed backends on one machine. Starts nats-server (:4222) and
-# a Kafka-protocol broker (tansu, :9092, in memory), then Tern on them: the event log on Kafka,
-# command routing over NATS. Ctrl-C stops all three.
+# `make run-distributed`: the distributed backends on one machine. Starts nats-server (:4222), a
+# Kafka-protocol broker (tansu, :9092, in memory) and the served store (`tern store`, :50052),
+# then Tern on them: the event log on Kafka, command routing over NATS, the store served.
+# Ctrl-C stops them all.
 #
 # Today the services still run as one process (`tern up`); they become separate processes here
 # as the per-service commands arrive (#8).
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/.."
 
 NATS_PORT=${NATS_PORT:-4222}
 KAFKA_PORT=${KAFKA_PORT:-9092}
+STORE_PORT=${STORE_PORT:-50052}
 DATA=${DATA:-./data-distributed}
 mkdir -p "$DATA"
 
@@ -38,7 +40,15 @@ tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
 	--storage-engine memory://tansu/ >"$DATA/kafka.log" 2>&1 &
 pids+=($!)
 wait_port "$KAFKA_PORT" tansu
-echo "nats-server on :$NATS_PORT, Kafka (tansu) on :$KAFKA_PORT; logs in $DATA" >&2
+# The store's shared secret: made once, kept with the data.
+if [ ! -s "$DATA/store.token" ]; then
+	(umask 077 && head -c 32 /dev/urandom | base64 >"$DATA/store.token")
+fi
+bin/tern store --data-dir "$DATA/store" --listen "127.0.0.1:$STORE_PORT" \
+	--token-file "$DATA/store.token" >"$DATA/store.log" 2>&1 &
+pids+=($!)
+wait_port "$STORE_PORT" "tern store"
+echo "nats-server on :$NATS_PORT, Kafka (tansu) on :$KAFKA_PORT, the store on :$STORE_PORT; logs in $DATA" >&2
 
 # One broker: replication 1. tansu holds fetches for the whole wait, so keep it short.
 TERN_EVENTLOG__BACKEND=kafka \
@@ -47,6 +57,8 @@ TERN_EVENTLOG__KAFKA__REPLICATION_FACTOR=1 \
 TERN_EVENTLOG__KAFKA__FETCH_WAIT_MAX_MS=10 \
 TERN_ROUTING__BACKEND=nats \
 TERN_ROUTING__NATS__URL="nats://127.0.0.1:$NATS_PORT" \
+TERN_STORE__URL="http://127.0.0.1:$STORE_PORT" \
+TERN_STORE__TOKEN_FILE="$DATA/store.token" \
 	bin/tern up --data-dir "$DATA/tern" "$@" &
 pids+=($!)
 wait "${pids[-1]}"
