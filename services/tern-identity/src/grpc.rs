@@ -37,29 +37,39 @@ fn status(e: IdentityError) -> Status {
 
 impl IdentityGrpc {
     /// The tenant a request names (tenant tokens reach only their own), once the policies
-    /// allow `action` on it, or on `device` of it.
+    /// allow `action` on it.
     async fn tenant<T>(
         &self,
         req: &Request<T>,
         reference: &str,
         action: &'static str,
-        device: Option<&str>,
-    ) -> Result<(Tenant, Option<Device>), Status> {
+    ) -> Result<Tenant, Status> {
         let tenant = request_tenant(self.identity.registry(), req, reference).await?;
-        let device = match device {
-            Some(d) => Some(
-                self.identity
-                    .registry()
-                    .device_of(tenant.id, d)
-                    .await
-                    .map_err(|e| status(e.into()))?,
-            ),
-            None => None,
-        };
         self.identity
-            .check(req.extensions(), &tenant, action, device.as_ref())
+            .check(req.extensions(), &tenant, action, None)
             .await?;
-        Ok((tenant, device))
+        Ok(tenant)
+    }
+
+    /// A device of the tenant a request names, once the policies allow `action` on it.
+    async fn device<T>(
+        &self,
+        req: &Request<T>,
+        reference: &str,
+        device: &str,
+        action: &'static str,
+    ) -> Result<Device, Status> {
+        let tenant = request_tenant(self.identity.registry(), req, reference).await?;
+        let device = self
+            .identity
+            .registry()
+            .device_of(tenant.id, device)
+            .await
+            .map_err(|e| status(e.into()))?;
+        self.identity
+            .check(req.extensions(), &tenant, action, Some(&device))
+            .await?;
+        Ok(device)
     }
 }
 
@@ -113,13 +123,12 @@ impl identity_server::Identity for IdentityGrpc {
         req: Request<v1::IssueDeviceTokensRequest>,
     ) -> Result<Response<v1::DeviceTokens>, Status> {
         let r = req.get_ref();
-        let (tenant, device) = self
-            .tenant(&req, &r.tenant_id, "manageDeviceTokens", Some(&r.device_id))
+        let device = self
+            .device(&req, &r.tenant_id, &r.device_id, "manageDeviceTokens")
             .await?;
-        let device = device.expect("asked for");
         let tokens = self
             .identity
-            .issue_device_tokens(&tenant.id.to_string(), &device.id.to_string())
+            .issue_device_tokens(&device.tenant_id.to_string(), &device.id.to_string())
             .await
             .map_err(status)?;
         Ok(Response::new(tokens_out(tokens)))
@@ -143,13 +152,12 @@ impl identity_server::Identity for IdentityGrpc {
         req: Request<v1::RevokeDeviceTokensRequest>,
     ) -> Result<Response<v1::RevokeDeviceTokensResponse>, Status> {
         let r = req.get_ref();
-        let (tenant, device) = self
-            .tenant(&req, &r.tenant_id, "manageDeviceTokens", Some(&r.device_id))
+        let device = self
+            .device(&req, &r.tenant_id, &r.device_id, "manageDeviceTokens")
             .await?;
-        let device = device.expect("asked for");
         let revoked = self
             .identity
-            .revoke_device_tokens(tenant.id, device.id)
+            .revoke_device_tokens(device.tenant_id, device.id)
             .await
             .map_err(status)?;
         Ok(Response::new(v1::RevokeDeviceTokensResponse { revoked }))
@@ -175,10 +183,10 @@ impl identity_server::Identity for IdentityGrpc {
         &self,
         req: Request<v1::AuthorizeRequest>,
     ) -> Result<Response<v1::AuthorizeResponse>, Status> {
-        let (tenant, _) = self
-            .tenant(&req, &req.get_ref().tenant_id, "queryPdp", None)
-            .await?;
-        let tenant = tenant.id;
+        let tenant = self
+            .tenant(&req, &req.get_ref().tenant_id, "queryPdp")
+            .await?
+            .id;
         let requests = req.into_inner().requests;
         if requests.len() > MAX_AUTHORIZE_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -213,8 +221,8 @@ impl identity_server::Identity for IdentityGrpc {
         &self,
         req: Request<v1::CreateApiTokenRequest>,
     ) -> Result<Response<v1::ApiToken>, Status> {
-        let (tenant, _) = self
-            .tenant(&req, &req.get_ref().tenant_id, "manageCredentials", None)
+        let tenant = self
+            .tenant(&req, &req.get_ref().tenant_id, "manageCredentials")
             .await?;
         let req = req.into_inner();
         let t = self
