@@ -8,7 +8,7 @@ use tern_core::{Device, Tenant, now_ms};
 use tern_proto::tonic::{Request, Response, Status};
 use tern_proto::v1::{self, identity_server};
 use tern_proto::{require_operator, status_from};
-use tern_registry::{GrpcPolicy, request_tenant};
+use tern_registry::{GrpcPolicy, authorized_device, authorized_tenant};
 
 use crate::oauth::ApiPrincipal;
 
@@ -36,22 +36,16 @@ fn status(e: IdentityError) -> Status {
 }
 
 impl IdentityGrpc {
-    /// The tenant a request names (tenant tokens reach only their own), once the policies
-    /// allow `action` on it.
     async fn tenant<T>(
         &self,
         req: &Request<T>,
         reference: &str,
         action: &'static str,
     ) -> Result<Tenant, Status> {
-        let tenant = request_tenant(self.identity.registry(), req, reference).await?;
-        self.identity
-            .check(req.extensions(), &tenant, action, None)
-            .await?;
-        Ok(tenant)
+        let registry = self.identity.registry();
+        authorized_tenant(registry, &*self.identity, req, reference, action).await
     }
 
-    /// A device of the tenant a request names, once the policies allow `action` on it.
     async fn device<T>(
         &self,
         req: &Request<T>,
@@ -59,17 +53,8 @@ impl IdentityGrpc {
         device: &str,
         action: &'static str,
     ) -> Result<Device, Status> {
-        let tenant = request_tenant(self.identity.registry(), req, reference).await?;
-        let device = self
-            .identity
-            .registry()
-            .device_of(tenant.id, device)
-            .await
-            .map_err(|e| status(e.into()))?;
-        self.identity
-            .check(req.extensions(), &tenant, action, Some(&device))
-            .await?;
-        Ok(device)
+        let registry = self.identity.registry();
+        authorized_device(registry, &*self.identity, req, (reference, device), action).await
     }
 }
 

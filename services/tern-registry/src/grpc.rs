@@ -45,21 +45,15 @@ fn status(e: RegistryError) -> Status {
 }
 
 impl RegistryGrpc {
-    /// The tenant a request names, once the policies allow `action` on it.
     async fn tenant<T>(
         &self,
         req: &Request<T>,
         reference: &str,
         action: &'static str,
     ) -> Result<Tenant, Status> {
-        let tenant = request_tenant(&self.registry, req, reference).await?;
-        self.policy
-            .check(req.extensions(), &tenant, action, None)
-            .await?;
-        Ok(tenant)
+        authorized_tenant(&self.registry, &*self.policy, req, reference, action).await
     }
 
-    /// A device of the tenant a request names, once the policies allow `action` on it.
     async fn device<T>(
         &self,
         req: &Request<T>,
@@ -67,30 +61,57 @@ impl RegistryGrpc {
         device: &str,
         action: &'static str,
     ) -> Result<Device, Status> {
-        let tenant = request_tenant(&self.registry, req, reference).await?;
-        let device = self
-            .registry
-            .device_of(tenant.id, device)
-            .await
-            .map_err(status)?;
-        self.policy
-            .check(req.extensions(), &tenant, action, Some(&device))
-            .await?;
-        Ok(device)
+        authorized_device(
+            &self.registry,
+            &*self.policy,
+            req,
+            (reference, device),
+            action,
+        )
+        .await
     }
 }
 
 /// The tenant a gRPC request names, resolved for its caller (tenant tokens reach only their
-/// own); shared by every gRPC service that works inside a tenant.
-pub async fn request_tenant<T>(
+/// own), once `policy` allows `action` on it; shared by every gRPC service inside a tenant.
+pub async fn authorized_tenant<T>(
     registry: &Registry,
+    policy: &dyn GrpcPolicy,
     req: &Request<T>,
     reference: &str,
+    action: &'static str,
 ) -> Result<Tenant, Status> {
-    registry
+    let tenant = registry
         .tenant_for(caller(req)?, reference)
         .await
-        .map_err(status)
+        .map_err(status)?;
+    policy
+        .check(req.extensions(), &tenant, action, None)
+        .await?;
+    Ok(tenant)
+}
+
+/// A device (`(tenant, device)` references) of a gRPC request's tenant, once `policy`
+/// allows `action` on it.
+pub async fn authorized_device<T>(
+    registry: &Registry,
+    policy: &dyn GrpcPolicy,
+    req: &Request<T>,
+    (tenant, device): (&str, &str),
+    action: &'static str,
+) -> Result<Device, Status> {
+    let tenant = registry
+        .tenant_for(caller(req)?, tenant)
+        .await
+        .map_err(status)?;
+    let device = registry
+        .device_of(tenant.id, device)
+        .await
+        .map_err(status)?;
+    policy
+        .check(req.extensions(), &tenant, action, Some(&device))
+        .await?;
+    Ok(device)
 }
 
 fn tenant_out(t: Tenant) -> v1::Tenant {

@@ -17,7 +17,7 @@ mod twins;
 
 pub use commands::{COMMANDS_TOPIC, CommandRoute, Commands, CommandsConfig, NewCommand};
 pub use error::RegistryError;
-pub use grpc::{GrpcPolicy, RegistryGrpc, request_tenant};
+pub use grpc::{GrpcPolicy, RegistryGrpc, authorized_device, authorized_tenant};
 pub use lease::Lease;
 pub use registry::{AccessRevoked, DevicePatch, Registry, validate_tenant_name};
 pub use twins::{DesiredState, Twin, TwinMetadata, TwinRoute, Twins, TwinsConfig};
