@@ -126,8 +126,8 @@ impl Replay {
         })
     }
 
-    /// Every device's messages in `[from_ms, to_ms)`, oldest first, and whether `limit`
-    /// cut them short.
+    /// Every device's messages in `[from_ms, to_ms)`, oldest first, and whether there were
+    /// more than `limit` (reading stops at the first device past it).
     async fn read(
         &self,
         sources: &Sources<'_>,
@@ -166,11 +166,12 @@ impl Replay {
                     }),
             );
             if messages.len() > limit {
-                return Ok((messages, true));
+                break;
             }
         }
         messages.sort_by_key(|m| m.ts_ms);
-        Ok((messages, false))
+        let cut = messages.len() > limit;
+        Ok((messages, cut))
     }
 
     fn feed(&mut self, messages: &[Stored], fired: &mut Vec<Firing>) {
@@ -222,7 +223,6 @@ pub async fn test_rule(
     let range = (from_ms, to_ms);
     let mut replay = Replay::new(sources, tenant, plan, devices, range, lateness_secs).await?;
     let (mut messages, cut) = replay.read(sources, range, MAX_MESSAGES).await?;
-    messages.sort_by_key(|m| m.ts_ms);
     messages.truncate(MAX_MESSAGES);
     let mut fired = Vec::new();
     replay.feed(&messages, &mut fired);
