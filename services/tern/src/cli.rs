@@ -483,8 +483,9 @@ pub struct StoreArgs {
     /// Address and port to serve on.
     #[arg(long, default_value = "127.0.0.1:50052")]
     pub listen: std::net::SocketAddr,
-    /// File holding the token every caller must present (16 characters or more).
-    #[arg(long, env = "TERN_STORE_TOKEN_FILE")]
+    /// File holding the token every caller must present (16 characters or more); clients
+    /// name the same file in `store.token_file`.
+    #[arg(long)]
     pub token_file: PathBuf,
 }
 
