@@ -5,8 +5,9 @@
 //!   (backfill), under the live engine's idempotency keys.
 //!
 //! A job is a store record updated as it runs (at most once a second), so its progress can be
-//! read while it runs; a job that a restart interrupted is marked failed when the process
-//! starts again, and can simply be started again (both kinds are idempotent).
+//! read while it runs. A job whose process stopped is marked failed (at start-up when one
+//! process owns the store, else once no process has updated it for a while), and can simply be
+//! started again (both kinds are idempotent).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +57,9 @@ pub struct Job {
     #[serde(default)]
     pub rows_emitted: u64,
     pub created_at_ms: i64,
+    /// When the job was last recorded: a running job's heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +105,7 @@ impl Jobs {
             messages_read: 0,
             rows_emitted: 0,
             created_at_ms: now_ms(),
+            updated_at_ms: None,
             finished_at_ms: None,
             error: None,
         })
@@ -173,7 +178,11 @@ impl Jobs {
     }
 
     async fn save(&self, job: &Job) -> Result<(), RegistryError> {
-        let bytes = Bytes::from(serde_json::to_vec(job).unwrap_or_default());
+        let job = Job {
+            updated_at_ms: Some(now_ms()),
+            ..job.clone()
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&job).unwrap_or_default());
         Ok(self
             .store
             .put_record(JOB, &key(job.tenant_id, job.id), bytes)
@@ -253,14 +262,21 @@ impl Jobs {
         Ok(jobs)
     }
 
-    /// Marks jobs that were running when the process stopped as failed; run at start-up.
-    pub async fn fail_interrupted(&self) -> Result<usize, RegistryError> {
+    /// Marks jobs whose process stopped as failed: every running job (`None`: at start-up, when
+    /// this process alone runs jobs on its store), or those not updated for `stale_after_ms`.
+    pub async fn fail_interrupted(
+        &self,
+        stale_after_ms: Option<i64>,
+    ) -> Result<usize, RegistryError> {
         let mut failed = 0;
+        let now = now_ms();
         for (key, bytes) in self.store.list_records(JOB, "", None, usize::MAX).await? {
             let Ok(mut job) = serde_json::from_slice::<Job>(&bytes) else {
                 continue;
             };
-            if job.state == JobState::Running {
+            let last_seen = job.updated_at_ms.unwrap_or(job.created_at_ms);
+            let stopped = stale_after_ms.is_none_or(|stale| now - last_seen > stale);
+            if job.state == JobState::Running && stopped {
                 job.state = JobState::Failed;
                 job.finished_at_ms = Some(now_ms());
                 job.error = Some("interrupted by a restart; start it again".into());
@@ -270,5 +286,69 @@ impl Jobs {
             }
         }
         Ok(failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tern_store::EmbeddedStore;
+
+    use super::*;
+
+    /// Stores a running job last updated `age_ms` ago.
+    async fn running(jobs: &Jobs, age_ms: i64) -> Job {
+        let mut job =
+            Jobs::new_job(TenantId::random(), "rebuild-rollups", 0, 86_400_000).expect("job");
+        job.updated_at_ms = Some(now_ms() - age_ms);
+        let bytes = Bytes::from(serde_json::to_vec(&job).expect("json"));
+        jobs.store
+            .put_record(JOB, &key(job.tenant_id, job.id), bytes)
+            .await
+            .expect("put");
+        job
+    }
+
+    #[tokio::test]
+    async fn only_jobs_nobody_updates_are_failed_when_the_store_is_shared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let jobs = Jobs::new(
+            Arc::new(EmbeddedStore::open(dir.path()).expect("store")),
+            None,
+        );
+        let live = running(&jobs, 1_000).await;
+        let abandoned = running(&jobs, 600_000).await;
+
+        assert_eq!(
+            jobs.fail_interrupted(Some(300_000)).await.expect("sweep"),
+            1
+        );
+        let state = |job: Job| job.state;
+        assert_eq!(
+            state(
+                jobs.get(abandoned.tenant_id, &abandoned.id.to_string())
+                    .await
+                    .expect("get")
+            ),
+            JobState::Failed
+        );
+        assert_eq!(
+            state(
+                jobs.get(live.tenant_id, &live.id.to_string())
+                    .await
+                    .expect("get")
+            ),
+            JobState::Running
+        );
+
+        // Alone on its store at start-up, a process fails every job still running.
+        assert_eq!(jobs.fail_interrupted(None).await.expect("sweep"), 1);
+        assert_eq!(
+            state(
+                jobs.get(live.tenant_id, &live.id.to_string())
+                    .await
+                    .expect("get")
+            ),
+            JobState::Failed
+        );
     }
 }
