@@ -1,13 +1,16 @@
 //! Saved rules: validated when saved (SQL compiled, actions parsed), unique names per tenant,
-//! and a change signal the engine follows so that changes apply without a restart.
+//! and a change signal the engine follows so that changes apply without a restart, in this
+//! process at once and in the others sharing the store within [`Rules::follow_store`]'s period.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tern_core::{TenantId, ValidationError, now_ms, validate_name};
 use tern_registry::RegistryError;
+use tern_runtime::Shutdown;
 use tern_store::Store;
 use tokio::sync::{Mutex, watch};
 use uuid::Uuid;
@@ -18,6 +21,8 @@ use super::webhooks::{delete_secret, ensure_secret};
 
 const RULE: &str = "rule";
 const RULE_NAME: &str = "rule_name";
+/// One record whose value changes with every change to any rule: what other processes watch.
+const RULES_CHANGED: (&str, &str) = ("rules_changed", "all");
 /// Longest rule text accepted.
 const MAX_SQL_BYTES: usize = 16 * 1024;
 const MAX_LATENESS_SECS: u64 = 3600;
@@ -124,6 +129,48 @@ impl Rules {
         self.changed.subscribe()
     }
 
+    /// Tells this process's engine at once, and other processes through the store. The rule
+    /// itself is saved already, so a failed announcement only delays the others.
+    async fn announce_change(&self) {
+        self.changed.send_modify(|v| *v += 1);
+        let marker = Bytes::from(Uuid::now_v7().to_string());
+        if let Err(e) = self
+            .store
+            .put_record(RULES_CHANGED.0, RULES_CHANGED.1, marker)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot announce a rule change to other processes");
+        }
+    }
+
+    /// Reads the change marker every `every` until `stop`, and signals [`Rules::changes`]
+    /// when another process changed a rule. For processes sharing a store.
+    pub async fn follow_store(self: Arc<Self>, every: Duration, stop: Shutdown) {
+        let mut seen = None;
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let marker = match self
+                .store
+                .get_record(RULES_CHANGED.0, RULES_CHANGED.1)
+                .await
+            {
+                Ok(marker) => marker,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the rules' change marker");
+                    continue;
+                }
+            };
+            if seen.is_some() && seen.as_ref() != Some(&marker) {
+                self.changed.send_modify(|v| *v += 1);
+            }
+            seen = Some(marker);
+        }
+    }
+
     /// Saves a new rule. The second value is the rule's webhook secret when it has a webhook
     /// action: it signs the requests, and is shown only here.
     pub async fn create(
@@ -173,7 +220,7 @@ impl Rules {
         self.store
             .put_record(RULE_NAME, &name_key, Bytes::from(rule.id.to_string()))
             .await?;
-        self.changed.send_modify(|v| *v += 1);
+        self.announce_change().await;
         Ok((rule, secret))
     }
 
@@ -260,7 +307,7 @@ impl Rules {
         self.store
             .put_record(RULE, &format!("{tenant}/{}", rule.id), encode(&rule))
             .await?;
-        self.changed.send_modify(|v| *v += 1);
+        self.announce_change().await;
         Ok((rule, secret))
     }
 
@@ -274,7 +321,47 @@ impl Rules {
             .delete_record(RULE_NAME, &format!("{tenant}/{}", rule.name))
             .await?;
         delete_secret(self.store.as_ref(), tenant, rule.id).await?;
-        self.changed.send_modify(|v| *v += 1);
+        self.announce_change().await;
         Ok(rule)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tern_store::EmbeddedStore;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_rule_saved_by_one_process_reaches_another_sharing_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        let (here, there) = (
+            Rules::new(store.clone(), 10),
+            Arc::new(Rules::new(store, 10)),
+        );
+        let stop = Shutdown::new();
+        let mut changes = there.changes();
+        tokio::spawn(
+            there
+                .clone()
+                .follow_store(Duration::from_millis(10), stop.clone()),
+        );
+        // Let the follower read the marker as it was before the change.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!changes.has_changed().expect("open"));
+
+        let rule = NewRule {
+            name: "hot".into(),
+            sql: "SELECT device, temp FROM telemetry WHERE temp > 50".into(),
+            actions: vec!["alert:warning".into()],
+            ..NewRule::default()
+        };
+        here.create(TenantId::random(), rule).await.expect("create");
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .expect("the other process hears of it")
+            .expect("open");
+        stop.cancel();
     }
 }
