@@ -59,6 +59,21 @@ pub enum Output {
 pub enum Command {
     /// Run every service in one process on embedded storage.
     Up(UpArgs),
+    /// Run the device endpoints alone (MQTT, MQTT over TLS and WebSocket, CoAP); with the
+    /// other services as separate processes on the shared store, Kafka and NATS.
+    Bridge(UpArgs),
+    /// Run the registry alone: the `tern.v1.Registry` gRPC service, OTA campaigns and
+    /// command expiry.
+    Registry(UpArgs),
+    /// Run identity alone: the `tern.v1.Identity` gRPC service, OAuth 2.0 / OpenID Connect
+    /// and signing-key rotation.
+    Identity(UpArgs),
+    /// Run analytics alone: ingest into the store, rules, webhooks and retention.
+    Analytics(UpArgs),
+    /// Run the REST API alone (`/api/v1`).
+    Gateway(UpArgs),
+    /// Serve the web dashboard's pages alone.
+    Dashboard(UpArgs),
     /// Serve the store to other processes over gRPC (`tern.v1.Store`): the shared store of
     /// the distributed mode. Other processes name it in `store.url`.
     Store(StoreArgs),

@@ -3,13 +3,17 @@
 mod cli;
 mod client;
 mod config;
+mod ops;
 mod output;
+mod republish;
+mod roles;
 mod store;
 mod up;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use roles::{Role, Roles};
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
@@ -25,7 +29,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            cli::Command::Up(args) => up::run(args).await,
+            cli::Command::Up(args) => up::run(args, Roles::All).await,
+            cli::Command::Bridge(args) => up::run(args, Roles::One(Role::Bridge)).await,
+            cli::Command::Registry(args) => up::run(args, Roles::One(Role::Registry)).await,
+            cli::Command::Identity(args) => up::run(args, Roles::One(Role::Identity)).await,
+            cli::Command::Analytics(args) => up::run(args, Roles::One(Role::Analytics)).await,
+            cli::Command::Gateway(args) => up::run(args, Roles::One(Role::Gateway)).await,
+            cli::Command::Dashboard(args) => up::run(args, Roles::One(Role::Dashboard)).await,
             cli::Command::Store(args) => store::run(args).await,
             cli::Command::Admin(command) => client::run(cli.global, command).await,
         }

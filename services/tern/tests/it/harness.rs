@@ -1,6 +1,7 @@
-//! Starting and stopping `tern up`, running the CLI, and MQTT helpers.
+//! Starting and stopping `tern up` (or one service, `tern bridge`, ...), running the CLI, and
+//! MQTT helpers.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,9 +18,12 @@ pub fn free_udp_port() -> u16 {
     free_port()
 }
 
-/// A running `tern up` in its own data directory.
+/// A running `tern up` (or `tern {service}`) in its own data directory.
 pub struct Tern {
     pub dir: tempfile::TempDir,
+    /// `up`, or the service this process runs.
+    command: &'static str,
+    data_dir: PathBuf,
     pub mqtt_port: u16,
     /// UDP.
     pub coap_port: u16,
@@ -39,6 +43,16 @@ impl Tern {
 
     /// Starts with extra `TERN_...` environment (configuration overrides).
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        Self::start_command("up", None, env)
+    }
+
+    /// Starts `tern {service}` alone. The services of one test share `data_dir` (the identity
+    /// service writes the operator token there), as pods would share a mounted secret.
+    pub fn start_service(service: &'static str, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_command(service, Some(data_dir), env)
+    }
+
+    fn start_command(command: &'static str, data_dir: Option<&Path>, env: &[(&str, &str)]) -> Self {
         let [mqtt_port, http_port, grpc_port, mqtts_port, wss_port] = free_ports();
         let mut env: Vec<(String, String)> = env
             .iter()
@@ -54,8 +68,12 @@ impl Tern {
             );
             env.push((key.to_string(), port.to_string()));
         }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let mut tern = Self {
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir,
+            command,
+            data_dir,
             mqtt_port,
             coap_port: free_udp_port(),
             http_port,
@@ -70,7 +88,7 @@ impl Tern {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir.clone()
     }
 
     fn spawn(&mut self) {
@@ -80,7 +98,7 @@ impl Tern {
             .open(self.dir.path().join("tern.log"))
             .expect("log file");
         let child = Command::new(TERN)
-            .args(["up", "--bind", "127.0.0.1"])
+            .args([self.command, "--bind", "127.0.0.1"])
             .args(["--data-dir", self.data_dir().to_str().expect("utf-8 path")])
             .args(["--mqtt-port", &self.mqtt_port.to_string()])
             .args(["--coap-port", &self.coap_port.to_string()])
@@ -90,7 +108,7 @@ impl Tern {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn tern up");
+            .unwrap_or_else(|e| panic!("spawn tern {}: {e}", self.command));
         self.child = Some(child);
         self.wait_ready();
     }
@@ -105,7 +123,8 @@ impl Tern {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 panic!(
-                    "tern up exited during start-up with {status}; log:\n{}",
+                    "tern {} exited during start-up with {status}; log:\n{}",
+                    self.command,
                     self.log()
                 );
             }
@@ -114,7 +133,11 @@ impl Tern {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("tern up did not become ready; log:\n{}", self.log());
+        panic!(
+            "tern {} did not become ready; log:\n{}",
+            self.command,
+            self.log()
+        );
     }
 
     pub fn log(&self) -> String {

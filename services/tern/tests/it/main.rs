@@ -32,6 +32,7 @@ mod rollups;
 mod rules;
 mod selectors;
 mod served_store;
+mod services;
 mod sessions;
 mod simulator;
 mod tenancy;

@@ -12,15 +12,15 @@ use tern_registry::testing::NatsServer;
 use crate::harness::{Mqtt, PATIENCE, TERN, Tern};
 
 /// `tern store` on a free port, stopped on drop.
-struct StoreServer {
+pub struct StoreServer {
     child: Child,
-    url: String,
-    token_file: std::path::PathBuf,
+    pub url: String,
+    pub token_file: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl StoreServer {
-    fn start() -> Self {
+    pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let token_file = dir.path().join("store.token");
         std::fs::write(&token_file, "a-store-token-for-the-tests\n").expect("token");

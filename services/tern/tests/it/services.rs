@@ -1,0 +1,242 @@
+//! The distributed shape: every service its own process (`tern identity`, `tern registry`,
+//! `tern gateway`, `tern analytics`, `tern bridge`, `tern dashboard`) on one served store, a
+//! Kafka-protocol log and a nats-server. A device's telemetry goes bridge → Kafka → analytics →
+//! store → REST; a REST command reaches the device through the bridge and its answer comes
+//! back; a rule's republish crosses from analytics to the bridge; and an analytics process
+//! killed with SIGKILL mid-stream is replaced with nothing acknowledged lost or stored twice.
+//!
+//! Kafka is librdkafka's mock cluster (the Kafka protocol on real TCP ports): tansu 0.6 does
+//! not re-form a consumer group whose member died without leaving, which is what kill -9 does
+//! (see kafka.rs).
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use std::time::Duration;
+
+use rumqttc::{Event, Packet, QoS};
+use serde_json::{Value, json};
+use tern_proto::tonic::Request;
+use tern_proto::tonic::metadata::MetadataValue;
+use tern_proto::v1::GetDeviceRequest;
+use tern_proto::v1::registry_client::RegistryClient;
+use tern_registry::testing::NatsServer;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::harness::{Mqtt, PATIENCE, Provisioned, Tern, values};
+use crate::served_store::StoreServer;
+
+/// Everything the services share, as a platform team's configuration would say it.
+struct Shared {
+    env: Vec<(&'static str, String)>,
+    data: tempfile::TempDir,
+}
+
+impl Shared {
+    fn service(&self, service: &'static str) -> Tern {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Tern::start_service(service, self.data.path(), &env)
+    }
+}
+
+async fn serving(grpc_port: u16, service: &str) -> ServingStatus {
+    let channel =
+        tern_proto::tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+    let mut health = HealthClient::new(channel);
+    let answer = health
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health");
+    answer.into_inner().status()
+}
+
+async fn publish_seqs(bridge: &Tern, p: &Provisioned, seqs: std::ops::Range<u32>) {
+    let mut device = Mqtt::connect(Mqtt::options(
+        bridge.mqtt_port,
+        &p.device_id,
+        &p.access_token,
+    ))
+    .await
+    .expect("connect");
+    device
+        .publish_acked(
+            "telemetry",
+            seqs.map(|i| format!(r#"{{"seq": {i}}}"#).into_bytes())
+                .collect(),
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_in_its_own_process() {
+    let cluster: MockCluster<'static, DefaultProducerContext> =
+        MockCluster::new(1).expect("mock cluster");
+    for stream in ["telemetry", "event", "lifecycle", "commands", "notices"] {
+        cluster
+            .create_topic(&format!("tern.{stream}"), 3, 1)
+            .expect("create topic");
+    }
+    let nats = NatsServer::start();
+    let store = StoreServer::start();
+    let shared = Shared {
+        env: vec![
+            ("TERN_STORE__URL", store.url.clone()),
+            (
+                "TERN_STORE__TOKEN_FILE",
+                store.token_file.to_str().expect("utf-8").into(),
+            ),
+            ("TERN_EVENTLOG__BACKEND", "kafka".into()),
+            ("TERN_EVENTLOG__KAFKA__BROKERS", cluster.bootstrap_servers()),
+            ("TERN_EVENTLOG__KAFKA__CREATE_TOPICS", "false".into()),
+            ("TERN_ROUTING__BACKEND", "nats".into()),
+            ("TERN_ROUTING__NATS__URL", nats.url.clone()),
+            // One issuer for every process, as behind one ingress.
+            (
+                "TERN_IDENTITY__PUBLIC_URL",
+                "https://iot.example.test".into(),
+            ),
+        ],
+        data: tempfile::tempdir().expect("tempdir"),
+    };
+    // Identity first: it makes the operator token the others' callers use.
+    let identity = shared.service("identity");
+    let registry = shared.service("registry");
+    let gateway = shared.service("gateway");
+    let mut analytics = shared.service("analytics");
+    let bridge = shared.service("bridge");
+    let dashboard = shared.service("dashboard");
+
+    // Each answers gRPC health for itself and for the services it serves.
+    assert_eq!(
+        serving(registry.grpc_port, "tern.v1.Registry").await,
+        ServingStatus::Serving
+    );
+    assert_eq!(
+        serving(identity.grpc_port, "tern.v1.Identity").await,
+        ServingStatus::Serving
+    );
+    for process in [&gateway, &analytics, &bridge, &dashboard] {
+        assert_eq!(serving(process.grpc_port, "").await, ServingStatus::Serving);
+    }
+    let page = reqwest::get(dashboard.http()).await.expect("dashboard");
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("page").contains("<html"));
+    let api = reqwest::get(format!("{}/api/v1/tenants", dashboard.http()))
+        .await
+        .expect("GET");
+    assert_eq!(api.status(), 404, "the dashboard serves pages, not the API");
+
+    // Provisioned through the gateway's REST API; read back through the registry's gRPC.
+    let p = gateway.provision("acme", "pump");
+    let mut grpc = RegistryClient::connect(format!("http://127.0.0.1:{}", registry.grpc_port))
+        .await
+        .expect("connect");
+    let mut get = Request::new(GetDeviceRequest {
+        tenant_id: "acme".into(),
+        device_id: "pump".into(),
+    });
+    let bearer: MetadataValue<_> = format!("Bearer {}", gateway.operator_token())
+        .parse()
+        .expect("metadata");
+    get.metadata_mut().insert("authorization", bearer);
+    let device = grpc.get_device(get).await.expect("GetDevice").into_inner();
+    assert_eq!(device.id, p.device_id);
+
+    // Telemetry: MQTT to the bridge, Kafka, analytics, the store, REST on the gateway.
+    publish_seqs(&bridge, &p, 0..100).await;
+    let seqs = |points: &[Value]| {
+        let mut v = values(points);
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let expected = |n: u32| (0..n).map(f64::from).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(&gateway.wait_points(&p, "seq", 100).await),
+        expected(100)
+    );
+
+    // A command through the gateway reaches the device on the bridge (over NATS), and the
+    // device's answer, stored by the bridge, ends the gateway's wait.
+    let mut device = Mqtt::device(&bridge, &p).await;
+    device.subscribe("command/req/#", QoS::AtLeastOnce).await;
+    let request = {
+        let (http, token) = (gateway.http(), p.api_token.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{http}/api/v1/tenants/acme/devices/pump/commands"))
+                .bearer_auth(token)
+                .json(&json!({"name": "ping", "wait_secs": 60}))
+                .send()
+                .await
+                .expect("POST")
+                .json::<Value>()
+                .await
+                .expect("JSON")
+        })
+    };
+    let got = tokio::time::timeout(PATIENCE, device.received())
+        .await
+        .expect("the command reaches the device");
+    let id = got.topic.split('/').nth(2).expect("command id").to_string();
+    device
+        .publish(&format!("command/res/{id}/200"), r#"{"pong": true}"#)
+        .await;
+    let command = tokio::time::timeout(PATIENCE, request)
+        .await
+        .expect("the answer ends the wait")
+        .expect("request");
+    assert_eq!(command["state"], "succeeded", "{command}");
+    assert_eq!(command["result"]["payload"]["pong"], true, "{command}");
+
+    // A rule's republish goes from the analytics process to the bridge's subscribers.
+    gateway.cli_json(&[
+        "rule",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "hot",
+        "--sql",
+        "SELECT device, temp FROM telemetry WHERE temp > 50",
+        "--action",
+        "republish:alerts/hot",
+    ]);
+    device.subscribe("alerts/#", QoS::AtLeastOnce).await;
+    // The analytics process picks the rule up from the store within a second: until then a
+    // reading may pass unmatched, so the device keeps sending one.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let alert = 'republished: loop {
+        device
+            .publish_acked("telemetry", vec![br#"{"temp": 61}"#.to_vec()])
+            .await;
+        let second = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(event) = tokio::time::timeout_at(second, device.events.poll()).await {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = event {
+                break 'republished p;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "republished across processes"
+        );
+    };
+    assert_eq!(alert.topic, "alerts/hot");
+    let body: Value = serde_json::from_slice(&alert.payload).expect("JSON");
+    assert_eq!(body["row"]["temp"], 61, "{body}");
+
+    // kill -9 the analytics process mid-stream and start another: every acknowledged message
+    // is stored, none twice.
+    publish_seqs(&bridge, &p, 100..300).await;
+    analytics.kill9();
+    analytics = shared.service("analytics");
+    let points = gateway.wait_points(&p, "seq", 300).await;
+    assert_eq!(seqs(&points), expected(300), "nothing lost, nothing twice");
+    assert!(analytics.stop(), "clean exit; log:\n{}", analytics.log());
+}
