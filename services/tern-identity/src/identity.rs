@@ -47,6 +47,10 @@ pub struct IdentityConfig {
     pub lockout_secs: u64,
     /// Tenants (by name) whose people sign in against an LDAP directory.
     pub ldap: BTreeMap<String, LdapConfig>,
+    /// The operator token's file: adopted when it exists and no operator token does yet, else
+    /// written on first start. Unset: `{data_dir}/admin.token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for IdentityConfig {
@@ -63,6 +67,7 @@ impl Default for IdentityConfig {
             max_failed_logins: 5,
             lockout_secs: 900,
             ldap: BTreeMap::new(),
+            operator_token_file: None,
         }
     }
 }
@@ -297,8 +302,10 @@ impl Identity {
         &self.registry
     }
 
-    /// Makes sure an operator token exists. On first start it is written to `path` (mode 0600)
-    /// and only its hash is kept; the secret never appears in logs.
+    /// Makes sure an operator token exists. When the store has none, a token already in `path`
+    /// is adopted (one made by the deployment, such as a mounted Kubernetes Secret), or else a
+    /// new one is written there (mode 0600). Only its hash is kept; the secret never appears
+    /// in logs.
     pub async fn ensure_operator_token(&self, path: &Path) -> Result<(), IdentityError> {
         if !self
             .store
@@ -308,9 +315,35 @@ impl Identity {
         {
             return Ok(());
         }
-        let token = new_token("tern_op_")?;
-        write_secret_file(path, &token)
-            .map_err(|e| IdentityError::Keys(format!("cannot write {}: {e}", path.display())))?;
+        let token = match std::fs::read_to_string(path) {
+            // Made elsewhere (a Kubernetes Secret, say): adopted as it is.
+            Ok(text) => {
+                let token = text.trim().to_string();
+                if !is_operator_token(&token) {
+                    return Err(IdentityError::Keys(format!(
+                        "{} does not hold an operator token: expected `tern_op_` and at least \
+                         32 more letters, digits, `-` or `_`",
+                        path.display()
+                    )));
+                }
+                tracing::info!(path = %path.display(), "adopted the operator token");
+                token
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let token = new_token("tern_op_")?;
+                write_secret_file(path, &token).map_err(|e| {
+                    IdentityError::Keys(format!("cannot write {}: {e}", path.display()))
+                })?;
+                tracing::info!(path = %path.display(), "created the operator token");
+                token
+            }
+            Err(e) => {
+                return Err(IdentityError::Keys(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        };
         self.store
             .put_record(
                 OPERATOR_TOKEN,
@@ -318,7 +351,6 @@ impl Identity {
                 now_ms().to_string().into_bytes().into(),
             )
             .await?;
-        tracing::info!(path = %path.display(), "created the operator token");
         Ok(())
     }
 
@@ -519,6 +551,16 @@ impl Identity {
 
 fn json<T: Serialize>(value: &T) -> bytes::Bytes {
     serde_json::to_vec(value).unwrap_or_default().into()
+}
+
+/// `tern_op_` and at least 256 bits' worth of URL-safe characters.
+fn is_operator_token(token: &str) -> bool {
+    token.strip_prefix("tern_op_").is_some_and(|rest| {
+        rest.len() >= 32
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    })
 }
 
 fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
@@ -760,6 +802,32 @@ mod tests {
             .await
             .expect("again");
         assert!(!path.exists(), "an existing operator token is not replaced");
+
+        // A token provided in the file (a mounted Secret) is adopted when the store has none;
+        // anything else there stops start-up, naming the file.
+        let g = fixture().await;
+        let provided = dir.path().join("provided.token");
+        std::fs::write(&provided, "tern_op_short\n").expect("write");
+        let err = g
+            .identity
+            .ensure_operator_token(&provided)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("provided.token"), "{err}");
+        let token = format!("tern_op_{}", "k".repeat(43));
+        std::fs::write(&provided, format!("{token}\n")).expect("write");
+        g.identity
+            .ensure_operator_token(&provided)
+            .await
+            .expect("adopted");
+        assert_eq!(
+            g.identity
+                .authenticate_api(&token)
+                .await
+                .expect("auth")
+                .caller,
+            Caller::Operator
+        );
         #[cfg(unix)]
         {
             // Checked on a fresh file: only the owner may read the secret.

@@ -215,9 +215,9 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
     let public_url = identity_config.public_url.clone();
     let identity = Arc::new(Identity::new(store.clone(), registry.clone(), identity_config).await?);
     if roles.has(Role::Identity) {
-        identity
-            .ensure_operator_token(&data.join("admin.token"))
-            .await?;
+        let path = (config.identity.operator_token_file.clone())
+            .unwrap_or_else(|| data.join("admin.token"));
+        identity.ensure_operator_token(&path).await?;
     }
 
     let bridge_listeners = match roles.has(Role::Bridge) {
