@@ -32,6 +32,17 @@ PRODUCTION = {
     "serviceMonitor": {"enabled": True},
 }
 MINIMAL = {"networkPolicy": {"enabled": False}, "log": {"format": "text"}}
+SERVICES = ["analytics", "bridge", "dashboard", "gateway", "identity", "registry"]
+DISTRIBUTED = {
+    "mode": "distributed",
+    "kafka": {"brokers": "kafka-0.kafka:9092,kafka-1.kafka:9092"},
+    "nats": {"url": "nats://nats:4222"},
+    "tls": {"secretName": "tern-mqtt-tls"},
+    "publicUrl": "https://iot.example.com",
+    "ingress": {"enabled": True, "host": "iot.example.com", "className": "nginx",
+                "tlsSecretName": "iot-example-com"},
+    "serviceMonitor": {"enabled": True},
+}
 
 BAD_VALUES = [
     ({"ports": {"mqtt": 70000, "mqtts": 8883, "wss": 8084, "coap": 5683, "http": 8080, "grpc": 50051}},
@@ -40,6 +51,12 @@ BAD_VALUES = [
     ({"tracing": {"otlpEndpoint": "https://collector:4317"}}, "OTLP over TLS is not supported"),
     ({"replicas": 3}, "an unknown key"),
     ({"deviceService": {"type": "Ingress"}}, "a Service type that does not exist"),
+    ({"mode": "distributed", "nats": {"url": "nats://nats:4222"}},
+     "distributed mode without Kafka brokers"),
+    ({"mode": "distributed", "kafka": {"brokers": "kafka:9092"}}, "distributed mode without NATS"),
+    ({"services": {"analytics": {"replicas": 2, "resources": {}}}},
+     "two analytics replicas (one rules checkpoint per stream)"),
+    ({"ingress": {"enabled": True}}, "an ingress without a host"),
 ]
 
 
@@ -79,10 +96,77 @@ def by_kind(docs, kind):
     return [doc for _, doc in docs if doc["kind"] == kind]
 
 
-def container_env(docs):
-    (sts,) = by_kind(docs, "StatefulSet")
+def container_env(docs, workload="StatefulSet"):
+    (sts,) = by_kind(docs, workload)
     container = sts["spec"]["template"]["spec"]["containers"][0]
     return container, {e["name"]: e.get("value") for e in container["env"]}
+
+
+def check_distributed(chart):
+    docs = render(chart, DISTRIBUTED)
+    validate(docs, "distributed values")
+    deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+                   for d in by_kind(docs, "Deployment")}
+    if sorted(deployments) != SERVICES:
+        fail(f"distributed: one Deployment per service expected, got {sorted(deployments)}")
+    (store,) = by_kind(docs, "StatefulSet")
+    if store["spec"]["template"]["spec"]["containers"][0]["args"][0] != "store":
+        fail("distributed: the one StatefulSet runs `tern store`")
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        if container["args"][0] != name:
+            fail(f"distributed: the {name} Deployment runs `tern {container['args'][0]}`")
+        if container["readinessProbe"]["httpGet"]["path"] != "/readyz":
+            fail(f"distributed: {name} is ready by /readyz")
+        has_store = env.get("TERN_STORE__URL") == "http://tern-store:50052"
+        if has_store == (name == "dashboard"):
+            fail(f"distributed: {name} {'must not get' if name == 'dashboard' else 'needs'} the store")
+        if name != "dashboard" and (env.get("TERN_EVENTLOG__BACKEND"), env.get("TERN_ROUTING__BACKEND")) != ("kafka", "nats"):
+            fail(f"distributed: {name} needs the Kafka log and NATS routing")
+    identity_env = {e["name"]: e.get("value") for e in
+                    deployments["identity"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    if identity_env.get("TERN_IDENTITY__OPERATOR_TOKEN_FILE") != "/etc/tern/operator/token":
+        fail("distributed: identity adopts the operator token from its Secret")
+    secrets = {s["metadata"]["name"]: s for s in by_kind(docs, "Secret")}
+    import base64
+    operator = base64.b64decode(secrets["tern-operator-token"]["data"]["token"]).decode()
+    if not operator.startswith("tern_op_") or len(operator) < 40:
+        fail("distributed: the operator token Secret holds a tern_op_ token")
+    if len(base64.b64decode(secrets["tern-store-token"]["data"]["token"])) < 16:
+        fail("distributed: the store token has at least 16 characters")
+    if deployments["analytics"]["spec"].get("strategy", {}).get("type") != "Recreate":
+        fail("distributed: analytics is replaced, never doubled, on upgrade")
+    pdbs = {p["metadata"]["name"] for p in by_kind(docs, "PodDisruptionBudget")}
+    if pdbs != {f"tern-{n}" for n in SERVICES}:
+        fail(f"distributed: a PodDisruptionBudget per service, got {sorted(pdbs)}")
+    (ingress,) = by_kind(docs, "Ingress")
+    routes = {p["path"]: p["backend"]["service"]["name"]
+              for p in ingress["spec"]["rules"][0]["http"]["paths"]}
+    for path, service in {"/api": "tern-gateway", "/oauth2": "tern-identity",
+                          "/.well-known": "tern-identity", "/mqtt": "tern-bridge",
+                          "/": "tern-dashboard"}.items():
+        if routes.get(path) != service:
+            fail(f"distributed: the ingress sends {path} to {routes.get(path)}, expected {service}")
+    (devices,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "tern-devices"]
+    if devices["spec"]["selector"].get("app.kubernetes.io/component") != "bridge":
+        fail("distributed: devices reach the bridges")
+    if len(by_kind(docs, "NetworkPolicy")) != 2:
+        fail("distributed: a NetworkPolicy for the services and one keeping the store private")
+
+    scaled = dict(DISTRIBUTED, services={
+        "bridge": {"replicas": 2, "resources": {},
+                   "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 20,
+                                   "targetCPUUtilizationPercentage": 60}}})
+    docs = render(chart, scaled)
+    validate(docs, "distributed values with autoscaling")
+    (hpa,) = by_kind(docs, "HorizontalPodAutoscaler")
+    if (hpa["spec"]["scaleTargetRef"]["name"], hpa["spec"]["maxReplicas"]) != ("tern-bridge", 20):
+        fail("distributed: the bridge's HorizontalPodAutoscaler")
+    (bridge,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "tern-bridge"]
+    if "replicas" in bridge["spec"]:
+        fail("distributed: an autoscaled Deployment leaves replicas to its autoscaler")
 
 
 def main():
@@ -134,6 +218,8 @@ def main():
     if by_kind(minimal, "NetworkPolicy"):
         fail("networkPolicy.enabled=false renders no NetworkPolicy")
 
+    check_distributed(chart)
+
     for values, why in BAD_VALUES:
         try:
             chart.validate_schema(values)
@@ -141,7 +227,7 @@ def main():
             continue
         fail(f"values.schema.json accepted {why}: {values}")
 
-    print(f"chart ok: lint, 3 value sets rendered and valid for Kubernetes {KUBE_VERSION}, "
+    print(f"chart ok: lint, 5 value sets rendered and valid for Kubernetes {KUBE_VERSION}, "
           f"{len(BAD_VALUES)} bad value sets refused")
 
 

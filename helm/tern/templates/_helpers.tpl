@@ -21,3 +21,122 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "tern.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
+
+{{/* Labels of one part in distributed mode: the selector labels plus its component. */}}
+{{- define "tern.componentLabels" -}}
+{{ include "tern.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The config file the container reads. */}}
+{{- define "tern.configFile" -}}
+{{ if .Values.config }}/etc/tern/custom/tern.toml{{ else }}/etc/tern/tern.toml{{ end }}
+{{- end -}}
+
+{{/* The store token Secret (distributed mode). */}}
+{{- define "tern.storeSecret" -}}
+{{ .Values.store.existingSecret | default (printf "%s-store-token" (include "tern.fullname" .)) }}
+{{- end -}}
+
+{{/* The operator token Secret (distributed mode). */}}
+{{- define "tern.operatorSecret" -}}
+{{ .Values.operatorToken.existingSecret | default (printf "%s-operator-token" (include "tern.fullname" .)) }}
+{{- end -}}
+
+{{/* Environment every Tern container gets: ports, logging, TLS, the shared backends.
+Takes (dict "root" $ "component" NAME); the dashboard gets no store credentials. */}}
+{{- define "tern.env" -}}
+{{- $component := .component -}}
+{{- with .root -}}
+- name: TERN_LOG__LEVEL
+  value: {{ .Values.log.level | quote }}
+- name: TERN_LOG__FORMAT
+  value: {{ .Values.log.format | quote }}
+{{- range $name, $port := .Values.ports }}
+- name: TERN_{{ upper $name }}_PORT
+  value: {{ $port | quote }}
+{{- end }}
+{{- with .Values.publicUrl }}
+- name: TERN_IDENTITY__PUBLIC_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- if .Values.tls.secretName }}
+- name: TERN_MQTT__TLS__CERT_FILE
+  value: /etc/tern/tls/tls.crt
+- name: TERN_MQTT__TLS__KEY_FILE
+  value: /etc/tern/tls/tls.key
+{{- end }}
+{{- with .Values.kafka }}
+{{- if .brokers }}
+- name: TERN_EVENTLOG__BACKEND
+  value: kafka
+- name: TERN_EVENTLOG__KAFKA__BROKERS
+  value: {{ .brokers | quote }}
+- name: TERN_EVENTLOG__KAFKA__NAMESPACE
+  value: {{ .namespace | quote }}
+- name: TERN_EVENTLOG__KAFKA__CREATE_TOPICS
+  value: {{ .createTopics | quote }}
+- name: TERN_EVENTLOG__KAFKA__PARTITIONS
+  value: {{ .partitions | quote }}
+- name: TERN_EVENTLOG__KAFKA__REPLICATION_FACTOR
+  value: {{ .replicationFactor | quote }}
+- name: TERN_EVENTLOG__KAFKA__RETENTION_HOURS
+  value: {{ .retentionHours | quote }}
+{{- end }}
+{{- end }}
+{{- if .Values.nats.url }}
+- name: TERN_ROUTING__BACKEND
+  value: nats
+- name: TERN_ROUTING__NATS__URL
+  value: {{ .Values.nats.url | quote }}
+- name: TERN_ROUTING__NATS__SUBJECT_PREFIX
+  value: {{ .Values.nats.subjectPrefix | quote }}
+{{- end }}
+{{- if and (eq .Values.mode "distributed") (ne $component "dashboard") }}
+- name: TERN_STORE__URL
+  value: {{ printf "http://%s-store:%v" (include "tern.fullname" .) .Values.store.port | quote }}
+- name: TERN_STORE__TOKEN_FILE
+  value: /etc/tern/store/token
+{{- end }}
+{{- if .Values.tracing.otlpEndpoint }}
+- name: TERN_TRACING__OTLP_ENDPOINT
+  value: {{ .Values.tracing.otlpEndpoint | quote }}
+- name: TERN_TRACING__SAMPLING_RATIO
+  value: {{ .Values.tracing.samplingRatio | quote }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The container's security context: read-only root, no capabilities. */}}
+{{- define "tern.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end -}}
+
+{{/* Pod placement and identity shared by every pod. */}}
+{{- define "tern.podSpecCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+automountServiceAccountToken: false
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
