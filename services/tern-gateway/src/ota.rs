@@ -3,7 +3,6 @@
 //! resume, abort); and for devices, `GET /device/v1/artifacts/{id}` with range requests, so an
 //! interrupted download resumes.
 
-use std::io::SeekFrom;
 use std::sync::Arc;
 
 use axum::Json;
@@ -14,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tern_registry::ota::{Artifact, Campaign, NewCampaign, Target};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use uuid::Uuid;
 
 use crate::auth::{Authenticated, AuthenticatedDevice};
@@ -130,23 +128,9 @@ pub(crate) async fn download(
             }
         },
     };
-    let mut file = tokio::fs::File::open(gw.artifacts.path(&artifact))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                tern_core::ErrorCode::Internal,
-                format!("artifact {id}: {e}"),
-            )
-        })?;
     let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
-    file.seek(SeekFrom::Start(start)).await.map_err(|e| {
-        ApiError::new(
-            tern_core::ErrorCode::Internal,
-            format!("artifact {id}: {e}"),
-        )
-    })?;
     let length = end + 1 - start;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.take(length)));
+    let body = Body::from_stream(gw.artifacts.read(&artifact, start, end).await?);
     let mut response = Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, length)
