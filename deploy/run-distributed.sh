@@ -22,10 +22,13 @@ DATA=${DATA:-./data-distributed}
 mkdir -p "$DATA"
 
 pids=()
+# Last started, first stopped: the services drain into the brokers and the store before those go.
 stop() {
 	trap - INT TERM EXIT
-	for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-	wait 2>/dev/null || true
+	for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+		kill "${pids[i]}" 2>/dev/null || true
+		wait "${pids[i]}" 2>/dev/null || true
+	done
 }
 trap stop INT TERM EXIT
 
