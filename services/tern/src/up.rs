@@ -22,6 +22,7 @@ use tern_identity::{Identity, IdentityGrpc, grpc_auth};
 use tern_registry::nats::{NatsEndpoint, NatsRouter};
 use tern_registry::ota::{Artifacts, Campaigns};
 use tern_registry::{Commands, Registry, RegistryGrpc, Twins};
+use tern_runtime::otel::TracingConfig;
 use tern_runtime::{MetricsRegistry, Shutdown, logging, shutdown_signal};
 use tern_store::{EmbeddedStore, RemoteStore, Store};
 use tokio::net::{TcpListener, UdpSocket};
@@ -188,8 +189,14 @@ async fn bind_bridge(config: &UpConfig, identity: &Arc<Identity>) -> anyhow::Res
 }
 
 pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
-    let config = UpConfig::load(&args)?;
+    let mut config = UpConfig::load(&args)?;
     roles.check(&config)?;
+    // A service alone names itself in its spans, unless configured otherwise.
+    if let Roles::One(role) = roles
+        && config.tracing.service_name == TracingConfig::default().service_name
+    {
+        config.tracing.service_name = format!("tern-{}", role.name());
+    }
     let _traces = logging::init(&config.log.level, config.log.format, &config.tracing)
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     if !roles.needs_platform() {
@@ -325,8 +332,12 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
     }
     if let Some(engine) = rule_engine.filter(|_| roles.has(Role::Analytics)) {
         let stop = stop_ingest.clone();
+        let shared_store = !config.store.url.is_empty();
         consumers.push(tokio::spawn(async move {
-            engine.run(stop).await.context("the rule engine stopped")
+            engine
+                .run(stop, shared_store)
+                .await
+                .context("the rule engine stopped")
         }));
     }
     if roles.has(Role::Gateway) {

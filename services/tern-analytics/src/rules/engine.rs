@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tern_core::{TenantId, now_ms};
 use tern_eventlog::{Consumed, Consumer, EventLog, LogError, Position, TELEMETRY_TOPIC};
 use tern_proto::v1::Event;
-use tern_registry::{Commands, Registry, Twins};
+use tern_registry::{Commands, Lease, Registry, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::Store;
 use uuid::Uuid;
@@ -39,6 +39,11 @@ const BATCH: usize = 1024;
 const POLL_WAIT: Duration = Duration::from_millis(200);
 const DEVICE_INFO_TTL: Duration = Duration::from_secs(5);
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the rule engine's lease lasts unrenewed: how soon a standby takes over from a
+/// process that died.
+pub const RULES_LEASE_TTL: Duration = Duration::from_secs(10);
+/// How often the holder renews it (and a standby asks for it).
+const RULES_LEASE_RENEW: Duration = Duration::from_secs(2);
 
 /// Limits (`[rules]` in the config file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,9 +194,64 @@ impl RuleEngine {
         self.actions.clone()
     }
 
-    /// Runs every stream's rules until `shutdown`, saving checkpoints before it returns.
-    pub async fn run(self, shutdown: Shutdown) -> Result<(), LogError> {
+    /// Runs the rules until `shutdown`: at once when this process is alone on its store, else
+    /// while it holds the `rule-engine` lease.
+    ///
+    /// Rules keep state (windows, patterns) that spans devices and so log partitions; one
+    /// process at a time runs them, on every partition, from the checkpoint the previous holder
+    /// saved. Analytics processes without the lease still ingest. A holder that stops renewing
+    /// (killed, or cut off from the store) loses the lease within [`RULES_LEASE_TTL`] and
+    /// another takes over; the rows it re-evaluates act under the same idempotency keys.
+    pub async fn run(self, shutdown: Shutdown, shared_store: bool) -> Result<(), LogError> {
         let this = Arc::new(self);
+        if !shared_store {
+            return this.run_streams(shutdown).await;
+        }
+        let lease = Lease::new(this.services.store.clone(), "rule-engine", RULES_LEASE_TTL);
+        loop {
+            // Standby: ask for the lease until it is free.
+            loop {
+                match lease.hold().await {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot read the rule-engine lease"),
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(RULES_LEASE_RENEW) => {}
+                }
+            }
+            tracing::info!("this process runs the rules (it holds the rule-engine lease)");
+            let term = shutdown.child_token();
+            let engine = tokio::spawn(this.clone().run_streams(term.clone()));
+            let mut renewed = Instant::now();
+            let lost = loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break false,
+                    () = tokio::time::sleep(RULES_LEASE_RENEW) => {}
+                }
+                match lease.hold().await {
+                    Ok(true) => renewed = Instant::now(),
+                    Ok(false) => break true,
+                    // The store is unreachable: others may take the lease once it expires.
+                    Err(_) if renewed.elapsed() >= RULES_LEASE_TTL => break true,
+                    Err(e) => tracing::warn!(error = %e, "cannot renew the rule-engine lease"),
+                }
+            };
+            term.cancel();
+            let outcome = engine.await.unwrap_or(Ok(()));
+            if !lost {
+                lease.release().await;
+                return outcome;
+            }
+            tracing::warn!("lost the rule-engine lease: another process runs the rules now");
+            outcome?;
+        }
+    }
+
+    /// Runs every stream's rules until `shutdown`, saving checkpoints before it returns.
+    async fn run_streams(self: Arc<Self>, shutdown: Shutdown) -> Result<(), LogError> {
+        let this = self;
         let mut tasks = Vec::new();
         for stream in STREAMS {
             let consumer = this.services.log.consumer(RULES_GROUP, stream).await?;

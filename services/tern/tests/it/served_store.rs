@@ -21,6 +21,11 @@ pub struct StoreServer {
 
 impl StoreServer {
     pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    /// With extra environment (`TERN_TRACING__OTLP_ENDPOINT`, say).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let token_file = dir.path().join("store.token");
         std::fs::write(&token_file, "a-store-token-for-the-tests\n").expect("token");
@@ -31,6 +36,7 @@ impl StoreServer {
             .arg(dir.path().join("data"))
             .arg("--token-file")
             .arg(&token_file)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -3,7 +3,8 @@
 //! Kafka-protocol log and a nats-server. A device's telemetry goes bridge → Kafka → analytics →
 //! store → REST; a REST command reaches the device through the bridge and its answer comes
 //! back; a rule's republish crosses from analytics to the bridge; and an analytics process
-//! killed with SIGKILL mid-stream is replaced with nothing acknowledged lost or stored twice.
+//! killed with SIGKILL mid-stream, beside a standby and then a replacement, leaves nothing
+//! acknowledged lost or stored twice, and the rules go on in a survivor.
 //!
 //! Kafka is librdkafka's mock cluster (the Kafka protocol on real TCP ports): tansu 0.6 does
 //! not re-form a consumer group whose member died without leaving, which is what kill -9 does
@@ -27,14 +28,59 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::harness::{Mqtt, PATIENCE, Provisioned, Tern, values};
 use crate::served_store::StoreServer;
 
-/// Everything the services share, as a platform team's configuration would say it.
-struct Shared {
+/// Everything the services share, started on loopback: a Kafka-protocol broker (librdkafka's
+/// mock cluster), a nats-server and `tern store`; and the environment that points a service
+/// at them, as a platform team's configuration would.
+pub struct Platform {
+    _cluster: MockCluster<'static, DefaultProducerContext>,
+    _nats: NatsServer,
+    _store: StoreServer,
     env: Vec<(&'static str, String)>,
+    /// Shared by the services (the identity service writes the operator token here).
     data: tempfile::TempDir,
 }
 
-impl Shared {
-    fn service(&self, service: &'static str) -> Tern {
+impl Platform {
+    /// `env` goes to every process, `tern store` included.
+    pub fn start(env: &[(&'static str, &str)]) -> Self {
+        let cluster: MockCluster<'static, DefaultProducerContext> =
+            MockCluster::new(1).expect("mock cluster");
+        for stream in ["telemetry", "event", "lifecycle", "commands", "notices"] {
+            cluster
+                .create_topic(&format!("tern.{stream}"), 3, 1)
+                .expect("create topic");
+        }
+        let nats = NatsServer::start();
+        let store = StoreServer::start_with_env(env);
+        let mut shared = vec![
+            ("TERN_STORE__URL", store.url.clone()),
+            (
+                "TERN_STORE__TOKEN_FILE",
+                store.token_file.to_str().expect("utf-8").into(),
+            ),
+            ("TERN_EVENTLOG__BACKEND", "kafka".into()),
+            ("TERN_EVENTLOG__KAFKA__BROKERS", cluster.bootstrap_servers()),
+            ("TERN_EVENTLOG__KAFKA__CREATE_TOPICS", "false".into()),
+            ("TERN_ROUTING__BACKEND", "nats".into()),
+            ("TERN_ROUTING__NATS__URL", nats.url.clone()),
+            // One issuer for every process, as behind one ingress.
+            (
+                "TERN_IDENTITY__PUBLIC_URL",
+                "https://iot.example.test".into(),
+            ),
+        ];
+        shared.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+        Self {
+            _cluster: cluster,
+            _nats: nats,
+            _store: store,
+            env: shared,
+            data: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Starts `tern {service}` on the shared parts.
+    pub fn service(&self, service: &'static str) -> Tern {
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         Tern::start_service(service, self.data.path(), &env)
     }
@@ -74,37 +120,37 @@ async fn publish_seqs(bridge: &Tern, p: &Provisioned, seqs: std::ops::Range<u32>
         .await;
 }
 
+/// Publishes a hot reading marked `mark` every second until the rule's republish of one of
+/// them reaches the device (subscribed to `alerts/#`): the analytics process running the rules
+/// picks a new rule up within a second, and a standby takes the rules over within the lease's
+/// lifetime, so a reading may pass unmatched first. Returns the republished row.
+async fn republished(device: &mut Mqtt, mark: u32) -> Value {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let reading = format!(r#"{{"temp": 61, "mark": {mark}}}"#);
+        device
+            .publish_acked("telemetry", vec![reading.into_bytes()])
+            .await;
+        let second = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(event) = tokio::time::timeout_at(second, device.events.poll()).await {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = event {
+                assert_eq!(p.topic, "alerts/hot");
+                let body: Value = serde_json::from_slice(&p.payload).expect("JSON");
+                if body["row"]["mark"] == mark {
+                    return body["row"].clone();
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "republished across processes"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_in_its_own_process() {
-    let cluster: MockCluster<'static, DefaultProducerContext> =
-        MockCluster::new(1).expect("mock cluster");
-    for stream in ["telemetry", "event", "lifecycle", "commands", "notices"] {
-        cluster
-            .create_topic(&format!("tern.{stream}"), 3, 1)
-            .expect("create topic");
-    }
-    let nats = NatsServer::start();
-    let store = StoreServer::start();
-    let shared = Shared {
-        env: vec![
-            ("TERN_STORE__URL", store.url.clone()),
-            (
-                "TERN_STORE__TOKEN_FILE",
-                store.token_file.to_str().expect("utf-8").into(),
-            ),
-            ("TERN_EVENTLOG__BACKEND", "kafka".into()),
-            ("TERN_EVENTLOG__KAFKA__BROKERS", cluster.bootstrap_servers()),
-            ("TERN_EVENTLOG__KAFKA__CREATE_TOPICS", "false".into()),
-            ("TERN_ROUTING__BACKEND", "nats".into()),
-            ("TERN_ROUTING__NATS__URL", nats.url.clone()),
-            // One issuer for every process, as behind one ingress.
-            (
-                "TERN_IDENTITY__PUBLIC_URL",
-                "https://iot.example.test".into(),
-            ),
-        ],
-        data: tempfile::tempdir().expect("tempdir"),
-    };
+    let shared = Platform::start(&[]);
     // Identity first: it makes the operator token the others' callers use.
     let identity = shared.service("identity");
     let registry = shared.service("registry");
@@ -204,39 +250,36 @@ async fn every_service_in_its_own_process() {
         "--name",
         "hot",
         "--sql",
-        "SELECT device, temp FROM telemetry WHERE temp > 50",
+        "SELECT device, temp, mark FROM telemetry WHERE temp > 50",
         "--action",
         "republish:alerts/hot",
     ]);
-    device.subscribe("alerts/#", QoS::AtLeastOnce).await;
-    // The analytics process picks the rule up from the store within a second: until then a
-    // reading may pass unmatched, so the device keeps sending one.
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let alert = 'republished: loop {
-        device
-            .publish_acked("telemetry", vec![br#"{"temp": 61}"#.to_vec()])
-            .await;
-        let second = tokio::time::Instant::now() + Duration::from_secs(1);
-        while let Ok(event) = tokio::time::timeout_at(second, device.events.poll()).await {
-            if let Ok(Event::Incoming(Packet::Publish(p))) = event {
-                break 'republished p;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "republished across processes"
-        );
-    };
-    assert_eq!(alert.topic, "alerts/hot");
-    let body: Value = serde_json::from_slice(&alert.payload).expect("JSON");
-    assert_eq!(body["row"]["temp"], 61, "{body}");
+    // Its own device (the pump's connection is taken over below).
+    let watcher = gateway.provision("acme", "watcher");
+    let mut watching = Mqtt::device(&bridge, &watcher).await;
+    watching.subscribe("alerts/#", QoS::AtLeastOnce).await;
+    let row = republished(&mut watching, 1).await;
+    assert_eq!(row["temp"], 61, "{row}");
 
-    // kill -9 the analytics process mid-stream and start another: every acknowledged message
-    // is stored, none twice.
+    assert!(analytics.log().contains("holds the rule-engine lease"));
+
+    // A second analytics process shares ingest and stands by for the rules. kill -9 the first
+    // mid-stream and start another: every acknowledged message is stored, none twice, and
+    // the rules go on in one of the survivors once the dead holder's lease expires.
+    let standby = shared.service("analytics");
     publish_seqs(&bridge, &p, 100..300).await;
     analytics.kill9();
-    analytics = shared.service("analytics");
+    let replacement = shared.service("analytics");
     let points = gateway.wait_points(&p, "seq", 300).await;
     assert_eq!(seqs(&points), expected(300), "nothing lost, nothing twice");
-    assert!(analytics.stop(), "clean exit; log:\n{}", analytics.log());
+    republished(&mut watching, 2).await;
+    assert!(
+        [&standby, &replacement]
+            .iter()
+            .any(|a| a.log().contains("holds the rule-engine lease")),
+        "a survivor took the rules over"
+    );
+    for mut survivor in [standby, replacement] {
+        assert!(survivor.stop(), "clean exit; log:\n{}", survivor.log());
+    }
 }
