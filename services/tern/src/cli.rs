@@ -502,6 +502,10 @@ pub struct StoreArgs {
     /// name the same file in `store.token_file`.
     #[arg(long)]
     pub token_file: PathBuf,
+    /// OTLP/gRPC collector (`http://host:4317`) for the spans of traced writes, which
+    /// continue the callers' traces; unset: off.
+    #[arg(long, env = "TERN_TRACING__OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Args, Default)]

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use tern_runtime::otel::TracingConfig;
 use tern_runtime::shutdown_signal;
 use tern_store::{EmbeddedStore, Store, StoreService};
 
@@ -11,12 +12,17 @@ use crate::cli::StoreArgs;
 use crate::config::read_token;
 
 pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
-    let _logging = tern_runtime::logging::init(
-        "info",
-        tern_runtime::logging::LogFormat::Text,
-        &Default::default(),
-    )
-    .map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))?;
+    let tracing = TracingConfig {
+        otlp_endpoint: args.otlp_endpoint.clone().unwrap_or_default(),
+        service_name: "tern-store".into(),
+        ..TracingConfig::default()
+    };
+    if let Err((key, reason)) = tracing.validate() {
+        anyhow::bail!("`--otlp-endpoint` ({key}) {reason}");
+    }
+    let _logging =
+        tern_runtime::logging::init("info", tern_runtime::logging::LogFormat::Text, &tracing)
+            .map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))?;
     let token = read_token(&args.token_file, "--token-file")?;
     let store: Arc<dyn Store> = Arc::new(
         EmbeddedStore::open(&args.data_dir)

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tern_proto::tonic::metadata::MetadataValue;
+use tern_proto::tonic::metadata::{MetadataKey, MetadataValue};
 use tern_proto::tonic::transport::{Channel, Endpoint};
 use tern_proto::tonic::{Code, Request, Status};
 use tern_proto::v1::{self, store_client::StoreClient};
@@ -56,11 +56,22 @@ impl RemoteStore {
         })
     }
 
+    /// A call with the token, the deadline and, when traces are exported, the W3C trace
+    /// context of the current span, so the served store's span joins the caller's trace.
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
-        request
-            .metadata_mut()
-            .insert("authorization", self.authorization.clone());
+        let metadata = request.metadata_mut();
+        metadata.insert("authorization", self.authorization.clone());
+        if tern_runtime::otel::enabled() {
+            for (key, value) in tern_runtime::otel::inject(&tracing::Span::current()) {
+                if let (Ok(key), Ok(value)) = (
+                    MetadataKey::from_bytes(key.as_bytes()),
+                    MetadataValue::try_from(value.as_str()),
+                ) {
+                    metadata.insert(key, value);
+                }
+            }
+        }
         request.set_timeout(DEADLINE);
         request
     }

@@ -1,11 +1,13 @@
 //! Serving a store over gRPC.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use aws_lc_rs::constant_time::verify_slices_are_equal;
 use aws_lc_rs::digest::{SHA256, digest};
 use tern_proto::tonic::{Request, Response, Status};
 use tern_proto::v1::{self, store_server};
+use tracing::Instrument;
 
 use super::{
     FIELD, MAX_MESSAGE_BYTES, event_in, event_out, point_in, point_out, range_in, rollup_out,
@@ -58,6 +60,27 @@ impl StoreService {
     }
 }
 
+/// A `tern.store.serve` span continuing the caller's trace (W3C trace context in the call's
+/// metadata), when traces are exported and the call is traced; else no span.
+fn serve_span<T>(req: &Request<T>) -> tracing::Span {
+    if !tern_runtime::otel::enabled() {
+        return tracing::Span::none();
+    }
+    let carrier: HashMap<String, String> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|key| {
+            let value = req.metadata().get(key)?.to_str().ok()?;
+            Some((key.to_string(), value.to_string()))
+        })
+        .collect();
+    if carrier.is_empty() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(parent: None, "tern.store.serve", "tern.service" = "store");
+    tern_runtime::otel::set_parent(&span, &carrier);
+    span
+}
+
 fn status(e: StoreError) -> Status {
     match e {
         StoreError::Invalid { field, reason } => {
@@ -87,12 +110,17 @@ impl store_server::Store for StoreService {
         &self,
         req: Request<v1::StoreWriteRequest>,
     ) -> Result<Response<v1::StoreEmpty>, Status> {
+        let span = serve_span(&req);
         let req = req.into_inner();
         let batch = WriteBatch {
             points: req.points.into_iter().map(point_in).collect(),
             events: req.events.into_iter().map(event_in).collect(),
         };
-        self.store.write(batch).await.map_err(status)?;
+        self.store
+            .write(batch)
+            .instrument(span)
+            .await
+            .map_err(status)?;
         Ok(Response::new(v1::StoreEmpty {}))
     }
 
