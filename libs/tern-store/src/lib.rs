@@ -21,7 +21,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 pub use embedded::EmbeddedStore;
-pub use remote::{RemoteStore, StoreService};
+pub use remote::{RemoteStore, StoreService, StoreTls};
 
 /// One numeric sample of one metric.
 #[derive(Debug, Clone, PartialEq)]

@@ -502,6 +502,15 @@ pub struct StoreArgs {
     /// name the same file in `store.token_file`.
     #[arg(long)]
     pub token_file: PathBuf,
+    /// Serve over TLS with this certificate (PEM, the chain); with `--tls-key`.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
     /// OTLP/gRPC collector (`http://host:4317`) for the spans of traced writes, which
     /// continue the callers' traces; unset: off.
     #[arg(long, env = "TERN_TRACING__OTLP_ENDPOINT", value_name = "URL")]

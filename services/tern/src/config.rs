@@ -57,9 +57,52 @@ pub struct StoreConfig {
     pub url: String,
     /// The file holding the store token (with `url`).
     pub token_file: Option<PathBuf>,
+    /// `https://` URLs: the CA (PEM) that signed the store's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// This process's certificate and key (PEM), for a store that requires client
+    /// certificates (mutual TLS).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl StoreConfig {
+    /// TLS to the store: none for `http://`; for `https://`, `ca_file` and, together, the
+    /// optional `cert_file` and `key_file`. Errors name the key.
+    pub fn tls(&self) -> anyhow::Result<Option<tern_store::StoreTls>> {
+        let read = |path: &PathBuf, key: &str| {
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("`{key}`: cannot read {}: {e}", path.display()))
+        };
+        if !self.url.starts_with("https://") {
+            if self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some() {
+                anyhow::bail!(
+                    "invalid configuration: `store.ca_file`, `store.cert_file` and \
+                     `store.key_file` need an https:// `store.url`"
+                );
+            }
+            return Ok(None);
+        }
+        let Some(ca) = &self.ca_file else {
+            anyhow::bail!(
+                "invalid configuration: `store.ca_file` must name the CA of the store's \
+                 certificate for an https:// `store.url`"
+            );
+        };
+        let identity = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                Some((read(cert, "store.cert_file")?, read(key, "store.key_file")?))
+            }
+            (None, None) => None,
+            _ => anyhow::bail!(
+                "invalid configuration: `store.cert_file` and `store.key_file` must be set together"
+            ),
+        };
+        Ok(Some(tern_store::StoreTls {
+            ca_pem: read(ca, "store.ca_file")?,
+            identity,
+        }))
+    }
+
     /// The token of a remote store, read from `token_file`.
     pub fn token(&self) -> anyhow::Result<String> {
         let Some(path) = &self.token_file else {
@@ -310,6 +353,7 @@ impl UpConfig {
                 );
             }
             self.store.token()?;
+            self.store.tls()?;
         }
         if let Some(first) = problems.first() {
             anyhow::bail!(

@@ -69,7 +69,7 @@ async fn open_store(config: &UpConfig) -> anyhow::Result<Arc<dyn Store>> {
         })?));
     }
     let url = &config.store.url;
-    let remote = RemoteStore::connect(url, &config.store.token()?)?;
+    let remote = RemoteStore::connect_with_tls(url, &config.store.token()?, config.store.tls()?)?;
     // One call now, so that a wrong address or token stops start-up with the keys named.
     remote
         .get_record("probe", "start-up")

@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use tern_proto::tonic::metadata::{MetadataKey, MetadataValue};
-use tern_proto::tonic::transport::{Channel, Endpoint};
+use tern_proto::tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tern_proto::tonic::{Code, Request, Status};
 use tern_proto::v1::{self, store_client::StoreClient};
 
@@ -35,15 +35,43 @@ pub struct RemoteStore {
     authorization: MetadataValue<tonic::metadata::Ascii>,
 }
 
+/// TLS to a served store: the CA that signed its certificate, and this process's own
+/// certificate and key (PEM) when the store asks for one (mutual TLS).
+#[derive(Clone, Default)]
+pub struct StoreTls {
+    pub ca_pem: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 impl RemoteStore {
     /// A store at `url` (`http://host:port`), called with `token`. Connects on first use and
     /// reconnects after failures.
     pub fn connect(url: &str, token: &str) -> Result<Self, StoreError> {
-        let endpoint = Endpoint::from_shared(url.to_string())
+        Self::connect_with_tls(url, token, None)
+    }
+
+    /// As [`RemoteStore::connect`], over TLS when `tls` is given (`url` is then `https://`;
+    /// the store's certificate must name the URL's host).
+    pub fn connect_with_tls(
+        url: &str,
+        token: &str,
+        tls: Option<StoreTls>,
+    ) -> Result<Self, StoreError> {
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| StoreError::Storage(format!("store url {url:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .timeout(DEADLINE);
+        if let Some(tls) = tls {
+            let mut config =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca_pem));
+            if let Some((cert, key)) = tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| StoreError::Storage(format!("store TLS: {e}")))?;
+        }
         let authorization = format!("Bearer {token}")
             .parse()
             .map_err(|_| StoreError::Storage("the store token is not valid ASCII".into()))?;

@@ -6,7 +6,7 @@
 mod client;
 mod server;
 
-pub use client::RemoteStore;
+pub use client::{RemoteStore, StoreTls};
 pub use server::StoreService;
 
 use tern_proto::v1;

@@ -10,6 +10,7 @@ use tern_eventlog::testing::{free_port, wait_listening};
 use tern_registry::testing::NatsServer;
 
 use crate::harness::{Mqtt, PATIENCE, TERN, Tern};
+use crate::tls::{client_cert, pki};
 
 /// `tern store` on a free port, stopped on drop.
 pub struct StoreServer {
@@ -21,11 +22,16 @@ pub struct StoreServer {
 
 impl StoreServer {
     pub fn start() -> Self {
-        Self::start_with_env(&[])
+        Self::start_with(&[], &[])
     }
 
     /// With extra environment (`TERN_TRACING__OTLP_ENDPOINT`, say).
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        Self::start_with(&[], env)
+    }
+
+    /// With extra flags and environment.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let token_file = dir.path().join("store.token");
         std::fs::write(&token_file, "a-store-token-for-the-tests\n").expect("token");
@@ -36,6 +42,7 @@ impl StoreServer {
             .arg(dir.path().join("data"))
             .arg("--token-file")
             .arg(&token_file)
+            .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -135,6 +142,17 @@ async fn two_processes_share_a_served_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wrong = dir.path().join("wrong.token");
     std::fs::write(&wrong, "not-the-store-token-at-all").expect("token");
+    let wrong = wrong.to_str().expect("utf-8");
+    let stderr = refused_start(&[
+        ("TERN_STORE__URL", &store.url),
+        ("TERN_STORE__TOKEN_FILE", wrong),
+    ]);
+    assert!(stderr.contains("`store.url`"), "{stderr}");
+}
+
+/// Runs `tern up` with `env`, expecting it to stop at start-up; returns its stderr.
+fn refused_start(env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(TERN)
         .args(["up", "--bind", "127.0.0.1"])
         .arg("--data-dir")
@@ -143,11 +161,65 @@ async fn two_processes_share_a_served_store() {
         .args(["--http-port", &free_port().to_string()])
         .args(["--grpc-port", &free_port().to_string()])
         .args(["--coap-port", &free_port().to_string()])
-        .env("TERN_STORE__URL", &store.url)
-        .env("TERN_STORE__TOKEN_FILE", &wrong)
+        .envs(env.iter().copied())
         .output()
         .expect("tern up");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "tern up started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_over_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = pki(dir.path(), "store");
+    let (cert, key) = client_cert(dir.path(), &pki, "tern-up");
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    let store = StoreServer::start_with(
+        &[
+            "--tls-cert",
+            &path(&pki.cert),
+            "--tls-key",
+            &path(&pki.key),
+            "--client-ca",
+            &path(&pki.ca),
+        ],
+        &[],
+    );
+    let url = store.url.replace("http://127.0.0.1", "https://localhost");
+    let token_file = path(&store.token_file);
+    let (ca, cert, key) = (path(&pki.ca), path(&cert), path(&key));
+    let tls = [
+        ("TERN_STORE__URL", url.as_str()),
+        ("TERN_STORE__TOKEN_FILE", token_file.as_str()),
+        ("TERN_STORE__CA_FILE", ca.as_str()),
+    ];
+
+    // With its client certificate, tern up works on the store: telemetry in, read back.
+    let mut env = tls.to_vec();
+    env.extend([
+        ("TERN_STORE__CERT_FILE", cert.as_str()),
+        ("TERN_STORE__KEY_FILE", key.as_str()),
+    ]);
+    let tern = Tern::start_with_env(&env);
+    let p = tern.provision("acme", "boiler");
+    let mut device = Mqtt::device(&tern, &p).await;
+    device
+        .publish_acked("telemetry", vec![br#"{"temp": 21.5}"#.to_vec()])
+        .await;
+    assert_eq!(tern.wait_points(&p, "temp", 1).await[0]["value"], 21.5);
+
+    // Without one, or in plain text, the store refuses it at start-up, which names the key.
+    let stderr = refused_start(&tls);
     assert!(stderr.contains("`store.url`"), "{stderr}");
+    let stderr = refused_start(&[
+        ("TERN_STORE__URL", store.url.as_str()),
+        ("TERN_STORE__TOKEN_FILE", token_file.as_str()),
+    ]);
+    assert!(stderr.contains("`store.url`"), "{stderr}");
+    // An https:// store without the CA to check it by is a configuration error.
+    let stderr = refused_start(&[
+        ("TERN_STORE__URL", url.as_str()),
+        ("TERN_STORE__TOKEN_FILE", token_file.as_str()),
+    ]);
+    assert!(stderr.contains("`store.ca_file`"), "{stderr}");
 }

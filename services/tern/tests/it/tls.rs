@@ -226,7 +226,7 @@ fn tls_tern(server: &Pki, extra: &[(&str, &str)]) -> Tern {
 }
 
 /// A client certificate for `cn` signed by the CA of `pki` (EC P-256, clientAuth).
-fn client_cert(dir: &Path, pki: &Pki, cn: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn client_cert(dir: &Path, pki: &Pki, cn: &str) -> (PathBuf, PathBuf) {
     let (key, csr, cert) = (
         dir.join(format!("{cn}.key")),
         dir.join(format!("{cn}.csr")),
