@@ -155,6 +155,21 @@ def check_distributed(chart):
     if len(by_kind(docs, "NetworkPolicy")) != 2:
         fail("distributed: a NetworkPolicy for the services and one keeping the store private")
 
+    mutual = dict(DISTRIBUTED, store={"tls": {"serverSecret": "store-server-tls",
+                                             "clientSecret": "store-client-tls"}})
+    docs = render(chart, mutual)
+    validate(docs, "distributed values with mutual TLS to the store")
+    (store,) = by_kind(docs, "StatefulSet")
+    args = store["spec"]["template"]["spec"]["containers"][0]["args"]
+    if "--client-ca" not in args or "--tls-cert" not in args:
+        fail("store TLS: tern store serves mutual TLS")
+    if "tcpSocket" not in store["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]:
+        fail("store TLS: the kubelet's gRPC probe cannot speak TLS; probe the port")
+    gateway = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "tern-gateway"][0]
+    env = {e["name"]: e.get("value") for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    if env.get("TERN_STORE__URL") != "https://tern-store:50052" or not env.get("TERN_STORE__CERT_FILE"):
+        fail("store TLS: the services call https:// with their client certificate")
+
     scaled = dict(DISTRIBUTED, services={
         "bridge": {"replicas": 2, "resources": {},
                    "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 20,
@@ -227,7 +242,7 @@ def main():
             continue
         fail(f"values.schema.json accepted {why}: {values}")
 
-    print(f"chart ok: lint, 5 value sets rendered and valid for Kubernetes {KUBE_VERSION}, "
+    print(f"chart ok: lint, 6 value sets rendered and valid for Kubernetes {KUBE_VERSION}, "
           f"{len(BAD_VALUES)} bad value sets refused")
 
 

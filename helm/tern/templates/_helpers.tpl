@@ -94,9 +94,19 @@ Takes (dict "root" $ "component" NAME); the dashboard gets no store credentials.
 {{- end }}
 {{- if and (eq .Values.mode "distributed") (ne $component "dashboard") }}
 - name: TERN_STORE__URL
-  value: {{ printf "http://%s-store:%v" (include "tern.fullname" .) .Values.store.port | quote }}
+  value: {{ printf "%s://%s-store:%v" (ternary "https" "http" (ne .Values.store.tls.serverSecret "")) (include "tern.fullname" .) .Values.store.port | quote }}
 - name: TERN_STORE__TOKEN_FILE
   value: /etc/tern/store/token
+{{- if .Values.store.tls.serverSecret }}
+- name: TERN_STORE__CA_FILE
+  value: /etc/tern/store-tls/ca.crt
+{{- if .Values.store.tls.clientSecret }}
+- name: TERN_STORE__CERT_FILE
+  value: /etc/tern/store-tls/tls.crt
+- name: TERN_STORE__KEY_FILE
+  value: /etc/tern/store-tls/tls.key
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if .Values.tracing.otlpEndpoint }}
 - name: TERN_TRACING__OTLP_ENDPOINT
