@@ -37,6 +37,7 @@ use crate::fanout::{ToRetain, hand_over, publish_will, retain_message, store_for
 use crate::handshake::{Admitted, TOKEN_AUTH_METHOD, TOPIC_ALIAS_MAX};
 use crate::lifecycle;
 use crate::metrics::ReasonLabel;
+use crate::peers::ToPeers;
 use crate::persistent::{Away, Leftovers, SavedSubscription};
 use crate::policy;
 use crate::quota::TokenBucket;
@@ -1077,6 +1078,16 @@ impl Connection {
         );
         metrics.deliveries.inc_by(routed.delivered as u64);
         metrics.deliveries_dropped.inc_by(routed.dropped as u64);
+        self.bridge.forward_to_peers(
+            flow.tenant,
+            ToPeers {
+                topic,
+                payload: &publish.payload,
+                qos: publish.qos,
+                retain: publish.retain,
+                properties: properties.as_ref(),
+            },
+        );
         let reply = success_reply(publish, flow);
         if routed.waiting.is_empty() && routed.away.is_empty() && !publish.retain {
             if let Some(reply) = reply {

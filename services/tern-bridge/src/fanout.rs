@@ -147,7 +147,7 @@ pub(crate) async fn publish_from_platform(
 
 /// Routes a message the platform publishes itself (no publishing connection): counts the
 /// deliveries, waits for room in full queues, and stores what away sessions must keep.
-async fn route_from_platform(
+pub(crate) async fn route_from_platform(
     bridge: &Bridge,
     tenant: TenantId,
     message: &Message<'_>,
@@ -212,6 +212,16 @@ pub(crate) async fn publish_will(
                 from: None,
             };
             let _ = route_from_platform(bridge, tenant, &message).await;
+            bridge.forward_to_peers(
+                tenant,
+                crate::peers::ToPeers {
+                    topic,
+                    payload: &will.message,
+                    qos: will.qos,
+                    retain: will.retain,
+                    properties: properties.as_ref(),
+                },
+            );
             if will.retain {
                 let will = ToRetain {
                     topic: topic.to_string(),

@@ -24,6 +24,7 @@ pub mod fuzzing;
 mod handshake;
 mod lifecycle;
 mod metrics;
+mod peers;
 mod persistent;
 mod policy;
 mod quota;
@@ -54,6 +55,7 @@ use tokio_util::task::TaskTracker;
 
 pub use coap::ACCESS_TOKEN_OPTION as COAP_ACCESS_TOKEN_OPTION;
 pub use config::{BridgeConfig, TlsConfig};
+pub use peers::PeerBridges;
 pub use tls::{TenantCaVerifier, TlsError, TlsReloader};
 pub use websocket::{WEBSOCKET_PATH, websocket_routes};
 
@@ -112,6 +114,8 @@ pub struct Bridge {
     slots: Arc<Semaphore>,
     /// Every connection's task, so that shutdown can wait for them.
     connections: TaskTracker,
+    /// The other bridge processes, when there are any.
+    peers: std::sync::OnceLock<Arc<dyn PeerBridges>>,
 }
 
 impl Bridge {
@@ -199,6 +203,7 @@ impl Bridge {
             tenant_connections: Arc::default(),
             tenant_rates: TenantRates::default(),
             connections: TaskTracker::new(),
+            peers: std::sync::OnceLock::new(),
         })
     }
 

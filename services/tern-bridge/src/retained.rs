@@ -94,14 +94,36 @@ impl Retained {
         properties: Option<Arc<PublishProperties>>,
     ) -> Result<RetainOutcome, StoreError> {
         let key = record_key(tenant, topic);
+        match self.remember(tenant, topic, payload, qos, properties) {
+            (RetainOutcome::Cleared, _) => {
+                self.store.delete_record(RECORD_KIND, &key).await?;
+                Ok(RetainOutcome::Cleared)
+            }
+            (RetainOutcome::Stored, Some(value)) => {
+                self.store.put_record(RECORD_KIND, &key, value).await?;
+                Ok(RetainOutcome::Stored)
+            }
+            (outcome, _) => Ok(outcome),
+        }
+    }
+
+    /// Sets or clears the retained message in memory only: for one another bridge process
+    /// has stored already. The second value is the record to store, when one is.
+    pub fn remember(
+        &self,
+        tenant: TenantId,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        properties: Option<Arc<PublishProperties>>,
+    ) -> (RetainOutcome, Option<Bytes>) {
         if payload.is_empty() {
             self.write_tenants(|tenants| {
                 if let Some(topics) = tenants.get_mut(&tenant) {
                     topics.remove(topic);
                 }
             });
-            self.store.delete_record(RECORD_KIND, &key).await?;
-            return Ok(RetainOutcome::Cleared);
+            return (RetainOutcome::Cleared, None);
         }
         let expires_at_ms = properties
             .as_ref()
@@ -124,10 +146,9 @@ impl Retained {
             true
         });
         if !stored {
-            return Ok(RetainOutcome::QuotaExceeded);
+            return (RetainOutcome::QuotaExceeded, None);
         }
-        self.store.put_record(RECORD_KIND, &key, value).await?;
-        Ok(RetainOutcome::Stored)
+        (RetainOutcome::Stored, Some(value))
     }
 
     /// The unexpired retained messages of a tenant whose topics match `filter`, each with the

@@ -3,9 +3,9 @@
 mod cli;
 mod client;
 mod config;
+mod nats_fanout;
 mod ops;
 mod output;
-mod republish;
 mod roles;
 mod store;
 mod up;

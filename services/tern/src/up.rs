@@ -32,8 +32,8 @@ use tonic_health::server::HealthReporter;
 
 use crate::cli::UpArgs;
 use crate::config::{EventLogBackend, RoutingBackend, UpConfig};
+use crate::nats_fanout::{self, BridgePublisher, NatsPeers, NatsPublisher};
 use crate::ops::{self, Ready};
-use crate::republish::{self, BridgePublisher, NatsPublisher};
 use crate::roles::{Role, Roles};
 
 /// A job not updated for this long was left by a process that died (jobs record progress at
@@ -119,9 +119,17 @@ async fn connect_routes(
                     nats,
                     bridge.local_routes(),
                 )));
-                let serve = republish::serve_over_nats(
+                // Publishes of this bridge's clients reach the other bridges' subscribers.
+                let origin = uuid::Uuid::new_v4().to_string();
+                bridge.set_peers(Arc::new(NatsPeers::start(
+                    client.clone(),
+                    &nats.subject_prefix,
+                    &origin,
+                )));
+                let serve = nats_fanout::serve_over_nats(
                     client.clone(),
                     nats.subject_prefix.clone(),
+                    origin,
                     bridge.clone(),
                     stop.clone(),
                 );

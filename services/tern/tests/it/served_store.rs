@@ -131,6 +131,43 @@ async fn two_processes_share_a_served_store() {
     assert_eq!(command["state"], "succeeded", "{command}");
     assert_eq!(command["result"]["payload"]["pong"], true);
 
+    // Plain publish/subscribe crosses the processes' bridges: a subscriber on the first gets
+    // what a client of the second publishes, and a retained message set through the second is
+    // there for a new subscription on the first.
+    let (watcher, talker, latecomer) = (
+        first.provision("acme", "watcher"),
+        first.provision("acme", "talker"),
+        first.provision("acme", "latecomer"),
+    );
+    let mut watching = Mqtt::device(&first, &watcher).await;
+    watching.subscribe("plant/#", QoS::AtLeastOnce).await;
+    let mut talking = Mqtt::device(&second, &talker).await;
+    talking.publish("plant/boiler/state", "on").await;
+    let got = tokio::time::timeout(PATIENCE, watching.received())
+        .await
+        .expect("delivered across bridges");
+    assert_eq!(
+        (got.topic.as_str(), got.payload.as_str()),
+        ("plant/boiler/state", "on")
+    );
+    talking
+        .publish_retained("plant/boiler/mode", "eco", true)
+        .await;
+    let got = tokio::time::timeout(PATIENCE, watching.received())
+        .await
+        .expect("delivered across bridges");
+    assert_eq!(got.payload, "eco");
+    let mut late = Mqtt::device(&first, &latecomer).await;
+    late.subscribe("plant/boiler/mode", QoS::AtLeastOnce).await;
+    let got = tokio::time::timeout(PATIENCE, late.received())
+        .await
+        .expect("the retained message");
+    assert_eq!((got.payload.as_str(), got.retain), ("eco", true));
+    // Each bridge delivers a publish once: the first's subscriber got nothing more.
+    watching
+        .expect_only_marker(&mut talking, "plant/marker")
+        .await;
+
     // The signing keys are shared too: the first process's device token opens the second's
     // MQTT port (and takes the device's session over from the first, as MQTT wants).
     let options = Mqtt::options(second.mqtt_port, &p.device_id, &p.access_token);
