@@ -220,6 +220,8 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
     })?;
     let log = open_event_log(&config)?;
     let store = open_store(&config).await?;
+    // Other processes may use the same store (and run the same chores).
+    let shared_store = !config.store.url.is_empty();
     let metrics = MetricsRegistry::default();
     let registry = Arc::new(Registry::new(store.clone()));
     let mut identity_config = config.identity.clone();
@@ -235,9 +237,10 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
         identity.ensure_operator_token(&path).await?;
     }
 
-    let bridge_listeners = match roles.has(Role::Bridge) {
-        true => Some(bind_bridge(&config, &identity).await?),
-        false => None,
+    let bridge_listeners = if roles.has(Role::Bridge) {
+        Some(bind_bridge(&config, &identity).await?)
+    } else {
+        None
     };
     let http_listener = listen(&config, config.http_port, "http_port").await?;
     let grpc_listener = listen(&config, config.grpc_port, "grpc_port").await?;
@@ -254,8 +257,8 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
         config.commands.clone(),
     ));
     let twins = Arc::new(Twins::new(store.clone(), config.twins.clone()));
-    let bridge = match roles.has(Role::Bridge) {
-        true => Some(Arc::new(
+    let bridge = if roles.has(Role::Bridge) {
+        Some(Arc::new(
             Bridge::new(
                 config.mqtt.clone(),
                 BridgeServices {
@@ -269,8 +272,9 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
                 &metrics,
             )
             .await?,
-        )),
-        false => None,
+        ))
+    } else {
+        None
     };
     let republish = connect_routes(
         &config,
@@ -329,7 +333,7 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
             stop_ingest.clone(),
         ));
         tokio::spawn(webhooks.run(stop_ingest.clone()));
-        if !config.store.url.is_empty() {
+        if shared_store {
             // Rules saved through another process's REST API.
             tokio::spawn(
                 rules
@@ -337,19 +341,18 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
                     .follow_store(RULES_FOLLOW_PERIOD, stop_ingest.clone()),
             );
         }
-    }
-    if let Some(engine) = rule_engine.filter(|_| roles.has(Role::Analytics)) {
-        let stop = stop_ingest.clone();
-        let shared_store = !config.store.url.is_empty();
-        consumers.push(tokio::spawn(async move {
-            engine
-                .run(stop, shared_store)
-                .await
-                .context("the rule engine stopped")
-        }));
+        if let Some(engine) = rule_engine {
+            let stop = stop_ingest.clone();
+            consumers.push(tokio::spawn(async move {
+                engine
+                    .run(stop, shared_store)
+                    .await
+                    .context("the rule engine stopped")
+            }));
+        }
     }
     if roles.has(Role::Gateway) {
-        fail_interrupted_jobs(&jobs, roles, &config, &stop_apis).await?;
+        fail_interrupted_jobs(&jobs, shared_store, &stop_apis).await?;
     }
 
     let artifacts = Arc::new(Artifacts::new(
@@ -419,9 +422,10 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
             &metrics,
         )
     });
-    let pages = match roles.has(Role::Dashboard) {
-        true => tern_dashboard::router(),
-        false => axum::Router::new(),
+    let pages = if roles.has(Role::Dashboard) {
+        tern_dashboard::router()
+    } else {
+        axum::Router::new()
     };
     let mut http_router = match &gateway {
         Some(gateway) => tern_gateway::router(gateway.clone(), pages),
@@ -517,11 +521,10 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
 /// process has updated for [`STALE_JOB_MS`], now and every minute.
 async fn fail_interrupted_jobs(
     jobs: &Arc<Jobs>,
-    roles: Roles,
-    config: &UpConfig,
+    shared_store: bool,
     stop: &Shutdown,
 ) -> anyhow::Result<()> {
-    if roles == Roles::All && config.store.url.is_empty() {
+    if !shared_store {
         jobs.fail_interrupted(None).await?;
         return Ok(());
     }
