@@ -18,6 +18,45 @@ pub fn free_udp_port() -> u16 {
     free_port()
 }
 
+/// Sends a synchronous `ping` command to `device_name` of tenant `acme` through the REST API
+/// at `api` with `token`, answers it `{"pong": true}` from `device` (already subscribed to
+/// `command/req/#`), and returns the command as the REST call answered it. The answer must end
+/// the call's wait well before the call's own 120 s deadline.
+pub async fn ping_round_trip(
+    api: String,
+    token: &str,
+    device_name: &str,
+    device: &mut Mqtt,
+) -> Value {
+    let url = format!("{api}/api/v1/tenants/acme/devices/{device_name}/commands");
+    let request = {
+        let token = token.to_string();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&serde_json::json!({"name": "ping", "wait_secs": 120}))
+                .send()
+                .await
+                .expect("POST")
+                .json::<Value>()
+                .await
+                .expect("JSON")
+        })
+    };
+    let got = tokio::time::timeout(PATIENCE, device.received())
+        .await
+        .expect("the command reaches the device");
+    let id = got.topic.split('/').nth(2).expect("command id").to_string();
+    device
+        .publish(&format!("command/res/{id}/200"), r#"{"pong": true}"#)
+        .await;
+    tokio::time::timeout(PATIENCE, request)
+        .await
+        .expect("the answer ends the wait")
+        .expect("request")
+}
+
 /// A running `tern up` (or `tern {service}`) in its own data directory.
 pub struct Tern {
     pub dir: tempfile::TempDir,

@@ -5,11 +5,10 @@
 use std::process::{Child, Command, Stdio};
 
 use rumqttc::QoS;
-use serde_json::json;
 use tern_eventlog::testing::{free_port, wait_listening};
 use tern_registry::testing::NatsServer;
 
-use crate::harness::{Mqtt, PATIENCE, TERN, Tern};
+use crate::harness::{Mqtt, PATIENCE, TERN, Tern, ping_round_trip};
 use crate::tls::{client_cert, pki};
 
 /// `tern store` on a free port, stopped on drop.
@@ -101,33 +100,7 @@ async fn two_processes_share_a_served_store() {
     // A synchronous command sent through the second process reaches the device on the first
     // (over NATS), and the second sees its answer, which the first stored.
     device.subscribe("command/req/#", QoS::AtLeastOnce).await;
-    let request = {
-        let (http, operator) = (second.http(), operator.clone());
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!(
-                    "{http}/api/v1/tenants/acme/devices/boiler/commands"
-                ))
-                .bearer_auth(operator)
-                .json(&json!({"name": "ping", "wait_secs": 120}))
-                .send()
-                .await
-                .expect("POST")
-                .json::<serde_json::Value>()
-                .await
-                .expect("JSON")
-        })
-    };
-    let got = device.received().await;
-    let id = got.topic.split('/').nth(2).expect("command id").to_string();
-    device
-        .publish(&format!("command/res/{id}/200"), r#"{"pong": true}"#)
-        .await;
-    // Well before the request's own 120 s: the answer ends the wait, not the deadline.
-    let command = tokio::time::timeout(PATIENCE, request)
-        .await
-        .expect("the answer ends the wait")
-        .expect("request");
+    let command = ping_round_trip(second.http(), &operator, "boiler", &mut device).await;
     assert_eq!(command["state"], "succeeded", "{command}");
     assert_eq!(command["result"]["payload"]["pong"], true);
 

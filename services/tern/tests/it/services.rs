@@ -15,7 +15,7 @@ use rdkafka::producer::DefaultProducerContext;
 use std::time::Duration;
 
 use rumqttc::{Event, Packet, QoS};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tern_proto::tonic::Request;
 use tern_proto::tonic::metadata::MetadataValue;
 use tern_proto::v1::GetDeviceRequest;
@@ -25,7 +25,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::harness::{Mqtt, PATIENCE, Provisioned, Tern, values};
+use crate::harness::{Mqtt, PATIENCE, Provisioned, Tern, ping_round_trip, values};
 use crate::served_store::StoreServer;
 
 /// Everything the services share, started on loopback: a Kafka-protocol broker (librdkafka's
@@ -212,32 +212,7 @@ async fn every_service_in_its_own_process() {
     // device's answer, stored by the bridge, ends the gateway's wait.
     let mut device = Mqtt::device(&bridge, &p).await;
     device.subscribe("command/req/#", QoS::AtLeastOnce).await;
-    let request = {
-        let (http, token) = (gateway.http(), p.api_token.clone());
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{http}/api/v1/tenants/acme/devices/pump/commands"))
-                .bearer_auth(token)
-                .json(&json!({"name": "ping", "wait_secs": 60}))
-                .send()
-                .await
-                .expect("POST")
-                .json::<Value>()
-                .await
-                .expect("JSON")
-        })
-    };
-    let got = tokio::time::timeout(PATIENCE, device.received())
-        .await
-        .expect("the command reaches the device");
-    let id = got.topic.split('/').nth(2).expect("command id").to_string();
-    device
-        .publish(&format!("command/res/{id}/200"), r#"{"pong": true}"#)
-        .await;
-    let command = tokio::time::timeout(PATIENCE, request)
-        .await
-        .expect("the answer ends the wait")
-        .expect("request");
+    let command = ping_round_trip(gateway.http(), &p.api_token, "pump", &mut device).await;
     assert_eq!(command["state"], "succeeded", "{command}");
     assert_eq!(command["result"]["payload"]["pong"], true, "{command}");
 
