@@ -15,8 +15,8 @@ pub struct BridgeConfig {
     /// Publishes received but not yet durable, per connection; beyond this the bridge stops
     /// reading from that connection (TCP back-pressure) instead of buffering without bound.
     pub max_inflight: usize,
-    /// Deliveries queued per subscribing connection. When full, QoS 0 deliveries are dropped and
-    /// QoS 1 deliveries make the publisher wait (bounded) before they are dropped. Also the
+    /// Deliveries queued per subscribing connection. When full, a delivery at any QoS makes the
+    /// publisher wait (bounded) before it is dropped. Also the
     /// most QoS 1 and 2 messages a persistent session stores while its client is away; beyond
     /// it they are dropped and counted.
     pub max_queued_messages: usize,

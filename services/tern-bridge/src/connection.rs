@@ -1056,7 +1056,7 @@ impl Connection {
     }
 
     /// Plain publish/subscribe: hand to the tenant's subscribers; the reply goes out in order
-    /// at once unless QoS 1 deliveries must wait for room or a retained message be stored.
+    /// at once unless deliveries must wait for room or a retained message be stored.
     fn route(&mut self, publish: &Publish, topic: &str, flow: &mut Flow) -> Option<Box<Deferred>> {
         let metrics = &self.bridge.metrics;
         metrics.pubsub_in.inc();

@@ -135,7 +135,7 @@ impl BridgeMetrics {
             );
             r.register(
                 "deliveries_dropped",
-                "Deliveries dropped: a subscriber's queue was full, or QoS 0 to an away session",
+                "Deliveries dropped: a subscriber's queue stayed full, or QoS 0 to an away session",
                 m.deliveries_dropped.clone(),
             );
             r.register(

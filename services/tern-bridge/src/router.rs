@@ -2,9 +2,9 @@
 //!
 //! Subscriptions are kept per tenant, so a publish can only ever reach subscribers of its own
 //! tenant. Each connection has a bounded queue of deliveries. When a subscriber's queue is
-//! full, a QoS 0 delivery is dropped and counted (at most once allows it); a QoS 1 delivery is
-//! handed back to the publishing connection, which waits for room before acknowledging (back
-//! pressure), for a bounded time. A persistent session whose client is away keeps its
+//! full, the delivery (QoS 0 too) is handed back to the publishing connection, which waits for
+//! room before it reads on or acknowledges (back pressure), for a bounded time: a fast publisher
+//! slows to what its subscribers take instead of losing messages, and memory stays bounded. A persistent session whose client is away keeps its
 //! subscriptions here with an [`Away`](crate::persistent::Away) mailbox instead: its QoS 1 and 2
 //! deliveries are queued durably for the client's return (`persistent.rs`).
 
@@ -341,12 +341,10 @@ impl Router {
             };
             match queue.try_send(delivery) {
                 Ok(()) => routed.delivered += 1,
-                Err(mpsc::error::TrySendError::Full(delivery))
-                    if delivery.qos != QoS::AtMostOnce =>
-                {
+                Err(mpsc::error::TrySendError::Full(delivery)) => {
                     routed.waiting.push((queue.clone(), delivery));
                 }
-                Err(_) => routed.dropped += 1,
+                Err(mpsc::error::TrySendError::Closed(_)) => routed.dropped += 1,
             }
         }
         routed
@@ -442,7 +440,7 @@ mod tests {
     }
 
     #[test]
-    fn full_queues_drop_qos_0_and_unsubscribed_connections_get_nothing() {
+    fn full_queues_hand_qos_0_back_too_and_unsubscribed_connections_get_nothing() {
         let router = Router::default();
         let tenant = TenantId::random();
         let (tx, mut rx) = subscriber(1);
@@ -461,7 +459,8 @@ mod tests {
         );
         assert_eq!(
             counts(router.route(tenant, &msg("t", &p, QoS::AtMostOnce))),
-            (0, 1, 0)
+            (0, 0, 1),
+            "a full queue makes the publisher wait, even at QoS 0"
         );
         rx.try_recv().expect("first");
         router.unsubscribe(tenant, 7, "t");
