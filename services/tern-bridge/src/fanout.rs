@@ -127,11 +127,7 @@ pub(crate) async fn publish_from_platform(
     user_properties: Vec<(String, String)>,
 ) -> Result<(), String> {
     crate::topics::validate_name(topic).map_err(|e| e.0.to_string())?;
-    let properties = Arc::new(PublishProperties {
-        content_type: Some("application/json".into()),
-        user_properties,
-        ..PublishProperties::default()
-    });
+    let properties = Arc::new(platform_properties(user_properties));
     let message = Message {
         topic,
         payload: &payload,
@@ -143,6 +139,15 @@ pub(crate) async fn publish_from_platform(
     route_from_platform(bridge, tenant, &message)
         .await
         .map_err(|()| "could not store the message for away persistent sessions".to_string())
+}
+
+/// The properties of the platform's own messages: JSON, with the caller's user properties.
+pub(crate) fn platform_properties(user_properties: Vec<(String, String)>) -> PublishProperties {
+    PublishProperties {
+        content_type: Some("application/json".into()),
+        user_properties,
+        ..PublishProperties::default()
+    }
 }
 
 /// Routes a message the platform publishes itself (no publishing connection): counts the

@@ -55,7 +55,7 @@ use tokio_util::task::TaskTracker;
 
 pub use coap::ACCESS_TOKEN_OPTION as COAP_ACCESS_TOKEN_OPTION;
 pub use config::{BridgeConfig, TlsConfig};
-pub use peers::PeerBridges;
+pub use peers::{PeerBridges, platform_message};
 pub use tls::{TenantCaVerifier, TlsError, TlsReloader};
 pub use websocket::{WEBSOCKET_PATH, websocket_routes};
 

@@ -15,7 +15,7 @@ use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use tern_core::TenantId;
 
 use crate::Bridge;
-use crate::fanout::route_from_platform;
+use crate::fanout::{platform_properties, route_from_platform};
 use crate::retained::{decode_publish, encode_publish};
 use crate::router::Message;
 
@@ -32,6 +32,27 @@ pub(crate) struct ToPeers<'a> {
     pub qos: QoS,
     pub retain: bool,
     pub properties: Option<&'a Arc<PublishProperties>>,
+}
+
+/// A message of the platform's own (a rule's republish) in the peers' wire form, for every
+/// bridge to deliver as [`Bridge::publish`] would: QoS 1, not retained, JSON, with `user_properties`.
+/// `Err` names why `topic` cannot be published to.
+pub fn platform_message(
+    topic: &str,
+    payload: Bytes,
+    user_properties: Vec<(String, String)>,
+) -> Result<Bytes, String> {
+    crate::topics::validate_name(topic).map_err(|e| e.0.to_string())?;
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: Bytes::copy_from_slice(topic.as_bytes()),
+        pkid: 1,
+        payload,
+        properties: Some(platform_properties(user_properties)),
+    };
+    Ok(encode_publish(publish, None))
 }
 
 impl Bridge {

@@ -1,20 +1,17 @@
 //! What every bridge process hands to its own subscribers, since each holds only its own:
-//! rules' `republish:` actions (to the bridge in this process for `tern up`, or to every bridge
-//! over NATS on `{prefix}.publish.{tenant}`), and, between bridge processes, their clients'
-//! publishes and wills (`{prefix}.mqtt.{tenant}`, header `Tern-Origin` so a bridge skips its
-//! own).
+//! rules' `republish:` actions (to the bridge in this process for `tern up`), and over NATS on
+//! `{prefix}.mqtt.{tenant}`, in one wire form (`tern_bridge::platform_message`, the peers'),
+//! both republishes and the bridges' clients' publishes and wills. A client's publish carries
+//! the header `Tern-Origin`, so the bridge it came from skips it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::Client;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
 use tern_analytics::rules::Republish;
-use tern_bridge::{Bridge, PeerBridges};
+use tern_bridge::{Bridge, PeerBridges, platform_message};
 use tern_core::TenantId;
 use tern_runtime::Shutdown;
 use tokio::sync::mpsc;
@@ -39,19 +36,6 @@ impl Republish for BridgePublisher {
             .publish(tenant, topic, payload, user_properties)
             .await
     }
-}
-
-/// One republished message on NATS.
-#[derive(Serialize, Deserialize)]
-struct Published {
-    topic: String,
-    /// Base64: MQTT payloads are bytes.
-    payload: String,
-    user_properties: Vec<(String, String)>,
-}
-
-fn subject(prefix: &str, tenant: &str) -> String {
-    format!("{prefix}.publish.{tenant}")
 }
 
 fn peer_subject(prefix: &str, tenant: &str) -> String {
@@ -125,14 +109,10 @@ impl Republish for NatsPublisher {
         payload: Bytes,
         user_properties: Vec<(String, String)>,
     ) -> Result<(), String> {
-        let message = serde_json::to_vec(&Published {
-            topic: topic.to_string(),
-            payload: BASE64.encode(&payload),
-            user_properties,
-        })
-        .map_err(|e| format!("cannot encode the message: {e}"))?;
+        let wire = platform_message(topic, payload, user_properties)?;
+        // No origin: every bridge delivers it.
         self.client
-            .publish(subject(&self.prefix, &tenant.to_string()), message.into())
+            .publish(peer_subject(&self.prefix, &tenant.to_string()), wire)
             .await
             .map_err(|e| format!("cannot publish to NATS: {e}"))
     }
@@ -147,47 +127,21 @@ pub async fn serve_over_nats(
     bridge: Arc<Bridge>,
     stop: Shutdown,
 ) -> anyhow::Result<()> {
-    let mut republished = client.subscribe(subject(&prefix, "*")).await?;
-    let mut peers = client.subscribe(peer_subject(&prefix, "*")).await?;
+    let mut messages = client.subscribe(peer_subject(&prefix, "*")).await?;
     loop {
-        tokio::select! {
+        let message = tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            message = peers.next() => {
-                let Some(message) = message else { return Ok(()) };
-                let own = (message.headers.as_ref())
-                    .and_then(|h| h.get(ORIGIN))
-                    .is_some_and(|o| o.as_str() == origin);
-                if !own {
-                    deliver_from_peer(&bridge, message).await;
-                }
-            }
-            message = republished.next() => {
-                let Some(message) = message else { return Ok(()) };
-                deliver_republished(&bridge, message).await;
-            }
+            message = messages.next() => match message {
+                Some(message) => message,
+                None => return Ok(()),
+            },
+        };
+        let own = (message.headers.as_ref())
+            .and_then(|h| h.get(ORIGIN))
+            .is_some_and(|o| o.as_str() == origin);
+        if !own {
+            deliver_from_peer(&bridge, message).await;
         }
-    }
-}
-
-async fn deliver_republished(bridge: &Bridge, message: async_nats::Message) {
-    let tenant = tenant_of(&message.subject);
-    let decoded = serde_json::from_slice::<Published>(&message.payload)
-        .ok()
-        .and_then(|p| Some((BASE64.decode(&p.payload).ok()?, p)));
-    let (Some(tenant), Some((payload, published))) = (tenant, decoded) else {
-        tracing::warn!(subject = %message.subject, "malformed republished message dropped");
-        return;
-    };
-    if let Err(e) = bridge
-        .publish(
-            tenant,
-            &published.topic,
-            payload.into(),
-            published.user_properties,
-        )
-        .await
-    {
-        tracing::warn!(%tenant, topic = %published.topic, error = %e, "republish failed");
     }
 }
 
