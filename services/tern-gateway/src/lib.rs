@@ -13,6 +13,7 @@ mod extract;
 mod identity;
 mod locations;
 mod observe;
+pub mod ops;
 mod ota;
 mod pep;
 mod policies;
@@ -22,7 +23,6 @@ mod status;
 mod twins;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use tern_analytics::alerts::Alerts;
@@ -75,7 +75,7 @@ pub struct Gateway {
     log: Arc<dyn EventLog>,
     metrics: MetricsRegistry,
     http_metrics: observe::HttpMetrics,
-    ready: AtomicBool,
+    ready: ops::Ready,
     /// When this process started: a `connected` event older than that belongs to a
     /// connection that did not survive the restart (device status).
     started_at_ms: i64,
@@ -114,18 +114,14 @@ impl Gateway {
             log,
             http_metrics: observe::HttpMetrics::register(metrics),
             metrics: metrics.clone(),
-            ready: AtomicBool::new(false),
+            ready: ops::Ready::default(),
             started_at_ms: tern_core::now_ms(),
         })
     }
 
     /// `/readyz` answers 200 only between `set_ready(true)` (everything started) and shutdown.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::SeqCst);
-    }
-
-    fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.set(ready);
     }
 }
 

@@ -7,8 +7,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -35,9 +34,10 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
     let tenant = "/api/v1/tenants/{tenant}";
     let device = "/api/v1/tenants/{tenant}/devices/{device}";
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .merge(crate::ops::router(
+            gateway.ready.clone(),
+            gateway.metrics.clone(),
+        ))
         .route("/api/v1/tenants", post(create_tenant).get(list_tenants))
         .route(tenant, get(get_tenant).delete(delete_tenant))
         .route(
@@ -242,28 +242,6 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .layer(DefaultBodyLimit::max(device_api::MAX_MESSAGE_BYTES))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(gateway)
-}
-
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-async fn readyz(State(gateway): Shared) -> impl IntoResponse {
-    if gateway.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
-}
-
-async fn metrics(State(gateway): Shared) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        gateway.metrics.render(),
-    )
 }
 
 fn operator_only(caller: Caller) -> ApiResult<()> {

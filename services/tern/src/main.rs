@@ -4,7 +4,6 @@ mod cli;
 mod client;
 mod config;
 mod nats_fanout;
-mod ops;
 mod output;
 mod roles;
 mod store;

@@ -17,6 +17,7 @@ use tern_bridge::{
     Bridge, BridgeServices, Listeners, TenantCaVerifier, TlsReloader, websocket_routes,
 };
 use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, EventLog, KafkaLog};
+use tern_gateway::ops::{self, Ready};
 use tern_gateway::{Gateway, GatewayServices};
 use tern_identity::{Identity, IdentityGrpc, grpc_auth};
 use tern_registry::nats::{NatsEndpoint, NatsRouter};
@@ -33,7 +34,6 @@ use tonic_health::server::HealthReporter;
 use crate::cli::UpArgs;
 use crate::config::{EventLogBackend, RoutingBackend, UpConfig};
 use crate::nats_fanout::{self, BridgePublisher, NatsPeers, NatsPublisher};
-use crate::ops::{self, Ready};
 use crate::roles::{Role, Roles};
 
 /// A job not updated for this long was left by a process that died (jobs record progress at

@@ -1,5 +1,5 @@
-//! `/healthz`, `/readyz` and `/metrics` for a process without the REST API (whose gateway
-//! serves the same three), so every service answers Kubernetes' probes and Prometheus alike.
+//! `/healthz`, `/readyz` and `/metrics`: served beside the REST API, and alone by the
+//! processes without it, so every service answers Kubernetes' probes and Prometheus alike.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +20,11 @@ impl Ready {
     }
 }
 
-pub fn router(ready: Ready, metrics: MetricsRegistry) -> Router {
+/// The three routes, for any router state.
+pub fn router<S: Clone + Send + Sync + 'static>(
+    ready: Ready,
+    metrics: MetricsRegistry,
+) -> Router<S> {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
