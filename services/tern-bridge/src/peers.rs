@@ -43,16 +43,28 @@ pub fn platform_message(
     user_properties: Vec<(String, String)>,
 ) -> Result<Bytes, String> {
     crate::topics::validate_name(topic).map_err(|e| e.0.to_string())?;
+    let properties = Some(platform_properties(user_properties));
+    Ok(wire(topic, payload, QoS::AtLeastOnce, false, properties))
+}
+
+/// A PUBLISH in the form peers exchange (Tern's record form, as retained messages are kept).
+fn wire(
+    topic: &str,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    properties: Option<PublishProperties>,
+) -> Bytes {
     let publish = Publish {
         dup: false,
-        qos: QoS::AtLeastOnce,
-        retain: false,
+        qos,
+        retain,
         topic: Bytes::copy_from_slice(topic.as_bytes()),
-        pkid: 1,
+        pkid: u16::from(qos != QoS::AtMostOnce),
         payload,
-        properties: Some(platform_properties(user_properties)),
+        properties,
     };
-    Ok(encode_publish(publish, None))
+    encode_publish(publish, None)
 }
 
 impl Bridge {
@@ -66,16 +78,17 @@ impl Bridge {
         let Some(peers) = self.peers.get() else {
             return;
         };
-        let publish = Publish {
-            dup: false,
-            qos: message.qos,
-            retain: message.retain,
-            topic: Bytes::copy_from_slice(message.topic.as_bytes()),
-            pkid: u16::from(message.qos != QoS::AtMostOnce),
-            payload: message.payload.clone(),
-            properties: message.properties.map(|p| (**p).clone()),
-        };
-        peers.forward(tenant, encode_publish(publish, None));
+        let properties = message.properties.map(|p| (**p).clone());
+        peers.forward(
+            tenant,
+            wire(
+                message.topic,
+                message.payload.clone(),
+                message.qos,
+                message.retain,
+                properties,
+            ),
+        );
     }
 
     /// Delivers a publish a peer bridge received to this bridge's subscribers (and remembers
