@@ -68,6 +68,9 @@ impl Platform {
                 "TERN_IDENTITY__PUBLIC_URL",
                 "https://iot.example.test".into(),
             ),
+            // Within the harness's stop deadline: after a kill -9, a consumer leaving the Kafka
+            // group can wait out the dead member's session (10 s) while the group rebalances.
+            ("TERN_SHUTDOWN_TIMEOUT_SECS", "15".into()),
         ];
         shared.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
         Self {
