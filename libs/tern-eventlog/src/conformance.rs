@@ -150,6 +150,29 @@ pub async fn groups_resume_from_committed_offsets(open: &Open, dir: &Path) {
     );
 }
 
+pub async fn a_consumer_reads_only_its_assignment(open: &Open, dir: &Path) {
+    let log = open(dir);
+    let batch = (0..20)
+        .map(|i| record("t", &format!("k{i}"), "v"))
+        .collect();
+    log.append(batch).await.expect("append");
+    let mut consumer = log.consumer("g", "t").await.expect("consumer");
+    let mut read = 0;
+    while read < 20 {
+        let batch = consumer.poll(100, WAIT).await.expect("poll");
+        assert!(!batch.is_empty(), "only {read} of 20 records read");
+        let assignment = consumer.assignment();
+        for r in &batch {
+            assert!(
+                assignment.partitions.contains(&r.position.partition),
+                "{:?} read outside {assignment:?}",
+                r.position
+            );
+        }
+        read += batch.len();
+    }
+}
+
 pub async fn poll_wakes_up_on_append(open: &Open, dir: &Path) {
     let log = open(dir);
     let mut consumer = log.consumer("g", "t").await.expect("consumer");
@@ -221,6 +244,7 @@ macro_rules! eventlog_conformance_tests {
                 order_is_kept_per_key,
                 appends_survive_reopen,
                 groups_resume_from_committed_offsets,
+                a_consumer_reads_only_its_assignment,
                 poll_wakes_up_on_append,
                 topics_are_separate,
                 bad_names_are_refused,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{Consumed, Consumer, EventLog, LogError, Position, Record, validate_name};
+use crate::{Assignment, Consumed, Consumer, EventLog, LogError, Position, Record, validate_name};
 
 /// Settings of the embedded log.
 #[derive(Debug, Clone)]
@@ -355,6 +355,14 @@ impl Consumer for EmbeddedConsumer {
             Ok(lag)
         })
         .await
+    }
+
+    /// One process reads every partition of the embedded log.
+    fn assignment(&self) -> Assignment {
+        Assignment {
+            generation: 0,
+            partitions: (0..self.shared.partitions).collect(),
+        }
     }
 }
 

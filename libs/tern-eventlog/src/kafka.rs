@@ -15,16 +15,18 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::{Consumed, Consumer, EventLog, LogError, Position, Record, validate_name};
+use crate::{Assignment, Consumed, Consumer, EventLog, LogError, Position, Record, validate_name};
 
 /// Settings of the Kafka log (`[eventlog.kafka]` in the config file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -310,7 +312,7 @@ impl EventLog for KafkaLog {
         let kafka_topic = self.kafka_topic(topic);
         self.ensure_topics(std::slice::from_ref(&kafka_topic))
             .await?;
-        let consumer: StreamConsumer = self
+        let consumer: StreamConsumer<Rebalances> = self
             .config
             .client()
             .set(
@@ -327,7 +329,7 @@ impl EventLog for KafkaLog {
                 "session.timeout.ms",
                 self.config.session_timeout_ms.to_string(),
             )
-            .create()
+            .create_with_context(Rebalances::default())
             .map_err(kafka("cannot create a Kafka consumer"))?;
         consumer
             .subscribe(&[&kafka_topic])
@@ -343,8 +345,35 @@ impl EventLog for KafkaLog {
     }
 }
 
+/// Follows the group's rebalances for [`Consumer::assignment`]. librdkafka calls it from within
+/// `recv`, so a record returned after a change belongs to the new assignment.
+#[derive(Default)]
+struct Rebalances {
+    assignment: Mutex<Assignment>,
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut assignment = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+        assignment.generation += 1;
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                assignment.partitions = partitions
+                    .elements()
+                    .iter()
+                    .filter_map(|p| u32::try_from(p.partition()).ok())
+                    .collect();
+                assignment.partitions.sort_unstable();
+            }
+            Rebalance::Revoke(_) | Rebalance::Error(_) => assignment.partitions.clear(),
+        }
+    }
+}
+
 struct KafkaConsumer {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<Rebalances>>,
     topic: String,
     kafka_topic: String,
     /// Records that arrived while joining the group, handed out by the next polls.
@@ -398,7 +427,7 @@ impl KafkaConsumer {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&StreamConsumer) -> Result<T, LogError> + Send + 'static,
+        f: impl FnOnce(&StreamConsumer<Rebalances>) -> Result<T, LogError> + Send + 'static,
     ) -> Result<T, LogError> {
         let consumer = self.consumer.clone();
         tokio::task::spawn_blocking(move || f(&consumer))
@@ -415,6 +444,7 @@ impl Consumer for KafkaConsumer {
             .buffered
             .drain(..self.buffered.len().min(max))
             .collect();
+        let mut generation = self.assignment().generation;
         if batch.is_empty() {
             match tokio::time::timeout(wait, self.consumer.recv()).await {
                 Ok(message) => batch.push(self.consumed(message)?),
@@ -422,7 +452,19 @@ impl Consumer for KafkaConsumer {
             }
         }
         // Take what librdkafka already fetched, without waiting for more.
-        while batch.len() < max {
+        loop {
+            let now = self.assignment().generation;
+            if now != generation {
+                // A rebalance came between these records: the ones before it are read again
+                // from the committed offsets by whoever has their partitions now.
+                let last = batch.pop();
+                batch.clear();
+                batch.extend(last);
+                generation = now;
+            }
+            if batch.len() >= max {
+                break;
+            }
             match self.consumer.recv().now_or_never() {
                 Some(message) => batch.push(self.consumed(message)?),
                 None => break,
@@ -482,6 +524,15 @@ impl Consumer for KafkaConsumer {
             Ok(lag)
         })
         .await
+    }
+
+    fn assignment(&self) -> Assignment {
+        self.consumer
+            .context()
+            .assignment
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

@@ -56,6 +56,16 @@ pub struct Position {
     pub offset: u64,
 }
 
+/// The partitions a consumer reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assignment {
+    /// Changes whenever the group took partitions from this consumer or gave it some (a
+    /// rebalance). Whoever reads a partition after a change starts at the group's committed
+    /// offset, so records polled after a change may repeat ones polled before it.
+    pub generation: u64,
+    pub partitions: Vec<u32>,
+}
+
 /// A record read by a consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumed {
@@ -95,6 +105,10 @@ pub trait Consumer: Send {
 
     /// Records appended but not yet committed by this group, summed over partitions.
     async fn lag(&self) -> Result<u64, LogError>;
+
+    /// The partitions this consumer reads now. The records of one poll all come from the
+    /// assignment that this reports after it.
+    fn assignment(&self) -> Assignment;
 }
 
 /// Validates a topic or group name so that it can be embedded in storage keys unambiguously.

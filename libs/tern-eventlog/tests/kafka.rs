@@ -53,6 +53,7 @@ mod tansu {
         appended_records_are_consumed,
         order_is_kept_per_key,
         appends_survive_reopen,
+        a_consumer_reads_only_its_assignment,
         poll_wakes_up_on_append,
         topics_are_separate,
         bad_names_are_refused,
@@ -87,6 +88,75 @@ mod mock_cluster {
     }
 
     tern_eventlog::eventlog_conformance_tests!(fixture = fixture);
+
+    /// A second consumer of a group takes partitions from the first; each then reads only
+    /// its own, and the first sees its assignment change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_splits_the_partitions_between_its_consumers() {
+        let (_cluster, open) = fixture();
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let mut first = log.consumer("g", "t").await.unwrap();
+        let alone = first.assignment();
+        assert_eq!(alone.partitions, vec![0, 1, 2]);
+
+        // The first must keep polling to take part in the rebalance the second one starts.
+        let joining = {
+            let log = log.clone();
+            tokio::spawn(async move { log.consumer("g", "t").await })
+        };
+        while !joining.is_finished() {
+            first.poll(10, Duration::from_millis(100)).await.unwrap();
+        }
+        let mut second = joining.await.unwrap().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let (a, b) = loop {
+            first.poll(10, Duration::from_millis(50)).await.unwrap();
+            second.poll(10, Duration::from_millis(50)).await.unwrap();
+            let (a, b) = (first.assignment(), second.assignment());
+            if !a.partitions.is_empty() && !b.partitions.is_empty() {
+                break (a, b);
+            }
+            assert!(std::time::Instant::now() < deadline, "{a:?} {b:?}");
+        };
+        assert!(a.generation > alone.generation, "{alone:?} then {a:?}");
+        let mut all: Vec<u32> = a.partitions.iter().chain(&b.partitions).copied().collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            vec![0, 1, 2],
+            "disjoint, and together all: {a:?} {b:?}"
+        );
+
+        let records = (0..30)
+            .map(|i| tern_eventlog::Record::new("t", format!("k{i}"), format!("{i}")))
+            .collect();
+        log.append(records).await.unwrap();
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while seen.len() < 30 && std::time::Instant::now() < deadline {
+            for consumer in [&mut first, &mut second] {
+                let batch = consumer
+                    .poll(100, Duration::from_millis(100))
+                    .await
+                    .unwrap();
+                let mine = consumer.assignment().partitions;
+                for r in batch {
+                    assert!(
+                        mine.contains(&r.position.partition),
+                        "{r:?} is not in {mine:?}"
+                    );
+                    seen.push(String::from_utf8(r.value.to_vec()).unwrap());
+                }
+            }
+        }
+        seen.sort_by_key(|v| v.parse::<u32>().unwrap());
+        let expected: Vec<String> = (0..30).map(|i| i.to_string()).collect();
+        assert_eq!(
+            seen, expected,
+            "each record read once, by its partition's consumer"
+        );
+    }
 }
 
 #[test]
