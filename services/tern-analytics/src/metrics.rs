@@ -78,6 +78,7 @@ pub(crate) struct RuleMetrics {
     pub late: Counter,
     pub over_limit: Counter,
     pub throttled: Counter,
+    pub partitions: Family<StreamLabel, Gauge>,
     pub actions: Family<ActionLabel, Counter>,
     pub publish_to_action_seconds: Histogram,
 }
@@ -90,6 +91,7 @@ impl RuleMetrics {
             late: Counter::default(),
             over_limit: Counter::default(),
             throttled: Counter::default(),
+            partitions: Family::default(),
             actions: Family::default(),
             // Finer than the shared latency buckets (×1.25, 0.5 ms .. 3 s): the goal
             // is a p99 under 10 ms, which doubling buckets cannot tell from 12.8 ms.
@@ -101,6 +103,7 @@ impl RuleMetrics {
             r.register("late_messages", "Messages dropped because their windows had closed", m.late.clone());
             r.register("over_limit_messages", "Messages refused because a rule reached `rules.max_groups_per_rule`", m.over_limit.clone());
             r.register("throttled_messages", "Messages a tenant's rules skipped because they were over `rules.max_tenant_cpu_ms_per_sec`", m.throttled.clone());
+            r.register("partitions", "Log partitions whose per-device rules this process runs, by stream", m.partitions.clone());
             r.register("actions", "Actions carried out, by action and outcome", m.actions.clone());
             r.register(
                 "publish_to_action_seconds",

@@ -1,13 +1,17 @@
-//! The rule engine: every enabled rule, run over the `telemetry` stream as the consumer group
-//! `analytics-rules`.
+//! The rule engine: every enabled rule, run over the `telemetry`, `event` and `lifecycle`
+//! streams.
 //!
-//! After each batch the engine carries out the batch's actions; at most once a second it then
-//! saves one checkpoint record (each rule's window state and the last offset folded into it,
-//! per partition), then commits the offsets the checkpoint covers. After a crash it restores the checkpoint and skips records already
-//! folded into it, so windows lose and double-count nothing; actions of the batch that was in
-//! flight run again with the same idempotency keys, so none is repeated in effect.
+//! Per-device rules run as the consumer group `analytics-rules`, which splits the streams'
+//! partitions between the analytics processes; each partition's rule state is a checkpoint of
+//! its own. Fleet-wide rules run as `analytics-fleet-rules` in one process at a time, with one
+//! checkpoint per stream. After each batch the engine carries out the batch's actions; at most
+//! once a second it then saves the checkpoints (each rule's window state and the last offset
+//! folded into it) and commits the offsets they cover. After a crash or a rebalance, a
+//! partition's next reader restores its checkpoint and skips records already folded into it,
+//! so windows lose and double-count nothing; actions of the batch that was in flight run again
+//! with the same idempotency keys, so none is repeated in effect.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +19,9 @@ use bytes::Bytes;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tern_core::{TenantId, now_ms};
-use tern_eventlog::{Consumed, Consumer, EventLog, LogError, Position, TELEMETRY_TOPIC};
+use tern_eventlog::{
+    Assignment, Consumed, Consumer, EventLog, LogError, Position, TELEMETRY_TOPIC,
+};
 use tern_proto::v1::Event;
 use tern_registry::{Commands, Lease, Registry, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown};
@@ -30,10 +36,13 @@ use super::sql::{Plan, STREAMS, compile};
 use super::webhooks::Webhooks;
 use super::window::{Firing, Message, Outcome, RuleState, TwinDocuments};
 use crate::alerts::Alerts;
-use crate::metrics::RuleMetrics;
+use crate::metrics::{RuleMetrics, StreamLabel};
 use crate::rules::Rules;
 
+/// The consumer group of per-device rules.
 pub const RULES_GROUP: &str = "analytics-rules";
+/// The consumer group of fleet-wide rules.
+const FLEET_RULES_GROUP: &str = "analytics-fleet-rules";
 const CHECKPOINT: &str = "rule_checkpoint";
 const BATCH: usize = 1024;
 const POLL_WAIT: Duration = Duration::from_millis(200);
@@ -103,6 +112,72 @@ pub struct RuleEngine {
     metrics: RuleMetrics,
 }
 
+/// Which rules a consumer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Rules whose rows each come from one device: split by partition across processes.
+    Devices,
+    /// Rules whose groups span devices: one process at a time.
+    Fleet,
+}
+
+impl Scope {
+    fn group(self) -> &'static str {
+        match self {
+            Scope::Devices => RULES_GROUP,
+            Scope::Fleet => FLEET_RULES_GROUP,
+        }
+    }
+}
+
+/// The rule state a consumer holds, one slot per checkpoint: a partition's (per-device rules)
+/// or the whole stream's (fleet-wide rules).
+struct Slots {
+    stream: &'static str,
+    scope: Scope,
+    /// The consumer's assignment generation the slots were loaded for.
+    generation: Option<u64>,
+    held: HashMap<String, Slot>,
+    /// Slots another process saved since this one read them, until the next rebalance.
+    fenced: HashSet<String>,
+}
+
+impl Slots {
+    fn new(stream: &'static str, scope: Scope) -> Self {
+        Self {
+            stream,
+            scope,
+            generation: None,
+            held: HashMap::new(),
+            fenced: HashSet::new(),
+        }
+    }
+
+    /// The checkpoint key that a record of `partition` folds into. The fleet-wide key is the
+    /// stream's name, as it was before per-device rules split by partition.
+    fn key(&self, partition: u32) -> String {
+        match self.scope {
+            Scope::Devices => format!("{}/{partition}", self.stream),
+            Scope::Fleet => self.stream.to_string(),
+        }
+    }
+
+    fn of(&mut self, partition: u32) -> Option<&mut Slot> {
+        let key = self.key(partition);
+        self.held.get_mut(&key)
+    }
+}
+
+struct Slot {
+    /// The last offset folded into the states, per partition.
+    applied: BTreeMap<u32, u64>,
+    running: HashMap<TenantId, Vec<Running>>,
+    /// The checkpoint as this process last read or wrote it: what a save expects to replace.
+    stored: Option<Bytes>,
+    /// Offsets folded in since the last save, per partition: committed once it is saved.
+    unsaved: BTreeMap<u32, u64>,
+}
+
 #[derive(Default, Serialize, Deserialize)]
 struct Checkpoint {
     /// The last offset folded into the states, per partition.
@@ -118,7 +193,7 @@ struct SavedState {
 
 struct Running {
     rule: Arc<Rule>,
-    plan: Plan,
+    plan: Arc<Plan>,
     state: RuleState,
 }
 
@@ -128,7 +203,6 @@ impl Running {
     }
 }
 
-/// Rows to act on, with the arrival time of the message that caused a filter rule's row.
 /// Rows to act on: the rule, the row, and when its message arrived (live rows only).
 pub(crate) type Firings = Vec<(Arc<Rule>, Firing, Option<i64>)>;
 
@@ -194,20 +268,31 @@ impl RuleEngine {
         self.actions.clone()
     }
 
-    /// Runs the rules until `shutdown`: at once when this process is alone on its store, else
-    /// while it holds the `rule-engine` lease.
+    /// Runs the rules until `shutdown`.
     ///
-    /// Rules keep state (windows, patterns) that spans devices and so log partitions; one
-    /// process at a time runs them, on every partition, from the checkpoint the previous holder
-    /// saved. Analytics processes without the lease still ingest. A holder that stops renewing
-    /// (killed, or cut off from the store) loses the lease within [`RULES_LEASE_TTL`] and
-    /// another takes over; the rows it re-evaluates act under the same idempotency keys.
+    /// Per-device rules (filters, groups keyed by device) run in every analytics process: the
+    /// consumer group [`RULES_GROUP`] splits the log's partitions between them, and each
+    /// partition's rule state has its own checkpoint, which the partition's next reader
+    /// resumes from. Fleet-wide rules (groups that span devices, and so partitions) run in one
+    /// process at a time: at once when this process is alone on its store, else while it holds
+    /// the `rule-engine` lease. A holder that stops renewing (killed, or cut off from the store)
+    /// loses the lease within [`RULES_LEASE_TTL`] and another takes over; the rows it
+    /// re-evaluates act under the same idempotency keys.
     pub async fn run(self, shutdown: Shutdown, shared_store: bool) -> Result<(), LogError> {
         let this = Arc::new(self);
-        if !shared_store {
-            return this.run_streams(shutdown).await;
-        }
-        let lease = Lease::new(this.services.store.clone(), "rule-engine", RULES_LEASE_TTL);
+        let per_device = tokio::spawn(this.clone().run_streams(Scope::Devices, shutdown.clone()));
+        let fleet = if shared_store {
+            this.run_fleet_under_lease(shutdown).await
+        } else {
+            this.run_streams(Scope::Fleet, shutdown).await
+        };
+        per_device.await.unwrap_or(Ok(()))?;
+        fleet
+    }
+
+    /// The fleet-wide rules, while this process holds the `rule-engine` lease.
+    async fn run_fleet_under_lease(self: Arc<Self>, shutdown: Shutdown) -> Result<(), LogError> {
+        let lease = Lease::new(self.services.store.clone(), "rule-engine", RULES_LEASE_TTL);
         loop {
             // Standby: ask for the lease until it is free.
             loop {
@@ -221,9 +306,11 @@ impl RuleEngine {
                     () = tokio::time::sleep(RULES_LEASE_RENEW) => {}
                 }
             }
-            tracing::info!("this process runs the rules (it holds the rule-engine lease)");
+            tracing::info!(
+                "this process runs the fleet-wide rules (it holds the rule-engine lease)"
+            );
             let term = shutdown.child_token();
-            let engine = tokio::spawn(this.clone().run_streams(term.clone()));
+            let engine = tokio::spawn(self.clone().run_streams(Scope::Fleet, term.clone()));
             let mut renewed = Instant::now();
             let lost = loop {
                 tokio::select! {
@@ -244,20 +331,26 @@ impl RuleEngine {
                 lease.release().await;
                 return outcome;
             }
-            tracing::warn!("lost the rule-engine lease: another process runs the rules now");
+            tracing::warn!(
+                "lost the rule-engine lease: another process runs the fleet-wide rules now"
+            );
             outcome?;
         }
     }
 
-    /// Runs every stream's rules until `shutdown`, saving checkpoints before it returns.
-    async fn run_streams(self: Arc<Self>, shutdown: Shutdown) -> Result<(), LogError> {
-        let this = self;
+    /// Runs every stream's rules of `scope` until `shutdown`, saving checkpoints before it
+    /// returns.
+    async fn run_streams(
+        self: Arc<Self>,
+        scope: Scope,
+        shutdown: Shutdown,
+    ) -> Result<(), LogError> {
         let mut tasks = Vec::new();
         for stream in STREAMS {
-            let consumer = this.services.log.consumer(RULES_GROUP, stream).await?;
-            let (this, shutdown) = (this.clone(), shutdown.clone());
+            let consumer = self.services.log.consumer(scope.group(), stream).await?;
+            let (this, shutdown) = (self.clone(), shutdown.clone());
             tasks.push(tokio::spawn(async move {
-                this.run_stream(stream, consumer, shutdown).await
+                this.run_stream(stream, scope, consumer, shutdown).await
             }));
         }
         for task in tasks {
@@ -268,42 +361,40 @@ impl RuleEngine {
         Ok(())
     }
 
-    /// The rules of one stream, as one consumer of the group.
+    /// The rules of one stream and scope, as one consumer of the scope's group.
     async fn run_stream(
         &self,
         stream: &'static str,
+        scope: Scope,
         mut consumer: Box<dyn Consumer>,
         shutdown: Shutdown,
     ) {
-        let mut checkpoint = self.load_checkpoint(stream).await;
         let mut changes = self.services.rules.changes();
-        let mut running = self
-            .load_rules(stream, &mut checkpoint.states, HashMap::new())
-            .await;
-        let mut applied = checkpoint.applied;
+        let mut rules = self.enabled_rules(stream, scope).await;
+        let mut slots = Slots::new(stream, scope);
         let mut devices = DeviceCache::default();
         let mut budgets = Budgets::new(self.config.max_tenant_cpu_ms_per_sec);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        // Offsets of records acted on but not yet covered by a saved checkpoint.
-        let mut uncommitted: Vec<Position> = Vec::new();
         let mut last_checkpoint = Instant::now();
         loop {
+            self.follow_assignment(&mut slots, consumer.assignment(), &rules)
+                .await;
             let mut firings = Firings::new();
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    self.save_checkpoint(stream, &applied, &running).await;
-                    if let Err(e) = consumer.commit(&uncommitted).await {
-                        tracing::warn!(error = %e, "rules offset commit failed; the checkpoint covers the records");
-                    }
+                    self.save_checkpoints(&mut slots, consumer.as_mut()).await;
                     return;
                 }
                 Ok(()) = changes.changed() => {
-                    running = self.load_rules(stream, &mut BTreeMap::new(), running).await;
+                    rules = self.enabled_rules(stream, scope).await;
+                    for slot in slots.held.values_mut() {
+                        slot.running = assemble(&rules, &mut BTreeMap::new(), std::mem::take(&mut slot.running));
+                    }
                     continue;
                 }
                 _ = tick.tick() => {
                     let now = now_ms();
-                    for rule in running.values_mut().flatten() {
+                    for rule in slots.held.values_mut().flat_map(|s| s.running.values_mut().flatten()) {
                         let mut out = Vec::new();
                         rule.state.on_time(&rule.plan, rule.lateness_ms(), now, &mut out);
                         firings.extend(out.into_iter().map(|f| (rule.rule.clone(), f, None)));
@@ -319,13 +410,19 @@ impl RuleEngine {
                             continue;
                         }
                     };
-                    uncommitted.extend(records.iter().map(|r| r.position));
+                    // The batch belongs to the assignment as it is after the poll.
+                    self.follow_assignment(&mut slots, consumer.assignment(), &rules).await;
                     for record in records {
-                        if applied.get(&record.position.partition).is_some_and(|o| *o >= record.position.offset) {
+                        let Some(slot) = slots.of(record.position.partition) else {
+                            continue;
+                        };
+                        let Position { partition, offset } = record.position;
+                        if slot.applied.get(&partition).is_some_and(|o| *o >= offset) {
                             continue;
                         }
-                        self.evaluate(&record, &mut running, &mut devices, &mut budgets, &mut firings).await;
-                        applied.insert(record.position.partition, record.position.offset);
+                        self.evaluate(&record, &mut slot.running, &mut devices, &mut budgets, &mut firings).await;
+                        slot.applied.insert(partition, offset);
+                        slot.unsaved.insert(partition, offset);
                     }
                 }
             }
@@ -333,14 +430,76 @@ impl RuleEngine {
             // Checkpoint and commit at most once a second: each is a durable write, and what a
             // crash loses in between is replayed (skipped by the checkpoint's offsets, or acted
             // on again under the same idempotency keys).
-            if !uncommitted.is_empty() && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-                self.save_checkpoint(stream, &applied, &running).await;
-                if let Err(e) = consumer.commit(&uncommitted).await {
-                    tracing::warn!(error = %e, "rules offset commit failed; the checkpoint covers the records");
-                }
-                uncommitted.clear();
+            if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+                self.save_checkpoints(&mut slots, consumer.as_mut()).await;
                 last_checkpoint = Instant::now();
             }
+        }
+    }
+
+    /// Holds a slot for each partition the consumer reads now. After a rebalance every slot is
+    /// dropped unsaved and read again from its checkpoint: the consumer, too, reads each
+    /// partition again from the offset committed with that checkpoint.
+    async fn follow_assignment(
+        &self,
+        slots: &mut Slots,
+        assignment: Assignment,
+        rules: &[EnabledRule],
+    ) {
+        if slots.generation != Some(assignment.generation) {
+            slots.generation = Some(assignment.generation);
+            slots.held.clear();
+            slots.fenced.clear();
+            if slots.scope == Scope::Devices {
+                self.metrics
+                    .partitions
+                    .get_or_create(&StreamLabel {
+                        stream: slots.stream.to_string(),
+                    })
+                    .set(i64::try_from(assignment.partitions.len()).unwrap_or(i64::MAX));
+            }
+        }
+        for partition in assignment.partitions {
+            let key = slots.key(partition);
+            if slots.held.contains_key(&key) || slots.fenced.contains(&key) {
+                continue;
+            }
+            let slot = self.load_slot(&key, rules).await;
+            slots.held.insert(key, slot);
+        }
+    }
+
+    /// Saves every slot with unsaved progress, then commits the offsets the saved ones cover.
+    /// A slot whose checkpoint another process wrote since this one read it belongs to that
+    /// process now (this one lost its partition and has not noticed yet): it is dropped, and
+    /// its records are skipped until the next rebalance.
+    async fn save_checkpoints(&self, slots: &mut Slots, consumer: &mut dyn Consumer) {
+        let mut done = Vec::new();
+        let mut fenced = Vec::new();
+        for (key, slot) in &mut slots.held {
+            if slot.unsaved.is_empty() {
+                continue;
+            }
+            if self.save_slot(key, slot).await {
+                done.extend(
+                    slot.unsaved
+                        .iter()
+                        .map(|(&partition, &offset)| Position { partition, offset }),
+                );
+                slot.unsaved.clear();
+            } else {
+                tracing::warn!(checkpoint = %key, "another analytics process saved this rule checkpoint: its partition moved there");
+                fenced.push(key.clone());
+            }
+        }
+        for key in fenced {
+            slots.held.remove(&key);
+            slots.fenced.insert(key);
+        }
+        if !done.is_empty()
+            && let Err(e) = consumer.commit(&done).await
+        {
+            tracing::warn!(error = %e, "rules offset commit failed; the checkpoint covers the records");
         }
     }
 
@@ -439,28 +598,36 @@ impl RuleEngine {
         budgets.charge(tenant, started.elapsed());
     }
 
-    async fn load_checkpoint(&self, stream: &str) -> Checkpoint {
-        match self.services.store.get_record(CHECKPOINT, stream).await {
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "rule checkpoint unreadable; rules start with empty windows");
-                Checkpoint::default()
-            }),
-            Ok(None) => Checkpoint::default(),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the rule checkpoint; rules start with empty windows");
+    /// A slot's state as its checkpoint left it (empty windows when there is none).
+    async fn load_slot(&self, key: &str, rules: &[EnabledRule]) -> Slot {
+        let stored = loop {
+            match self.services.store.get_record(CHECKPOINT, key).await {
+                Ok(stored) => break stored,
+                Err(e) => {
+                    tracing::error!(error = %e, checkpoint = %key, "cannot read the rule checkpoint; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let mut checkpoint = match stored.as_deref().map(serde_json::from_slice::<Checkpoint>) {
+            Some(Ok(checkpoint)) => checkpoint,
+            Some(Err(e)) => {
+                tracing::error!(error = %e, checkpoint = %key, "rule checkpoint unreadable; rules start with empty windows");
                 Checkpoint::default()
             }
+            None => Checkpoint::default(),
+        };
+        Slot {
+            running: assemble(rules, &mut checkpoint.states, HashMap::new()),
+            applied: checkpoint.applied,
+            stored,
+            unsaved: BTreeMap::new(),
         }
     }
 
-    /// Retries until the store takes the checkpoint or shutdown: the offsets are committed
-    /// only after it.
-    async fn save_checkpoint(
-        &self,
-        stream: &str,
-        applied: &BTreeMap<u32, u64>,
-        running: &HashMap<TenantId, Vec<Running>>,
-    ) {
+    /// Writes the slot's checkpoint if it is still the one this process read or wrote last,
+    /// retrying while the store cannot be reached. Returns false when another process wrote it.
+    async fn save_slot(&self, key: &str, slot: &mut Slot) -> bool {
         #[derive(Serialize)]
         struct Saved<'a> {
             version: u64,
@@ -471,7 +638,8 @@ impl RuleEngine {
             applied: &'a BTreeMap<u32, u64>,
             states: BTreeMap<Uuid, Saved<'a>>,
         }
-        let states = running
+        let states = slot
+            .running
             .values()
             .flatten()
             .filter(|r| r.plan.windowed.is_some())
@@ -485,34 +653,41 @@ impl RuleEngine {
                 )
             })
             .collect();
-        let bytes = match serde_json::to_vec(&CheckpointRef { applied, states }) {
+        let checkpoint = CheckpointRef {
+            applied: &slot.applied,
+            states,
+        };
+        let bytes = match serde_json::to_vec(&checkpoint) {
             Ok(bytes) => Bytes::from(bytes),
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode the rule checkpoint");
-                return;
+                return true;
             }
         };
         let mut backoff = Duration::from_millis(100);
-        while let Err(e) = self
-            .services
-            .store
-            .put_record(CHECKPOINT, stream, bytes.clone())
-            .await
-        {
-            tracing::error!(error = %e, "cannot save the rule checkpoint; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+        loop {
+            match self
+                .services
+                .store
+                .compare_and_swap(CHECKPOINT, key, slot.stored.clone(), Some(bytes.clone()))
+                .await
+            {
+                Ok(true) => {
+                    slot.stored = Some(bytes);
+                    return true;
+                }
+                Ok(false) => return false,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot save the rule checkpoint; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
         }
     }
 
-    /// The enabled rules by tenant. A rule keeps its state when it is unchanged (same
-    /// version) in `previous`, or takes it from a checkpoint saved at the same version.
-    async fn load_rules(
-        &self,
-        stream: &str,
-        saved: &mut BTreeMap<Uuid, SavedState>,
-        mut previous: HashMap<TenantId, Vec<Running>>,
-    ) -> HashMap<TenantId, Vec<Running>> {
+    /// The enabled rules of `stream` and `scope`, compiled.
+    async fn enabled_rules(&self, stream: &str, scope: Scope) -> Vec<EnabledRule> {
         let rules = loop {
             match self.services.rules.enabled().await {
                 Ok(rules) => break rules,
@@ -522,40 +697,57 @@ impl RuleEngine {
                 }
             }
         };
-        let mut kept: HashMap<(Uuid, u64), RuleState> = previous
-            .drain()
-            .flat_map(|(_, rules)| rules)
-            .map(|r| ((r.rule.id, r.rule.version), r.state))
-            .collect();
-        let mut running: HashMap<TenantId, Vec<Running>> = HashMap::new();
-        for rule in rules {
-            let plan = match compile(&rule.sql) {
-                Ok(plan) if plan.stream != stream => continue,
-                Ok(plan) => plan,
+        let enabled: Vec<EnabledRule> = rules
+            .into_iter()
+            .filter_map(|rule| match compile(&rule.sql) {
+                Ok(plan) if plan.stream == stream && plan.per_device() == (scope == Scope::Devices) => {
+                    Some((Arc::new(rule), Arc::new(plan)))
+                }
+                Ok(_) => None,
                 Err(e) => {
                     tracing::error!(rule = %rule.id, error = %e, "saved rule no longer compiles; skipped");
-                    continue;
+                    None
                 }
-            };
-            let state = kept
-                .remove(&(rule.id, rule.version))
-                .or_else(|| {
-                    saved
-                        .remove(&rule.id)
-                        .filter(|s| s.version == rule.version)
-                        .map(|s| s.state)
-                })
-                .unwrap_or_default();
-            running.entry(rule.tenant_id).or_default().push(Running {
-                rule: Arc::new(rule),
-                plan,
-                state,
-            });
-        }
-        let count: usize = running.values().map(Vec::len).sum();
-        tracing::info!(rules = count, "rules loaded");
-        running
+            })
+            .collect();
+        tracing::debug!(stream, scope = ?scope, rules = enabled.len(), "rules loaded");
+        enabled
     }
+}
+
+/// A rule and its compiled plan.
+type EnabledRule = (Arc<Rule>, Arc<Plan>);
+
+/// The rules by tenant, each with its state: kept from `previous` when the rule is unchanged
+/// (same version), else taken from a checkpoint saved at the same version, else empty.
+fn assemble(
+    rules: &[EnabledRule],
+    saved: &mut BTreeMap<Uuid, SavedState>,
+    mut previous: HashMap<TenantId, Vec<Running>>,
+) -> HashMap<TenantId, Vec<Running>> {
+    let mut kept: HashMap<(Uuid, u64), RuleState> = previous
+        .drain()
+        .flat_map(|(_, rules)| rules)
+        .map(|r| ((r.rule.id, r.rule.version), r.state))
+        .collect();
+    let mut running: HashMap<TenantId, Vec<Running>> = HashMap::new();
+    for (rule, plan) in rules {
+        let state = kept
+            .remove(&(rule.id, rule.version))
+            .or_else(|| {
+                saved
+                    .remove(&rule.id)
+                    .filter(|s| s.version == rule.version)
+                    .map(|s| s.state)
+            })
+            .unwrap_or_default();
+        running.entry(rule.tenant_id).or_default().push(Running {
+            rule: rule.clone(),
+            plan: plan.clone(),
+            state,
+        });
+    }
+    running
 }
 
 /// The columns of an event or lifecycle event: the members of its JSON object (numbers, text,

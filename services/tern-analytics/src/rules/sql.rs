@@ -126,7 +126,8 @@ impl Plan {
         exprs.into_iter().any(|e| e.mentions(wanted))
     }
 
-    /// Whether each output row belongs to one device (so `command:NAME` has a target).
+    /// Whether each output row belongs to one device: `command:NAME` has a target, and the
+    /// rule's work splits by the log's partitions (a device's messages are all in one).
     pub fn per_device(&self) -> bool {
         self.windowed
             .as_ref()
@@ -869,6 +870,25 @@ mod tests {
 
     fn error(sql: &str) -> SqlError {
         compile(sql).expect_err("refused")
+    }
+
+    #[test]
+    fn filters_and_groups_by_device_are_per_device() {
+        let per_device = |sql: &str| compile(sql).expect("compiles").per_device();
+        assert!(per_device(
+            "SELECT device, temp FROM telemetry WHERE temp > 50"
+        ));
+        assert!(per_device(
+            "SELECT device, labels.site, avg(temp) FROM telemetry \
+             GROUP BY labels.site, device, TUMBLE(ts, INTERVAL '1' MINUTE)"
+        ));
+        assert!(per_device(
+            "SELECT device FROM telemetry GROUP BY device, ABSENCE(INTERVAL '5' MINUTE)"
+        ));
+        assert!(!per_device(
+            "SELECT labels.site, avg(temp) FROM telemetry \
+             GROUP BY labels.site, TUMBLE(ts, INTERVAL '1' MINUTE)"
+        ));
     }
 
     #[test]
