@@ -1,10 +1,11 @@
 //! The rule engine: every enabled rule, run over the `telemetry`, `event` and `lifecycle`
 //! streams.
 //!
-//! Per-device rules run as the consumer group `analytics-rules`, which splits the streams'
-//! partitions between the analytics processes; each partition's rule state is a checkpoint of
-//! its own. Fleet-wide rules run as `analytics-fleet-rules` in one process at a time, with one
-//! checkpoint per stream. After each batch the engine carries out the batch's actions; at most
+//! On an embedded store (`tern up`) one process runs every rule, as the consumer group
+//! `analytics-rules`, with one checkpoint per stream. On a shared store, per-device rules run
+//! as `analytics-rules`, which splits the streams' partitions between the analytics processes,
+//! with a checkpoint per partition; fleet-wide rules run as `analytics-fleet-rules` in one
+//! process at a time, with one checkpoint per stream. After each batch the engine carries out the batch's actions; at most
 //! once a second it then saves the checkpoints (each rule's window state and the last offset
 //! folded into it) and commits the offsets they cover. After a crash or a rebalance, a
 //! partition's next reader restores its checkpoint and skips records already folded into it,
@@ -115,6 +116,8 @@ pub struct RuleEngine {
 /// Which rules a consumer runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scope {
+    /// Every rule, in the one process of a platform on an embedded store.
+    All,
     /// Rules whose rows each come from one device: split by partition across processes.
     Devices,
     /// Rules whose groups span devices: one process at a time.
@@ -124,14 +127,22 @@ enum Scope {
 impl Scope {
     fn group(self) -> &'static str {
         match self {
-            Scope::Devices => RULES_GROUP,
+            Scope::All | Scope::Devices => RULES_GROUP,
             Scope::Fleet => FLEET_RULES_GROUP,
+        }
+    }
+
+    fn includes(self, plan: &Plan) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Devices => plan.per_device(),
+            Scope::Fleet => !plan.per_device(),
         }
     }
 }
 
 /// The rule state a consumer holds, one slot per checkpoint: a partition's (per-device rules)
-/// or the whole stream's (fleet-wide rules).
+/// or the whole stream's (all or fleet-wide rules).
 struct Slots {
     stream: &'static str,
     scope: Scope,
@@ -153,12 +164,11 @@ impl Slots {
         }
     }
 
-    /// The checkpoint key that a record of `partition` folds into. The fleet-wide key is the
-    /// stream's name, as it was before per-device rules split by partition.
+    /// The checkpoint key that a record of `partition` folds into.
     fn key(&self, partition: u32) -> String {
         match self.scope {
             Scope::Devices => format!("{}/{partition}", self.stream),
-            Scope::Fleet => self.stream.to_string(),
+            Scope::All | Scope::Fleet => self.stream.to_string(),
         }
     }
 
@@ -268,9 +278,10 @@ impl RuleEngine {
         self.actions.clone()
     }
 
-    /// Runs the rules until `shutdown`.
+    /// Runs the rules until `shutdown`. A process alone on its store runs them all, as one
+    /// consumer per stream with one checkpoint per stream.
     ///
-    /// Per-device rules (filters, groups keyed by device) run in every analytics process: the
+    /// Otherwise per-device rules (filters, groups keyed by device) run in every analytics process: the
     /// consumer group [`RULES_GROUP`] splits the log's partitions between them, and each
     /// partition's rule state has its own checkpoint, which the partition's next reader
     /// resumes from. Fleet-wide rules (groups that span devices, and so partitions) run in one
@@ -280,12 +291,11 @@ impl RuleEngine {
     /// re-evaluates act under the same idempotency keys.
     pub async fn run(self, shutdown: Shutdown, shared_store: bool) -> Result<(), LogError> {
         let this = Arc::new(self);
+        if !shared_store {
+            return this.run_streams(Scope::All, shutdown).await;
+        }
         let per_device = tokio::spawn(this.clone().run_streams(Scope::Devices, shutdown.clone()));
-        let fleet = if shared_store {
-            this.run_fleet_under_lease(shutdown).await
-        } else {
-            this.run_streams(Scope::Fleet, shutdown).await
-        };
+        let fleet = this.run_fleet_under_lease(shutdown).await;
         per_device.await.unwrap_or(Ok(()))?;
         fleet
     }
@@ -450,7 +460,7 @@ impl RuleEngine {
             slots.generation = Some(assignment.generation);
             slots.held.clear();
             slots.fenced.clear();
-            if slots.scope == Scope::Devices {
+            if slots.scope != Scope::Fleet {
                 self.metrics
                     .partitions
                     .get_or_create(&StreamLabel {
@@ -700,7 +710,7 @@ impl RuleEngine {
         let enabled: Vec<EnabledRule> = rules
             .into_iter()
             .filter_map(|rule| match compile(&rule.sql) {
-                Ok(plan) if plan.stream == stream && plan.per_device() == (scope == Scope::Devices) => {
+                Ok(plan) if plan.stream == stream && scope.includes(&plan) => {
                     Some((Arc::new(rule), Arc::new(plan)))
                 }
                 Ok(_) => None,

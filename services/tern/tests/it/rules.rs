@@ -12,7 +12,7 @@ use crate::harness::{Mqtt, Provisioned, Tern};
 const PATIENCE: Duration = Duration::from_secs(20);
 
 /// A device of `tenant` with one label and no others.
-fn device_labelled(tern: &Tern, tenant: &str, name: &str, label: &str) -> Provisioned {
+pub(crate) fn device_labelled(tern: &Tern, tenant: &str, name: &str, label: &str) -> Provisioned {
     let base = tern.provision(tenant, &format!("{name}-probe"));
     let d = tern.cli_json(&[
         "device", "create", name, "--tenant", tenant, "--label", label,
@@ -26,7 +26,13 @@ fn device_labelled(tern: &Tern, tenant: &str, name: &str, label: &str) -> Provis
 }
 
 /// Saves a rule with the CLI; returns what it printed (JSON).
-fn create_rule(tern: &Tern, tenant: &str, name: &str, sql: &str, actions: &[&str]) -> Value {
+pub(crate) fn create_rule(
+    tern: &Tern,
+    tenant: &str,
+    name: &str,
+    sql: &str,
+    actions: &[&str],
+) -> Value {
     let mut args = vec![
         "rule", "create", "--tenant", tenant, "--name", name, "--sql", sql,
     ];

@@ -2,9 +2,10 @@
 //! `tern gateway`, `tern analytics`, `tern bridge`, `tern dashboard`) on one served store, a
 //! Kafka-protocol log and a nats-server. A device's telemetry goes bridge → Kafka → analytics →
 //! store → REST; a REST command reaches the device through the bridge and its answer comes
-//! back; a rule's republish crosses from analytics to the bridge; and an analytics process
-//! killed with SIGKILL mid-stream, beside a standby and then a replacement, leaves nothing
-//! acknowledged lost or stored twice, and the rules go on in a survivor.
+//! back; a rule's republish crosses from analytics to the bridge; two analytics processes
+//! split the per-device rules' partitions; and one killed with SIGKILL mid-stream (then
+//! replaced) leaves nothing acknowledged lost or stored twice, no window short or counted
+//! twice, no action repeated, and the fleet-wide rules go on in a survivor.
 //!
 //! Kafka is librdkafka's mock cluster (the Kafka protocol on real TCP ports): tansu 0.6 does
 //! not re-form a consumer group whose member died without leaving, which is what kill -9 does
@@ -26,6 +27,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::harness::{Mqtt, PATIENCE, Provisioned, Tern, ping_round_trip, values};
+use crate::rules::{create_rule, device_labelled};
 use crate::served_store::StoreServer;
 
 /// Everything the services share, started on loopback: a Kafka-protocol broker (librdkafka's
@@ -151,6 +153,33 @@ async fn republished(device: &mut Mqtt, mark: u32) -> Value {
     }
 }
 
+/// `tern_rules_partitions{stream="telemetry"}` of an analytics process.
+async fn rule_partitions(analytics: &Tern) -> u64 {
+    let metrics = reqwest::get(format!("{}/metrics", analytics.http()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"tern_rules_partitions{stream="telemetry"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Readings `from..from + n` of a meter: `kwh` is the index, and the device's own clock puts
+/// them 100 ms apart from `minute`.
+fn readings(minute: i64, from: i64, n: i64) -> Vec<Vec<u8>> {
+    (from..from + n)
+        .map(|i| {
+            serde_json::json!({"kwh": i, "ts": minute + i * 100})
+                .to_string()
+                .into_bytes()
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_in_its_own_process() {
     let shared = Platform::start(&[]);
@@ -159,6 +188,7 @@ async fn every_service_in_its_own_process() {
     let registry = shared.service("registry");
     let gateway = shared.service("gateway");
     let mut analytics = shared.service("analytics");
+    let second = shared.service("analytics");
     let bridge = shared.service("bridge");
     let dashboard = shared.service("dashboard");
 
@@ -241,23 +271,160 @@ async fn every_service_in_its_own_process() {
 
     assert!(analytics.log().contains("holds the rule-engine lease"));
 
-    // A second analytics process shares ingest and stands by for the rules. kill -9 the first
-    // mid-stream and start another: every acknowledged message is stored, none twice, and
-    // the rules go on in one of the survivors once the dead holder's lease expires.
-    let standby = shared.service("analytics");
+    // The two analytics processes split the partitions of the per-device rules.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let split = loop {
+        let split = (
+            rule_partitions(&analytics).await,
+            rule_partitions(&second).await,
+        );
+        if split.0 > 0 && split.1 > 0 || std::time::Instant::now() > deadline {
+            break split;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        split.0 > 0 && split.1 > 0 && split.0 + split.1 == 3,
+        "{split:?}"
+    );
+
+    // Windows whose state outlives the process that held it: per meter, by the per-device
+    // rules' partitions; per site, by the fleet-wide rules in the lease holder. A minute a few
+    // minutes ahead, so that only the devices' own clocks close it.
+    create_rule(
+        &gateway,
+        "acme",
+        "per-minute",
+        "SELECT device, window_start, count(*) AS n, sum(kwh) AS total FROM telemetry \
+         GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)",
+        &["command:report"],
+    );
+    create_rule(
+        &gateway,
+        "acme",
+        "site-minute",
+        "SELECT labels.site, count(*) AS n, sum(kwh) AS total FROM telemetry \
+         GROUP BY labels.site, TUMBLE(ts, INTERVAL '1' MINUTE)",
+        &["alert"],
+    );
+    let minute = (tern_core::now_ms() / 60_000 + 5) * 60_000;
+    // Each meter is its own site: a site's messages then keep their order (one partition),
+    // so the count a site's window closes with is known.
+    // Eight, so that the killed process almost surely runs some of them.
+    let meters: Vec<Provisioned> = (0..8)
+        .map(|i| {
+            device_labelled(
+                &gateway,
+                "acme",
+                &format!("meter{i}"),
+                &format!("site=s{i}"),
+            )
+        })
+        .collect();
+    for meter in &meters {
+        let mut device = Mqtt::device(&bridge, meter).await;
+        device
+            .publish_acked("telemetry", readings(minute, 0, 30))
+            .await;
+        gateway.wait_points(meter, "kwh", 30).await;
+    }
+
+    // kill -9 the first analytics process mid-stream (it holds the lease and some partitions)
+    // and start another: every acknowledged message is stored, none twice; the survivors
+    // resume the windows from the checkpoints, and the rules go on.
     publish_seqs(&bridge, &p, 100..300).await;
     analytics.kill9();
     let replacement = shared.service("analytics");
     let points = gateway.wait_points(&p, "seq", 300).await;
     assert_eq!(seqs(&points), expected(300), "nothing lost, nothing twice");
     republished(&mut watching, 2).await;
+    for meter in &meters {
+        let mut device = Mqtt::device(&bridge, meter).await;
+        device
+            .publish_acked("telemetry", readings(minute, 30, 20))
+            .await;
+        // Two minutes on: past the window and its lateness.
+        let later = serde_json::json!({"kwh": 0, "ts": minute + 120_000});
+        device
+            .publish_acked("telemetry", vec![later.to_string().into_bytes()])
+            .await;
+    }
+    let total = (0..50).sum::<i64>();
+    let reports = async |meter: &Provisioned| -> Vec<Value> {
+        let path = format!("/api/v1/tenants/acme/devices/{}/commands", meter.device_id);
+        let body = gateway.get(&p.api_token, &path).await.1;
+        body["commands"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"] == "report")
+            .cloned()
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    for meter in &meters {
+        while reports(meter).await.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Give a duplicate, if there were one, time to appear.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for meter in &meters {
+        let reports = reports(meter).await;
+        assert_eq!(reports.len(), 1, "one command for the window: {reports:?}");
+        let row = &reports[0]["payload"]["row"];
+        assert_eq!(row["window_start"], minute);
+        assert_eq!(
+            (&row["n"], &row["total"]),
+            (&50.into(), &total.into()),
+            "{row}"
+        );
+    }
+    // The meters' sites (the provisioned devices' own site, `test`, has its own alert).
+    let sites = |body: Value| -> Vec<Value> {
+        let mut alerts: Vec<Value> = body
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["details"]["site"] != "test")
+            .cloned()
+            .collect();
+        alerts.sort_by_key(|a| a["details"]["site"].to_string());
+        alerts
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let alerts = loop {
+        let (_, body) = gateway
+            .get(&p.api_token, "/api/v1/tenants/acme/alerts?rule=site-minute")
+            .await;
+        let alerts = sites(body);
+        if alerts.len() >= meters.len() || std::time::Instant::now() > deadline {
+            break alerts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let raised: Vec<&str> = alerts
+        .iter()
+        .filter_map(|a| a["details"]["site"].as_str())
+        .collect();
+    let expected_sites: Vec<String> = (0..meters.len()).map(|i| format!("s{i}")).collect();
+    assert_eq!(raised, expected_sites, "{alerts:?}");
+    for alert in &alerts {
+        assert_eq!(alert["count"], 1, "raised once: {alert}");
+        let row = &alert["details"];
+        assert_eq!(
+            (&row["n"], &row["total"]),
+            (&50.into(), &total.into()),
+            "{alert}"
+        );
+    }
     assert!(
-        [&standby, &replacement]
+        [&second, &replacement]
             .iter()
             .any(|a| a.log().contains("holds the rule-engine lease")),
-        "a survivor took the rules over"
+        "a survivor took the fleet-wide rules over"
     );
-    for mut survivor in [standby, replacement] {
+    for mut survivor in [second, replacement] {
         assert!(survivor.stop(), "clean exit; log:\n{}", survivor.log());
     }
 }
