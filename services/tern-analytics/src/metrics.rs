@@ -103,7 +103,7 @@ impl RuleMetrics {
             r.register("late_messages", "Messages dropped because their windows had closed", m.late.clone());
             r.register("over_limit_messages", "Messages refused because a rule reached `rules.max_groups_per_rule`", m.over_limit.clone());
             r.register("throttled_messages", "Messages a tenant's rules skipped because they were over `rules.max_tenant_cpu_ms_per_sec`", m.throttled.clone());
-            r.register("partitions", "Log partitions whose per-device rules this process runs, by stream", m.partitions.clone());
+            r.register("partitions", "Partitions this process runs rules on, by topic (a stream, or rules-shuffle for fleet-wide rules)", m.partitions.clone());
             r.register("actions", "Actions carried out, by action and outcome", m.actions.clone());
             r.register(
                 "publish_to_action_seconds",

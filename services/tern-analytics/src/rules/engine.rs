@@ -21,10 +21,10 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tern_core::{TenantId, now_ms};
 use tern_eventlog::{
-    Assignment, Consumed, Consumer, EventLog, LogError, Position, TELEMETRY_TOPIC,
+    Assignment, Consumed, Consumer, EventLog, LogError, Position, Record, TELEMETRY_TOPIC,
 };
 use tern_proto::v1::Event;
-use tern_registry::{Commands, Lease, Registry, Twins};
+use tern_registry::{Commands, Registry, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::Store;
 use uuid::Uuid;
@@ -33,9 +33,10 @@ use super::actions::RuleActions;
 use super::budget::{Admission, Budgets};
 use super::expr::Value;
 use super::model::Rule;
+use super::shuffle::{SHUFFLE_TOPIC, Shuffled};
 use super::sql::{Plan, STREAMS, compile};
 use super::webhooks::Webhooks;
-use super::window::{Firing, Message, Outcome, RuleState, TwinDocuments};
+use super::window::{Firing, Message, Outcome, RuleState, TwinDocuments, group_key};
 use crate::alerts::Alerts;
 use crate::metrics::{RuleMetrics, StreamLabel};
 use crate::rules::Rules;
@@ -49,11 +50,6 @@ const BATCH: usize = 1024;
 const POLL_WAIT: Duration = Duration::from_millis(200);
 const DEVICE_INFO_TTL: Duration = Duration::from_secs(5);
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-/// How long the rule engine's lease lasts unrenewed: how soon a standby takes over from a
-/// process that died.
-pub const RULES_LEASE_TTL: Duration = Duration::from_secs(10);
-/// How often the holder renews it (and a standby asks for it).
-const RULES_LEASE_RENEW: Duration = Duration::from_secs(2);
 
 /// Limits (`[rules]` in the config file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,9 +114,9 @@ pub struct RuleEngine {
 enum Scope {
     /// Every rule, in the one process of a platform on an embedded store.
     All,
-    /// Rules whose rows each come from one device: split by partition across processes.
+    /// Rules whose rows each come from one device, on the streams' partitions.
     Devices,
-    /// Rules whose groups span devices: one process at a time.
+    /// Rules whose groups span devices, on `rules-shuffle`'s partitions.
     Fleet,
 }
 
@@ -141,8 +137,8 @@ impl Scope {
     }
 }
 
-/// The rule state a consumer holds, one slot per checkpoint: a partition's (per-device rules)
-/// or the whole stream's (all or fleet-wide rules).
+/// The rule state a consumer holds, one slot per checkpoint: a partition's, or the whole
+/// stream's in a process alone on its store.
 struct Slots {
     stream: &'static str,
     scope: Scope,
@@ -167,8 +163,8 @@ impl Slots {
     /// The checkpoint key that a record of `partition` folds into.
     fn key(&self, partition: u32) -> String {
         match self.scope {
-            Scope::Devices => format!("{}/{partition}", self.stream),
-            Scope::All | Scope::Fleet => self.stream.to_string(),
+            Scope::Devices | Scope::Fleet => format!("{}/{partition}", self.stream),
+            Scope::All => self.stream.to_string(),
         }
     }
 
@@ -186,6 +182,16 @@ struct Slot {
     stored: Option<Bytes>,
     /// Offsets folded in since the last save, per partition: committed once it is saved.
     unsaved: BTreeMap<u32, u64>,
+    /// `rules-shuffle` only: the last source offset folded in, per rule and source partition.
+    sources: BTreeMap<String, u64>,
+}
+
+/// What stage one of a stream's consumer works on: the rules it runs, and the fleet-wide rules
+/// whose messages it passes on.
+struct Stage<'a> {
+    running: &'a mut HashMap<TenantId, Vec<Running>>,
+    shuffles: &'a HashMap<TenantId, Vec<EnabledRule>>,
+    shuffled: &'a mut Vec<Record>,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -193,6 +199,9 @@ struct Checkpoint {
     /// The last offset folded into the states, per partition.
     applied: BTreeMap<u32, u64>,
     states: BTreeMap<Uuid, SavedState>,
+    /// `rules-shuffle` only: the last offset folded in per rule and source.
+    #[serde(default)]
+    sources: BTreeMap<String, u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -281,82 +290,38 @@ impl RuleEngine {
     /// Runs the rules until `shutdown`. A process alone on its store runs them all, as one
     /// consumer per stream with one checkpoint per stream.
     ///
-    /// Otherwise per-device rules (filters, groups keyed by device) run in every analytics process: the
-    /// consumer group [`RULES_GROUP`] splits the log's partitions between them, and each
-    /// partition's rule state has its own checkpoint, which the partition's next reader
-    /// resumes from. Fleet-wide rules (groups that span devices, and so partitions) run in one
-    /// process at a time: at once when this process is alone on its store, else while it holds
-    /// the `rule-engine` lease. A holder that stops renewing (killed, or cut off from the store)
-    /// loses the lease within [`RULES_LEASE_TTL`] and another takes over; the rows it
-    /// re-evaluates act under the same idempotency keys.
+    /// On a shared store every analytics process runs both stages below, and the log's
+    /// consumer groups split the partitions between them; each partition's rule state is a
+    /// checkpoint of its own, which the partition's next reader resumes from.
+    /// - Per-device rules (filters, groups keyed by device): on the streams, as
+    ///   [`RULES_GROUP`]. The same consumer also passes fleet-wide rules' messages on to
+    ///   `rules-shuffle`.
+    /// - Fleet-wide rules (groups that span devices): on `rules-shuffle`, as
+    ///   `analytics-fleet-rules`.
     pub async fn run(self, shutdown: Shutdown, shared_store: bool) -> Result<(), LogError> {
         let this = Arc::new(self);
         if !shared_store {
             return this.run_streams(Scope::All, shutdown).await;
         }
         let per_device = tokio::spawn(this.clone().run_streams(Scope::Devices, shutdown.clone()));
-        let fleet = this.run_fleet_under_lease(shutdown).await;
+        let fleet = this.run_streams(Scope::Fleet, shutdown).await;
         per_device.await.unwrap_or(Ok(()))?;
         fleet
     }
 
-    /// The fleet-wide rules, while this process holds the `rule-engine` lease.
-    async fn run_fleet_under_lease(self: Arc<Self>, shutdown: Shutdown) -> Result<(), LogError> {
-        let lease = Lease::new(self.services.store.clone(), "rule-engine", RULES_LEASE_TTL);
-        loop {
-            // Standby: ask for the lease until it is free.
-            loop {
-                match lease.hold().await {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot read the rule-engine lease"),
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(RULES_LEASE_RENEW) => {}
-                }
-            }
-            tracing::info!(
-                "this process runs the fleet-wide rules (it holds the rule-engine lease)"
-            );
-            let term = shutdown.child_token();
-            let engine = tokio::spawn(self.clone().run_streams(Scope::Fleet, term.clone()));
-            let mut renewed = Instant::now();
-            let lost = loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break false,
-                    () = tokio::time::sleep(RULES_LEASE_RENEW) => {}
-                }
-                match lease.hold().await {
-                    Ok(true) => renewed = Instant::now(),
-                    Ok(false) => break true,
-                    // The store is unreachable: others may take the lease once it expires.
-                    Err(_) if renewed.elapsed() >= RULES_LEASE_TTL => break true,
-                    Err(e) => tracing::warn!(error = %e, "cannot renew the rule-engine lease"),
-                }
-            };
-            term.cancel();
-            let outcome = engine.await.unwrap_or(Ok(()));
-            if !lost {
-                lease.release().await;
-                return outcome;
-            }
-            tracing::warn!(
-                "lost the rule-engine lease: another process runs the fleet-wide rules now"
-            );
-            outcome?;
-        }
-    }
-
-    /// Runs every stream's rules of `scope` until `shutdown`, saving checkpoints before it
-    /// returns.
+    /// Runs the rules of `scope` on each of its topics until `shutdown`, saving checkpoints
+    /// before it returns.
     async fn run_streams(
         self: Arc<Self>,
         scope: Scope,
         shutdown: Shutdown,
     ) -> Result<(), LogError> {
         let mut tasks = Vec::new();
-        for stream in STREAMS {
+        let streams: &[&'static str] = match scope {
+            Scope::Fleet => &[SHUFFLE_TOPIC],
+            Scope::All | Scope::Devices => &STREAMS,
+        };
+        for &stream in streams {
             let consumer = self.services.log.consumer(scope.group(), stream).await?;
             let (this, shutdown) = (self.clone(), shutdown.clone());
             tasks.push(tokio::spawn(async move {
@@ -381,6 +346,7 @@ impl RuleEngine {
     ) {
         let mut changes = self.services.rules.changes();
         let mut rules = self.enabled_rules(stream, scope).await;
+        let mut shuffles = self.shuffled_rules(stream, scope).await;
         let mut slots = Slots::new(stream, scope);
         let mut devices = DeviceCache::default();
         let mut budgets = Budgets::new(self.config.max_tenant_cpu_ms_per_sec);
@@ -397,6 +363,7 @@ impl RuleEngine {
                 }
                 Ok(()) = changes.changed() => {
                     rules = self.enabled_rules(stream, scope).await;
+                    shuffles = self.shuffled_rules(stream, scope).await;
                     for slot in slots.held.values_mut() {
                         slot.running = assemble(&rules, &mut BTreeMap::new(), std::mem::take(&mut slot.running));
                     }
@@ -422,6 +389,7 @@ impl RuleEngine {
                     };
                     // The batch belongs to the assignment as it is after the poll.
                     self.follow_assignment(&mut slots, consumer.assignment(), &rules).await;
+                    let mut shuffled = Vec::new();
                     for record in records {
                         let Some(slot) = slots.of(record.position.partition) else {
                             continue;
@@ -430,9 +398,18 @@ impl RuleEngine {
                         if slot.applied.get(&partition).is_some_and(|o| *o >= offset) {
                             continue;
                         }
-                        self.evaluate(&record, &mut slot.running, &mut devices, &mut budgets, &mut firings).await;
+                        if scope == Scope::Fleet {
+                            self.evaluate_shuffled(&record, slot, &mut budgets, &mut firings);
+                        } else {
+                            let stage = Stage { running: &mut slot.running, shuffles: &shuffles, shuffled: &mut shuffled };
+                            self.evaluate(&record, stage, &mut devices, &mut budgets, &mut firings).await;
+                        }
                         slot.applied.insert(partition, offset);
                         slot.unsaved.insert(partition, offset);
+                    }
+                    // Durable before the checkpoint that covers their sources is saved.
+                    if !shuffled.is_empty() && !self.append_shuffled(shuffled, &shutdown).await {
+                        return;
                     }
                 }
             }
@@ -460,14 +437,12 @@ impl RuleEngine {
             slots.generation = Some(assignment.generation);
             slots.held.clear();
             slots.fenced.clear();
-            if slots.scope != Scope::Fleet {
-                self.metrics
-                    .partitions
-                    .get_or_create(&StreamLabel {
-                        stream: slots.stream.to_string(),
-                    })
-                    .set(i64::try_from(assignment.partitions.len()).unwrap_or(i64::MAX));
-            }
+            self.metrics
+                .partitions
+                .get_or_create(&StreamLabel {
+                    stream: slots.stream.to_string(),
+                })
+                .set(i64::try_from(assignment.partitions.len()).unwrap_or(i64::MAX));
         }
         for partition in assignment.partitions {
             let key = slots.key(partition);
@@ -516,7 +491,7 @@ impl RuleEngine {
     async fn evaluate(
         &self,
         record: &Consumed,
-        running: &mut HashMap<TenantId, Vec<Running>>,
+        stage: Stage<'_>,
         devices: &mut DeviceCache,
         budgets: &mut Budgets,
         firings: &mut Firings,
@@ -527,7 +502,9 @@ impl RuleEngine {
             .ok()
             .and_then(|k| k.split('/').next())
             .and_then(|t| TenantId::parse(t).ok());
-        if keyed_tenant.is_some_and(|t| !running.contains_key(&t)) {
+        let has_rules =
+            |t: &TenantId| stage.running.contains_key(t) || stage.shuffles.contains_key(t);
+        if keyed_tenant.is_some_and(|t| !has_rules(&t)) {
             return;
         }
         let Ok(event) = Event::decode(record.value.as_ref()) else {
@@ -542,9 +519,11 @@ impl RuleEngine {
         let Ok(tenant) = TenantId::parse(&event.tenant_id) else {
             return;
         };
-        let Some(rules) = running.get_mut(&tenant) else {
+        if !has_rules(&tenant) {
             return;
-        };
+        }
+        let mut rules = stage.running.get_mut(&tenant);
+        let shuffles = stage.shuffles.get(&tenant).map_or(&[][..], Vec::as_slice);
         if let Admission::Skip { log } = budgets.admit(tenant, Instant::now()) {
             self.metrics.throttled.inc();
             if log {
@@ -553,10 +532,11 @@ impl RuleEngine {
             return;
         }
         self.metrics.messages.inc();
-        let (labels, twin) = (
-            rules.iter().any(|r| r.plan.uses_labels()),
-            rules.iter().any(|r| r.plan.uses_twin()),
-        );
+        let plans = || {
+            let running = rules.iter().flat_map(|r| r.iter()).map(|r| &*r.plan);
+            running.chain(shuffles.iter().map(|(_, plan)| &**plan))
+        };
+        let (labels, twin) = (plans().any(Plan::uses_labels), plans().any(Plan::uses_twin));
         let device = if labels || twin {
             devices
                 .get(&self.services, tenant, &event.device_id, twin)
@@ -584,28 +564,134 @@ impl RuleEngine {
             twin: device.twin.as_ref(),
         };
         let started = Instant::now();
-        for rule in rules.iter_mut() {
-            let mut out = Vec::new();
-            match rule.state.on_message(
-                &rule.plan,
-                rule.lateness_ms(),
-                self.config.max_groups_per_rule,
-                &message,
-                &mut out,
-            ) {
-                Outcome::Taken => {}
-                Outcome::Late => {
-                    self.metrics.late.inc();
-                }
-                Outcome::OverLimit => {
-                    self.metrics.over_limit.inc();
-                    tracing::warn!(tenant = %tenant, rule = %rule.rule.name, limit = self.config.max_groups_per_rule, "rule is at its group limit; message not counted");
-                }
-            }
+        for rule in rules.iter_mut().flat_map(|r| r.iter_mut()) {
             let arrived = rule.plan.windowed.is_none().then_some(event.ingest_time_ms);
-            firings.extend(out.into_iter().map(|f| (rule.rule.clone(), f, arrived)));
+            self.fold(tenant, rule, &message, arrived, firings);
+        }
+        let source = format!("{}/{}", record.topic, record.position.partition);
+        for (rule, plan) in shuffles {
+            let Some(windowed) = &plan.windowed else {
+                continue;
+            };
+            if plan.filter.as_ref().is_some_and(|f| !f.holds(&message)) {
+                continue;
+            }
+            let shuffled = Shuffled {
+                tenant,
+                rule: rule.id,
+                version: rule.version,
+                source: source.clone(),
+                offset: record.position.offset,
+                device: event.device_id.clone(),
+                message_id: event.message_id.clone(),
+                ts_ms: message.ts_ms,
+                arrived_ms: message.arrived_ms,
+                metrics: metrics.clone(),
+                fields: fields.clone(),
+                labels: if plan.uses_labels() {
+                    device.labels.clone()
+                } else {
+                    BTreeMap::new()
+                },
+                twin: if plan.uses_twin() {
+                    device.twin.clone()
+                } else {
+                    None
+                },
+            };
+            stage
+                .shuffled
+                .push(shuffled.record(&group_key(windowed, &message)));
         }
         budgets.charge(tenant, started.elapsed());
+    }
+
+    /// Stage two of a fleet-wide rule: one message from `rules-shuffle` into its windows,
+    /// unless it is one stage one appended again after a crash.
+    fn evaluate_shuffled(
+        &self,
+        record: &Consumed,
+        slot: &mut Slot,
+        budgets: &mut Budgets,
+        firings: &mut Firings,
+    ) {
+        let shuffled = match Shuffled::decode(&record.value) {
+            Ok(shuffled) => shuffled,
+            Err(e) => {
+                tracing::warn!(error = %e, position = ?record.position, "unreadable record in rules-shuffle; skipped");
+                return;
+            }
+        };
+        // A rule changed since stage one saw the message starts its windows afresh.
+        let Some(rule) = slot.running.get_mut(&shuffled.tenant).and_then(|rules| {
+            rules
+                .iter_mut()
+                .find(|r| r.rule.id == shuffled.rule && r.rule.version == shuffled.version)
+        }) else {
+            return;
+        };
+        let source = shuffled.source_key();
+        if slot
+            .sources
+            .get(&source)
+            .is_some_and(|o| *o >= shuffled.offset)
+        {
+            return;
+        }
+        slot.sources.insert(source, shuffled.offset);
+        if let Admission::Skip { .. } = budgets.admit(shuffled.tenant, Instant::now()) {
+            self.metrics.throttled.inc();
+            return;
+        }
+        let started = Instant::now();
+        self.fold(shuffled.tenant, rule, &shuffled.message(), None, firings);
+        budgets.charge(shuffled.tenant, started.elapsed());
+    }
+
+    /// Feeds one message to one rule; its rows join `firings`.
+    fn fold(
+        &self,
+        tenant: TenantId,
+        rule: &mut Running,
+        message: &Message,
+        arrived: Option<i64>,
+        firings: &mut Firings,
+    ) {
+        let mut out = Vec::new();
+        match rule.state.on_message(
+            &rule.plan,
+            rule.lateness_ms(),
+            self.config.max_groups_per_rule,
+            message,
+            &mut out,
+        ) {
+            Outcome::Taken => {}
+            Outcome::Late => {
+                self.metrics.late.inc();
+            }
+            Outcome::OverLimit => {
+                self.metrics.over_limit.inc();
+                tracing::warn!(tenant = %tenant, rule = %rule.rule.name, limit = self.config.max_groups_per_rule, "rule is at its group limit; message not counted");
+            }
+        }
+        firings.extend(out.into_iter().map(|f| (rule.rule.clone(), f, arrived)));
+    }
+
+    /// Appends stage one's messages, retrying while the log refuses them. False when shutdown
+    /// came first: the batch is then neither checkpointed nor committed, and is read again.
+    async fn append_shuffled(&self, records: Vec<Record>, shutdown: &Shutdown) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.services.log.append(records.clone()).await {
+                Ok(_) => return true,
+                Err(e) => tracing::error!(error = %e, "cannot append to rules-shuffle; retrying"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// A slot's state as its checkpoint left it (empty windows when there is none).
@@ -630,6 +716,7 @@ impl RuleEngine {
         Slot {
             running: assemble(rules, &mut checkpoint.states, HashMap::new()),
             applied: checkpoint.applied,
+            sources: checkpoint.sources,
             stored,
             unsaved: BTreeMap::new(),
         }
@@ -647,6 +734,8 @@ impl RuleEngine {
         struct CheckpointRef<'a> {
             applied: &'a BTreeMap<u32, u64>,
             states: BTreeMap<Uuid, Saved<'a>>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            sources: &'a BTreeMap<String, u64>,
         }
         let states = slot
             .running
@@ -666,6 +755,7 @@ impl RuleEngine {
         let checkpoint = CheckpointRef {
             applied: &slot.applied,
             states,
+            sources: &slot.sources,
         };
         let bytes = match serde_json::to_vec(&checkpoint) {
             Ok(bytes) => Bytes::from(bytes),
@@ -710,7 +800,7 @@ impl RuleEngine {
         let enabled: Vec<EnabledRule> = rules
             .into_iter()
             .filter_map(|rule| match compile(&rule.sql) {
-                Ok(plan) if plan.stream == stream && scope.includes(&plan) => {
+                Ok(plan) if (plan.stream == stream || scope == Scope::Fleet) && scope.includes(&plan) => {
                     Some((Arc::new(rule), Arc::new(plan)))
                 }
                 Ok(_) => None,
@@ -727,6 +817,29 @@ impl RuleEngine {
 
 /// A rule and its compiled plan.
 type EnabledRule = (Arc<Rule>, Arc<Plan>);
+
+impl RuleEngine {
+    /// The fleet-wide rules whose messages stage one passes on from `stream`, by tenant.
+    async fn shuffled_rules(
+        &self,
+        stream: &str,
+        scope: Scope,
+    ) -> HashMap<TenantId, Vec<EnabledRule>> {
+        let mut by_tenant: HashMap<TenantId, Vec<EnabledRule>> = HashMap::new();
+        if scope != Scope::Devices {
+            return by_tenant;
+        }
+        for (rule, plan) in self.enabled_rules(stream, Scope::Fleet).await {
+            if plan.stream == stream {
+                by_tenant
+                    .entry(rule.tenant_id)
+                    .or_default()
+                    .push((rule, plan));
+            }
+        }
+        by_tenant
+    }
+}
 
 /// The rules by tenant, each with its state: kept from `previous` when the rule is unchanged
 /// (same version), else taken from a checkpoint saved at the same version, else empty.

@@ -11,6 +11,7 @@ mod engine;
 pub mod expr;
 mod model;
 mod repository;
+mod shuffle;
 pub mod sql;
 pub mod webhooks;
 pub mod window;

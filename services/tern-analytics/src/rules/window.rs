@@ -209,6 +209,18 @@ struct PatternState {
 /// SEQUENCE keeps at most this many unmatched `first` messages per group.
 const MAX_PENDING: usize = 64;
 
+/// The group a message belongs to: its key values, joined.
+pub fn group_key(windowed: &Windowed, message: &Message) -> String {
+    let mut key = String::with_capacity(48);
+    for (i, column) in windowed.keys.iter().enumerate() {
+        if i > 0 {
+            key.push(',');
+        }
+        message.key_part(column, &mut key);
+    }
+    key
+}
+
 /// What became of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -291,13 +303,7 @@ impl RuleState {
             return Outcome::Taken;
         };
         // The hot path: one allocation for the key; the key values only for a new group.
-        let mut key = String::with_capacity(48);
-        for (i, column) in windowed.keys.iter().enumerate() {
-            if i > 0 {
-                key.push(',');
-            }
-            message.key_part(column, &mut key);
-        }
+        let key = group_key(windowed, message);
         if !self.groups.contains_key(&key) {
             if self.groups.len() >= max_groups {
                 return Outcome::OverLimit;
