@@ -43,7 +43,7 @@ fn feed(
     sql: &str,
     fleet: &Fleet,
     events: usize,
-    step_ms: i64,
+    step_us: i64,
     tick_every: usize,
 ) -> (Run, RuleState) {
     let plan = compile(sql).expect("benchmark SQL compiles");
@@ -55,7 +55,7 @@ fn feed(
         .collect();
     let started = Instant::now();
     for i in 0..events {
-        let ts = i as i64 * step_ms;
+        let ts = i as i64 * step_us / 1000;
         let message = Message {
             device: &fleet.devices[i % fleet.devices.len()],
             message_id: &fleet.ids[i % fleet.ids.len()],
@@ -102,7 +102,7 @@ fn rss_kib() -> u64 {
 fn state_per_device(sql: &str, devices: usize) -> (RuleState, f64) {
     let fleet = Fleet::new(devices);
     let before = rss_kib();
-    let (_, state) = feed(sql, &fleet, devices, 1, 0);
+    let (_, state) = feed(sql, &fleet, devices, 1000, 0);
     let after = rss_kib();
     assert_eq!(state.groups(), devices);
     (
@@ -123,13 +123,16 @@ fn main() {
     black_box((&absence_state, &window_state));
     drop((absence_state, window_state));
 
-    let (filter, _) = feed(filter_sql, &Fleet::new(10_000), 5_000_000, 1, 0);
-    // 10k devices, one message each per second of message time: a window per device closes
-    // every minute.
-    let (window, _) = feed(window_sql, &Fleet::new(10_000), 3_000_000, 1000 / 10, 0);
+    let (filter, _) = feed(filter_sql, &Fleet::new(10_000), 5_000_000, 1000, 0);
+    // 10k devices, one message each per second of message time (one every 100 µs in all): a
+    // window per device closes every minute, after 60 messages.
+    let (window, _) = feed(window_sql, &Fleet::new(10_000), 3_000_000, 100, 0);
+    // The worst case: each device's messages 1,000 s apart, so every message closes the
+    // device's previous window and opens another (a row per message).
+    let (window_sparse, _) = feed(window_sql, &Fleet::new(10_000), 3_000_000, 100_000, 0);
     // 100k devices. The engine sweeps for silent devices once a second of wall time; the
     // sweep is timed on its own, over 100k groups of which all have gone silent.
-    let (absence, mut state) = feed(absence_sql, &Fleet::new(100_000), 3_000_000, 1, 0);
+    let (absence, mut state) = feed(absence_sql, &Fleet::new(100_000), 3_000_000, 1000, 0);
     let plan = compile(absence_sql).expect("compiles");
     let mut out = Vec::new();
     let started = Instant::now();
@@ -144,6 +147,7 @@ fn main() {
     let report = serde_json::json!({
         "filter": {"events_per_s": filter.events_per_s, "rows": filter.rows, "devices": 10_000},
         "tumbling_1m_avg": {"events_per_s": window.events_per_s, "rows": window.rows, "devices": 10_000},
+        "tumbling_1m_avg_row_per_message": {"events_per_s": window_sparse.events_per_s, "rows": window_sparse.rows, "devices": 10_000},
         "absence_5m": {
             "events_per_s": absence.events_per_s,
             "devices": 100_000,
