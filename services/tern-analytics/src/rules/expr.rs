@@ -53,10 +53,21 @@ impl Value {
         };
     }
 
-    /// [`Value::write_key`] of a text value.
+    /// [`Value::write_key`] of a text value: quoted and escaped as `{:?}` does. Device ids and
+    /// label values are mostly printable ASCII without quotes or backslashes, which `{:?}`
+    /// leaves as they are; those skip the formatter (this is on every message's path).
     pub fn write_text_key(text: &str, out: &mut String) {
         use std::fmt::Write;
-        let _ = write!(out, "{text:?}");
+        if text
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        {
+            out.push('"');
+            out.push_str(text);
+            out.push('"');
+        } else {
+            let _ = write!(out, "{text:?}");
+        }
     }
 }
 
@@ -245,6 +256,24 @@ fn binary(left: Value, op: BinaryOp, right: impl FnOnce() -> Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_keys_are_quoted_as_debug_formatting_does() {
+        for text in [
+            "pump-7",
+            "",
+            "a b~",
+            "say \"hi\"",
+            "back\\slash",
+            "tab\t",
+            "ünï",
+            "\u{7f}",
+        ] {
+            let mut key = String::new();
+            Value::write_text_key(text, &mut key);
+            assert_eq!(key, format!("{text:?}"), "{text}");
+        }
+    }
 
     struct Row(Option<f64>);
     impl Scope for Row {

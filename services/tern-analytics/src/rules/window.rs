@@ -268,7 +268,13 @@ impl Scope for GroupScope<'_> {
 fn json(value: Value) -> serde_json::Value {
     match value {
         Value::Number(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => (n as i64).into(),
-        other => serde_json::to_value(other).unwrap_or(serde_json::Value::Null),
+        // NaN and infinities have no JSON form.
+        Value::Number(n) => {
+            serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, Into::into)
+        }
+        Value::Text(t) => t.into(),
+        Value::Bool(b) => b.into(),
+        Value::Null => serde_json::Value::Null,
     }
 }
 
