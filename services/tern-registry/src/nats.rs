@@ -10,10 +10,12 @@
 //! registry and goes out when the device subscribes to its commands again. Twin changes and
 //! revocations are plain publishes (a device that is not connected needs neither).
 //!
-//! NATS does not authenticate publishers here; the NATS server's own accounts and TLS must keep
-//! others off these subjects.
+//! Tern does not authenticate publishers on these subjects: the NATS server's own authorization
+//! must keep others off them. Tern signs in with a token or a user and password, over TLS with
+//! an optional client certificate (`[routing.nats]`).
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +40,49 @@ pub struct NatsConfig {
     pub subject_prefix: String,
     /// How long a command waits for the holding bridge to answer, in milliseconds.
     pub request_timeout_ms: u64,
+    /// A file holding the token the server expects (`authorization { token }`).
+    pub token_file: Option<PathBuf>,
+    /// A user to sign in as, with the password in `password_file`.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// TLS: the CA (PEM) that signed the server's certificate. Setting it, or a `tls://` URL,
+    /// requires TLS.
+    pub ca_file: Option<PathBuf>,
+    /// This process's certificate and key (PEM), for a server that verifies clients.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// Why Tern could not connect to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsConnectError {
+    #[error("`{key}`: cannot read {path}: {source}")]
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{key}`: {path} is empty")]
+    Empty { key: &'static str, path: PathBuf },
+    #[error(transparent)]
+    Connect(#[from] async_nats::ConnectError),
+}
+
+/// A secret from a file, without surrounding whitespace.
+fn read_secret(path: &Path, key: &'static str) -> Result<String, NatsConnectError> {
+    let secret = std::fs::read_to_string(path).map_err(|source| NatsConnectError::Read {
+        key,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let secret = secret.trim();
+    if secret.is_empty() {
+        return Err(NatsConnectError::Empty {
+            key,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(secret.to_string())
 }
 
 impl Default for NatsConfig {
@@ -46,6 +91,12 @@ impl Default for NatsConfig {
             url: "nats://localhost:4222".into(),
             subject_prefix: "tern".into(),
             request_timeout_ms: 2000,
+            token_file: None,
+            user: None,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -73,16 +124,46 @@ impl NatsConfig {
         if self.request_timeout_ms == 0 {
             return Err(("routing.nats.request_timeout_ms", "must be at least 1"));
         }
+        if self.user.is_some() != self.password_file.is_some() {
+            return Err((
+                "routing.nats.password_file",
+                "must be set together with `routing.nats.user`",
+            ));
+        }
+        if self.token_file.is_some() && self.user.is_some() {
+            return Err((
+                "routing.nats.token_file",
+                "cannot be set with `routing.nats.user`: the server takes one or the other",
+            ));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err((
+                "routing.nats.key_file",
+                "must be set together with `routing.nats.cert_file`",
+            ));
+        }
         Ok(())
     }
 
     /// Connects once; afterwards the client reconnects by itself, with backoff.
-    pub async fn connect(&self) -> Result<Client, async_nats::ConnectError> {
-        ConnectOptions::new()
+    pub async fn connect(&self) -> Result<Client, NatsConnectError> {
+        let mut options = ConnectOptions::new()
             .name("tern")
-            .request_timeout(Some(Duration::from_millis(self.request_timeout_ms)))
-            .connect(self.url.as_str())
-            .await
+            .request_timeout(Some(Duration::from_millis(self.request_timeout_ms)));
+        if let Some(path) = &self.token_file {
+            options = options.token(read_secret(path, "routing.nats.token_file")?);
+        }
+        if let (Some(user), Some(path)) = (&self.user, &self.password_file) {
+            let password = read_secret(path, "routing.nats.password_file")?;
+            options = options.user_and_password(user.clone(), password);
+        }
+        if let Some(ca) = &self.ca_file {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(options.connect(self.url.as_str()).await?)
     }
 }
 

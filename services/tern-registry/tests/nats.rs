@@ -217,4 +217,35 @@ fn bad_settings_name_the_key() {
         "routing.nats.request_timeout_ms"
     );
     assert!(NatsConfig::default().validate().is_ok());
+    let key = |config: NatsConfig| config.validate().unwrap_err().0;
+    let user_alone = NatsConfig {
+        user: Some("tern".into()),
+        ..NatsConfig::default()
+    };
+    assert_eq!(key(user_alone), "routing.nats.password_file");
+    let token_and_user = NatsConfig {
+        token_file: Some("/run/secrets/token".into()),
+        user: Some("tern".into()),
+        password_file: Some("/run/secrets/password".into()),
+        ..NatsConfig::default()
+    };
+    assert_eq!(key(token_and_user), "routing.nats.token_file");
+    let cert_alone = NatsConfig {
+        cert_file: Some("/run/secrets/tls.crt".into()),
+        ..NatsConfig::default()
+    };
+    assert_eq!(key(cert_alone), "routing.nats.key_file");
+}
+
+#[tokio::test]
+async fn an_unreadable_secret_names_its_key_before_connecting() {
+    let config = NatsConfig {
+        token_file: Some("/nonexistent/nats.token".into()),
+        ..NatsConfig::default()
+    };
+    let err = config.connect().await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("`routing.nats.token_file`: cannot read /nonexistent/nats.token"),
+        "{err}"
+    );
 }

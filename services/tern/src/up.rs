@@ -104,10 +104,7 @@ async fn connect_routes(
         RoutingBackend::Nats => {
             let nats = &config.routing.nats;
             let client = nats.connect().await.with_context(|| {
-                format!(
-                    "cannot connect to NATS at {} (`routing.nats.url`)",
-                    nats.url
-                )
+                format!("cannot connect to NATS at {} (`routing.nats`)", nats.url)
             })?;
             let router = Arc::new(NatsRouter::new(client.clone(), nats));
             commands.set_route(router.clone());

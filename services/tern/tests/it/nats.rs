@@ -12,6 +12,8 @@ use tern_registry::testing::NatsServer;
 
 use crate::harness::{Mqtt, PATIENCE, Tern};
 use crate::revocation::{cli_ok, connect, ended, options};
+use crate::served_store::refused_start;
+use crate::tls::{client_cert, pki};
 
 /// The subjects subscribed on the server, from its monitoring endpoint.
 async fn subscribed(nats: &NatsServer) -> Vec<String> {
@@ -122,4 +124,58 @@ async fn commands_and_revocations_go_over_nats() {
         notice.subject
     );
     assert!(!held(&nats, &online.device_id, false).await);
+}
+
+/// A nats-server that requires TLS with a client certificate and a token: `tern up` signs in
+/// with `routing.nats.ca_file`, `cert_file`, `key_file` and `token_file`, and commands go
+/// through. Without the token, or without the certificate, it does not start and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tern_signs_in_to_a_nats_server_that_requires_tls_and_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = pki(dir.path(), "nats");
+    let (cert, key) = client_cert(dir.path(), &pki, "tern");
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    let token = "nats-token-0123456789abcdef";
+    let token_file = dir.path().join("nats.token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+    let nats = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\n\
+         authorization {{ token: {token:?} }}\n",
+        path(&pki.cert),
+        path(&pki.key),
+        path(&pki.ca),
+    ));
+    let (ca, cert, key, token_file) = (path(&pki.ca), path(&cert), path(&key), path(&token_file));
+    let tls = [
+        ("TERN_ROUTING__BACKEND", "nats"),
+        ("TERN_ROUTING__NATS__URL", nats.url.as_str()),
+        ("TERN_ROUTING__NATS__CA_FILE", ca.as_str()),
+        ("TERN_ROUTING__NATS__CERT_FILE", cert.as_str()),
+        ("TERN_ROUTING__NATS__KEY_FILE", key.as_str()),
+    ];
+    let mut env = tls.to_vec();
+    env.push(("TERN_ROUTING__NATS__TOKEN_FILE", token_file.as_str()));
+    let tern = Tern::start_with_env(&env);
+    let p = tern.provision("acme", "a");
+    let mut device = Mqtt::device(&tern, &p).await;
+    device.subscribe("command/req/#", QoS::AtLeastOnce).await;
+    let sent = command(&tern, &p.api_token, "a", json!({"name": "reboot"})).await;
+    let got = device.received().await;
+    assert_eq!(
+        got.topic,
+        format!("command/req/{}/reboot", sent["id"].as_str().unwrap())
+    );
+
+    let stderr = refused_start(&tls);
+    assert!(
+        stderr.contains("routing.nats") && stderr.contains("uthorization"),
+        "{stderr}"
+    );
+    let without_cert: Vec<_> = env
+        .iter()
+        .copied()
+        .filter(|(k, _)| !k.ends_with("CERT_FILE") && !k.ends_with("KEY_FILE"))
+        .collect();
+    let stderr = refused_start(&without_cert);
+    assert!(stderr.contains("routing.nats"), "{stderr}");
 }

@@ -161,7 +161,7 @@ async fn two_processes_share_a_served_store() {
 }
 
 /// Runs `tern up` with `env`, expecting it to stop at start-up; returns its stderr.
-fn refused_start(env: &[(&str, &str)]) -> String {
+pub(crate) fn refused_start(env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(TERN)
         .args(["up", "--bind", "127.0.0.1"])
