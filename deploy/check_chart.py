@@ -170,6 +170,28 @@ def check_distributed(chart):
     if env.get("TERN_STORE__URL") != "https://tern-store:50052" or not env.get("TERN_STORE__CERT_FILE"):
         fail("store TLS: the services call https:// with their client certificate")
 
+    signed_in = dict(DISTRIBUTED, nats=dict(DISTRIBUTED["nats"], tokenSecret="nats-token",
+                                            tlsSecret="nats-client-tls", clientCertificate=True))
+    docs = render(chart, signed_in)
+    validate(docs, "distributed values with a NATS token and client certificate")
+    for deployment in by_kind(docs, "Deployment"):
+        name = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+        pod = deployment["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        volumes = {v["name"]: v.get("secret", {}).get("secretName") for v in pod["volumes"]}
+        if name == "dashboard":
+            if "nats-token" in volumes or "nats-tls" in volumes:
+                fail("NATS sign-in: the dashboard gets no NATS secrets")
+            continue
+        files = [env.get(f"TERN_ROUTING__NATS__{k}") for k in ("TOKEN_FILE", "CA_FILE", "CERT_FILE", "KEY_FILE")]
+        if files != ["/etc/tern/nats-token/token", "/etc/tern/nats-tls/ca.crt",
+                     "/etc/tern/nats-tls/tls.crt", "/etc/tern/nats-tls/tls.key"]:
+            fail(f"NATS sign-in: {name} reads the token and certificates from files, got {files}")
+        if (mounts.get("/etc/tern/nats-token"), volumes.get("nats-token"), volumes.get("nats-tls")) != (
+                "nats-token", "nats-token", "nats-client-tls"):
+            fail(f"NATS sign-in: {name} mounts the NATS Secrets")
+
     scaled = dict(DISTRIBUTED, services={
         "bridge": {"replicas": 2, "resources": {},
                    "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 20,
@@ -242,7 +264,7 @@ def main():
             continue
         fail(f"values.schema.json accepted {why}: {values}")
 
-    print(f"chart ok: lint, 6 value sets rendered and valid for Kubernetes {KUBE_VERSION}, "
+    print(f"chart ok: lint, 7 value sets rendered and valid for Kubernetes {KUBE_VERSION}, "
           f"{len(BAD_VALUES)} bad value sets refused")
 
 

@@ -91,6 +91,20 @@ Takes (dict "root" $ "component" NAME); the dashboard gets no store credentials.
   value: {{ .Values.nats.url | quote }}
 - name: TERN_ROUTING__NATS__SUBJECT_PREFIX
   value: {{ .Values.nats.subjectPrefix | quote }}
+{{- if .Values.nats.tokenSecret }}
+- name: TERN_ROUTING__NATS__TOKEN_FILE
+  value: /etc/tern/nats-token/token
+{{- end }}
+{{- if .Values.nats.tlsSecret }}
+- name: TERN_ROUTING__NATS__CA_FILE
+  value: /etc/tern/nats-tls/ca.crt
+{{- if .Values.nats.clientCertificate }}
+- name: TERN_ROUTING__NATS__CERT_FILE
+  value: /etc/tern/nats-tls/tls.crt
+- name: TERN_ROUTING__NATS__KEY_FILE
+  value: /etc/tern/nats-tls/tls.key
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and (eq .Values.mode "distributed") (ne $component "dashboard") }}
 - name: TERN_STORE__URL
@@ -150,3 +164,42 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* The NATS token and TLS Secrets, as volume mounts (`tern.natsVolumes` names them). */}}
+{{- define "tern.natsMounts" -}}
+{{- if .Values.nats.url }}
+{{- if .Values.nats.tokenSecret }}
+- name: nats-token
+  mountPath: /etc/tern/nats-token
+  readOnly: true
+{{- end }}
+{{- if .Values.nats.tlsSecret }}
+- name: nats-tls
+  mountPath: /etc/tern/nats-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tern.natsVolumes" -}}
+{{- if .Values.nats.url }}
+{{- if .Values.nats.tokenSecret }}
+- name: nats-token
+  secret:
+    secretName: {{ .Values.nats.tokenSecret }}
+    items:
+      - key: token
+        path: token
+{{- end }}
+{{- if .Values.nats.tlsSecret }}
+- name: nats-tls
+  secret:
+    secretName: {{ .Values.nats.tlsSecret }}
+    {{- if not .Values.nats.clientCertificate }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
