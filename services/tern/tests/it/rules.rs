@@ -42,6 +42,22 @@ pub(crate) fn create_rule(
     tern.cli_json(&args)
 }
 
+/// A per-device window over a meter's `kwh` readings: a `report` row per device and minute.
+pub(crate) const PER_MINUTE: &str = "SELECT device, window_start, count(*) AS n, \
+    sum(kwh) AS total FROM telemetry GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)";
+
+/// Readings `from..from + n` of a meter: `kwh` is the index, and the device's own clock puts
+/// them 100 ms apart from `minute`.
+pub(crate) fn readings(minute: i64, from: i64, n: i64) -> Vec<Vec<u8>> {
+    (from..from + n)
+        .map(|i| {
+            json!({"kwh": i, "ts": minute + i * 100})
+                .to_string()
+                .into_bytes()
+        })
+        .collect()
+}
+
 /// Polls a REST path until `done` holds for its JSON body.
 async fn wait_for(tern: &Tern, token: &str, path: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + PATIENCE;
@@ -169,25 +185,10 @@ async fn a_publish_fires_a_rule_that_commands_another_device_and_raises_an_alert
 async fn window_state_survives_kill_9_without_lost_or_repeated_actions() {
     let mut tern = Tern::start();
     let p = tern.provision("acme", "meter");
-    create_rule(
-        &tern,
-        "acme",
-        "per-minute",
-        "SELECT device, window_start, count(*) AS n, sum(kwh) AS total FROM telemetry \
-                  GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)",
-        &["command:report"],
-    );
+    create_rule(&tern, "acme", "per-minute", PER_MINUTE, &["command:report"]);
     // A minute a few minutes ahead, so that only the device's own clock closes it.
     let minute = (tern_core::now_ms() / 60_000 + 5) * 60_000;
-    let batch = |from: i64, n: i64| -> Vec<Vec<u8>> {
-        (from..from + n)
-            .map(|i| {
-                json!({"kwh": i, "ts": minute + i * 100})
-                    .to_string()
-                    .into_bytes()
-            })
-            .collect()
-    };
+    let batch = |from, n| readings(minute, from, n);
     let mut device = Mqtt::device(&tern, &p).await;
     device.publish_acked("telemetry", batch(0, 30)).await;
     tern.wait_points(&p, "kwh", 30).await;

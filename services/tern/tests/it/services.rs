@@ -27,7 +27,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::harness::{Mqtt, PATIENCE, Provisioned, Tern, ping_round_trip, values};
-use crate::rules::{create_rule, device_labelled};
+use crate::rules::{PER_MINUTE, create_rule, device_labelled, readings};
 use crate::served_store::StoreServer;
 
 /// Everything the services share, started on loopback: a Kafka-protocol broker (librdkafka's
@@ -175,18 +175,6 @@ async fn rule_partitions(analytics: &Tern, topic: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Readings `from..from + n` of a meter: `kwh` is the index, and the device's own clock puts
-/// them 100 ms apart from `minute`.
-fn readings(minute: i64, from: i64, n: i64) -> Vec<Vec<u8>> {
-    (from..from + n)
-        .map(|i| {
-            serde_json::json!({"kwh": i, "ts": minute + i * 100})
-                .to_string()
-                .into_bytes()
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_in_its_own_process() {
     let shared = Platform::start(&[]);
@@ -303,8 +291,7 @@ async fn every_service_in_its_own_process() {
         &gateway,
         "acme",
         "per-minute",
-        "SELECT device, window_start, count(*) AS n, sum(kwh) AS total FROM telemetry \
-         GROUP BY device, TUMBLE(ts, INTERVAL '1' MINUTE)",
+        PER_MINUTE,
         &["command:report"],
     );
     create_rule(
