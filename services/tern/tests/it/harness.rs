@@ -311,6 +311,20 @@ impl Tern {
             .to_string()
     }
 
+    /// A sample from `/metrics`: the value on the line that starts with `series` (name and
+    /// labels, as Prometheus's text format writes them).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.http()))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// GET a REST path with a bearer token; returns status and JSON body.
     pub async fn get(&self, token: &str, path: &str) -> (u16, Value) {
         let r = reqwest::Client::new()

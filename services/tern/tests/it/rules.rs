@@ -882,16 +882,9 @@ async fn a_tenant_over_its_rule_cpu_budget_does_not_hold_up_another() {
     )
     .await;
     assert_eq!(alerts[0]["details"]["temp"], 80, "{alerts}");
-    let metrics = reqwest::get(format!("{}/metrics", tern.http()))
+    let throttled = tern
+        .metric("tern_rules_throttled_messages_total")
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let throttled: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tern_rules_throttled_messages_total "))
-        .and_then(|v| v.trim().parse().ok())
         .expect("the throttled counter");
     assert!(
         throttled > 0.0,

@@ -162,17 +162,8 @@ async fn republished(device: &mut Mqtt, mark: u32) -> Value {
 
 /// How many partitions of `topic` an analytics process runs rules on.
 async fn rule_partitions(analytics: &Tern, topic: &str) -> u64 {
-    let metrics = reqwest::get(format!("{}/metrics", analytics.http()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!(r#"tern_rules_partitions{{stream="{topic}"}} "#)))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    let series = format!(r#"tern_rules_partitions{{stream="{topic}"}}"#);
+    analytics.metric(&series).await.unwrap_or(0.0) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
