@@ -12,7 +12,7 @@ use tern_analytics::alerts::Alerts;
 use tern_analytics::jobs::Jobs;
 use tern_analytics::retention::Retention;
 use tern_analytics::rules::webhooks::Webhooks;
-use tern_analytics::rules::{Republish, RuleEngine, RuleServices, Rules};
+use tern_analytics::rules::{Republish, RuleEngine, RuleLog, RuleServices, Rules};
 use tern_bridge::{
     Bridge, BridgeServices, Listeners, TenantCaVerifier, TlsReloader, websocket_routes,
 };
@@ -339,10 +339,11 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
             );
         }
         if let Some(engine) = rule_engine {
+            let rule_log = rule_log(&config, shared_store)?;
             let stop = stop_ingest.clone();
             consumers.push(tokio::spawn(async move {
                 engine
-                    .run(stop, shared_store)
+                    .run(stop, rule_log)
                     .await
                     .context("the rule engine stopped")
             }));
@@ -593,4 +594,33 @@ async fn listen(config: &UpConfig, port: u16, key: &str) -> anyhow::Result<TcpLi
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (`{key}`)"))
+}
+
+/// Whose log the rules read. A Kafka log with a shared store is shared by the analytics
+/// processes, which split its partitions. An embedded log is this process's own; when other
+/// processes share the store, an id kept beside the log (`data_dir/log-id`) keeps its rule
+/// checkpoints apart from theirs.
+fn rule_log(config: &UpConfig, shared_store: bool) -> anyhow::Result<RuleLog> {
+    if !shared_store {
+        return Ok(RuleLog::Own {
+            checkpoint_prefix: String::new(),
+        });
+    }
+    if config.eventlog.backend == EventLogBackend::Kafka {
+        return Ok(RuleLog::Shared);
+    }
+    let path = config.data_dir.join("log-id");
+    let id = match std::fs::read_to_string(&path) {
+        Ok(id) => id.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4().to_string();
+            std::fs::write(&path, &id)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            id
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    Ok(RuleLog::Own {
+        checkpoint_prefix: format!("{id}/"),
+    })
 }

@@ -109,11 +109,21 @@ pub struct RuleEngine {
     metrics: RuleMetrics,
 }
 
+/// Whose log the rule engine reads.
+pub enum RuleLog {
+    /// This process's own (the embedded log): it runs every rule. `checkpoint_prefix` keeps
+    /// its checkpoints apart from other processes' on a shared store (empty on its own store).
+    Own { checkpoint_prefix: String },
+    /// A log shared by the analytics processes (Kafka) with a shared store: the work splits by
+    /// partition.
+    Shared,
+}
+
 /// Which rules a consumer runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Scope {
-    /// Every rule, in the one process of a platform on an embedded store.
-    All,
+    /// Every rule, on this process's own log; checkpoints keyed `{prefix}{stream}`.
+    All { prefix: Arc<str> },
     /// Rules whose rows each come from one device, on the streams' partitions.
     Devices,
     /// Rules whose groups span devices, on `rules-shuffle`'s partitions.
@@ -121,16 +131,16 @@ enum Scope {
 }
 
 impl Scope {
-    fn group(self) -> &'static str {
+    fn group(&self) -> &'static str {
         match self {
-            Scope::All | Scope::Devices => RULES_GROUP,
+            Scope::All { .. } | Scope::Devices => RULES_GROUP,
             Scope::Fleet => FLEET_RULES_GROUP,
         }
     }
 
-    fn includes(self, plan: &Plan) -> bool {
+    fn includes(&self, plan: &Plan) -> bool {
         match self {
-            Scope::All => true,
+            Scope::All { .. } => true,
             Scope::Devices => plan.per_device(),
             Scope::Fleet => !plan.per_device(),
         }
@@ -162,9 +172,9 @@ impl Slots {
 
     /// The checkpoint key that a record of `partition` folds into.
     fn key(&self, partition: u32) -> String {
-        match self.scope {
+        match &self.scope {
             Scope::Devices | Scope::Fleet => format!("{}/{partition}", self.stream),
-            Scope::All => self.stream.to_string(),
+            Scope::All { prefix } => format!("{prefix}{}", self.stream),
         }
     }
 
@@ -287,21 +297,24 @@ impl RuleEngine {
         self.actions.clone()
     }
 
-    /// Runs the rules until `shutdown`. A process alone on its store runs them all, as one
-    /// consumer per stream with one checkpoint per stream.
+    /// Runs the rules until `shutdown`. A process on its own log runs them all, as one consumer
+    /// per stream with one checkpoint per stream.
     ///
-    /// On a shared store every analytics process runs both stages below, and the log's
-    /// consumer groups split the partitions between them; each partition's rule state is a
-    /// checkpoint of its own, which the partition's next reader resumes from.
+    /// On a log shared by several analytics processes, every one runs both stages below, and
+    /// the log's consumer groups split the partitions between them; each partition's rule
+    /// state is a checkpoint of its own, which the partition's next reader resumes from.
     /// - Per-device rules (filters, groups keyed by device): on the streams, as
     ///   [`RULES_GROUP`]. The same consumer also passes fleet-wide rules' messages on to
     ///   `rules-shuffle`.
     /// - Fleet-wide rules (groups that span devices): on `rules-shuffle`, as
     ///   `analytics-fleet-rules`.
-    pub async fn run(self, shutdown: Shutdown, shared_store: bool) -> Result<(), LogError> {
+    pub async fn run(self, shutdown: Shutdown, log: RuleLog) -> Result<(), LogError> {
         let this = Arc::new(self);
-        if !shared_store {
-            return this.run_streams(Scope::All, shutdown).await;
+        if let RuleLog::Own { checkpoint_prefix } = log {
+            let scope = Scope::All {
+                prefix: Arc::from(checkpoint_prefix),
+            };
+            return this.run_streams(scope, shutdown).await;
         }
         let per_device = tokio::spawn(this.clone().run_streams(Scope::Devices, shutdown.clone()));
         let fleet = this.run_streams(Scope::Fleet, shutdown).await;
@@ -319,11 +332,11 @@ impl RuleEngine {
         let mut tasks = Vec::new();
         let streams: &[&'static str] = match scope {
             Scope::Fleet => &[SHUFFLE_TOPIC],
-            Scope::All | Scope::Devices => &STREAMS,
+            Scope::All { .. } | Scope::Devices => &STREAMS,
         };
         for &stream in streams {
             let consumer = self.services.log.consumer(scope.group(), stream).await?;
-            let (this, shutdown) = (self.clone(), shutdown.clone());
+            let (this, scope, shutdown) = (self.clone(), scope.clone(), shutdown.clone());
             tasks.push(tokio::spawn(async move {
                 this.run_stream(stream, scope, consumer, shutdown).await
             }));
@@ -345,9 +358,9 @@ impl RuleEngine {
         shutdown: Shutdown,
     ) {
         let mut changes = self.services.rules.changes();
-        let mut rules = self.enabled_rules(stream, scope).await;
-        let mut shuffles = self.shuffled_rules(stream, scope).await;
-        let mut slots = Slots::new(stream, scope);
+        let mut rules = self.enabled_rules(stream, &scope).await;
+        let mut shuffles = self.shuffled_rules(stream, &scope).await;
+        let mut slots = Slots::new(stream, scope.clone());
         let mut devices = DeviceCache::default();
         let mut budgets = Budgets::new(self.config.max_tenant_cpu_ms_per_sec);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -362,8 +375,8 @@ impl RuleEngine {
                     return;
                 }
                 Ok(()) = changes.changed() => {
-                    rules = self.enabled_rules(stream, scope).await;
-                    shuffles = self.shuffled_rules(stream, scope).await;
+                    rules = self.enabled_rules(stream, &scope).await;
+                    shuffles = self.shuffled_rules(stream, &scope).await;
                     for slot in slots.held.values_mut() {
                         slot.running = assemble(&rules, &mut BTreeMap::new(), std::mem::take(&mut slot.running));
                     }
@@ -787,7 +800,7 @@ impl RuleEngine {
     }
 
     /// The enabled rules of `stream` and `scope`, compiled.
-    async fn enabled_rules(&self, stream: &str, scope: Scope) -> Vec<EnabledRule> {
+    async fn enabled_rules(&self, stream: &str, scope: &Scope) -> Vec<EnabledRule> {
         let rules = loop {
             match self.services.rules.enabled().await {
                 Ok(rules) => break rules,
@@ -800,7 +813,7 @@ impl RuleEngine {
         let enabled: Vec<EnabledRule> = rules
             .into_iter()
             .filter_map(|rule| match compile(&rule.sql) {
-                Ok(plan) if (plan.stream == stream || scope == Scope::Fleet) && scope.includes(&plan) => {
+                Ok(plan) if (plan.stream == stream || *scope == Scope::Fleet) && scope.includes(&plan) => {
                     Some((Arc::new(rule), Arc::new(plan)))
                 }
                 Ok(_) => None,
@@ -823,13 +836,13 @@ impl RuleEngine {
     async fn shuffled_rules(
         &self,
         stream: &str,
-        scope: Scope,
+        scope: &Scope,
     ) -> HashMap<TenantId, Vec<EnabledRule>> {
         let mut by_tenant: HashMap<TenantId, Vec<EnabledRule>> = HashMap::new();
-        if scope != Scope::Devices {
+        if *scope != Scope::Devices {
             return by_tenant;
         }
-        for (rule, plan) in self.enabled_rules(stream, Scope::Fleet).await {
+        for (rule, plan) in self.enabled_rules(stream, &Scope::Fleet).await {
             if plan.stream == stream {
                 by_tenant
                     .entry(rule.tenant_id)

@@ -19,6 +19,6 @@ pub mod window;
 pub use actions::{RuleActions, dead_letters};
 pub use backtest::{RerunProgress, Sources, TestReport, TestRow, test_rule};
 pub(crate) use backtest::{rerun, validate_replay};
-pub use engine::{RULES_GROUP, Republish, RuleEngine, RuleServices, RulesConfig};
+pub use engine::{RULES_GROUP, Republish, RuleEngine, RuleLog, RuleServices, RulesConfig};
 pub use model::{Action, Rule, Severity};
 pub use repository::{NewRule, RulePatch, Rules, validate};

@@ -3,12 +3,14 @@
 //! tenants, devices, keys and telemetry, and complete each other's commands.
 
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use rumqttc::QoS;
 use tern_eventlog::testing::{free_port, wait_listening};
 use tern_registry::testing::NatsServer;
 
 use crate::harness::{Mqtt, PATIENCE, TERN, Tern, ping_round_trip};
+use crate::rules::create_rule;
 use crate::tls::{client_cert, pki};
 
 /// `tern store` on a free port, stopped on drop.
@@ -141,6 +143,26 @@ async fn two_processes_share_a_served_store() {
         .expect_only_marker(&mut talking, "plant/marker")
         .await;
 
+    // Each process runs the rules on its own (embedded) log, with checkpoints of its own in
+    // the shared store: a rule fires for devices on either, and goes on doing so after both
+    // have saved their checkpoints.
+    create_rule(
+        &first,
+        "acme",
+        "hot",
+        "SELECT device, temp FROM telemetry WHERE temp > 50",
+        &["alert"],
+    );
+    for round in ["before", "after"] {
+        for (process, name) in [(&first, "one"), (&second, "two")] {
+            let hot = first.provision("acme", &format!("{round}-{name}"));
+            let mut device = Mqtt::device(process, &hot).await;
+            alerted(&first, &operator, &mut device, &hot.device_id).await;
+        }
+        // Past the engine's once-a-second checkpoint.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+
     // The signing keys are shared too: the first process's device token opens the second's
     // MQTT port (and takes the device's session over from the first, as MQTT wants).
     let options = Mqtt::options(second.mqtt_port, &p.device_id, &p.access_token);
@@ -158,6 +180,27 @@ async fn two_processes_share_a_served_store() {
         ("TERN_STORE__TOKEN_FILE", wrong),
     ]);
     assert!(stderr.contains("`store.url`"), "{stderr}");
+}
+
+/// Publishes a hot reading every half second until the tenant has an alert for `device_id`
+/// (a process picks a rule saved through another up within a second).
+async fn alerted(tern: &Tern, token: &str, device: &mut Mqtt, device_id: &str) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let path = format!("/api/v1/tenants/acme/alerts?device={device_id}");
+    loop {
+        device
+            .publish_acked("telemetry", vec![br#"{"temp": 60}"#.to_vec()])
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, alerts) = tern.get(token, &path).await;
+        if alerts.as_array().is_some_and(|a| !a.is_empty()) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no alert for {device_id}: {alerts}"
+        );
+    }
 }
 
 /// Runs `tern up` with `env`, expecting it to stop at start-up; returns its stderr.
