@@ -826,12 +826,7 @@ impl RuleEngine {
         tracing::debug!(stream, scope = ?scope, rules = enabled.len(), "rules loaded");
         enabled
     }
-}
 
-/// A rule and its compiled plan.
-type EnabledRule = (Arc<Rule>, Arc<Plan>);
-
-impl RuleEngine {
     /// The fleet-wide rules whose messages stage one passes on from `stream`, by tenant.
     async fn shuffled_rules(
         &self,
@@ -853,6 +848,9 @@ impl RuleEngine {
         by_tenant
     }
 }
+
+/// A rule and its compiled plan.
+type EnabledRule = (Arc<Rule>, Arc<Plan>);
 
 /// The rules by tenant, each with its state: kept from `previous` when the rule is unchanged
 /// (same version), else taken from a checkpoint saved at the same version, else empty.
