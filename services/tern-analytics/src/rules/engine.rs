@@ -12,7 +12,7 @@
 //! so windows lose and double-count nothing; actions of the batch that was in flight run again
 //! with the same idempotency keys, so none is repeated in effect.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,16 +27,16 @@ use tern_proto::v1::Event;
 use tern_registry::{Commands, Registry, Twins};
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::Store;
-use uuid::Uuid;
 
 use super::actions::RuleActions;
 use super::budget::{Admission, Budgets};
 use super::expr::Value;
 use super::model::Rule;
 use super::shuffle::{SHUFFLE_TOPIC, Shuffled};
+use super::slots::{self, EnabledRule, Running, Scope, Slot, Slots};
 use super::sql::{Plan, STREAMS, compile};
 use super::webhooks::Webhooks;
-use super::window::{Firing, Message, Outcome, RuleState, TwinDocuments, group_key};
+use super::window::{Firing, Message, Outcome, TwinDocuments, group_key};
 use crate::alerts::Alerts;
 use crate::metrics::{RuleMetrics, StreamLabel};
 use crate::rules::Rules;
@@ -44,8 +44,7 @@ use crate::rules::Rules;
 /// The consumer group of per-device rules.
 pub const RULES_GROUP: &str = "analytics-rules";
 /// The consumer group of fleet-wide rules.
-const FLEET_RULES_GROUP: &str = "analytics-fleet-rules";
-const CHECKPOINT: &str = "rule_checkpoint";
+pub(super) const FLEET_RULES_GROUP: &str = "analytics-fleet-rules";
 const BATCH: usize = 1024;
 const POLL_WAIT: Duration = Duration::from_millis(200);
 const DEVICE_INFO_TTL: Duration = Duration::from_secs(5);
@@ -119,117 +118,12 @@ pub enum RuleLog {
     Shared,
 }
 
-/// Which rules a consumer runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Scope {
-    /// Every rule, on this process's own log; checkpoints keyed `{prefix}{stream}`.
-    All { prefix: Arc<str> },
-    /// Rules whose rows each come from one device, on the streams' partitions.
-    Devices,
-    /// Rules whose groups span devices, on `rules-shuffle`'s partitions.
-    Fleet,
-}
-
-impl Scope {
-    fn group(&self) -> &'static str {
-        match self {
-            Scope::All { .. } | Scope::Devices => RULES_GROUP,
-            Scope::Fleet => FLEET_RULES_GROUP,
-        }
-    }
-
-    fn includes(&self, plan: &Plan) -> bool {
-        match self {
-            Scope::All { .. } => true,
-            Scope::Devices => plan.per_device(),
-            Scope::Fleet => !plan.per_device(),
-        }
-    }
-}
-
-/// The rule state a consumer holds, one slot per checkpoint: a partition's, or the whole
-/// stream's in a process alone on its store.
-struct Slots {
-    stream: &'static str,
-    scope: Scope,
-    /// The consumer's assignment generation the slots were loaded for.
-    generation: Option<u64>,
-    held: HashMap<String, Slot>,
-    /// Slots another process saved since this one read them, until the next rebalance.
-    fenced: HashSet<String>,
-}
-
-impl Slots {
-    fn new(stream: &'static str, scope: Scope) -> Self {
-        Self {
-            stream,
-            scope,
-            generation: None,
-            held: HashMap::new(),
-            fenced: HashSet::new(),
-        }
-    }
-
-    /// The checkpoint key that a record of `partition` folds into.
-    fn key(&self, partition: u32) -> String {
-        match &self.scope {
-            Scope::Devices | Scope::Fleet => format!("{}/{partition}", self.stream),
-            Scope::All { prefix } => format!("{prefix}{}", self.stream),
-        }
-    }
-
-    fn of(&mut self, partition: u32) -> Option<&mut Slot> {
-        let key = self.key(partition);
-        self.held.get_mut(&key)
-    }
-}
-
-struct Slot {
-    /// The last offset folded into the states, per partition.
-    applied: BTreeMap<u32, u64>,
-    running: HashMap<TenantId, Vec<Running>>,
-    /// The checkpoint as this process last read or wrote it: what a save expects to replace.
-    stored: Option<Bytes>,
-    /// Offsets folded in since the last save, per partition: committed once it is saved.
-    unsaved: BTreeMap<u32, u64>,
-    /// `rules-shuffle` only: the last source offset folded in, per rule and source partition.
-    sources: BTreeMap<String, u64>,
-}
-
 /// What stage one of a stream's consumer works on: the rules it runs, and the fleet-wide rules
 /// whose messages it passes on.
 struct Stage<'a> {
     running: &'a mut HashMap<TenantId, Vec<Running>>,
     shuffles: &'a HashMap<TenantId, Vec<EnabledRule>>,
     shuffled: &'a mut Vec<Record>,
-}
-
-#[derive(Default, Serialize, Deserialize)]
-struct Checkpoint {
-    /// The last offset folded into the states, per partition.
-    applied: BTreeMap<u32, u64>,
-    states: BTreeMap<Uuid, SavedState>,
-    /// `rules-shuffle` only: the last offset folded in per rule and source.
-    #[serde(default)]
-    sources: BTreeMap<String, u64>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct SavedState {
-    version: u64,
-    state: RuleState,
-}
-
-struct Running {
-    rule: Arc<Rule>,
-    plan: Arc<Plan>,
-    state: RuleState,
-}
-
-impl Running {
-    fn lateness_ms(&self) -> i64 {
-        (self.rule.allowed_lateness_secs * 1000) as i64
-    }
 }
 
 /// Rows to act on: the rule, the row, and when its message arrived (live rows only).
@@ -378,7 +272,7 @@ impl RuleEngine {
                     rules = self.enabled_rules(stream, &scope).await;
                     shuffles = self.shuffled_rules(stream, &scope).await;
                     for slot in slots.held.values_mut() {
-                        slot.running = assemble(&rules, &mut BTreeMap::new(), std::mem::take(&mut slot.running));
+                        slot.reload(&rules);
                     }
                     continue;
                 }
@@ -462,7 +356,7 @@ impl RuleEngine {
             if slots.held.contains_key(&key) || slots.fenced.contains(&key) {
                 continue;
             }
-            let slot = self.load_slot(&key, rules).await;
+            let slot = slots::load(self.services.store.as_ref(), &key, rules).await;
             slots.held.insert(key, slot);
         }
     }
@@ -478,7 +372,7 @@ impl RuleEngine {
             if slot.unsaved.is_empty() {
                 continue;
             }
-            if self.save_slot(key, slot).await {
+            if slots::save(self.services.store.as_ref(), key, slot).await {
                 done.extend(
                     slot.unsaved
                         .iter()
@@ -707,98 +601,6 @@ impl RuleEngine {
         }
     }
 
-    /// A slot's state as its checkpoint left it (empty windows when there is none).
-    async fn load_slot(&self, key: &str, rules: &[EnabledRule]) -> Slot {
-        let stored = loop {
-            match self.services.store.get_record(CHECKPOINT, key).await {
-                Ok(stored) => break stored,
-                Err(e) => {
-                    tracing::error!(error = %e, checkpoint = %key, "cannot read the rule checkpoint; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        };
-        let mut checkpoint = match stored.as_deref().map(serde_json::from_slice::<Checkpoint>) {
-            Some(Ok(checkpoint)) => checkpoint,
-            Some(Err(e)) => {
-                tracing::error!(error = %e, checkpoint = %key, "rule checkpoint unreadable; rules start with empty windows");
-                Checkpoint::default()
-            }
-            None => Checkpoint::default(),
-        };
-        Slot {
-            running: assemble(rules, &mut checkpoint.states, HashMap::new()),
-            applied: checkpoint.applied,
-            sources: checkpoint.sources,
-            stored,
-            unsaved: BTreeMap::new(),
-        }
-    }
-
-    /// Writes the slot's checkpoint if it is still the one this process read or wrote last,
-    /// retrying while the store cannot be reached. Returns false when another process wrote it.
-    async fn save_slot(&self, key: &str, slot: &mut Slot) -> bool {
-        #[derive(Serialize)]
-        struct Saved<'a> {
-            version: u64,
-            state: &'a RuleState,
-        }
-        #[derive(Serialize)]
-        struct CheckpointRef<'a> {
-            applied: &'a BTreeMap<u32, u64>,
-            states: BTreeMap<Uuid, Saved<'a>>,
-            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-            sources: &'a BTreeMap<String, u64>,
-        }
-        let states = slot
-            .running
-            .values()
-            .flatten()
-            .filter(|r| r.plan.windowed.is_some())
-            .map(|r| {
-                (
-                    r.rule.id,
-                    Saved {
-                        version: r.rule.version,
-                        state: &r.state,
-                    },
-                )
-            })
-            .collect();
-        let checkpoint = CheckpointRef {
-            applied: &slot.applied,
-            states,
-            sources: &slot.sources,
-        };
-        let bytes = match serde_json::to_vec(&checkpoint) {
-            Ok(bytes) => Bytes::from(bytes),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode the rule checkpoint");
-                return true;
-            }
-        };
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self
-                .services
-                .store
-                .compare_and_swap(CHECKPOINT, key, slot.stored.clone(), Some(bytes.clone()))
-                .await
-            {
-                Ok(true) => {
-                    slot.stored = Some(bytes);
-                    return true;
-                }
-                Ok(false) => return false,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot save the rule checkpoint; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-
     /// The enabled rules of `stream` and `scope`, compiled.
     async fn enabled_rules(&self, stream: &str, scope: &Scope) -> Vec<EnabledRule> {
         let rules = loop {
@@ -847,41 +649,6 @@ impl RuleEngine {
         }
         by_tenant
     }
-}
-
-/// A rule and its compiled plan.
-type EnabledRule = (Arc<Rule>, Arc<Plan>);
-
-/// The rules by tenant, each with its state: kept from `previous` when the rule is unchanged
-/// (same version), else taken from a checkpoint saved at the same version, else empty.
-fn assemble(
-    rules: &[EnabledRule],
-    saved: &mut BTreeMap<Uuid, SavedState>,
-    mut previous: HashMap<TenantId, Vec<Running>>,
-) -> HashMap<TenantId, Vec<Running>> {
-    let mut kept: HashMap<(Uuid, u64), RuleState> = previous
-        .drain()
-        .flat_map(|(_, rules)| rules)
-        .map(|r| ((r.rule.id, r.rule.version), r.state))
-        .collect();
-    let mut running: HashMap<TenantId, Vec<Running>> = HashMap::new();
-    for (rule, plan) in rules {
-        let state = kept
-            .remove(&(rule.id, rule.version))
-            .or_else(|| {
-                saved
-                    .remove(&rule.id)
-                    .filter(|s| s.version == rule.version)
-                    .map(|s| s.state)
-            })
-            .unwrap_or_default();
-        running.entry(rule.tenant_id).or_default().push(Running {
-            rule: rule.clone(),
-            plan: plan.clone(),
-            state,
-        });
-    }
-    running
 }
 
 /// The columns of an event or lifecycle event: the members of its JSON object (numbers, text,

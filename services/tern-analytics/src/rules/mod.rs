@@ -1,8 +1,9 @@
 //! Rules: per-tenant SQL over the event log's telemetry, with actions (alerts, commands).
 //!
 //! `sql` compiles a rule, `window` runs one rule's state machine, `repository` keeps saved
-//! rules, `engine` runs every enabled rule as the consumer group `analytics-rules` with
-//! checkpoints and carries out what rules emit; alerts live in `crate::alerts`.
+//! rules, `engine` runs the enabled rules on the event log and carries out what they emit,
+//! `slots` keeps their state per partition with checkpoints, and `shuffle` carries fleet-wide
+//! rules' messages between the engine's two stages; alerts live in `crate::alerts`.
 
 mod actions;
 mod backtest;
@@ -12,6 +13,7 @@ pub mod expr;
 mod model;
 mod repository;
 mod shuffle;
+mod slots;
 pub mod sql;
 pub mod webhooks;
 pub mod window;
