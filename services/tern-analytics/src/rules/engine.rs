@@ -546,8 +546,11 @@ impl RuleEngine {
             return;
         }
         slot.sources.insert(source, shuffled.offset);
-        if let Admission::Skip { .. } = budgets.admit(shuffled.tenant, Instant::now()) {
+        if let Admission::Skip { log } = budgets.admit(shuffled.tenant, Instant::now()) {
             self.metrics.throttled.inc();
+            if log {
+                tracing::warn!(tenant = %shuffled.tenant, budget_ms = self.config.max_tenant_cpu_ms_per_sec, "the tenant's fleet-wide rules are over their CPU budget; skipping its messages until it refills");
+            }
             return;
         }
         let started = Instant::now();
