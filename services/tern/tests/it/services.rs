@@ -311,8 +311,15 @@ async fn every_service_in_its_own_process() {
             )
         })
         .collect();
+    // One connection per meter for the whole test (the bridge outlives the analytics kill),
+    // with a keepalive longer than the waits between their uses (nothing polls them then).
+    let mut devices = Vec::new();
     for meter in &meters {
-        let mut device = Mqtt::device(&bridge, meter).await;
+        let mut options = Mqtt::options(bridge.mqtt_port, &meter.device_id, &meter.access_token);
+        options.set_keep_alive(Duration::from_secs(600));
+        devices.push(Mqtt::connect(options).await.expect("connect"));
+    }
+    for (meter, device) in meters.iter().zip(&mut devices) {
         device
             .publish_acked("telemetry", readings(minute, 0, 30))
             .await;
@@ -325,8 +332,7 @@ async fn every_service_in_its_own_process() {
     publish_seqs(&bridge, &p, 100..300).await;
     // Readings the dead process has taken but not checkpointed are read again by the
     // survivors, and passed on to `rules-shuffle` again: they must count once.
-    for meter in &meters {
-        let mut device = Mqtt::device(&bridge, meter).await;
+    for device in &mut devices {
         device
             .publish_acked("telemetry", readings(minute, 30, 10))
             .await;
@@ -336,8 +342,7 @@ async fn every_service_in_its_own_process() {
     let points = gateway.wait_points(&p, "seq", 300).await;
     assert_eq!(seqs(&points), expected(300), "nothing lost, nothing twice");
     republished(&mut watching, 2).await;
-    for meter in &meters {
-        let mut device = Mqtt::device(&bridge, meter).await;
+    for device in &mut devices {
         device
             .publish_acked("telemetry", readings(minute, 40, 10))
             .await;
