@@ -352,12 +352,13 @@ impl RuleEngine {
                 .set(i64::try_from(assignment.partitions.len()).unwrap_or(i64::MAX));
         }
         for partition in assignment.partitions {
-            let key = slots.key(partition);
-            if slots.held.contains_key(&key) || slots.fenced.contains(&key) {
+            let number = slots.number(partition);
+            if slots.held.contains_key(&number) || slots.fenced.contains(&number) {
                 continue;
             }
-            let slot = slots::load(self.services.store.as_ref(), &key, rules).await;
-            slots.held.insert(key, slot);
+            let key = slots.key(number);
+            let slot = slots::load(self.services.store.as_ref(), key, rules).await;
+            slots.held.insert(number, slot);
         }
     }
 
@@ -368,11 +369,11 @@ impl RuleEngine {
     async fn save_checkpoints(&self, slots: &mut Slots, consumer: &mut dyn Consumer) {
         let mut done = Vec::new();
         let mut fenced = Vec::new();
-        for (key, slot) in &mut slots.held {
+        for (number, slot) in &mut slots.held {
             if slot.unsaved.is_empty() {
                 continue;
             }
-            if slots::save(self.services.store.as_ref(), key, slot).await {
+            if slots::save(self.services.store.as_ref(), slot).await {
                 done.extend(
                     slot.unsaved
                         .iter()
@@ -380,13 +381,13 @@ impl RuleEngine {
                 );
                 slot.unsaved.clear();
             } else {
-                tracing::warn!(checkpoint = %key, "another analytics process saved this rule checkpoint: its partition moved there");
-                fenced.push(key.clone());
+                tracing::warn!(checkpoint = %slot.key, "another analytics process saved this rule checkpoint: its partition moved there");
+                fenced.push(*number);
             }
         }
-        for key in fenced {
-            slots.held.remove(&key);
-            slots.fenced.insert(key);
+        for number in fenced {
+            slots.held.remove(&number);
+            slots.fenced.insert(number);
         }
         if !done.is_empty()
             && let Err(e) = consumer.commit(&done).await

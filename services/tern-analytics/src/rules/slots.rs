@@ -55,9 +55,10 @@ pub(super) struct Slots {
     pub(super) scope: Scope,
     /// The consumer's assignment generation the slots were loaded for.
     pub(super) generation: Option<u64>,
-    pub(super) held: HashMap<String, Slot>,
+    /// By [`Slots::number`].
+    pub(super) held: HashMap<u32, Slot>,
     /// Slots another process saved since this one read them, until the next rebalance.
-    pub(super) fenced: HashSet<String>,
+    pub(super) fenced: HashSet<u32>,
 }
 
 impl Slots {
@@ -71,21 +72,31 @@ impl Slots {
         }
     }
 
-    /// The checkpoint key that a record of `partition` folds into.
-    pub(super) fn key(&self, partition: u32) -> String {
+    /// The slot a record of `partition` folds into: the partition's own, or the stream's one.
+    pub(super) fn number(&self, partition: u32) -> u32 {
+        match self.scope {
+            Scope::Devices | Scope::Fleet => partition,
+            Scope::All { .. } => 0,
+        }
+    }
+
+    /// The checkpoint key of a slot.
+    pub(super) fn key(&self, number: u32) -> String {
         match &self.scope {
-            Scope::Devices | Scope::Fleet => format!("{}/{partition}", self.stream),
+            Scope::Devices | Scope::Fleet => format!("{}/{number}", self.stream),
             Scope::All { prefix } => format!("{prefix}{}", self.stream),
         }
     }
 
     pub(super) fn of(&mut self, partition: u32) -> Option<&mut Slot> {
-        let key = self.key(partition);
-        self.held.get_mut(&key)
+        let number = self.number(partition);
+        self.held.get_mut(&number)
     }
 }
 
 pub(super) struct Slot {
+    /// Its checkpoint's key in the store.
+    pub(super) key: String,
     /// The last offset folded into the states, per partition.
     pub(super) applied: BTreeMap<u32, u64>,
     pub(super) running: HashMap<TenantId, Vec<Running>>,
@@ -172,9 +183,9 @@ fn assemble(
 }
 
 /// A slot's state as its checkpoint left it (empty windows when there is none).
-pub(super) async fn load(store: &dyn Store, key: &str, rules: &[EnabledRule]) -> Slot {
+pub(super) async fn load(store: &dyn Store, key: String, rules: &[EnabledRule]) -> Slot {
     let stored = loop {
-        match store.get_record(CHECKPOINT, key).await {
+        match store.get_record(CHECKPOINT, &key).await {
             Ok(stored) => break stored,
             Err(e) => {
                 tracing::error!(error = %e, checkpoint = %key, "cannot read the rule checkpoint; retrying");
@@ -191,6 +202,7 @@ pub(super) async fn load(store: &dyn Store, key: &str, rules: &[EnabledRule]) ->
         None => Checkpoint::default(),
     };
     Slot {
+        key,
         running: assemble(rules, &mut checkpoint.states, HashMap::new()),
         applied: checkpoint.applied,
         sources: checkpoint.sources,
@@ -201,7 +213,7 @@ pub(super) async fn load(store: &dyn Store, key: &str, rules: &[EnabledRule]) ->
 
 /// Writes the slot's checkpoint if it is still the one this process read or wrote last,
 /// retrying while the store cannot be reached. Returns false when another process wrote it.
-pub(super) async fn save(store: &dyn Store, key: &str, slot: &mut Slot) -> bool {
+pub(super) async fn save(store: &dyn Store, slot: &mut Slot) -> bool {
     #[derive(Serialize)]
     struct Saved<'a> {
         version: u64,
@@ -244,7 +256,12 @@ pub(super) async fn save(store: &dyn Store, key: &str, slot: &mut Slot) -> bool 
     let mut backoff = Duration::from_millis(100);
     loop {
         match store
-            .compare_and_swap(CHECKPOINT, key, slot.stored.clone(), Some(bytes.clone()))
+            .compare_and_swap(
+                CHECKPOINT,
+                &slot.key,
+                slot.stored.clone(),
+                Some(bytes.clone()),
+            )
             .await
         {
             Ok(true) => {
