@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::{Point, RangeQuery, RawEvent, Resolution, Rollup, Store, StoreError, WriteBatch};
+use crate::{
+    Point, RangeQuery, RawEvent, RecordWrite, Resolution, Rollup, Store, StoreError, WriteBatch,
+};
 
 /// Opens the store under a directory; opening it again after dropping it must see the same data.
 pub type Open = dyn Fn(&Path) -> Arc<dyn Store>;
@@ -602,6 +604,43 @@ pub async fn records_crud_and_paged_listing(open: &Open, dir: &Path) {
             .await
             .is_err(),
         "a batch with an invalid key is refused"
+    );
+    // Puts and deletes of several kinds in one write; a bad key refuses all of them.
+    let refused = store
+        .write_records(vec![
+            RecordWrite::delete("queue", "q/1"),
+            RecordWrite::put("queue", "bad\0key", Bytes::new()),
+        ])
+        .await;
+    assert!(refused.is_err(), "a write with an invalid key is refused");
+    assert!(
+        store
+            .get_record("queue", "q/1")
+            .await
+            .expect("get")
+            .is_some(),
+        "nothing of a refused write is applied"
+    );
+    store
+        .write_records(vec![
+            RecordWrite::delete("queue", "q/1"),
+            RecordWrite::put("queue", "q/3", Bytes::from_static(b"three")),
+            RecordWrite::put("index", "q/3", Bytes::from_static(b"q/3")),
+        ])
+        .await
+        .expect("write records");
+    assert_eq!(
+        keys(
+            store
+                .list_records("queue", "q/", None, 10)
+                .await
+                .expect("list")
+        ),
+        vec!["q/2", "q/3"]
+    );
+    assert_eq!(
+        store.get_record("index", "q/3").await.expect("get"),
+        Some(Bytes::from_static(b"q/3"))
     );
 }
 

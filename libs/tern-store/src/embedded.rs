@@ -11,7 +11,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use crate::keys::{component, decode_ts, encode_ts, prefix};
 use crate::{
-    LatestValue, Point, RangeQuery, RawEvent, Resolution, Rollup, Store, StoreError, WriteBatch,
+    LatestValue, Point, RangeQuery, RawEvent, RecordWrite, Resolution, Rollup, Store, StoreError,
+    WriteBatch,
 };
 
 struct Inner {
@@ -453,31 +454,23 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn put_record(&self, kind: &str, key: &str, value: Bytes) -> Result<(), StoreError> {
-        let key = record_key(kind, key)?;
-        self.run(move |inner| {
-            inner.records.insert(key, value.to_vec()).map_err(storage)?;
-            inner.db.persist(PersistMode::SyncData).map_err(storage)
-        })
-        .await
-    }
-
-    async fn put_records(
-        &self,
-        kind: &str,
-        records: Vec<(String, Bytes)>,
-    ) -> Result<(), StoreError> {
-        let records = records
+    async fn write_records(&self, writes: Vec<RecordWrite>) -> Result<(), StoreError> {
+        let writes = writes
             .into_iter()
-            .map(|(key, value)| Ok((record_key(kind, &key)?, value)))
+            .map(|w| Ok((record_key(&w.kind, &w.key)?, w.value)))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        if records.is_empty() {
+        if writes.is_empty() {
             return Ok(());
         }
         self.run(move |inner| {
-            for (key, value) in records {
-                inner.records.insert(key, value.to_vec()).map_err(storage)?;
+            let mut batch = inner.db.batch();
+            for (key, value) in writes {
+                match value {
+                    Some(value) => batch.insert(&inner.records, key, value.to_vec()),
+                    None => batch.remove(&inner.records, key),
+                }
             }
+            batch.commit().map_err(storage)?;
             inner.db.persist(PersistMode::SyncData).map_err(storage)
         })
         .await

@@ -152,6 +152,32 @@ pub struct WriteBatch {
     pub events: Vec<RawEvent>,
 }
 
+/// One change to a registry record: `value` `None` deletes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordWrite {
+    pub kind: String,
+    pub key: String,
+    pub value: Option<Bytes>,
+}
+
+impl RecordWrite {
+    pub fn put(kind: &str, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        Self {
+            kind: kind.to_string(),
+            key: key.into(),
+            value: Some(value.into()),
+        }
+    }
+
+    pub fn delete(kind: &str, key: impl Into<String>) -> Self {
+        Self {
+            kind: kind.to_string(),
+            key: key.into(),
+            value: None,
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("invalid {field}: {reason}")]
@@ -219,13 +245,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Registry records: opaque values under a `kind` and a key. Keys that share a prefix ending
     /// in `/` form a listable collection (e.g. `{tenant}/{device}`).
-    async fn put_record(&self, kind: &str, key: &str, value: Bytes) -> Result<(), StoreError>;
+    async fn put_record(&self, kind: &str, key: &str, value: Bytes) -> Result<(), StoreError> {
+        self.write_records(vec![RecordWrite::put(kind, key, value)])
+            .await
+    }
     /// Puts several records of one kind, made durable together (one sync, not one each).
     async fn put_records(
         &self,
         kind: &str,
         records: Vec<(String, Bytes)>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        let writes = records
+            .into_iter()
+            .map(|(key, value)| RecordWrite::put(kind, key, value))
+            .collect();
+        self.write_records(writes).await
+    }
+    /// Puts and deletes records of any kinds atomically, made durable together (one sync):
+    /// all of them or, after a failure or crash, none. Every key is checked before anything
+    /// is written.
+    async fn write_records(&self, writes: Vec<RecordWrite>) -> Result<(), StoreError>;
     async fn get_record(&self, kind: &str, key: &str) -> Result<Option<Bytes>, StoreError>;
     /// Sets the record to `new` (`None` deletes it) only if it is still `expected` (`None`:
     /// absent), durably; returns whether it did. Atomic against other `compare_and_swap`s of

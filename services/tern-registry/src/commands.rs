@@ -19,7 +19,7 @@ use tern_core::{
 };
 use tern_eventlog::{EventLog, Record};
 use tern_proto::v1::{Event, EventKind};
-use tern_store::Store;
+use tern_store::{RecordWrite, Store};
 use tokio::sync::{Notify, watch};
 
 use crate::RegistryError;
@@ -193,19 +193,19 @@ impl Commands {
             state: CommandState::Pending,
             at_ms: now,
         });
-        self.save(&command).await?;
-        self.store
-            .put_record(COMMAND_EXPIRY, &expiry_key(&command), Bytes::new())
-            .await?;
+        // The command, its expiry entry and its idempotency key, durable in one sync.
+        let mut writes = vec![
+            self.record(&command)?,
+            RecordWrite::put(COMMAND_EXPIRY, expiry_key(&command), Bytes::new()),
+        ];
         if let Some(idem) = idempotency {
-            self.store
-                .put_record(
-                    COMMAND_IDEMPOTENCY,
-                    &idem,
-                    Bytes::from(command.id.to_string()),
-                )
-                .await?;
+            writes.push(RecordWrite::put(
+                COMMAND_IDEMPOTENCY,
+                idem,
+                command.id.to_string(),
+            ));
         }
+        self.store.write_records(writes).await?;
         drop(_guard);
         if let Some(route) = self.route.get() {
             route.deliver(&command).await;
@@ -530,19 +530,16 @@ impl Commands {
         }
     }
 
-    async fn save(&self, command: &Command) -> Result<(), RegistryError> {
+    fn record(&self, command: &Command) -> Result<RecordWrite, RegistryError> {
         let value = serde_json::to_vec(command).map_err(|e| RegistryError::Corrupt {
             key: command.id.to_string(),
             reason: e.to_string(),
         })?;
-        self.store
-            .put_record(
-                COMMAND,
-                &key(command.tenant_id, command.device_id, command.id),
-                value.into(),
-            )
-            .await?;
-        Ok(())
+        Ok(RecordWrite::put(
+            COMMAND,
+            key(command.tenant_id, command.device_id, command.id),
+            value,
+        ))
     }
 
     /// Loads, applies `change` (which says whether it changed anything), saves, tells waiters
@@ -554,22 +551,20 @@ impl Commands {
         id: CommandId,
         change: impl FnOnce(&mut Command, i64) -> bool,
     ) -> Result<Option<Command>, RegistryError> {
-        let _guard = self.lock(id.0).await;
+        let guard = self.lock(id.0).await;
         let Some(mut command) = self.load(tenant, device, id).await? else {
             return Ok(None);
         };
         if !change(&mut command, now_ms()) {
             return Ok(Some(command));
         }
-        self.save(&command).await?;
+        let mut writes = vec![self.record(&command)?];
         if command.state.is_terminal() {
-            self.store
-                .delete_record(COMMAND_EXPIRY, &expiry_key(&command))
-                .await?;
-            if let Err(e) = self.log.append(vec![finished_record(&command)]).await {
-                tracing::error!(error = %e, command = %id, "cannot append a finished command to the log");
-            }
+            writes.push(RecordWrite::delete(COMMAND_EXPIRY, expiry_key(&command)));
         }
+        self.store.write_records(writes).await?;
+        drop(guard);
+        // Waiters learn of the change as soon as it is durable, before it is logged.
         if let Some(watcher) = self
             .watchers
             .lock()
@@ -577,6 +572,11 @@ impl Commands {
             .get(&id)
         {
             watcher.send_replace(command.state);
+        }
+        if command.state.is_terminal()
+            && let Err(e) = self.log.append(vec![finished_record(&command)]).await
+        {
+            tracing::error!(error = %e, command = %id, "cannot append a finished command to the log");
         }
         Ok(Some(command))
     }

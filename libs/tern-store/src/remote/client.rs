@@ -13,7 +13,8 @@ use super::{
     FIELD, MAX_MESSAGE_BYTES, event_in, event_out, point_in, point_out, range_out, rollup_in,
 };
 use crate::{
-    LatestValue, Point, RangeQuery, RawEvent, Resolution, Rollup, Store, StoreError, WriteBatch,
+    LatestValue, Point, RangeQuery, RawEvent, RecordWrite, Resolution, Rollup, Store, StoreError,
+    WriteBatch,
 };
 
 /// Longest a call may take: a store call that hangs longer is failed rather than waited on.
@@ -293,27 +294,19 @@ impl Store for RemoteStore {
             .collect())
     }
 
-    async fn put_record(&self, kind: &str, key: &str, value: Bytes) -> Result<(), StoreError> {
-        self.put_records(kind, vec![(key.to_string(), value)]).await
-    }
-
-    async fn put_records(
-        &self,
-        kind: &str,
-        records: Vec<(String, Bytes)>,
-    ) -> Result<(), StoreError> {
-        let message = v1::StorePutRecordsRequest {
-            kind: kind.to_string(),
-            records: records
+    async fn write_records(&self, writes: Vec<RecordWrite>) -> Result<(), StoreError> {
+        let message = v1::StoreWriteRecordsRequest {
+            writes: writes
                 .into_iter()
-                .map(|(key, value)| v1::StoreRecord {
-                    key,
-                    value: value.to_vec(),
+                .map(|w| v1::StoreRecordWrite {
+                    kind: w.kind,
+                    key: w.key,
+                    value: w.value.map(|v| v.to_vec()),
                 })
                 .collect(),
         };
         self.client()
-            .put_records(self.request(message))
+            .write_records(self.request(message))
             .await
             .map_err(error)?;
         Ok(())

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::{
     FIELD, MAX_MESSAGE_BYTES, event_in, event_out, point_in, point_out, range_in, rollup_out,
 };
-use crate::{Resolution, Store, StoreError, WriteBatch};
+use crate::{RecordWrite, Resolution, Store, StoreError, WriteBatch};
 
 /// `tern.v1.Store` over a store this process owns.
 pub struct StoreService {
@@ -242,20 +242,21 @@ impl store_server::Store for StoreService {
         }))
     }
 
-    async fn put_records(
+    async fn write_records(
         &self,
-        req: Request<v1::StorePutRecordsRequest>,
+        req: Request<v1::StoreWriteRecordsRequest>,
     ) -> Result<Response<v1::StoreEmpty>, Status> {
-        let r = req.into_inner();
-        let records = r
-            .records
+        let writes = req
+            .into_inner()
+            .writes
             .into_iter()
-            .map(|r| (r.key, r.value.into()))
+            .map(|w| RecordWrite {
+                kind: w.kind,
+                key: w.key,
+                value: w.value.map(Into::into),
+            })
             .collect();
-        self.store
-            .put_records(&r.kind, records)
-            .await
-            .map_err(status)?;
+        self.store.write_records(writes).await.map_err(status)?;
         Ok(Response::new(v1::StoreEmpty {}))
     }
 
