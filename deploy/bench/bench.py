@@ -631,6 +631,14 @@ def render(meta, results, engine=None):
                 note = (f"{fmt(c.get('succeeded'))} of {fmt(c.get('sent'))} commands answered; round trip "
                         f"p50 {fmt(rtt.get('p50_us'))} µs, p99 {fmt(rtt.get('p99_us'))} µs, "
                         f"p999 {fmt(rtt.get('p999_us'))} µs")
+                phases = c.get("phases") or {}
+                if phases:
+                    ms = lambda h, q: f"{round((h.get(q) or 0) / 1000):,}"
+                    note += "; p50 / p99 ms of each step (the command's own history, ms clock): " + ", ".join(
+                        f"{name} {ms(phases[key], 'p50_us')} / {ms(phases[key], 'p99_us')}"
+                        for key, name in [("created", "request to created"), ("delivered", "to delivered"),
+                                          ("answered", "to answered"), ("returned", "to REST answer")]
+                        if key in phases)
             if r.get("query_auto"):
                 q = lambda k: r[f"query_{k}"]
                 note = (f"{fmt(r['points_loaded'])} points loaded in {r['load_s']} s; a year at `auto` "
