@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -28,6 +29,39 @@ struct Inner {
     write_lock: Mutex<()>,
     /// Serialises compare-and-swap of records (one process owns the embedded store).
     swap_lock: Mutex<()>,
+    syncs: GroupSync,
+}
+
+/// Group commit for the store's journal. A committed write is in the journal's buffer and
+/// becomes durable with the next sync; concurrent writers share that sync instead of queueing
+/// one fsync each (under load, hundreds of registry and command writes, each on its own
+/// blocking thread, waited on the journal one by one).
+#[derive(Default)]
+struct GroupSync {
+    /// Writes committed so far; a write's ticket is the count just after its commit.
+    committed: AtomicU64,
+    /// The highest ticket a finished sync covers. Held while syncing, so that writers
+    /// arriving meanwhile wait and are then usually covered by the next single sync.
+    synced: Mutex<u64>,
+    /// Syncs performed.
+    performed: AtomicU64,
+}
+
+impl Inner {
+    /// Makes every write committed so far durable; call after committing a write.
+    fn sync(&self) -> Result<(), StoreError> {
+        let ticket = self.syncs.committed.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut synced = self.syncs.synced.lock().unwrap_or_else(|e| e.into_inner());
+        if *synced >= ticket {
+            return Ok(());
+        }
+        // Every ticket up to here belongs to a write whose commit had returned.
+        let covered = self.syncs.committed.load(Ordering::SeqCst);
+        self.db.persist(PersistMode::SyncData).map_err(storage)?;
+        self.syncs.performed.fetch_add(1, Ordering::Relaxed);
+        *synced = covered;
+        Ok(())
+    }
 }
 
 /// The embedded store used by `tern up`.
@@ -52,6 +86,7 @@ impl EmbeddedStore {
             db,
             write_lock: Mutex::new(()),
             swap_lock: Mutex::new(()),
+            syncs: GroupSync::default(),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -135,7 +170,7 @@ impl Store for EmbeddedStore {
             return Ok(());
         }
         self.run(move |inner| {
-            let _guard = inner
+            let guard = inner
                 .write_lock
                 .lock()
                 .map_err(|_| StoreError::Storage("store write lock poisoned".into()))?;
@@ -196,7 +231,8 @@ impl Store for EmbeddedStore {
                 write.insert(&inner.events, key, encode_event(e));
             }
             write.commit().map_err(storage)?;
-            inner.db.persist(PersistMode::SyncData).map_err(storage)
+            drop(guard);
+            inner.sync()
         })
         .await
     }
@@ -305,7 +341,7 @@ impl Store for EmbeddedStore {
                     deleted += keys.len() as u64;
                 }
             }
-            inner.db.persist(PersistMode::SyncData).map_err(storage)?;
+            inner.sync()?;
             Ok(deleted)
         })
         .await
@@ -390,7 +426,7 @@ impl Store for EmbeddedStore {
                 }
             }
             write.commit().map_err(storage)?;
-            inner.db.persist(PersistMode::SyncData).map_err(storage)?;
+            inner.sync()?;
             Ok(points)
         })
         .await
@@ -471,7 +507,7 @@ impl Store for EmbeddedStore {
                 }
             }
             batch.commit().map_err(storage)?;
-            inner.db.persist(PersistMode::SyncData).map_err(storage)
+            inner.sync()
         })
         .await
     }
@@ -498,7 +534,7 @@ impl Store for EmbeddedStore {
     ) -> Result<bool, StoreError> {
         let key = record_key(kind, key)?;
         self.run(move |inner| {
-            let _swap = inner.swap_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let swap = inner.swap_lock.lock().unwrap_or_else(|e| e.into_inner());
             let current = inner.records.get(&key).map_err(storage)?;
             if current.as_deref() != expected.as_deref() {
                 return Ok(false);
@@ -507,7 +543,8 @@ impl Store for EmbeddedStore {
                 Some(value) => inner.records.insert(key, value.to_vec()).map_err(storage)?,
                 None => inner.records.remove(key).map_err(storage)?,
             }
-            inner.db.persist(PersistMode::SyncData).map_err(storage)?;
+            drop(swap);
+            inner.sync()?;
             Ok(true)
         })
         .await
@@ -519,7 +556,7 @@ impl Store for EmbeddedStore {
             let existed = inner.records.contains_key(&key).map_err(storage)?;
             if existed {
                 inner.records.remove(key).map_err(storage)?;
-                inner.db.persist(PersistMode::SyncData).map_err(storage)?;
+                inner.sync()?;
             }
             Ok(existed)
         })
@@ -629,6 +666,43 @@ mod tests {
     }
 
     crate::store_conformance_tests!(open);
+
+    #[test]
+    fn writers_waiting_on_a_sync_share_the_next_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path()).expect("open store");
+        let inner = store.inner.clone();
+        // A sync in progress: every writer below commits, takes its ticket and waits.
+        let in_progress = inner.syncs.synced.lock().expect("lock");
+        let writers: Vec<_> = (0..16)
+            .map(|i| {
+                let inner = inner.clone();
+                std::thread::spawn(move || {
+                    inner
+                        .records
+                        .insert(format!("k{i}"), b"v".to_vec())
+                        .expect("insert");
+                    inner.sync().expect("sync");
+                })
+            })
+            .collect();
+        while inner.syncs.committed.load(Ordering::SeqCst) < 16 {
+            std::thread::yield_now();
+        }
+        drop(in_progress);
+        for writer in writers {
+            writer.join().expect("writer");
+        }
+        assert_eq!(
+            inner.syncs.performed.load(Ordering::Relaxed),
+            1,
+            "the first writer's sync covers all sixteen"
+        );
+        assert_eq!(*inner.syncs.synced.lock().expect("lock"), 16);
+        inner.records.insert("k16", b"v".to_vec()).expect("insert");
+        inner.sync().expect("sync");
+        assert_eq!(inner.syncs.performed.load(Ordering::Relaxed), 2);
+    }
 
     mod rollup_properties {
         use proptest::prelude::*;
