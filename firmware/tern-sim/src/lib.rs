@@ -41,7 +41,8 @@ pub struct Args {
     /// Publish QoS: 0, 1 or 2.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,
-    /// Messages per second per device; 0 = as fast as the in-flight window allows.
+    /// Messages per second per device; 0 = as fast as the in-flight window allows. Paced
+    /// devices are spread evenly over one interval (not all in phase).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Unacknowledged publishes per device (QoS 1/2), or the write batch for QoS 0.
@@ -379,6 +380,19 @@ async fn publisher(
     let mut stats = DeviceStats::new();
     let began = Instant::now();
     let connection = connect(&args, index, &creds).await;
+    if let (Ok(_), Some(h)) = (&connection, stats.connect_us.as_mut()) {
+        let _ = h.record(micros_since(began).max(1));
+    }
+    // A device that answers commands subscribes to them before the measurement starts, as a
+    // device does right after connecting: commands sent meanwhile would wait for it.
+    let connection = match connection {
+        Ok((mut reader, mut writer)) if args.answer_commands => {
+            subscribe(&mut reader, &mut writer, "command/req/#", QoS::AtLeastOnce)
+                .await
+                .map(|()| (reader, writer))
+        }
+        other => other,
+    };
     let _ = connected.send(()).await;
     let (mut reader, mut writer) = match connection {
         Ok(c) => c,
@@ -388,19 +402,10 @@ async fn publisher(
             return (stats, 0);
         }
     };
-    if let Some(h) = stats.connect_us.as_mut() {
-        let _ = h.record(micros_since(began).max(1));
-    }
     while *phase.borrow_and_update() == Phase::Connecting {
         if phase.changed().await.is_err() {
             return (stats, 0);
         }
-    }
-    if args.answer_commands
-        && let Err(e) = writer.subscribe("command/req/#", QoS::AtLeastOnce).await
-    {
-        stats.errors.push(format!("device {index}: {e:#}"));
-        return (stats, 0);
     }
     let topic = args.topic.replace("{device}", &index.to_string());
     let qos = qos(args.qos);
@@ -411,7 +416,8 @@ async fn publisher(
     let mut acked_in_window = 0u64;
     let mut seq = 0u64;
     let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
-    let mut next_due = Instant::now();
+    let mut next_due = Instant::now()
+        + interval.map_or(Duration::ZERO, |gap| phase_offset(gap, index, args.devices));
     let keepalive = Duration::from_secs(u64::from(args.keepalive.max(2)) / 2);
     let mut next_ping = Instant::now() + keepalive;
     let mut drain_deadline: Option<Instant> = None;
@@ -509,6 +515,29 @@ async fn publisher(
     (stats, acked_in_window)
 }
 
+/// When paced device `index` of `devices` first publishes: spread evenly over one interval,
+/// as a fleet that booted at different times is. All in phase, a thousand devices at 10 msg/s
+/// arrive as a burst of a thousand every 100 ms, which measures the burst's queue rather than
+/// the rate.
+fn phase_offset(interval: Duration, index: usize, devices: usize) -> Duration {
+    interval.mul_f64((index % devices.max(1)) as f64 / devices.max(1) as f64)
+}
+
+/// Subscribes and waits for the SUBACK.
+async fn subscribe(
+    reader: &mut tern_mqtt_client::Reader,
+    writer: &mut tern_mqtt_client::Writer,
+    filter: &str,
+    qos: QoS,
+) -> anyhow::Result<()> {
+    writer.subscribe(filter, qos).await?;
+    loop {
+        if let Packet::SubAck(_) = reader.next().await? {
+            return Ok(());
+        }
+    }
+}
+
 /// One subscriber: counts deliveries and, for binary payloads, the latency from the send
 /// timestamp inside the payload.
 async fn subscriber(
@@ -521,12 +550,8 @@ async fn subscriber(
     let mut stats = DeviceStats::new();
     let setup = async {
         let (mut reader, mut writer) = connect(&args, index, &creds).await?;
-        writer.subscribe(&args.sub_topic, qos(args.qos)).await?;
-        loop {
-            if let Packet::SubAck(_) = reader.next().await? {
-                return anyhow::Ok((reader, writer));
-            }
-        }
+        subscribe(&mut reader, &mut writer, &args.sub_topic, qos(args.qos)).await?;
+        anyhow::Ok((reader, writer))
     };
     let (mut reader, mut writer) = match setup.await {
         Ok(connection) => {
@@ -578,6 +603,18 @@ async fn subscriber(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paced_devices_start_spread_over_one_interval() {
+        let gap = Duration::from_millis(100);
+        let offsets: Vec<_> = (0..4).map(|i| phase_offset(gap, i, 4)).collect();
+        assert_eq!(
+            offsets,
+            [0, 25, 50, 75].map(Duration::from_millis).to_vec(),
+            "a quarter of the interval apart"
+        );
+        assert_eq!(phase_offset(gap, 0, 0), Duration::ZERO);
+    }
 
     #[test]
     fn payloads_have_the_requested_size_and_shape() {
