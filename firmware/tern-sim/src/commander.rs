@@ -3,7 +3,7 @@
 //! registry → REST.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
@@ -95,10 +95,9 @@ pub async fn run(
     })
 }
 
+/// Wall-clock milliseconds, the unit of a command's history.
 fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    (crate::now_ns() / 1_000_000) as i64
 }
 
 /// Where a round trip's time went, from the command's own history (the server's clock, in

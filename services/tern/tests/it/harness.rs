@@ -311,16 +311,22 @@ impl Tern {
             .to_string()
     }
 
-    /// A sample from `/metrics`: the value on the line that starts with `series` (name and
-    /// labels, as Prometheus's text format writes them).
-    pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = reqwest::get(format!("{}/metrics", self.http()))
+    /// `/metrics`, as Prometheus's text format.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.http()))
             .await
             .expect("GET /metrics")
             .text()
             .await
-            .expect("text");
-        text.lines()
+            .expect("text")
+    }
+
+    /// A sample from `/metrics`: the value on the line that starts with `series` (name and
+    /// labels, as Prometheus's text format writes them).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics_text()
+            .await
+            .lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
     }

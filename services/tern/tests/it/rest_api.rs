@@ -282,12 +282,7 @@ async fn health_readiness_and_metrics() {
     assert_eq!(status, 200);
     let (status, _) = call(&tern, "GET", None, "/readyz", None).await;
     assert_eq!(status, 200);
-    let text = reqwest::get(format!("{}/metrics", tern.http()))
-        .await
-        .expect("GET")
-        .text()
-        .await
-        .expect("body");
+    let text = tern.metrics_text().await;
     for metric in [
         "tern_bridge_connections",
         "tern_bridge_log_append_seconds",

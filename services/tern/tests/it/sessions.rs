@@ -48,13 +48,7 @@ async fn wait_away(tern: &Tern, n: usize) {
     let expected = format!("tern_bridge_sessions_away {n}\n");
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let text = reqwest::get(format!("{}/metrics", tern.http()))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("body");
-        if text.contains(&expected) {
+        if tern.metrics_text().await.contains(&expected) {
             return;
         }
         assert!(
