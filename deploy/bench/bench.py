@@ -333,6 +333,7 @@ def scenarios(duration, scale):
     def ingest(server):
         devices = n(10000)
         before = server.metric("tern_analytics_points_written_total")
+        rolled_before = server.metric("tern_analytics_rollup_points_total")
         t0 = time.time()
         result = sim(server, ["--devices", str(devices), "--rate", "10", "--qos", "1",
                               "--payload-size", "100", "--duration", d, "--source-addrs", "4",
@@ -347,6 +348,12 @@ def scenarios(duration, scale):
         result["points_stored"] = stored
         result["points_stored_per_s"] = stored / busy
         result["drain_after_publish_s"] = round(busy - result["duration_s"], 3)
+        # Rollups trail the stored points by their merge interval (about a second).
+        while (server.metric("tern_analytics_rollup_points_total") - rolled_before < stored
+               and time.time() < deadline):
+            time.sleep(0.05)
+        result["rollups_after_publish_s"] = round(time.time() - t0 - result["provision_s"]
+                                                  - result["connect_phase_s"] - result["duration_s"], 3)
         return result
 
     def commands(server):
@@ -391,6 +398,9 @@ def scenarios(duration, scale):
         while server.metric("tern_analytics_points_written_total") - before < total and time.time() < t0 + 600:
             time.sleep(0.1)
         load_s = time.time() - t0
+        # The chart queries read rollups, which trail raw points by about a second.
+        while server.metric("tern_analytics_rollup_points_total") < total and time.time() < t0 + 660:
+            time.sleep(0.1)
         path = f"/api/v1/tenants/bench/devices/{device['id']}/telemetry?metric=kwh"
         result = {"points_loaded": total, "load_s": round(load_s, 1), "throughput_msgs_per_s": total / load_s}
         for name, query in [("auto", f"&from={start}&to={end}&resolution=auto"),
@@ -624,7 +634,8 @@ def render(meta, results, engine=None):
             if row["key"] == "points_stored_per_s":
                 note = (f"{fmt(r.get('points_stored'))} points stored of {fmt(r.get('acked'))} acknowledged, "
                         f"{fmt(r.get('points_stored_per_s'))}/s from first publish to last stored; "
-                        f"ingest caught up {r.get('drain_after_publish_s')} s after publishing stopped")
+                        f"ingest caught up {r.get('drain_after_publish_s')} s after publishing stopped"
+                        + (f", rollups {r['rollups_after_publish_s']} s" if "rollups_after_publish_s" in r else ""))
             if r.get("commands"):
                 c = r["commands"]
                 rtt = c.get("round_trip") or {}

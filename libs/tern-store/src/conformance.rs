@@ -11,7 +11,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::{
-    Point, RangeQuery, RawEvent, RecordWrite, Resolution, Rollup, Store, StoreError, WriteBatch,
+    Point, RangeQuery, RawEvent, RecordSwap, RecordWrite, Resolution, Rollup, RollupDelta,
+    RollupDeltas, Store, StoreError, WriteBatch,
 };
 
 /// Opens the store under a directory; opening it again after dropping it must see the same data.
@@ -60,6 +61,32 @@ async fn write_points(store: &dyn Store, points: Vec<Point>) {
         })
         .await
         .expect("write");
+}
+
+const CHECKPOINT: &str = "rollup_checkpoint";
+
+/// Folds `points` into rollup deltas and merges them, advancing the checkpoint `test/0`
+/// (a count of merges) from whatever it holds.
+pub async fn merge_points(store: &dyn Store, points: &[Point]) {
+    let expected = store.get_record(CHECKPOINT, "test/0").await.expect("get");
+    let merges = expected.as_deref().map_or(0, |b| {
+        String::from_utf8_lossy(b).parse::<u64>().unwrap_or(0)
+    });
+    let mut deltas = RollupDeltas::default();
+    for p in points {
+        deltas.add_point(p).expect("valid point");
+    }
+    let swap = RecordSwap {
+        kind: CHECKPOINT.into(),
+        key: "test/0".into(),
+        expected,
+        new: Bytes::from((merges + 1).to_string()),
+    };
+    let merged = store
+        .merge_rollups(deltas.into_deltas(), swap)
+        .await
+        .expect("merge");
+    assert!(merged, "the checkpoint was the one just read");
 }
 
 pub async fn range_queries_respect_bounds_order_and_limit(open: &Open, dir: &Path) {
@@ -129,15 +156,10 @@ pub async fn rewriting_a_message_is_idempotent(open: &Open, dir: &Path) {
     assert_eq!(store.events(&all, None).await.expect("query").len(), 1);
 }
 
-/// The rollups of `points` computed from scratch, per resolution and bucket start; points
-/// repeated with the same (timestamp, message id) count once, as in the store.
+/// The rollups of `points` computed from scratch, per resolution and bucket start.
 pub fn expected_rollups(points: &[Point], resolution: Resolution) -> Vec<Rollup> {
-    let mut seen = std::collections::HashSet::new();
     let mut buckets: std::collections::BTreeMap<i64, Rollup> = Default::default();
     for p in points {
-        if !seen.insert((p.ts_ms, p.message_id.clone())) {
-            continue;
-        }
         let start = resolution.bucket_start(p.ts_ms);
         let one = Rollup::of(start, p.value);
         buckets
@@ -165,7 +187,7 @@ pub fn assert_rollups_eq(actual: &[Rollup], expected: &[Rollup]) {
     }
 }
 
-pub async fn rollups_count_each_point_once(open: &Open, dir: &Path) {
+pub async fn rollups_add_merged_deltas(open: &Open, dir: &Path) {
     let store = open(dir);
     const MIN: i64 = 60_000;
     let points = vec![
@@ -175,22 +197,28 @@ pub async fn rollups_count_each_point_once(open: &Open, dir: &Path) {
         point("t", "d", "temp", 61 * MIN, -4.0, "d"),
         point("t", "d", "temp", -5, 7.0, "e"),
     ];
-    write_points(store.as_ref(), points[..3].to_vec()).await;
-    // A replay of the first batch in one write with a late point and a point before the epoch.
-    let mut replay = points.clone();
-    replay.push(points[0].clone());
-    write_points(store.as_ref(), replay).await;
-    // The same point under another store handle after reopening counts once too.
+    write_points(store.as_ref(), points.clone()).await;
+    let all = range("t", "d", i64::MIN / 2, i64::MAX);
+    assert!(
+        store
+            .rollups(&all, "temp", Resolution::Minute)
+            .await
+            .expect("rollups")
+            .is_empty(),
+        "writing points leaves rollups to merges"
+    );
+    merge_points(store.as_ref(), &points[..3]).await;
+    // Later merges add to the stored buckets, also under another handle after reopening; a
+    // late point and a point before the epoch land in their own buckets.
     drop(store);
     let store = open(dir);
-    write_points(store.as_ref(), points[3..].to_vec()).await;
-    write_points(
+    merge_points(store.as_ref(), &points[3..]).await;
+    merge_points(
         store.as_ref(),
-        vec![point("t", "other", "temp", 15, 99.0, "x")],
+        &[point("t", "other", "temp", 15, 99.0, "x")],
     )
     .await;
 
-    let all = range("t", "d", i64::MIN / 2, i64::MAX);
     for resolution in Resolution::ALL {
         let actual = store
             .rollups(&all, "temp", resolution)
@@ -232,6 +260,61 @@ pub async fn rollups_count_each_point_once(open: &Open, dir: &Path) {
     );
 }
 
+pub async fn a_rollup_merge_under_a_stale_checkpoint_writes_nothing(open: &Open, dir: &Path) {
+    let store = open(dir);
+    let points = [point("t", "d", "temp", 10, 1.0, "a")];
+    merge_points(store.as_ref(), &points).await;
+    let mut deltas = RollupDeltas::default();
+    deltas
+        .add_point(&point("t", "d", "temp", 20, 5.0, "b"))
+        .expect("valid");
+    for stale in [None, Some(Bytes::from_static(b"0"))] {
+        let swap = RecordSwap {
+            kind: CHECKPOINT.into(),
+            key: "test/0".into(),
+            expected: stale,
+            new: Bytes::from_static(b"taken"),
+        };
+        let merged = store
+            .merge_rollups(deltas.clone().into_deltas(), swap)
+            .await
+            .expect("merge");
+        assert!(!merged, "another consumer saved the checkpoint since");
+    }
+    assert_eq!(
+        store.get_record(CHECKPOINT, "test/0").await.expect("get"),
+        Some(Bytes::from_static(b"1"))
+    );
+    let all = range("t", "d", i64::MIN / 2, i64::MAX);
+    for resolution in Resolution::ALL {
+        let actual = store
+            .rollups(&all, "temp", resolution)
+            .await
+            .expect("rollups");
+        assert_rollups_eq(&actual, &expected_rollups(&points, resolution));
+    }
+    let bad = RecordSwap {
+        kind: CHECKPOINT.into(),
+        key: "test/0".into(),
+        expected: Some(Bytes::from_static(b"1")),
+        new: Bytes::from_static(b"2"),
+    };
+    let bad_delta = RollupDelta {
+        tenant: "t".into(),
+        device: String::new(),
+        metric: "temp".into(),
+        resolution: Resolution::Minute,
+        rollup: Rollup::of(0, 5.0),
+    };
+    assert!(
+        matches!(
+            store.merge_rollups(vec![bad_delta], bad).await,
+            Err(StoreError::Invalid { .. })
+        ),
+        "an empty device is refused"
+    );
+}
+
 pub async fn retention_deletes_only_what_is_older(open: &Open, dir: &Path) {
     let store = open(dir);
     const DAY: i64 = 86_400_000;
@@ -242,6 +325,15 @@ pub async fn retention_deletes_only_what_is_older(open: &Open, dir: &Path) {
             point("t", "d", "temp", 3 * DAY, 2.0, "new"),
             point("t", "e", "hum", DAY + 5, 3.0, "old-e"),
             point("other", "d", "temp", DAY, 4.0, "other"),
+        ],
+    )
+    .await;
+    merge_points(
+        store.as_ref(),
+        &[
+            point("t", "d", "temp", DAY, 1.0, "old"),
+            point("t", "d", "temp", 3 * DAY, 2.0, "new"),
+            point("t", "e", "hum", DAY + 5, 3.0, "old-e"),
         ],
     )
     .await;
@@ -316,15 +408,9 @@ pub async fn rollups_can_be_rebuilt_from_raw_points(open: &Open, dir: &Path) {
         point("t", "e", "temp", 5, 1.0, "x"),
     ];
     write_points(store.as_ref(), points.clone()).await;
-    // Rollups removed as if the data predated them; the rebuild restores exactly them.
-    store
-        .delete_before("t", Some(Resolution::Minute), i64::MAX)
-        .await
-        .expect("delete");
-    store
-        .delete_before("t", Some(Resolution::Hour), i64::MAX)
-        .await
-        .expect("delete");
+    // Some buckets as if from an earlier state of the data; the rebuild replaces them.
+    merge_points(store.as_ref(), &points[..1]).await;
+    merge_points(store.as_ref(), &points[..1]).await;
     let mut series = store.series("t").await.expect("series");
     series.sort();
     assert_eq!(
@@ -348,10 +434,10 @@ pub async fn rollups_can_be_rebuilt_from_raw_points(open: &Open, dir: &Path) {
             .expect("rollups");
         assert_rollups_eq(&actual, &expected_rollups(&d_points, resolution));
     }
-    // Later writes keep adding to the rebuilt buckets.
-    write_points(
+    // Later merges keep adding to the rebuilt buckets.
+    merge_points(
         store.as_ref(),
-        vec![point("t", "d", "kwh", DAY + 20, 1.0, "late")],
+        &[point("t", "d", "kwh", DAY + 20, 1.0, "late")],
     )
     .await;
     let minutes = store
@@ -691,7 +777,8 @@ macro_rules! store_conformance_tests {
             $crate::store_conformance_tests!(@tests $open;
                 range_queries_respect_bounds_order_and_limit,
                 rewriting_a_message_is_idempotent,
-                rollups_count_each_point_once,
+                rollups_add_merged_deltas,
+                a_rollup_merge_under_a_stale_checkpoint_writes_nothing,
                 retention_deletes_only_what_is_older,
                 rollups_can_be_rebuilt_from_raw_points,
                 latest_values_only_move_forward,

@@ -1,7 +1,9 @@
 //! The store: time series, latest values, raw events and registry records.
 //!
-//! Every numeric series also has per-minute, per-hour and per-day [`Rollup`]s, maintained by
-//! the same write that stores its points.
+//! Every numeric series also has per-minute, per-hour and per-day [`Rollup`]s. A consumer of
+//! the log folds points into [`RollupDeltas`] and merges them with [`Store::merge_rollups`],
+//! together with the log offsets they cover, so rollups trail raw points by about a second
+//! and each bucket is written once per merge instead of once per point.
 //!
 //! Time series are keyed by (tenant, device, metric, timestamp, message id): the natural ScyllaDB
 //! partition/clustering layout and the same key order in the embedded LSM store, so a range query
@@ -12,6 +14,7 @@
 //! serves ([`StoreService`], `tern store`). Every implementation must pass [`conformance`].
 
 pub mod conformance;
+mod deltas;
 mod embedded;
 mod keys;
 mod remote;
@@ -20,6 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use thiserror::Error;
 
+pub use deltas::{RollupDelta, RollupDeltas};
 pub use embedded::EmbeddedStore;
 pub use remote::{RemoteStore, StoreService, StoreTls};
 
@@ -178,6 +182,15 @@ impl RecordWrite {
     }
 }
 
+/// Sets a record to `new` if it still holds `expected` (`None`: absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordSwap {
+    pub kind: String,
+    pub key: String,
+    pub expected: Option<Bytes>,
+    pub new: Bytes,
+}
+
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("invalid {field}: {reason}")]
@@ -189,22 +202,31 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Writes points and events durably; latest values advance only to newer timestamps.
+    /// Rollups are not touched: see [`Store::merge_rollups`].
     async fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
 
     /// Points of one metric in a time range.
     async fn points(&self, query: &RangeQuery, metric: &str) -> Result<Vec<Point>, StoreError>;
 
     /// Rollups of one metric: the buckets of `resolution` that overlap the range (so the first
-    /// may start before `from_ms`). `write` adds each point that is new to the store (by
-    /// series, timestamp and message id) to its minute, hour and day buckets exactly once, in
-    /// the same durable write, so replays do not count twice and late points land in their
-    /// own buckets.
+    /// may start before `from_ms`).
     async fn rollups(
         &self,
         query: &RangeQuery,
         metric: &str,
         resolution: Resolution,
     ) -> Result<Vec<Rollup>, StoreError>;
+
+    /// Adds each delta to its stored bucket and sets the `checkpoint` record, atomically and
+    /// durably, if the checkpoint still holds what it expects; returns whether it did (when
+    /// not, nothing is written). The checkpoint records which log offsets the deltas cover, so
+    /// that after a crash their consumer skips what the buckets already hold, and the
+    /// comparison stops a consumer that lost its partitions to another from counting twice.
+    async fn merge_rollups(
+        &self,
+        deltas: Vec<RollupDelta>,
+        checkpoint: RecordSwap,
+    ) -> Result<bool, StoreError>;
 
     /// Deletes a tenant's raw points (`resolution` `None`) or rollups of one resolution older
     /// than `before_ms` (rollups: buckets that start before it), for every series. Latest
@@ -221,8 +243,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Recomputes a series' rollups from its raw points over the whole UTC days that cover
     /// `[from_ms, to_ms)`: for data stored before rollups existed, or after raw points were
-    /// imported around the write path. Buckets without points are removed. Returns the points
-    /// read.
+    /// imported around the log. Buckets without points are removed. Points stored but not yet
+    /// merged into rollups (about the last second's) are counted twice in today's buckets:
+    /// rebuild past days. Returns the points read.
     async fn rebuild_rollups(
         &self,
         tenant: &str,

@@ -12,7 +12,8 @@ use crate::metrics::{IngestMetrics, StreamLabel};
 
 /// The consumer group of the ingest pipeline.
 pub const INGEST_GROUP: &str = "analytics-ingest";
-const STREAMS: [&str; 4] = ["telemetry", "event", "lifecycle", "commands"];
+/// The streams ingest and rollups read.
+pub(crate) const STREAMS: [&str; 4] = ["telemetry", "event", "lifecycle", "commands"];
 /// Records per store write and offset commit: each costs an fsync, so bigger batches are cheaper
 /// per record; the bound keeps one batch's memory and latency small.
 const BATCH: usize = 4096;
@@ -24,13 +25,18 @@ pub struct Ingest {
     metrics: IngestMetrics,
 }
 
-/// The store writes for one envelope: one point per decoded metric, or one raw event.
-pub fn event_to_writes(event: Event, out: &mut WriteBatch) {
-    let ts_ms = if event.device_time_ms > 0 {
+/// When a message happened: the device's time if it sent one, else when it arrived.
+pub(crate) fn event_ts(event: &Event) -> i64 {
+    if event.device_time_ms > 0 {
         event.device_time_ms
     } else {
         event.ingest_time_ms
-    };
+    }
+}
+
+/// The store writes for one envelope: one point per decoded metric, or one raw event.
+pub fn event_to_writes(event: Event, out: &mut WriteBatch) {
+    let ts_ms = event_ts(&event);
     if !event.metrics.is_empty() {
         for metric in event.metrics {
             out.points.push(Point {

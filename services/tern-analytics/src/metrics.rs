@@ -63,6 +63,34 @@ impl IngestMetrics {
     }
 }
 
+#[derive(Clone)]
+pub(crate) struct RollupMetrics {
+    pub points: Counter,
+    pub lag: Family<StreamLabel, Gauge>,
+}
+
+impl RollupMetrics {
+    pub fn register(registry: &MetricsRegistry) -> Self {
+        let m = Self {
+            points: Counter::default(),
+            lag: Family::default(),
+        };
+        registry.register("tern_analytics", |r| {
+            r.register(
+                "rollup_points",
+                "Points merged into the minute, hour and day rollups",
+                m.points.clone(),
+            );
+            r.register(
+                "rollup_lag",
+                "Records appended but not yet merged into rollups, by stream",
+                m.lag.clone(),
+            );
+        });
+        m
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ActionLabel {
     /// `alert`, `command`, `webhook` or `republish`.

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tern_analytics::Ingest;
 use tern_analytics::alerts::Alerts;
 use tern_analytics::jobs::Jobs;
 use tern_analytics::retention::Retention;
 use tern_analytics::rules::webhooks::Webhooks;
 use tern_analytics::rules::{Republish, RuleEngine, RuleLog, RuleServices, Rules};
+use tern_analytics::{Ingest, Rollups};
 use tern_bridge::{
     Bridge, BridgeServices, Listeners, TenantCaVerifier, TlsReloader, websocket_routes,
 };
@@ -325,6 +325,16 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
         consumers.push(tokio::spawn(async move {
             ingest.run(stop).await.context("ingest stopped")
         }));
+        let rule_log = rule_log(&config, shared_store)?;
+        let checkpoint_prefix = match &rule_log {
+            RuleLog::Own { checkpoint_prefix } => checkpoint_prefix.clone(),
+            RuleLog::Shared => String::new(),
+        };
+        let rollups = Rollups::new(log.clone(), store.clone(), checkpoint_prefix, &metrics);
+        let stop = stop_ingest.clone();
+        consumers.push(tokio::spawn(async move {
+            rollups.run(stop).await.context("rollups stopped")
+        }));
         tokio::spawn(retention.clone().run(
             Duration::from_secs(config.retention.sweep_interval_secs),
             stop_ingest.clone(),
@@ -339,7 +349,6 @@ pub async fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
             );
         }
         if let Some(engine) = rule_engine {
-            let rule_log = rule_log(&config, shared_store)?;
             let stop = stop_ingest.clone();
             consumers.push(tokio::spawn(async move {
                 engine
@@ -596,10 +605,10 @@ async fn listen(config: &UpConfig, port: u16, key: &str) -> anyhow::Result<TcpLi
         .with_context(|| format!("cannot listen on {addr} (`{key}`)"))
 }
 
-/// Whose log the rules read. A Kafka log with a shared store is shared by the analytics
+/// Whose log the rules and rollups read. A Kafka log with a shared store is shared by the analytics
 /// processes, which split its partitions. An embedded log is this process's own; when other
-/// processes share the store, an id kept beside the log (`data_dir/log-id`) keeps its rule
-/// checkpoints apart from theirs.
+/// processes share the store, an id kept beside the log (`data_dir/log-id`) keeps its rule and
+/// rollup checkpoints apart from theirs.
 fn rule_log(config: &UpConfig, shared_store: bool) -> anyhow::Result<RuleLog> {
     if !shared_store {
         return Ok(RuleLog::Own {

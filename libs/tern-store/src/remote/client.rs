@@ -11,10 +11,11 @@ use tern_proto::v1::{self, store_client::StoreClient};
 
 use super::{
     FIELD, MAX_MESSAGE_BYTES, event_in, event_out, point_in, point_out, range_out, rollup_in,
+    rollup_out,
 };
 use crate::{
-    LatestValue, Point, RangeQuery, RawEvent, RecordWrite, Resolution, Rollup, Store, StoreError,
-    WriteBatch,
+    LatestValue, Point, RangeQuery, RawEvent, RecordSwap, RecordWrite, Resolution, Rollup,
+    RollupDelta, Store, StoreError, WriteBatch,
 };
 
 /// Longest a call may take: a store call that hangs longer is failed rather than waited on.
@@ -189,6 +190,37 @@ impl Store for RemoteStore {
             .into_iter()
             .map(rollup_in)
             .collect())
+    }
+
+    async fn merge_rollups(
+        &self,
+        deltas: Vec<RollupDelta>,
+        checkpoint: RecordSwap,
+    ) -> Result<bool, StoreError> {
+        let message = v1::StoreMergeRollupsRequest {
+            deltas: deltas
+                .into_iter()
+                .map(|d| v1::store_merge_rollups_request::Delta {
+                    tenant: d.tenant,
+                    device: d.device,
+                    metric: d.metric,
+                    resolution: d.resolution.as_str().to_string(),
+                    rollup: Some(rollup_out(d.rollup)),
+                })
+                .collect(),
+            checkpoint: Some(v1::StoreCompareAndSwapRequest {
+                kind: checkpoint.kind,
+                key: checkpoint.key,
+                expected: checkpoint.expected.map(|b| b.to_vec()),
+                new: Some(checkpoint.new.to_vec()),
+            }),
+        };
+        let done = self
+            .client()
+            .merge_rollups(self.request(message))
+            .await
+            .map_err(error)?;
+        Ok(done.into_inner().done)
     }
 
     async fn delete_before(

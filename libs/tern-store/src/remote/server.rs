@@ -10,9 +10,10 @@ use tern_proto::v1::{self, store_server};
 use tracing::Instrument;
 
 use super::{
-    FIELD, MAX_MESSAGE_BYTES, event_in, event_out, point_in, point_out, range_in, rollup_out,
+    FIELD, MAX_MESSAGE_BYTES, event_in, event_out, point_in, point_out, range_in, rollup_in,
+    rollup_out,
 };
-use crate::{RecordWrite, Resolution, Store, StoreError, WriteBatch};
+use crate::{RecordSwap, RecordWrite, Resolution, RollupDelta, Store, StoreError, WriteBatch};
 
 /// `tern.v1.Store` over a store this process owns.
 pub struct StoreService {
@@ -156,6 +157,47 @@ impl store_server::Store for StoreService {
         Ok(Response::new(v1::StoreRollups {
             rollups: rollups.into_iter().map(rollup_out).collect(),
         }))
+    }
+
+    async fn merge_rollups(
+        &self,
+        req: Request<v1::StoreMergeRollupsRequest>,
+    ) -> Result<Response<v1::StoreDone>, Status> {
+        let req = req.into_inner();
+        let checkpoint = req
+            .checkpoint
+            .ok_or_else(|| Status::invalid_argument("checkpoint: required"))?;
+        let checkpoint = RecordSwap {
+            kind: checkpoint.kind,
+            key: checkpoint.key,
+            expected: checkpoint.expected.map(Into::into),
+            new: checkpoint
+                .new
+                .ok_or_else(|| Status::invalid_argument("checkpoint.new: required"))?
+                .into(),
+        };
+        let deltas = req
+            .deltas
+            .into_iter()
+            .map(|d| {
+                Ok(RollupDelta {
+                    tenant: d.tenant,
+                    device: d.device,
+                    metric: d.metric,
+                    resolution: resolution(&d.resolution)?,
+                    rollup: rollup_in(
+                        d.rollup
+                            .ok_or_else(|| Status::invalid_argument("deltas.rollup: required"))?,
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let done = self
+            .store
+            .merge_rollups(deltas, checkpoint)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::StoreDone { done }))
     }
 
     async fn delete_before(

@@ -380,6 +380,22 @@ impl Tern {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// Waits until the rollups hold `n` points in all (they trail raw points by about a
+    /// second); returns how many they hold.
+    pub async fn wait_rollup_points(&self, n: u64) -> u64 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let merged = self
+                .metric("tern_analytics_rollup_points_total")
+                .await
+                .unwrap_or(0.0) as u64;
+            if merged >= n || Instant::now() > deadline {
+                return merged;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for Tern {

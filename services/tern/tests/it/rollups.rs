@@ -1,4 +1,4 @@
-//! Telemetry at other resolutions: rollups kept while ingesting, chosen by `resolution`.
+//! Telemetry at other resolutions: rollups kept beside ingest, chosen by `resolution`.
 
 use serde_json::{Value, json};
 
@@ -28,6 +28,7 @@ async fn rollups_follow_the_raw_points_and_auto_picks_the_resolution() {
         .collect();
     device.publish_acked("telemetry", payloads).await;
     assert_eq!(tern.wait_points(&p, "kwh", samples.len()).await.len(), 5);
+    assert_eq!(tern.wait_rollup_points(5).await, 5);
 
     let series = |query: String| {
         let tern = &tern;
@@ -119,6 +120,7 @@ async fn retention_deletes_aged_out_points_per_resolution() {
         .collect();
     device.publish_acked("telemetry", payloads).await;
     assert_eq!(tern.wait_points(&p, "kwh", 2).await.len(), 2);
+    assert_eq!(tern.wait_rollup_points(2).await, 2);
 
     let shown = tern.cli_json(&["tenant", "retention", "acme"]);
     assert_eq!(shown, json!({}), "forever by default");
@@ -200,6 +202,7 @@ async fn a_rollup_rebuild_runs_as_a_job_with_progress() {
         .collect();
     device.publish_acked("telemetry", payloads).await;
     tern.wait_points(&p, "temp", 6).await;
+    assert_eq!(tern.wait_rollup_points(12).await, 12, "kwh and temp");
     let hours = format!(
         "/api/v1/tenants/acme/devices/{}/telemetry?metric=kwh&from={base}&resolution=1h",
         p.device_id
