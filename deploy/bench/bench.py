@@ -111,7 +111,7 @@ class Server:
             self.http = free_port()
             cmd = [TERN, "up", "--bind", "127.0.0.1", "--data-dir", os.path.join(self.dir, "data"),
                    "--mqtt-port", str(self.mqtt), "--http-port", str(self.http),
-                   "--grpc-port", str(free_port())]
+                   "--grpc-port", str(free_port()), "--coap-port", str(free_port())]
             env = dict(os.environ, RUST_LOG="warn", **self.env)
         elif self.name == "mosquitto":
             conf = os.path.join(self.dir, "mosquitto.conf")
