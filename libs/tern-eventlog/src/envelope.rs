@@ -48,7 +48,9 @@ pub fn device_record(
         tenant_id: tenant.to_string(),
         device_id: device.to_string(),
         kind: kind as i32,
-        message_id: uuid::Uuid::new_v4().to_string(),
+        // Time-ordered: a device's messages stored with the same millisecond keep the order
+        // they arrived in (points are keyed by timestamp, then message id).
+        message_id: uuid::Uuid::now_v7().to_string(),
         device_time_ms,
         ingest_time_ms: now_ms(),
         content_type: content_type.to_string(),
@@ -106,6 +108,25 @@ mod tests {
         );
         assert_eq!(e.tenant_id, t.to_string());
         assert!(uuid::Uuid::parse_str(&e.message_id).is_ok());
+    }
+
+    #[test]
+    fn message_ids_follow_arrival_order_within_a_millisecond() {
+        let (t, d) = (TenantId::random(), DeviceId::random());
+        let ids: Vec<String> = (0..1000)
+            .map(|_| {
+                let r = device_record(
+                    t,
+                    d,
+                    EventKind::Telemetry,
+                    "telemetry",
+                    Bytes::from_static(b"{}"),
+                    HashMap::new(),
+                );
+                Event::decode(r.value).expect("decode").message_id
+            })
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     }
 
     #[test]
