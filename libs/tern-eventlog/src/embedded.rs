@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -44,8 +44,38 @@ struct Shared {
     records: Keyspace,
     offsets: Keyspace,
     partitions: u32,
-    /// Bumped after every durable batch, so waiting consumers wake up.
-    appended: watch::Sender<u64>,
+    /// Per topic, bumped after every durable batch with records of it, so that the consumers
+    /// waiting on that topic wake up (and those of quiet topics sleep on).
+    appended: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl Shared {
+    fn appended_to(&self, topic: &str) -> watch::Receiver<u64> {
+        let mut appended = self.appended.lock().unwrap_or_else(|e| e.into_inner());
+        match appended.get(topic) {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = watch::channel(0);
+                appended.insert(topic.to_string(), sender);
+                receiver
+            }
+        }
+    }
+
+    fn notify(&self, pending: &[(Vec<Record>, AppendReply)]) {
+        let mut topics: Vec<&str> = Vec::new();
+        for record in pending.iter().flat_map(|(records, _)| records) {
+            if !topics.contains(&record.topic.as_str()) {
+                topics.push(&record.topic);
+            }
+        }
+        let appended = self.appended.lock().unwrap_or_else(|e| e.into_inner());
+        for topic in topics {
+            if let Some(sender) = appended.get(topic) {
+                sender.send_modify(|batches| *batches += 1);
+            }
+        }
+    }
 }
 
 /// The embedded, durable event log used by `tern up`.
@@ -75,7 +105,7 @@ impl EmbeddedLog {
             records,
             offsets,
             partitions: config.partitions,
-            appended: watch::channel(0).0,
+            appended: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
         let writer_shared = shared.clone();
@@ -139,7 +169,7 @@ impl EventLog for EmbeddedLog {
                 cursors.push(committed);
             }
             Ok(EmbeddedConsumer {
-                appended: shared.appended.subscribe(),
+                appended: shared.appended_to(&topic),
                 shared,
                 group,
                 topic,
@@ -155,7 +185,6 @@ impl EventLog for EmbeddedLog {
 fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<(Vec<Record>, AppendReply)>) {
     // Next offset per (topic, partition), found lazily from the last stored record.
     let mut next_offsets: HashMap<(String, u32), u64> = HashMap::new();
-    let mut generation = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let mut pending = vec![first];
         while pending.len() < 256 {
@@ -171,12 +200,11 @@ fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<(Vec<Record>, AppendRe
         }
         match result {
             Ok(mut positions) => {
+                shared.notify(&pending);
                 for ((records, reply), assigned) in pending.into_iter().zip(positions.drain(..)) {
                     debug_assert_eq!(records.len(), assigned.len());
                     let _ = reply.send(Ok(assigned));
                 }
-                generation += 1;
-                shared.appended.send_replace(generation);
             }
             Err(e) => {
                 tracing::error!(error = %e, "event log append failed");
@@ -454,6 +482,42 @@ mod tests {
         // Changing the hash would reorder existing devices' data across partitions.
         assert_eq!(partition_for(b"device-1", 4), partition_for(b"device-1", 4));
         assert_eq!(partition_for(b"", 7), 0x811c_9dc5 % 7);
+    }
+
+    /// A consumer waiting on a quiet topic sleeps through appends to other topics (each
+    /// wake-up is a read on the blocking pool; under load, appends come by the thousand).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_wake_only_the_consumers_of_their_topic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path());
+        let mut quiet = log.consumer("g", "quiet").await.expect("consumer");
+        let mut busy = log.consumer("g", "busy").await.expect("consumer");
+        let appender = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for i in 0..20u8 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    log.append(vec![Record::new("busy", "k", vec![i])])
+                        .await
+                        .expect("append");
+                }
+            })
+        };
+        let wait = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let polled = quiet.poll(10, wait).await.expect("poll");
+        assert!(polled.is_empty());
+        assert!(
+            started.elapsed() >= wait,
+            "woken by another topic's appends after {:?}",
+            started.elapsed()
+        );
+        appender.await.expect("appender");
+        assert!(!busy.poll(100, wait).await.expect("poll").is_empty());
+        log.append(vec![Record::new("quiet", "k", b"now".to_vec())])
+            .await
+            .expect("append");
+        assert_eq!(quiet.poll(10, wait).await.expect("poll").len(), 1);
     }
 
     #[test]
