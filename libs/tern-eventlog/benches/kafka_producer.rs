@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::json;
@@ -124,23 +123,7 @@ fn main() {
         ..KafkaLogConfig::default()
     };
     // The producer settings KafkaLog::new uses, on a plain FutureProducer.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("compression.type", &config.compression)
-        .set("linger.ms", config.linger_ms.to_string())
-        .set(
-            "delivery.timeout.ms",
-            config.delivery_timeout_ms.to_string(),
-        )
-        .set(
-            "queue.buffering.max.messages",
-            config.max_queued_records.to_string(),
-        )
-        .create()
-        .expect("bare producer");
+    let producer: FutureProducer = config.producer_config().create().expect("bare producer");
     let topic = format!("{}telemetry", config.namespace);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

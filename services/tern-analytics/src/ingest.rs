@@ -25,6 +25,31 @@ pub struct Ingest {
     metrics: IngestMetrics,
 }
 
+/// Runs `consume` with a consumer of `group` for each of [`STREAMS`], each on a task of its
+/// own, until all of them return.
+pub(crate) async fn consume_streams<F, Fut>(
+    log: &dyn EventLog,
+    group: &str,
+    shutdown: Shutdown,
+    consume: F,
+) -> Result<(), LogError>
+where
+    F: Fn(&'static str, Box<dyn Consumer>, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = Vec::new();
+    for stream in STREAMS {
+        let consumer = log.consumer(group, stream).await?;
+        tasks.push(tokio::spawn(consume(stream, consumer, shutdown.clone())));
+    }
+    for task in tasks {
+        if let Err(e) = task.await {
+            tracing::error!(group, error = %e, "consumer task failed");
+        }
+    }
+    Ok(())
+}
+
 /// When a message happened: the device's time if it sent one, else when it arrived.
 pub(crate) fn event_ts(event: &Event) -> i64 {
     if event.device_time_ms > 0 {
@@ -101,22 +126,18 @@ impl Ingest {
 
     /// Consumes every stream until `shutdown`; the batch in hand is finished and committed first.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), LogError> {
+        let log = self.log.clone();
         let this = Arc::new(self);
-        let mut tasks = Vec::new();
-        for stream in STREAMS {
-            let consumer = this.log.consumer(INGEST_GROUP, stream).await?;
-            let this = this.clone();
-            let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                this.consume(stream, consumer, shutdown).await
-            }));
-        }
-        for task in tasks {
-            if let Err(e) = task.await {
-                tracing::error!(error = %e, "ingest task failed");
-            }
-        }
-        Ok(())
+        consume_streams(
+            log.as_ref(),
+            INGEST_GROUP,
+            shutdown,
+            move |stream, consumer, stop| {
+                let this = this.clone();
+                async move { this.consume(stream, consumer, stop).await }
+            },
+        )
+        .await
     }
 
     async fn consume(

@@ -22,7 +22,7 @@ use tern_proto::v1::Event;
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::{RecordSwap, RollupDeltas, Store, StoreError};
 
-use crate::ingest::{STREAMS, event_ts};
+use crate::ingest::{consume_streams, event_ts};
 use crate::metrics::{RollupMetrics, StreamLabel};
 
 /// The consumer group that keeps rollups.
@@ -91,22 +91,18 @@ impl Rollups {
 
     /// Consumes every stream until `shutdown`, merging what was folded in before returning.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), LogError> {
+        let (log, group) = (self.log.clone(), self.group);
         let this = Arc::new(self);
-        let mut tasks = Vec::new();
-        for stream in STREAMS {
-            let consumer = this.log.consumer(this.group, stream).await?;
-            let this = this.clone();
-            let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                this.consume(stream, consumer, shutdown).await
-            }));
-        }
-        for task in tasks {
-            if let Err(e) = task.await {
-                tracing::error!(error = %e, "rollup task failed");
-            }
-        }
-        Ok(())
+        consume_streams(
+            log.as_ref(),
+            group,
+            shutdown,
+            move |stream, consumer, stop| {
+                let this = this.clone();
+                async move { this.consume(stream, consumer, stop).await }
+            },
+        )
+        .await
     }
 
     async fn consume(
