@@ -51,17 +51,17 @@ where
 }
 
 /// When a message happened: the device's time if it sent one, else when it arrived.
-pub(crate) fn event_ts(event: &Event) -> i64 {
-    if event.device_time_ms > 0 {
-        event.device_time_ms
+pub(crate) fn message_ts(device_time_ms: i64, ingest_time_ms: i64) -> i64 {
+    if device_time_ms > 0 {
+        device_time_ms
     } else {
-        event.ingest_time_ms
+        ingest_time_ms
     }
 }
 
 /// The store writes for one envelope: one point per decoded metric, or one raw event.
 pub fn event_to_writes(event: Event, out: &mut WriteBatch) {
-    let ts_ms = event_ts(&event);
+    let ts_ms = message_ts(event.device_time_ms, event.ingest_time_ms);
     if !event.metrics.is_empty() {
         for metric in event.metrics {
             out.points.push(Point {

@@ -18,11 +18,11 @@ use bytes::Bytes;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tern_eventlog::{Assignment, Consumed, Consumer, EventLog, LogError, Position};
-use tern_proto::v1::Event;
+use tern_proto::v1::EventMetrics;
 use tern_runtime::{MetricsRegistry, Shutdown};
 use tern_store::{RecordSwap, RollupDeltas, Store, StoreError};
 
-use crate::ingest::{consume_streams, event_ts};
+use crate::ingest::{consume_streams, message_ts};
 use crate::metrics::{RollupMetrics, StreamLabel};
 
 /// The consumer group that keeps rollups.
@@ -164,10 +164,10 @@ impl Rollups {
             part.applied = Some(offset);
             part.unmerged = Some(offset);
             // Undecodable records are counted by ingest, which skips them too.
-            let Ok(event) = Event::decode(record.value.as_ref()) else {
+            let Ok(event) = EventMetrics::decode(record.value.as_ref()) else {
                 continue;
             };
-            let ts_ms = event_ts(&event);
+            let ts_ms = message_ts(event.device_time_ms, event.ingest_time_ms);
             for (i, metric) in event.metrics.iter().enumerate() {
                 // A name given twice in one message is one point (the last value), as stored.
                 if event.metrics[i + 1..].iter().any(|m| m.name == metric.name) {
@@ -356,7 +356,7 @@ impl Rollups {
 #[cfg(test)]
 mod tests {
     use tern_eventlog::{EmbeddedLog, EmbeddedLogConfig, Record};
-    use tern_proto::v1::{EventKind, Metric};
+    use tern_proto::v1::{Event, EventKind, Metric};
     use tern_store::{EmbeddedStore, RangeQuery, Resolution, Rollup};
 
     use super::*;
@@ -370,7 +370,8 @@ mod tests {
             kind: EventKind::Telemetry as i32,
             message_id: uuid::Uuid::new_v4().to_string(),
             device_time_ms: ts_ms,
-            ingest_time_ms: ts_ms,
+            // Hours later: buckets must come from the device's time.
+            ingest_time_ms: ts_ms + 7_200_000,
             content_type: "application/json".into(),
             payload: b"{}".to_vec(),
             metrics: metrics
